@@ -30,6 +30,8 @@ class Volume:
     study_instance_uid: str
     # Source headers (pixel data removed) in slice order; the SEG and SR writers reference them.
     datasets: list[Any] = field(default_factory=list)
+    # Human-readable remarks from assembly (e.g. a gantry tilt kept as a sheared grid).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -1,0 +1,226 @@
+"""Node settings: one TOML file plus environment overrides, validated once at start.
+
+Every key has a default (the demo runs with none of them set). An environment variable
+``CTNODE_<SECTION>_<KEY>`` (upper case) overrides ``[section] key``; for example
+``CTNODE_NODE_PORT=11113`` or ``CTNODE_STORAGE_DATABASE_URL=postgresql+psycopg://...``.
+Errors name the offending key, e.g. ``node.port: must be an integer between 1 and 65535``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII except backslash
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or invalid; the message names the key."""
+
+
+@dataclass
+class NodeSettings:
+    ae_title: str = "CTNODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    # Calling AE titles allowed to associate; empty = accept any caller (demo only).
+    allowed_calling_aets: list[str] = field(default_factory=list)
+    max_associations: int = 10
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+@dataclass
+class StorageSettings:
+    spool_dir: str = "var/spool"
+    results_dir: str = "var/results"
+    database_url: str = "sqlite:///var/ctnode.db"
+    retention_days: float = 30.0
+
+
+@dataclass
+class ProcessingSettings:
+    stable_after: float = 10.0
+    engine: str = "auto"          # "auto" = infnet when shipped weights load, else threshold
+    min_slices: int = 1
+    device: str = "auto"          # auto | cpu | cuda
+    workers: int = 1
+    job_timeout: float = 1800.0   # a worker running longer is killed and its job failed
+    max_attempts: int = 2         # a job whose worker died is retried this many times in all
+    check_interval: float = 1.0   # seconds between scheduler ticks
+    seg_series_number: int = 901
+    sr_series_number: int = 902
+
+
+@dataclass
+class ExportSettings:
+    max_attempts: int = 5
+    backoff_base: float = 10.0
+    backoff_max: float = 600.0
+    calling_ae_title: str = "CTNODE"
+    timeout: float = 30.0
+
+
+@dataclass
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    processing: ProcessingSettings = field(default_factory=ProcessingSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+    destinations: list[Destination] = field(default_factory=list)
+    source: str = "<defaults>"
+
+    @property
+    def spool_dir(self) -> Path:
+        return Path(self.storage.spool_dir)
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.storage.results_dir)
+
+
+_SECTIONS = {
+    "node": NodeSettings,
+    "storage": StorageSettings,
+    "processing": ProcessingSettings,
+    "export": ExportSettings,
+}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert ``value`` (from TOML or an environment string) to the type of ``default``."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return [str(v) for v in value]
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {type(default).__name__}, got {value!r}") from None
+    return value
+
+
+def _validate(s: Settings) -> None:
+    def check(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    check(bool(AE_TITLE_RE.match(s.node.ae_title)) and s.node.ae_title.strip() != "", "node.ae_title",
+          "must be 1-16 printable ASCII characters without backslash")
+    check(0 <= s.node.port <= 65535, "node.port", "must be an integer between 1 and 65535 (0: any free port)")
+    for aet in s.node.allowed_calling_aets:
+        check(bool(AE_TITLE_RE.match(aet)), "node.allowed_calling_aets", f"invalid AE title {aet!r}")
+    check(s.node.max_associations >= 1, "node.max_associations", "must be at least 1")
+    for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
+        check(getattr(s.node, name) > 0, f"node.{name}", "must be positive")
+    check("://" in s.storage.database_url, "storage.database_url", "must be an SQLAlchemy URL such as sqlite:///var/ctnode.db")
+    check(s.storage.retention_days >= 0, "storage.retention_days", "must be >= 0")
+    check(s.processing.stable_after >= 0, "processing.stable_after", "must be >= 0 seconds")
+    check(s.processing.min_slices >= 1, "processing.min_slices", "must be at least 1")
+    check(s.processing.device in ("auto", "cpu", "cuda"), "processing.device", "must be auto, cpu or cuda")
+    check(s.processing.workers >= 1, "processing.workers", "must be at least 1")
+    check(s.processing.job_timeout > 0, "processing.job_timeout", "must be positive")
+    check(s.processing.max_attempts >= 1, "processing.max_attempts", "must be at least 1")
+    check(s.processing.check_interval > 0, "processing.check_interval", "must be positive")
+    check(s.export.max_attempts >= 1, "export.max_attempts", "must be at least 1")
+    check(0 < s.export.backoff_base <= s.export.backoff_max, "export.backoff_base",
+          "must be positive and not above export.backoff_max")
+    check(bool(AE_TITLE_RE.match(s.export.calling_ae_title)), "export.calling_ae_title", "invalid AE title")
+    names = set()
+    for i, d in enumerate(s.destinations):
+        key = f"destinations[{i}]"
+        check(bool(d.name) and d.name not in names, f"{key}.name", "must be present and unique")
+        names.add(d.name)
+        check(bool(AE_TITLE_RE.match(d.ae_title)), f"{key}.ae_title", "invalid AE title")
+        check(bool(d.host), f"{key}.host", "must be present")
+        check(1 <= d.port <= 65535, f"{key}.port", "must be an integer between 1 and 65535")
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
+    """Read ``path`` (optional), apply ``overrides`` then environment variables, validate."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for section, values in (overrides or {}).items():
+        if section == "destinations":
+            raw[section] = list(values)
+        else:
+            raw.setdefault(section, {}).update(values)
+
+    settings = Settings(source=str(path) if path else "<defaults>")
+    for key in raw:
+        if key not in _SECTIONS and key != "destinations":
+            raise ConfigError(f"{key}: unknown section (known: {', '.join([*_SECTIONS, 'destinations'])})")
+    for section, cls in _SECTIONS.items():
+        target = getattr(settings, section)
+        values = raw.get(section, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: must be a table")
+        known = {f.name for f in fields(cls)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(sorted(known))})")
+            setattr(target, key, _coerce(f"{section}.{key}", value, getattr(target, key)))
+        for key in known:
+            env_name = f"CTNODE_{section}_{key}".upper()
+            if env_name in env:
+                setattr(target, key, _coerce(f"{section}.{key} (from {env_name})", env[env_name], getattr(target, key)))
+
+    dests = raw.get("destinations", [])
+    if not isinstance(dests, list):
+        raise ConfigError("destinations: must be an array of tables ([[destinations]])")
+    for i, d in enumerate(dests):
+        missing = {"name", "ae_title", "host", "port"} - set(d)
+        if missing:
+            raise ConfigError(f"destinations[{i}]: missing {', '.join(sorted(missing))}")
+        unknown = set(d) - {"name", "ae_title", "host", "port"}
+        if unknown:
+            raise ConfigError(f"destinations[{i}].{sorted(unknown)[0]}: unknown key")
+        settings.destinations.append(Destination(
+            name=_coerce(f"destinations[{i}].name", d["name"], ""),
+            ae_title=_coerce(f"destinations[{i}].ae_title", d["ae_title"], ""),
+            host=_coerce(f"destinations[{i}].host", d["host"], ""),
+            port=_coerce(f"destinations[{i}].port", d["port"], 0),
+        ))
+    _validate(settings)
+    return settings

@@ -1,0 +1,128 @@
+"""The outbox: results are sent by C-STORE to every configured destination, with capped retries.
+
+Each (job, destination, object) is one ``exports`` row. A row is marked ``sent`` in the same scheduler tick
+right after the peer answered success, so a restart never sends a confirmed object again; a crash in the
+instant between the peer's success and that commit can cause one resend of the same SOP Instance UID, which
+PACS treat as an idempotent overwrite. After ``export.max_attempts`` failures a row is ``dead`` until
+``ctnode jobs retry``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Destination, Settings
+from node.db.schema import Export, utcnow
+from node.registry import add_event, due_exports
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SendOutcome:
+    ok: bool
+    error: str = ""
+
+
+def _ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.export.calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.export.timeout
+    return ae
+
+
+def echo(settings: Settings, dest: Destination) -> SendOutcome:
+    """C-ECHO a destination (``ctnode echo``)."""
+    ae = _ae(settings)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        return SendOutcome(False, "association rejected or peer unreachable")
+    try:
+        status = assoc.send_c_echo()
+        ok = bool(status) and status.Status == 0x0000
+        return SendOutcome(ok, "" if ok else f"C-ECHO status {getattr(status, 'Status', 'none')}")
+    finally:
+        assoc.release()
+
+
+def send_files(settings: Settings, dest: Destination, paths: list[Path]) -> list[SendOutcome]:
+    """C-STORE ``paths`` to ``dest`` over one association; one outcome per path, in order."""
+    datasets = [dcmread(p) for p in paths]
+    ae = _ae(settings)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        reason = "association rejected" if assoc.is_rejected else "peer unreachable or association aborted"
+        return [SendOutcome(False, reason)] * len(paths)
+    outcomes = []
+    try:
+        for ds in datasets:
+            try:
+                status = assoc.send_c_store(ds)
+            except Exception as exc:
+                outcomes.append(SendOutcome(False, f"{type(exc).__name__}: {exc}"))
+                continue
+            code = getattr(status, "Status", None)
+            if code is None:
+                outcomes.append(SendOutcome(False, "no response (timeout or aborted)"))
+            elif code in (0x0000, 0xB000, 0xB007, 0xB006):  # success or warning: stored
+                outcomes.append(SendOutcome(True))
+            else:
+                outcomes.append(SendOutcome(False, f"C-STORE status 0x{code:04X} {status.get('ErrorComment', '')}".strip()))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes
+
+
+def backoff(settings: Settings, attempts: int) -> dt.timedelta:
+    e = settings.export
+    return dt.timedelta(seconds=min(e.backoff_base * 2 ** max(attempts - 1, 0), e.backoff_max))
+
+
+def run_exports(settings: Settings, sessions: sessionmaker[Session]) -> int:
+    """Send every due export; returns how many were sent."""
+    destinations = {d.name: d for d in settings.destinations}
+    sent = 0
+    with sessions() as session:
+        rows = due_exports(session)
+        by_dest: dict[str, list[Export]] = {}
+        for row in rows:
+            by_dest.setdefault(row.destination, []).append(row)
+        for name, group in by_dest.items():
+            dest = destinations.get(name)
+            if dest is None:
+                outcomes = [SendOutcome(False, f"destination {name!r} is no longer configured")] * len(group)
+            else:
+                try:
+                    outcomes = send_files(settings, dest, [Path(r.path) for r in group])
+                except Exception as exc:  # e.g. a result file removed by hand
+                    outcomes = [SendOutcome(False, f"{type(exc).__name__}: {exc}")] * len(group)
+            for row, outcome in zip(group, outcomes):
+                row.attempts += 1
+                if outcome.ok:
+                    row.state, row.sent_at, row.last_error = "sent", utcnow(), ""
+                    sent += 1
+                    add_event(session, "export_sent", f"{row.sop_instance_uid} to {name}", job_id=row.job_id)
+                elif row.attempts >= settings.export.max_attempts:
+                    row.state, row.last_error = "dead", outcome.error
+                    log.error("export %d to %s is dead after %d attempts: %s", row.id, name, row.attempts, outcome.error)
+                    add_event(session, "export_dead", f"to {name} after {row.attempts} attempts: {outcome.error}",
+                              job_id=row.job_id)
+                else:
+                    row.last_error = outcome.error
+                    row.next_attempt_at = utcnow() + backoff(settings, row.attempts)
+                    log.warning("export %d to %s failed (attempt %d): %s", row.id, name, row.attempts, outcome.error)
+                    add_event(session, "export_failed", f"to {name}, attempt {row.attempts}: {outcome.error}",
+                              job_id=row.job_id)
+                session.commit()  # one commit per object: a crash never forgets a confirmed send
+    return sent

@@ -1,0 +1,85 @@
+"""One study in, one SEG and one SR out: the pipeline plus the DICOM writers.
+
+Shared by the worker process (``ctnode serve``) and the offline ``ctnode process`` command, so both produce
+identical objects from identical input.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Analysis:
+    status: str                      # "done", "skipped" or "failed"
+    reason: str = ""
+    pipeline: Any = None             # node.pipeline.run.PipelineResult
+    seg: Any = None                  # highdicom Segmentation
+    sr: Any = None                   # highdicom Comprehensive3DSR
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scores(self) -> dict[str, Any]:
+        return self.pipeline.scores.as_dict() if self.pipeline is not None and self.pipeline.scores else {}
+
+
+def resolve_engine(name: str) -> str:
+    """Turn the configured engine name into a registered one; "auto" prefers Inf-Net when its weights load."""
+    from node.pipeline import engines
+
+    try:  # the Inf-Net engine lives in models/ and registers itself when importable
+        from models.engine import register
+
+        register()
+    except Exception as exc:  # missing weights or torch: the threshold engine remains
+        log.debug("infnet engine unavailable: %s", exc)
+    if name == "auto":
+        return "infnet" if "infnet" in engines.available_engines() else "threshold"
+    if name not in engines.available_engines():
+        raise ValueError(f"processing.engine: unknown engine {name!r} (available: {', '.join(engines.available_engines())})")
+    return name
+
+
+def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 1,
+            seg_series_number: int = 901, sr_series_number: int = 902,
+            engine_options: dict[str, Any] | None = None) -> Analysis:
+    """Select a series among ``paths``, segment and score it, and build the SEG and SR in memory."""
+    from node.pipeline.run import run_pipeline
+    from node.writers.seg import build_segmentation
+    from node.writers.sr import build_report
+
+    result = run_pipeline([str(p) for p in paths], resolve_engine(engine), min_slices=min_slices,
+                          engine_options=engine_options)
+    timings = dict(result.timings)
+    if result.status != "done":
+        return Analysis(status=result.status, reason=result.reason, pipeline=result, timings=timings)
+    t0 = time.perf_counter()
+    seg = build_segmentation(result.volume, result.lungs, result.infection, result.engine,
+                             series_number=seg_series_number)
+    timings["seg"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sr = build_report(result.volume, seg, result.scores.as_dict(), result.engine, series_number=sr_series_number)
+    timings["sr"] = time.perf_counter() - t0
+    return Analysis(status="done", pipeline=result, seg=seg, sr=sr, timings=timings)
+
+
+def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
+    """Save the SEG and SR as DICOM files under ``out_dir`` (atomically); returns their paths."""
+    from io import BytesIO
+
+    from node.spool import atomic_write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for key, ds in (("seg", analysis.seg), ("sr", analysis.sr)):
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        path = out_dir / f"{key}-{ds.SOPInstanceUID}.dcm"
+        atomic_write(path, [buf.getvalue()])
+        paths[key] = path
+    return paths

@@ -1,0 +1,162 @@
+"""Recording what arrived and moving jobs through their states; every function is one transaction's worth.
+
+These are the few queries the listener, the scheduler, the worker and the CLI share.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from node.db.schema import Event, Export, Instance, Job, Series, Study, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size: int
+    sha256: str
+    calling_aet: str = ""
+    modality: str = ""
+    series_description: str = ""
+    patient_id: str = ""
+    accession_number: str = ""
+
+
+def add_event(session: Session, kind: str, detail: str = "", *, study_uid: str = "", job_id: int | None = None,
+              calling_aet: str = "", peer: str = "", elapsed_s: float | None = None) -> None:
+    session.add(Event(kind=kind, detail=detail[:4000], study_instance_uid=study_uid, job_id=job_id,
+                      calling_aet=calling_aet[:16], peer=peer[:64], elapsed_s=elapsed_s))
+
+
+def _open_job(session: Session, study: Study, now: dt.datetime) -> Job:
+    """The job that collects new instances of ``study``: the latest one while it is still waiting
+    (received/ready), otherwise a new version, so a late instance never mixes into a result already taken."""
+    latest = session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.version.desc()).limit(1)).first()
+    if latest is not None and latest.state in ("received", "ready"):
+        if latest.state == "ready":
+            latest.state = "received"  # more data arrived: wait for the study to be stable again
+        latest.last_instance_at = now
+        latest.updated_at = now
+        return latest
+    job = Job(study_id=study.id, version=1 if latest is None else latest.version + 1, state="received",
+              created_at=now, last_instance_at=now, updated_at=now)
+    session.add(job)
+    session.flush()
+    add_event(session, "job_created", f"version {job.version}" + (" (late instances after a result)" if latest else ""),
+              study_uid=study.study_instance_uid, job_id=job.id)
+    return job
+
+
+def record_instance(session: Session, inst: ReceivedInstance) -> str:
+    """Record an instance already written to the spool. Returns "stored", "duplicate" or "replaced".
+
+    The caller commits; only after that commit may the C-STORE be acknowledged.
+    """
+    now = utcnow()
+    study = session.scalars(select(Study).where(Study.study_instance_uid == inst.study_instance_uid)).first()
+    if study is None:
+        study = Study(study_instance_uid=inst.study_instance_uid, patient_id=inst.patient_id[:64],
+                      accession_number=inst.accession_number[:16], first_received_at=now, last_received_at=now)
+        session.add(study)
+        session.flush()
+    existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == inst.sop_instance_uid)).first()
+    if existing is not None and existing.sha256 == inst.sha256 and existing.purged_at is None:
+        return "duplicate"  # the same bytes again (a resend): nothing changes
+    study.last_received_at = now
+    series = session.scalars(select(Series).where(Series.series_instance_uid == inst.series_instance_uid)).first()
+    if series is None:
+        series = Series(study_id=study.id, series_instance_uid=inst.series_instance_uid,
+                        modality=inst.modality[:16], description=inst.series_description[:64])
+        session.add(series)
+        session.flush()
+    job = _open_job(session, study, now)
+    if existing is not None:
+        existing.job_id, existing.series_id, existing.study_id = job.id, series.id, study.id
+        existing.path, existing.size, existing.sha256 = inst.path, inst.size, inst.sha256
+        existing.transfer_syntax_uid, existing.received_at, existing.purged_at = inst.transfer_syntax_uid, now, None
+        existing.calling_aet = inst.calling_aet[:16]
+        add_event(session, "instance_replaced", f"SOP Instance {inst.sop_instance_uid} re-sent with different content",
+                  study_uid=inst.study_instance_uid, job_id=job.id, calling_aet=inst.calling_aet)
+        return "replaced"
+    session.add(Instance(study_id=study.id, series_id=series.id, job_id=job.id,
+                         sop_instance_uid=inst.sop_instance_uid, sop_class_uid=inst.sop_class_uid,
+                         transfer_syntax_uid=inst.transfer_syntax_uid, path=inst.path, size=inst.size,
+                         sha256=inst.sha256, calling_aet=inst.calling_aet[:16], received_at=now))
+    return "stored"
+
+
+def instance_paths_for_job(session: Session, job: Job) -> list[str]:
+    """All instances of the job's study received up to and including its version (cumulative)."""
+    rows = session.scalars(
+        select(Instance.path).join(Job, Instance.job_id == Job.id)
+        .where(Instance.study_id == job.study_id, Job.version <= job.version, Instance.purged_at.is_(None))
+        .order_by(Instance.id)
+    )
+    return list(rows)
+
+
+def set_job_state(session: Session, job: Job, state: str, reason: str = "") -> None:
+    now = utcnow()
+    old = job.state
+    job.state, job.reason, job.updated_at = state, reason, now
+    if state == "processing":
+        job.started_at = now
+    if state in ("done", "skipped", "failed"):
+        job.finished_at, job.lease_until = now, None
+    add_event(session, f"job_{state}", f"{old} -> {state}" + (f": {reason}" if reason else ""),
+              study_uid=job.study.study_instance_uid, job_id=job.id)
+
+
+def mark_stable_studies_ready(session: Session, stable_after: float) -> list[int]:
+    """received -> ready for every job whose last instance is older than ``stable_after`` seconds."""
+    cutoff = utcnow() - dt.timedelta(seconds=stable_after)
+    jobs = session.scalars(select(Job).where(Job.state == "received", Job.last_instance_at <= cutoff)).all()
+    for job in jobs:
+        set_job_state(session, job, "ready", f"no new instance for {stable_after:g} s")
+    return [j.id for j in jobs]
+
+
+def claim_next_job(session: Session, lease_s: float, pid: int | None = None) -> Job | None:
+    """ready -> processing for the oldest ready job, guarded so two dispatchers never take the same job."""
+    job = session.scalars(select(Job).where(Job.state == "ready").order_by(Job.last_instance_at).limit(1)).first()
+    if job is None:
+        return None
+    now = utcnow()
+    claimed = session.execute(
+        update(Job).where(Job.id == job.id, Job.state == "ready")
+        .values(state="processing", attempts=Job.attempts + 1, started_at=now, updated_at=now,
+                lease_until=now + dt.timedelta(seconds=lease_s), worker_pid=pid)
+    ).rowcount
+    if claimed != 1:
+        return None
+    session.refresh(job)
+    add_event(session, "job_processing", f"ready -> processing (attempt {job.attempts})",
+              study_uid=job.study.study_instance_uid, job_id=job.id)
+    return job
+
+
+def release_job(session: Session, job: Job, reason: str, max_attempts: int) -> None:
+    """A job whose worker died or whose lease expired: retry it, or fail it after ``max_attempts``."""
+    if job.attempts < max_attempts:
+        set_job_state(session, job, "ready", f"retry after: {reason}")
+        job.lease_until = None
+        job.worker_pid = None
+    else:
+        set_job_state(session, job, "failed", reason)
+
+
+def due_exports(session: Session, limit: int = 50) -> list[Export]:
+    return list(session.scalars(
+        select(Export).where(Export.state == "pending", Export.next_attempt_at <= utcnow())
+        .order_by(Export.next_attempt_at).limit(limit)))

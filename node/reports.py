@@ -1,0 +1,106 @@
+"""Read-only views of the database for ``ctnode results`` and ``ctnode jobs`` (plus ``jobs retry``)."""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.db.schema import Event, Export, Job, Result, Study, utcnow
+from node.registry import add_event, set_job_state
+
+CSV_FIELDS = [
+    "job_id", "study_instance_uid", "version", "state", "reason", "series_instance_uid", "engine_name",
+    "engine_version", "weights_sha256", "right_lung_volume_ml", "left_lung_volume_ml", "infection_volume_ml",
+    "percent_involved_right", "percent_involved_left", "percent_involved_total", "volumetric", "finished_at",
+]
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.1f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def result_rows(session: Session) -> list[dict[str, Any]]:
+    rows = []
+    for job in session.scalars(select(Job).order_by(Job.id)):
+        res = job.result
+        scores = res.scores if res else {}
+        row = {"job_id": job.id, "study_instance_uid": job.study.study_instance_uid, "version": job.version,
+               "state": job.state, "reason": job.reason, "finished_at": job.finished_at}
+        if res:
+            row.update(series_instance_uid=res.series_instance_uid, engine_name=res.engine_name,
+                       engine_version=res.engine_version, weights_sha256=res.weights_sha256)
+            row.update({k: scores.get(k) for k in CSV_FIELDS if k in scores})
+        rows.append(row)
+    return rows
+
+
+def results_table(session: Session) -> str:
+    rows = [[r["job_id"], r["study_instance_uid"], r["version"], r["state"], r.get("engine_name", ""),
+             _fmt(r.get("percent_involved_total")), (r["reason"] or "")[:60]] for r in result_rows(session)]
+    return _table(["job", "study", "v", "state", "engine", "% involved", "reason"], rows)
+
+
+def result_text(session: Session, job_id: int) -> str | None:
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    lines = [f"Job {job.id}: study {job.study.study_instance_uid}, version {job.version}, {job.state}"
+             + (f" ({job.reason})" if job.reason else ""),
+             f"  received {job.study.first_received_at:%Y-%m-%d %H:%M:%S} UTC, finished {job.finished_at or '-'}"]
+    res = job.result
+    if res:
+        lines.append(f"  series {res.series_instance_uid or '-'}")
+        if res.engine_name:
+            lines.append(f"  engine {res.engine_name} {res.engine_version}"
+                         + (f", weights sha256 {res.weights_sha256[:16]}..." if res.weights_sha256 else ""))
+        for d in res.decisions.get("series", []):
+            verdict = "used" if d.get("series_uid") == res.series_instance_uid else ("ok" if d.get("accepted") else "skipped")
+            lines.append(f"    series {d.get('series_uid', '?')}: {verdict}: {d.get('reason', '')}")
+        if res.scores:
+            lines.append("  scores:")
+            lines.extend(f"    {k:32s} {_fmt(v)}" for k, v in res.scores.items() if not isinstance(v, (dict, list)))
+        if res.timings:
+            lines.append("  time per stage (s): " + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
+        if res.seg_path:
+            lines.append(f"  SEG {res.seg_sop_instance_uid}: {res.seg_path}")
+            lines.append(f"  SR  {res.sr_sop_instance_uid}: {res.sr_path}")
+    for ex in job.exports:
+        lines.append(f"  export to {ex.destination}: {ex.state}, {ex.attempts} attempt(s)"
+                     + (f", last error: {ex.last_error}" if ex.last_error else ""))
+    return "\n".join(lines)
+
+
+def jobs_table(session: Session) -> str:
+    rows = []
+    for job in session.scalars(select(Job).order_by(Job.id)):
+        exports = ", ".join(f"{e.destination}:{e.state}" for e in job.exports)
+        rows.append([job.id, job.study.study_instance_uid, job.version, job.state, job.attempts,
+                     exports, (job.reason or "")[:60]])
+    return _table(["job", "study", "v", "state", "tries", "exports", "reason"], rows)
+
+
+def retry(session: Session, job_id: int | None) -> int:
+    """Queue a failed job again and/or its dead exports (all dead exports when ``job_id`` is None)."""
+    n = 0
+    query = select(Export).where(Export.state == "dead")
+    if job_id is not None:
+        query = query.where(Export.job_id == job_id)
+        job = session.get(Job, job_id)
+        if job is not None and job.state == "failed":
+            job.attempts = 0
+            set_job_state(session, job, "ready", "retry requested by an operator")
+            n += 1
+    for ex in session.scalars(query):
+        ex.state, ex.attempts, ex.next_attempt_at = "pending", 0, utcnow()
+        add_event(session, "export_retry", f"to {ex.destination} requested by an operator", job_id=ex.job_id)
+        n += 1
+    return n

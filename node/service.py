@@ -1,0 +1,150 @@
+"""The running node: listener + in-process scheduler (APScheduler) + worker processes.
+
+Scheduler jobs, each small and idempotent (the database holds all state):
+- ``readiness``: received -> ready once a study has been stable for ``processing.stable_after`` seconds;
+- ``dispatch``: reap finished/dead/overdue workers, then start a worker process per ready job (up to
+  ``processing.workers``);
+- ``exports``: send due exports (retry with backoff, dead-letter);
+- ``retention``: remove spool files of finished studies after ``storage.retention_days``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import select
+
+from node.config import Settings
+from node.db import open_database
+from node.db.schema import Instance, Job, utcnow
+from node.export import run_exports
+from node.listener import Listener
+from node.registry import claim_next_job, mark_stable_studies_ready, release_job, set_job_state
+from node.worker import worker_main
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    process: mp.Process
+    attempt: int
+    started: float
+
+
+class Node:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        for d in (settings.spool_dir, settings.results_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.sessions = open_database(settings.storage.database_url)
+        self.listener = Listener(settings, self.sessions)
+        self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+        self.running: dict[int, _Running] = {}
+        self._mp = mp.get_context("spawn")  # a clean interpreter: no listener threads or sockets inherited
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.recover()
+        self.listener.start()
+        every = self.settings.processing.check_interval
+        self.scheduler.add_job(self.tick_readiness, "interval", seconds=every, id="readiness")
+        self.scheduler.add_job(self.tick_dispatch, "interval", seconds=every, id="dispatch")
+        self.scheduler.add_job(self.tick_exports, "interval", seconds=every, id="exports")
+        self.scheduler.add_job(self.tick_retention, "interval", hours=1, id="retention",
+                               next_run_time=dt.datetime.now() + dt.timedelta(seconds=5))
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.listener.stop()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        for job_id, run in list(self.running.items()):
+            run.process.terminate()
+            run.process.join(10)
+        self.tick_reap()  # record what the stopped workers leave behind
+
+    def recover(self) -> None:
+        """After a restart: jobs left in ``processing`` lost their worker with the previous node process."""
+        with self.sessions.begin() as session:
+            for job in session.scalars(select(Job).where(Job.state == "processing")):
+                release_job(session, job, "node restarted while the job was processing",
+                            self.settings.processing.max_attempts)
+
+    # -- ticks ------------------------------------------------------------------------------------------
+    def tick_readiness(self) -> None:
+        with self.sessions.begin() as session:
+            mark_stable_studies_ready(session, self.settings.processing.stable_after)
+
+    def tick_reap(self) -> None:
+        p = self.settings.processing
+        for job_id, run in list(self.running.items()):
+            overdue = time.monotonic() - run.started > p.job_timeout
+            if run.process.is_alive() and not overdue:
+                continue
+            if overdue and run.process.is_alive():
+                run.process.kill()
+            run.process.join(5)
+            del self.running[job_id]
+            with self.sessions.begin() as session:
+                job = session.get(Job, job_id)
+                if job is None or job.state != "processing" or job.attempts != run.attempt:
+                    continue  # the worker committed its outcome
+                if overdue:
+                    set_job_state(session, job, "failed", f"processing took longer than {p.job_timeout:g} s")
+                else:
+                    code = run.process.exitcode
+                    why = f"worker died (exit code {code}" + (", killed: out of memory?" if code == -9 else "") + ")"
+                    release_job(session, job, why, p.max_attempts)
+
+    def tick_dispatch(self) -> None:
+        self.tick_reap()
+        while len(self.running) < self.settings.processing.workers:
+            with self.sessions.begin() as session:
+                job = claim_next_job(session, self.settings.processing.job_timeout)
+                if job is None:
+                    return
+                job_id, attempt = job.id, job.attempts
+            proc = self._mp.Process(target=worker_main, args=(self.settings, job_id, attempt),
+                                    name=f"ctnode-worker-{job_id}", daemon=True)
+            proc.start()
+            self.running[job_id] = _Running(proc, attempt, time.monotonic())
+            with self.sessions.begin() as session:
+                session.get(Job, job_id).worker_pid = proc.pid
+
+    def tick_exports(self) -> None:
+        run_exports(self.settings, self.sessions)
+
+    def tick_retention(self) -> None:
+        """Delete spool files of studies finished more than ``retention_days`` ago, and stale temp files."""
+        cutoff = utcnow() - dt.timedelta(days=self.settings.storage.retention_days)
+        with self.sessions.begin() as session:
+            # A study is kept while any of its versions is unfinished or finished recently: later versions
+            # process all instances of the study cumulatively.
+            recent = select(Job.study_id).where(
+                (Job.state.in_(("received", "ready", "processing"))) | (Job.finished_at >= cutoff))
+            rows = session.scalars(select(Instance).where(
+                Instance.purged_at.is_(None), Instance.study_id.not_in(recent)).limit(10000))
+            for inst in rows:
+                Path(inst.path).unlink(missing_ok=True)
+                inst.purged_at = utcnow()
+        for tmp in self.settings.spool_dir.rglob(".*.tmp"):
+            if time.time() - tmp.stat().st_mtime > 3600:
+                tmp.unlink(missing_ok=True)
+
+    # -- convenience for the CLI, the demo and tests ------------------------------------------------------
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            log.info("stopping")
+        finally:
+            self.stop()

@@ -1,0 +1,119 @@
+"""The worker process: processes one job, records its result, queues its exports.
+
+It runs in its own process (``multiprocessing`` spawn) so that a crash or an out-of-memory kill while
+processing a study cannot take the listener down. Its final commit is guarded by the job's attempt number:
+if the node released the job meanwhile (restart, lease expiry), the stale worker's result is discarded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from node.config import Settings
+from node.db import open_database
+from node.db.schema import Export, Job, Result
+from node.registry import add_event, instance_paths_for_job, set_job_state
+
+log = logging.getLogger(__name__)
+
+
+def _exit_with_parent() -> None:
+    """End this process when the node that started it dies (so a killed node leaves no stray worker)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item"):  # numpy scalar
+        return obj.item()
+    return str(obj)
+
+
+def process_job(settings: Settings, job_id: int, attempt: int) -> str:
+    """Process ``job_id`` (already claimed as ``attempt``) and commit its outcome; returns the final state."""
+    from node.processing import analyse, write_outputs
+
+    sessions = open_database(settings.storage.database_url, migrate=False)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        study_uid, version = job.study.study_instance_uid, job.version
+        paths = instance_paths_for_job(session, job)
+    p = settings.processing
+    started = time.perf_counter()
+    out: dict[str, Path] = {}
+    try:
+        analysis = analyse(paths, engine=p.engine, min_slices=p.min_slices,
+                           seg_series_number=p.seg_series_number, sr_series_number=p.sr_series_number,
+                           engine_options={"device": p.device})
+        if analysis.status == "done":
+            out = write_outputs(analysis, settings.results_dir / study_uid / f"v{version}")
+        state, reason = analysis.status, analysis.reason
+    except Exception as exc:
+        log.exception("job %d failed", job_id)
+        analysis, state = None, "failed"
+        reason = f"{type(exc).__name__}: {exc}"
+        tb = traceback.format_exc()
+    else:
+        tb = ""
+    elapsed = time.perf_counter() - started
+
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != "processing" or job.attempts != attempt:
+            log.warning("job %d was released while this worker ran; its result is discarded", job_id)
+            return "discarded"
+        if analysis is not None and analysis.pipeline is not None:
+            pipe = analysis.pipeline
+            engine = getattr(pipe, "engine", None)
+            session.add(Result(
+                job_id=job.id, series_instance_uid=getattr(pipe, "chosen_series_uid", None) or "",
+                engine_name=getattr(engine, "name", ""), engine_version=getattr(engine, "version", ""),
+                weights_sha256=getattr(engine, "weights_sha256", ""),
+                scores=_jsonable(analysis.scores), timings=_jsonable(analysis.timings),
+                decisions={"series": _jsonable(getattr(pipe, "decisions", []))},
+                seg_sop_instance_uid=str(analysis.seg.SOPInstanceUID) if analysis.seg is not None else "",
+                sr_sop_instance_uid=str(analysis.sr.SOPInstanceUID) if analysis.sr is not None else "",
+                seg_path=str(out.get("seg", "")), sr_path=str(out.get("sr", "")),
+            ))
+        if state == "done":
+            for dest in settings.destinations:
+                for key in ("seg", "sr"):
+                    ds = analysis.seg if key == "seg" else analysis.sr
+                    session.add(Export(job_id=job.id, destination=dest.name, sop_instance_uid=str(ds.SOPInstanceUID),
+                                       path=str(out[key])))
+        set_job_state(session, job, state, reason)
+        if tb:
+            add_event(session, "job_traceback", tb, study_uid=study_uid, job_id=job.id)
+        add_event(session, "job_elapsed", f"{state} in {elapsed:.1f} s", study_uid=study_uid, job_id=job.id,
+                  elapsed_s=elapsed)
+    return state
+
+
+def worker_main(settings: Settings, job_id: int, attempt: int) -> None:
+    """Entry point of the worker process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    _exit_with_parent()
+    process_job(settings, job_id, attempt)

@@ -1,0 +1,139 @@
+"""The listener over real associations (pynetdicom SCU on loopback)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import select
+
+from node.db import open_database
+from node.db.schema import Event, Instance, Job
+from node.listener import Listener
+from tests.conftest import make_settings
+from tests.factory import ct_slice
+
+
+@pytest.fixture
+def listener(tmp_path):
+    settings = make_settings(tmp_path, node={"allowed_calling_aets": ["SENDER"]})
+    sessions = open_database(settings.storage.database_url)
+    lst = Listener(settings, sessions)
+    lst.start()
+    yield lst
+    lst.stop()
+
+
+def send(listener, *datasets, calling="SENDER", sop_class=CTImageStorage):
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="CTNODE")
+    if not assoc.is_established:
+        return None
+    try:
+        return [assoc.send_c_store(ds) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def events(listener, kind):
+    with listener.sessions() as s:
+        return list(s.scalars(select(Event).where(Event.kind == kind)))
+
+
+def test_store_writes_bytes_and_records_before_success(listener):
+    ds = ct_slice()
+    [status] = send(listener, ds)
+    assert status.Status == 0x0000
+    with listener.sessions() as s:
+        inst = s.scalars(select(Instance)).one()
+        job = s.get(Job, inst.job_id)
+    assert inst.sop_instance_uid == ds.SOPInstanceUID and job.state == "received" and job.version == 1
+    stored = dcmread(inst.path)
+    assert stored.SOPInstanceUID == ds.SOPInstanceUID and stored.PixelData == ds.PixelData
+    assert inst.path.startswith(str(listener.settings.spool_dir)) and inst.size > 0
+    assert events(listener, "association_accepted")
+
+
+@pytest.mark.parametrize("change, code, words", [
+    (lambda ds: setattr(ds, "Modality", "MR"), 0xA900, "Modality MR"),
+    (lambda ds: delattr(ds, "PixelData"), 0xA900, "no Pixel Data"),
+    (lambda ds: setattr(ds, "StudyInstanceUID", "1.2.03"), 0xC000, "invalid StudyInstanceUID"),
+    (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2/../3"), 0xC000, "invalid SeriesInstanceUID"),
+    (lambda ds: setattr(ds, "StudyInstanceUID", "1." + "2" * 70), 0xC000, "invalid StudyInstanceUID"),
+])
+def test_refusals_have_status_comment_and_audit(listener, change, code, words):
+    ds = ct_slice()
+    change(ds)
+    [status] = send(listener, ds)
+    assert status.Status == code
+    assert words in status.ErrorComment
+    with listener.sessions() as s:
+        assert s.scalars(select(Instance)).first() is None
+    assert any(words in e.detail for e in events(listener, "instance_refused"))
+    assert not any(listener.settings.spool_dir.rglob("*.dcm"))
+
+
+def test_enhanced_ct_is_refused_with_a_reason(listener):
+    ds = ct_slice()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    [status] = send(listener, ds, sop_class=EnhancedCTImageStorage)
+    assert status.Status == 0x0122 and "Enhanced CT" in status.ErrorComment
+
+
+def test_unknown_caller_is_rejected_and_logged(listener):
+    assert send(listener, ct_slice(), calling="INTRUDER") is None
+    deadline = time.monotonic() + 5  # the server logs the rejection just after the peer sees it
+    while not (rejected := events(listener, "association_rejected")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rejected and rejected[0].calling_aet == "INTRUDER"
+
+
+def test_echo(listener):
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="CTNODE")
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+def test_database_failure_is_not_acknowledged(listener, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    def broken(*a, **k):
+        raise OperationalError("INSERT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr("node.listener.record_instance", broken)
+    [status] = send(listener, ct_slice())
+    assert status.Status == 0xA700
+
+
+def test_one_study_over_several_associations_and_late_instance(listener):
+    study = generate_uid()
+    series = generate_uid()
+    send(listener, ct_slice(study_uid=study, series_uid=series, z=0))
+    send(listener, ct_slice(study_uid=study, series_uid=series, z=1), calling="SENDER")
+    with listener.sessions.begin() as s:
+        jobs = list(s.scalars(select(Job)))
+        assert len(jobs) == 1 and jobs[0].version == 1
+        jobs[0].state = "done"  # as if processed
+    send(listener, ct_slice(study_uid=study, series_uid=series, z=2))
+    with listener.sessions() as s:
+        jobs = list(s.scalars(select(Job).order_by(Job.version)))
+    assert [j.version for j in jobs] == [1, 2] and jobs[1].state == "received"
+
+
+def test_identical_resend_is_a_duplicate_and_changed_content_replaces(listener):
+    ds = ct_slice()
+    send(listener, ds)
+    send(listener, ds)
+    with listener.sessions() as s:
+        assert len(list(s.scalars(select(Instance)))) == 1
+    ds.PixelData = bytes(len(ds.PixelData))
+    [status] = send(listener, ds)
+    assert status.Status == 0
+    assert events(listener, "instance_replaced")

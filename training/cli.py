@@ -1,0 +1,111 @@
+"""``python -m training pretrain|train|train-multi|evaluate|export``.
+
+Examples (reduced CPU configuration)::
+
+    python -m training train --preset cpu-small --run-dir runs/sinfnet
+    python -m training train --preset cpu-small --aug --cutout 0.4 --run-dir runs/sinfnet-aug04
+    python -m training pretrain --preset cpu-small --run-dir runs/pretrain
+    python -m training train --preset cpu-small --init runs/pretrain/pretrained.pt --run-dir runs/selfsup
+    python -m training evaluate --ckpt runs/sinfnet/best.pt
+    python -m training export --ckpt runs/sinfnet/best.pt --name infnet-compact
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import PRESETS, RunConfig
+
+
+def _cfg(args, command) -> RunConfig:
+    cfg = RunConfig(command=command, preset=args.preset)
+    for k, v in PRESETS[args.preset].items():
+        setattr(cfg, k, v)
+    if command == "pretrain":
+        cfg.epochs = PRESETS[args.preset]["pretrain_epochs"]
+    if command == "train" and getattr(args, "train_set", None) == "pseudo":
+        cfg.epochs = PRESETS[args.preset]["pseudo_epochs"]
+    for k, v in vars(args).items():
+        if v is not None and hasattr(cfg, k) and k not in ("command", "preset"):
+            setattr(cfg, k, v)
+    if args.preset == "gpu-full" and args.device is None:
+        cfg.device = "cuda"
+    return cfg
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
+        sp.add_argument("--data")
+        sp.add_argument("--device", choices=["cpu", "cuda"])
+        sp.add_argument("--seed", type=int)
+        sp.add_argument("--num-threads", dest="num_threads", type=int)
+        sp.add_argument("--eval-size", dest="eval_size", type=int)
+
+    def trainargs(sp):
+        common(sp)
+        sp.add_argument("--run-dir", dest="run_dir", required=True)
+        sp.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+        sp.add_argument("--arch")
+        sp.add_argument("--size", type=int)
+        sp.add_argument("--scales", type=float, nargs="+")
+        sp.add_argument("--batch", type=int)
+        sp.add_argument("--epochs", type=int)
+        sp.add_argument("--lr", type=float)
+        sp.add_argument("--aug", action="store_true", default=None, help="flips, crop, rotation")
+        sp.add_argument("--cutout", type=float, help="cutout area ratio (0.2/0.4/0.5); implies --aug")
+        sp.add_argument("--init", help="checkpoint to initialise from (pretrained.pt or a pseudo-stage best.pt)")
+        sp.add_argument("--train-limit", dest="train_limit", type=int)
+        sp.add_argument("--max-batches", dest="max_batches", type=int)
+        sp.add_argument("--val-every", dest="val_every", type=int)
+        sp.add_argument("--multi-base", dest="multi_base", type=int)
+
+    sp = sub.add_parser("pretrain", help="self-supervised coach + inpainting pretraining (Algorithm 2)")
+    trainargs(sp)
+    sp.add_argument("--pretrain-limit", dest="pretrain_limit", type=int)
+    sp.add_argument("--coach-steps", dest="coach_steps", type=int)
+    sp.add_argument("--keep", type=float)
+    sp.add_argument("--alpha", type=float)
+    sp = sub.add_parser("train", help="single-class Inf-Net")
+    trainargs(sp)
+    sp.add_argument("--train-set", dest="train_set", choices=["doctor", "pseudo"])
+    sp.add_argument("--pseudo-limit", dest="pseudo_limit", type=int)
+    sp = sub.add_parser("train-multi", help="multi-class network (image + prior)")
+    trainargs(sp)
+    sp = sub.add_parser("evaluate", help="evaluate a final model once on the 48 test slices")
+    common(sp)
+    sp.add_argument("--ckpt", required=True)
+    sp.add_argument("--prior-ckpt", dest="prior_ckpt")
+    sp.add_argument("--out")
+    sp = sub.add_parser("export", help="export a checkpoint to models/weights (fp16 safetensors + JSON)")
+    sp.add_argument("--ckpt", required=True)
+    sp.add_argument("--name", required=True)
+    sp.add_argument("--out-dir", dest="out_dir", default="models/weights")
+
+    args = p.parse_args(argv)
+    from . import loops
+
+    if args.command == "export":
+        meta = loops.export(args.ckpt, args.name, args.out_dir)
+        print(json.dumps({k: meta[k] for k in ("name", "arch", "sha256", "file")}, indent=2))
+        return 0
+    cfg = _cfg(args, args.command)
+    if getattr(args, "cutout", None):
+        cfg.aug = True
+    if args.command == "evaluate":
+        res = loops.evaluate(args.ckpt, cfg, args.out)
+        print(json.dumps(res, indent=2))
+        return 0
+    fn = {"pretrain": loops.pretrain, "train": loops.train_single, "train-multi": loops.train_multi}[args.command]
+    res = fn(cfg, resume=args.resume)
+    print(json.dumps(res.get("best_val"), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
