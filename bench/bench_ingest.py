@@ -1,0 +1,150 @@
+"""Ingest benchmark: the node's listener against a minimal pynetdicom storage SCP, side by side.
+
+Both SCPs run in child Python processes; DCMTK ``storescu`` (with TCP_NODELAY=1) sends the same phantom study
+to each, alternately, ``--repeat`` times. The minimal SCP only writes ``event.encoded_dataset()`` to a file;
+the node also validates, writes atomically with fsync and records each instance in SQLite before answering.
+Reported: median wall time of storescu for each, their ratio, and the peak RSS of each SCP process.
+
+    python bench/bench_ingest.py --slices 300 --size 512 --repeat 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def serve_minimal(port: int, folder: Path) -> None:
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    def on_store(event):
+        with open(folder / f"{event.request.AffectedSOPInstanceUID}.dcm", "wb") as fh:
+            fh.write(event.encoded_dataset())
+        return 0x0000
+
+    ae = AE(ae_title="CTNODE")
+    ae.add_supported_context(CTImageStorage)
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+
+def serve_node(port: int, folder: Path) -> None:
+    from node.config import load_settings
+    from node.db import open_database
+    from node.listener import Listener
+
+    settings = load_settings(overrides={"node": {"port": port},
+                                        "storage": {"spool_dir": str(folder / "spool"),
+                                                    "database_url": f"sqlite:///{folder / 'ctnode.db'}"}}, env={})
+    listener = Listener(settings, open_database(settings.storage.database_url))
+    listener.start()
+    while True:
+        time.sleep(3600)
+
+
+def child(kind: str, port: int, folder: Path) -> None:
+    import signal
+
+    def report(*_):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        (folder / "rss_kb").write_text(str(rss))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, report)
+    (serve_minimal if kind == "minimal" else serve_node)(port, folder)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    import socket
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"SCP on port {port} did not start")
+
+
+def run_once(kind: str, study: Path, work: Path) -> tuple[float, int]:
+    folder = work / f"{kind}-{time.monotonic_ns()}"
+    folder.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", kind, "--port", str(port), "--folder", str(folder)])
+    try:
+        wait_port(port)
+        storescu = shutil.which("storescu", path="/usr/bin") or "storescu"
+        env = dict(os.environ, TCP_NODELAY="1")
+        t0 = time.perf_counter()
+        subprocess.run([storescu, "-aec", "CTNODE", "+sd", "+r", "127.0.0.1", str(port), str(study)],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        elapsed = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    rss = int((folder / "rss_kb").read_text()) if (folder / "rss_kb").exists() else -1
+    shutil.rmtree(folder)
+    return elapsed, rss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--child")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--folder", type=Path)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.port, args.folder)
+        return
+    from node.phantom import make_phantom, write_phantom_study
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    try:
+        files = write_phantom_study(make_phantom(rows=args.size, cols=args.size, slices=args.slices), work / "study")
+        size_mb = sum(f.stat().st_size for f in files) / 1e6
+        times: dict[str, list[float]] = {"minimal": [], "node": []}
+        rss: dict[str, int] = {}
+        for _ in range(args.repeat):
+            for kind in ("minimal", "node"):
+                t, r = run_once(kind, work / "study", work)
+                times[kind].append(t)
+                rss[kind] = max(rss.get(kind, 0), r)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result = {
+            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+            "study": f"{len(files)} instances {args.size}x{args.size}, {size_mb:.0f} MB",
+            "minimal_scp_s": round(med["minimal"], 2), "node_s": round(med["node"], 2),
+            "ratio_node_over_minimal": round(med["node"] / med["minimal"], 2),
+            "peak_rss_mb": {k: round(v / 1024) for k, v in rss.items()},
+            "runs": {k: [round(x, 2) for x in v] for k, v in times.items()},
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

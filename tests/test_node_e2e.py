@@ -1,0 +1,104 @@
+"""The node end to end in one process: phantom study in over DICOM, SEG and SR out, all in the database."""
+from __future__ import annotations
+
+import time
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from node.db.schema import Event, Export, Job, Result
+from node.demo import Receiver, send_study
+from node.processing import analyse
+from node.service import Node
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def phantom_study(tmp_path_factory):
+    from node.phantom import make_phantom, write_phantom_study
+
+    folder = tmp_path_factory.mktemp("phantom")
+    phantom = make_phantom(rows=192, cols=192, slices=60, pixel_spacing=2.0, slice_spacing=5.0, seed=1, burden=0.2)
+    return phantom, write_phantom_study(phantom, folder / "dicom")
+
+
+def wait_for(predicate, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_study_in_seg_and_sr_out(tmp_path, phantom_study):
+    phantom, files = phantom_study
+    with Receiver(tmp_path / "pacs", ae_title="PACS") as pacs:
+        settings = make_settings(tmp_path, destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}])
+        node = Node(settings)
+        node.start()
+        try:
+            # the study arrives over two associations, as PACS often send it
+            half = len(files) // 2
+            assert send_study(files[:half], "127.0.0.1", node.listener.port, "CTNODE", progress=False) == half
+            assert send_study(files[half:], "127.0.0.1", node.listener.port, "CTNODE", progress=False) == len(files) - half
+            wait_for(lambda: len(pacs.received) >= 2, 240, "the SEG and SR at the destination")
+        finally:
+            node.stop()
+
+        received = {dcmread(p).Modality: p for p in pacs.received}
+        assert set(received) == {"SEG", "SR"}
+        source = dcmread(files[0], stop_before_pixels=True)
+        seg = hd.seg.segread(received["SEG"])
+        sr = dcmread(received["SR"])
+        for ds in (seg, sr):
+            assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+            assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        assert seg.SegmentationType == "BINARY"
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+
+        with node.sessions() as s:
+            job = s.scalars(select(Job)).one()
+            result = s.scalars(select(Result)).one()
+            exports = s.scalars(select(Export)).all()
+            kinds = {e.kind for e in s.scalars(select(Event))}
+        assert job.state == "done" and job.version == 1
+        assert result.engine_name == "threshold" and result.seg_sop_instance_uid == seg.SOPInstanceUID
+        assert {e.state for e in exports} == {"sent"} and len(exports) == 2
+        assert {"association_accepted", "job_ready", "job_processing", "job_done", "export_sent"} <= kinds
+        for key in ("right_lung_volume_ml", "left_lung_volume_ml", "percent_involved_total"):
+            assert result.scores[key] is not None and result.scores[key] >= 0
+
+        # The SEG overlays the source slices: same positions, and the lung voxels match the phantom's masks.
+        by_sop = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): i
+                  for i, p in enumerate(files)}
+        numbers = {s.SegmentLabel.lower(): s.SegmentNumber for s in seg.SegmentSequence}
+        right_no = next(n for label, n in numbers.items() if label.startswith("right"))
+        left_no = next(n for label, n in numbers.items() if label.startswith("left"))
+        sops = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+        pixels = seg.get_pixels_by_source_instance(sops, segment_numbers=[right_no, left_no],
+                                                   assert_missing_frames_are_empty=True)
+        assert pixels.shape[:3] == phantom.hu.shape
+        for frame in seg.PerFrameFunctionalGroupsSequence:
+            sop = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+            pos = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+            np.testing.assert_allclose(pos, phantom.positions[by_sop[sop]], atol=1e-3)
+        assert dice(pixels[..., 0] > 0, phantom.masks["right_lung"]) > 0.9
+        assert dice(pixels[..., 1] > 0, phantom.masks["left_lung"]) > 0.9
+        # and equal, voxel for voxel, what the same pipeline computes offline
+        offline = analyse(files, engine="threshold")
+        sorted_sops = offline.pipeline.volume.sop_instance_uids
+        again = seg.get_pixels_by_source_instance(sorted_sops, segment_numbers=[right_no, left_no],
+                                                  assert_missing_frames_are_empty=True)
+        np.testing.assert_array_equal(again[..., 0] > 0, offline.pipeline.lungs.right)
+        np.testing.assert_array_equal(again[..., 1] > 0, offline.pipeline.lungs.left)
