@@ -153,10 +153,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctnode", description=__doc__)
-    parser.add_argument("--config", help="TOML configuration file (default: $CTNODE_CONFIG, else built-in defaults)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    common = argparse.ArgumentParser(add_help=False)
+    # Accepted before or after the sub-command: `ctnode --config F serve` and `ctnode serve --config F`.
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="TOML configuration file (default: $CTNODE_CONFIG, else built-in defaults)")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(prog="ctnode", description=__doc__, parents=[common])
+    parser.set_defaults(config=None, verbose=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     sub.add_parser("serve", help="run the DICOM listener, scheduler and workers").set_defaults(func=cmd_serve)
 

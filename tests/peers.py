@@ -17,7 +17,6 @@ import datetime as _dt
 import functools
 import json
 import os
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -28,9 +27,12 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import pytest
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 HOST = "127.0.0.1"
 StrPath = str | os.PathLike[str]
@@ -167,7 +169,7 @@ def _storescu_profile(files: Sequence[Path], dest: Path) -> bool:
             meta = ds.file_meta
             sop = str(meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID") or "")
             ts = str(meta.TransferSyntaxUID)
-        except Exception:  # noqa: BLE001 - not DICOM: let storescu report it
+        except Exception:  # not DICOM: storescu reports it
             continue
         if not sop:
             continue
@@ -517,6 +519,12 @@ class Orthanc:
         ``ParentStudy``, ``Status`` = Success/AlreadyStored...)."""
         return dict(self.post("/instances", Path(path).read_bytes()))
 
+    def clear(self) -> None:
+        """Delete everything stored, so that one Orthanc can serve several tests
+        (starting one takes ~0.2 s, but a clean stop takes ~3.5 s)."""
+        for patient in self.get("/patients"):
+            self.delete(f"/patients/{patient}")
+
     def add_modality(self, name: str, aet: str, host: str, port: int) -> None:
         """Register (or update) a DICOM modality at run time."""
         self.put(f"/modalities/{urllib.parse.quote(name)}", {"AET": aet, "Host": host, "Port": port})
@@ -631,7 +639,7 @@ def write_small_ct(
     instance_number: int = 1,
     size: int = 16,
     transfer_syntax: str = "1.2.840.10008.1.2.1",
-) -> Any:
+) -> Dataset:
     """Write a tiny but complete CT Image Storage file (dciodvfy: no errors); returns it.
 
     ``transfer_syntax`` other than explicit VR little endian compresses with pydicom

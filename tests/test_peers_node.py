@@ -1,0 +1,118 @@
+"""The node with real peers: DCMTK sends and receives, Orthanc is the PACS, dciodvfy checks the objects."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from node.db.schema import Instance, Job
+from node.service import Node
+from tests import peers
+from tests.conftest import make_settings
+
+pytestmark = [pytest.mark.peer, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+    from node.phantom import make_phantom, write_phantom_study
+
+    phantom = make_phantom(rows=192, cols=192, slices=48, pixel_spacing=2.0, slice_spacing=6.0, seed=2)
+    return write_phantom_study(phantom, tmp_path_factory.mktemp("phantom") / "dicom")
+
+
+def wait_for(predicate, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def started_node(tmp_path, dest_aet, dest_port):
+    settings = make_settings(tmp_path, destinations=[
+        {"name": "pacs", "ae_title": dest_aet, "host": "127.0.0.1", "port": dest_port}])
+    node = Node(settings)
+    node.start()
+    return node
+
+
+def test_dcmtk_storescu_in_storescp_out(tmp_path, phantom_files):
+    peers.require_peer("storescu")
+    with peers.StoreSCP(aet="STORESCP") as scp:
+        node = started_node(tmp_path, scp.aet, scp.port)
+        try:
+            echo = peers.echoscu("127.0.0.1", node.listener.port, called_aet="CTNODE")
+            assert echo.returncode == 0, echo.stdout
+            sent = peers.storescu("127.0.0.1", node.listener.port, phantom_files, called_aet="CTNODE")
+            assert sent.returncode == 0, sent.stdout
+            files = scp.wait_for(2, timeout=240)
+        finally:
+            node.stop()
+        modalities = sorted(dcmread(f, stop_before_pixels=True).Modality for f in files)
+        assert modalities == ["SEG", "SR"]
+        with node.sessions() as s:
+            assert len(s.scalars(select(Instance)).all()) == len(phantom_files)
+            assert s.scalars(select(Job)).one().state == "done"
+        for f in files:
+            errors, _warnings = peers.dciodvfy(f)
+            assert errors == [], f"dciodvfy errors in {dcmread(f, stop_before_pixels=True).Modality}: {errors}"
+
+
+def test_orthanc_round_trip(tmp_path, phantom_files):
+    peers.require_peer("Orthanc")
+    with peers.Orthanc(aet="ORTHANC") as orthanc:
+        node = started_node(tmp_path, orthanc.aet, orthanc.dicom_port)
+        try:
+            orthanc.add_modality("ctnode", "CTNODE", "127.0.0.1", node.listener.port)
+            ids = [orthanc.upload(p)["ID"] for p in phantom_files]
+            study_uid = str(dcmread(phantom_files[0], stop_before_pixels=True).StudyInstanceUID)
+            source_series = str(dcmread(phantom_files[0], stop_before_pixels=True).SeriesInstanceUID)
+            orthanc.send_to_modality("ctnode", ids)
+            seg_series = orthanc.wait_for_series(study_uid, "SEG", timeout=240)
+            sr_series = orthanc.wait_for_series(study_uid, "SR", timeout=60)
+        finally:
+            node.stop()
+        assert len(seg_series) == 1 and len(sr_series) == 1
+        seg_tags = orthanc.instance_tags(seg_series[0]["Instances"][0])
+        sr_tags = orthanc.instance_tags(sr_series[0]["Instances"][0])
+        assert seg_tags["StudyInstanceUID"] == study_uid == sr_tags["StudyInstanceUID"]
+        assert seg_series[0]["MainDicomTags"].get("SeriesDescription")
+        seg = dcmread(__import__("io").BytesIO(orthanc.instance_file(seg_series[0]["Instances"][0])))
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source_series
+        sr = dcmread(__import__("io").BytesIO(orthanc.instance_file(sr_series[0]["Instances"][0])))
+        referenced_series = {str(item.SeriesInstanceUID) for item in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence}
+        assert source_series in referenced_series
+
+
+def test_ctnode_process_on_real_slices(tmp_path, shared_data):
+    """Real NY-SBU slices through `ctnode process`: axial chest gives a 2D partial result, reformats are skipped."""
+    axial = next(p for p in sorted((shared_data / "dicom" / "ny-sbu").glob("*/axial/*.dcm")))
+    coronal = next(p for p in sorted((shared_data / "dicom" / "ny-sbu").glob("*/coronal/*.dcm")))
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "node.cli", "process", str(coronal), "--out", str(out / "c")],
+                         capture_output=True, text=True, timeout=300)
+    report = json.loads((out / "c" / "report.json").read_text())
+    assert report["status"] == "skipped" and "coronal" in json.dumps(report["series"]).lower(), run.stdout
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes(axial.read_bytes())
+    (folder / "c.dcm").write_bytes(coronal.read_bytes())
+    run = subprocess.run([sys.executable, "-m", "node.cli", "process", str(folder), "--out", str(out / "a")],
+                         capture_output=True, text=True, timeout=300)
+    report = json.loads((out / "a" / "report.json").read_text())
+    assert run.returncode == 0, run.stderr[-2000:]
+    if report["status"] == "done":  # an axial chest slice
+        assert report["scores"]["volumetric"] is False
+        for key in ("seg", "sr"):
+            errors, _ = peers.dciodvfy(report["outputs"][key])
+            assert errors == [], errors
+    else:  # the first axial slice may be an abdomen slice; then it must say so
+        assert "lung" in report["reason"].lower()
