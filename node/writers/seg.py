@@ -17,7 +17,7 @@ Segments 4 and 5 exist only when the engine separates classes (``InfectionResult
 ``.consolidation`` is set); if only one of the two is given the other is written empty, so that the
 numbers never shift.
 
-Code sources (all checked, see the lead's report):
+Code sources:
 
 * category codes: DICOM PS3.16 CID 7150 "Segmentation Property Categories" (as shipped in pydicom's
   ``pydicom.sr.codedict``, which is generated from PS3.16);
@@ -59,7 +59,7 @@ MANUFACTURER = "ctnode"
 SEG_SERIES_DESCRIPTION = "ctnode lungs and infection"
 SEG_CONTENT_LABEL = "CTNODE_LUNG_INF"  # CS, max 16 chars, upper case
 
-# Private/less common concepts, spelled out where pydicom's code dictionary lacks them.
+# Concepts used below; SCT 9656002 is spelled out because pydicom's PS3.16 dictionary lacks it.
 SCT_CONSOLIDATION = hd.sr.CodedConcept("9656002", "SCT", "Consolidation")
 DCM_OPACITY = codes.DCM.Opacity                       # 112001, CID 6104
 DCM_GROUND_GLASS_OPACITY = codes.DCM.GroundGlassOpacity  # 112120, CID 6104
@@ -81,7 +81,8 @@ class SegmentSpec:
 
 
 def _cc(code) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept.from_code(code) if not isinstance(code, hd.sr.CodedConcept) else code
+    """pydicom ``Code`` -> highdicom ``CodedConcept`` (a Dataset usable in sequences)."""
+    return code if isinstance(code, hd.sr.CodedConcept) else hd.sr.CodedConcept.from_code(code)
 
 
 SEGMENTS: tuple[SegmentSpec, ...] = (
@@ -163,12 +164,14 @@ def active_segments(infection: InfectionResult) -> tuple[SegmentSpec, ...]:
     return SEGMENTS
 
 
-def _segment_description(spec: SegmentSpec, algo: hd.AlgorithmIdentificationSequence) -> hd.seg.SegmentDescription:
+def _segment_description(spec: SegmentSpec,
+                         algo: hd.AlgorithmIdentificationSequence) -> hd.seg.SegmentDescription:
     desc = hd.seg.SegmentDescription(
         segment_number=spec.number,
         segment_label=spec.label,
         segmented_property_category=spec.category,
-        segmented_property_type=spec.property_type,
+        # a copy: the modifier below is added to this item and must not leak into SEGMENTS
+        segmented_property_type=copy.deepcopy(spec.property_type),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algo,
         tracking_uid=generate_uid(),
@@ -287,8 +290,8 @@ def build_segmentation(
     the standard allows and highdicom reads back as an all-zero mask. If *every* segment is empty,
     highdicom keeps all frames (all zero) because a SEG needs at least one frame.
 
-    ``workers`` is passed to highdicom; it only parallelises compressed transfer syntaxes, so with the
-    uncompressed 1-bit encoding used here it has no effect beyond process start-up cost.
+    ``workers`` is passed to highdicom, which only uses it for compressed transfer syntaxes; with the
+    uncompressed 1-bit BINARY encoding used here (the one every viewer reads) it has no effect.
     """
     if not volume.datasets:
         raise ValueError("volume.datasets is empty: the SEG needs the source headers")
