@@ -39,7 +39,13 @@ def resolve_engine(name: str) -> str:
     except Exception as exc:  # missing weights or torch: the threshold engine remains
         log.debug("infnet engine unavailable: %s", exc)
     if name == "auto":
-        return "infnet" if "infnet" in engines.available_engines() else "threshold"
+        try:
+            from models.registry import available
+
+            shipped = bool(available())
+        except Exception:
+            shipped = False
+        return "infnet" if shipped and "infnet" in engines.available_engines() else "threshold"
     if name not in engines.available_engines():
         raise ValueError(f"processing.engine: unknown engine {name!r} (available: {', '.join(engines.available_engines())})")
     return name
@@ -53,8 +59,9 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
     from node.writers.seg import build_segmentation
     from node.writers.sr import build_report
 
+    options = {k: v for k, v in (engine_options or {}).items() if not (k == "device" and v == "auto")}
     result = run_pipeline([str(p) for p in paths], resolve_engine(engine), min_slices=min_slices,
-                          engine_options=engine_options)
+                          engine_options=options)
     timings = dict(result.timings)
     if result.status != "done":
         return Analysis(status=result.status, reason=result.reason, pipeline=result, timings=timings)

@@ -80,19 +80,21 @@ def test_study_in_seg_and_sr_out(tmp_path, phantom_study):
             assert result.scores[key] is not None and result.scores[key] >= 0
 
         # The SEG overlays the source slices: same positions, and the lung voxels match the phantom's masks.
-        by_sop = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): i
-                  for i, p in enumerate(files)}
+        headers = [dcmread(p, stop_before_pixels=True) for p in files]
+        position = {str(h.SOPInstanceUID): [float(v) for v in h.ImagePositionPatient] for h in headers}
+        truth_index = {tuple(np.round(pos, 3)): k for k, pos in enumerate(phantom.positions)}
         numbers = {s.SegmentLabel.lower(): s.SegmentNumber for s in seg.SegmentSequence}
         right_no = next(n for label, n in numbers.items() if label.startswith("right"))
         left_no = next(n for label, n in numbers.items() if label.startswith("left"))
-        sops = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+        # source instances in the phantom's slice order (k = 0 is the most inferior slice)
+        sops = sorted(position, key=lambda sop: truth_index[tuple(np.round(position[sop], 3))])
         pixels = seg.get_pixels_by_source_instance(sops, segment_numbers=[right_no, left_no],
                                                    assert_missing_frames_are_empty=True)
         assert pixels.shape[:3] == phantom.hu.shape
         for frame in seg.PerFrameFunctionalGroupsSequence:
             sop = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
             pos = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
-            np.testing.assert_allclose(pos, phantom.positions[by_sop[sop]], atol=1e-3)
+            np.testing.assert_allclose(pos, position[sop], atol=1e-3)
         assert dice(pixels[..., 0] > 0, phantom.masks["right_lung"]) > 0.9
         assert dice(pixels[..., 1] > 0, phantom.masks["left_lung"]) > 0.9
         # and equal, voxel for voxel, what the same pipeline computes offline

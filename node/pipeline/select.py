@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pydicom
@@ -24,7 +24,6 @@ from .volume import (
     normal_of,
     orientation_of,
     orientations_agree,
-    pixel_spacing_of,
     series_geometry,
 )
 
@@ -35,6 +34,7 @@ ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 LEGACY_ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 ENHANCED_CT_CLASSES = {ENHANCED_CT_STORAGE, LEGACY_ENHANCED_CT_STORAGE}
 CT_CLASSES = {CT_IMAGE_STORAGE} | ENHANCED_CT_CLASSES
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 #: Maximum angle between the slice normal and the patient head-foot axis for an "axial" series.
 AXIAL_MAX_DEG = 10.0
@@ -75,7 +75,9 @@ class SeriesDecision:
     chosen: bool = False
     problems: list[str] = field(default_factory=list)  # every blocking reason (``reason`` joins them)
     flags: list[str] = field(default_factory=list)     # non-blocking remarks (single slice, missing tags...)
-    headers: list[Any] = field(default_factory=list, repr=False, compare=False)
+    # The instances (headers, or datasets as given). Deliberately NOT a dataclass field, so that
+    # dataclasses.asdict() and JSON dumps of decisions never copy or print DICOM headers.
+    headers: ClassVar[list[Any]] = []
 
     def reject(self, problem: str) -> None:
         """Mark the series as not analysable (used for the checks that run after assembly)."""
@@ -128,6 +130,9 @@ def group_series(items: Iterable[Any], unreadable: list[tuple[str, str]] | None 
                 if unreadable is not None:
                     unreadable.append((str(item), str(exc)))
                 continue
+        media_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+        if media_class == MEDIA_STORAGE_DIRECTORY:
+            continue  # a DICOMDIR index, not an instance
         groups.setdefault(_series_key(ds), []).append(ds)
     return groups
 
@@ -267,15 +272,15 @@ def evaluate_series(headers: Sequence[Dataset], *, min_slices: int = 1, series_u
         description=" ".join(x for x in (str(first.get("SeriesNumber", "") or ""),
                                          str(first.get("SeriesDescription", "") or "")) if x).strip(),
         slice_thickness=_float_or_none(first.get("SliceThickness")),
-        headers=headers,
     )
+    d.headers = headers
     if not headers:
         d.reject("no instances")
         return d
 
     _modality_problems(headers, d)
-    _image_type_problems(headers, d)
     axial = _orientation_problems(headers, d)
+    _image_type_problems(headers, d)
     _body_part_problems(headers, d)
 
     if axial:

@@ -85,6 +85,7 @@ class InfectionResult:
     ggo: np.ndarray | None = None        # bool, ground-glass opacity, when the engine separates classes
     consolidation: np.ndarray | None = None
     probability: np.ndarray | None = None  # float32 0..1, optional
+    notes: list[str] = field(default_factory=list)  # e.g. the thresholds an adaptive engine settled on
 
 
 @dataclass

@@ -78,8 +78,8 @@ def orientation_of(ds: Dataset) -> np.ndarray | None:
     v = np.asarray([float(x) for x in iop], dtype=np.float64)
     row, col = v[:3], v[3:]
     nr, nc = np.linalg.norm(row), np.linalg.norm(col)
-    if nr < 1e-6 or nc < 1e-6:
-        return None
+    if nr < 1e-6 or nc < 1e-6 or np.linalg.norm(np.cross(row / nr, col / nc)) < 1e-3:
+        return None  # missing or degenerate (parallel cosines)
     return np.concatenate([row / nr, col / nc])
 
 

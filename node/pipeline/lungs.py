@@ -1,0 +1,437 @@
+"""HU-based lung segmentation (first version, no learned model).
+
+Steps, all on the source voxel grid (no resampling):
+
+1. body: largest connected region above -500 HU after a small per-slice opening (drops the table, cables,
+   sheets), holes filled slice by slice;
+2. air inside the body: below -320 HU inside the filled body; regions that touch the image border (air
+   outside the patient) are dropped;
+3. airways: the trachea is found on the most cranial slices near the midline and followed caudally
+   (lumen below -900 HU) with a leak guard; the trachea and main bronchi are removed;
+4. lung components: bowel/stomach gas (near-pure air without vessels), slivers (air in skin folds) and
+   components under 5 % of the largest are dropped; every remaining
+   component is assigned to the patient's right or left from its position relative to the midline
+   (computed from ImageOrientationPatient, so any in-plane orientation works); a component straddling the
+   midline (lungs touching at the anterior/posterior junction, or joined through an unremoved airway) is
+   split by iterative erosion and nearest-seed assignment, falling back on the midline itself;
+5. per lung: the outline is closed slice by slice (radius ``CLOSING_MM``, which also takes back thin dense
+   lesions at the pleura), then holes are filled (vessels, enclosed lesions), except large holes that
+   open onto non-lung tissue on a neighbouring slice (liver under a diaphragm dome, hilum).
+
+A single slice goes through the same steps in 2D. ``partial_coverage`` is set for one slice, or when lung
+reaches the first or last slice (apex or base cut off).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .types import LungMasks, Volume
+
+log = logging.getLogger(__name__)
+
+BODY_HU = -500.0        # soft tissue vs air/fat-free boundary used for the body outline
+AIR_HU = -320.0         # lung parenchyma (with mild disease) vs soft tissue, as in classic lung thresholding
+AIRWAY_LUMEN_HU = -900.0  # airway lumen is near-pure air; aerated lung is mostly above
+GAS_MEDIAN_HU = -900.0  # interior median below this and no vessels inside: bowel/stomach gas or airway
+GAS_MAX_HOLE_FRACTION = 0.002
+BODY_OPENING_MM = 2.0
+CLOSING_MM = 10.0
+OPEN_HOLE_MAX_MM2 = 150.0   # larger per-slice holes that open onto non-lung tissue are organs, not lesions
+MIN_COMPONENT_FRACTION = 0.05   # of the largest air component
+MIN_COMPONENT_AREA_MM2 = 100.0  # per slice spanned (drops specks)
+TRACHEA_AREA_MM2 = (60.0, 900.0)
+TRACHEA_MIDLINE_MM = 25.0
+AIRWAY_MAX_EXTENT_MM = 200.0
+AIRWAY_BRANCH_MAX_AREA_MM2 = 700.0
+STRADDLE_FRACTION = 0.15        # a component with this much on each side of the midline is split
+MAX_SPLIT_EROSIONS = 15
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def disk(radius_mm: float, spacing_rc: tuple[float, float]) -> np.ndarray:
+    """2D elliptical structuring element of ``radius_mm`` on a grid of (row, column) spacing, shape (1, h, w)."""
+    rr = max(int(np.floor(radius_mm / spacing_rc[0])), 0)
+    rc = max(int(np.floor(radius_mm / spacing_rc[1])), 0)
+    y, x = np.ogrid[-rr:rr + 1, -rc:rc + 1]
+    fy = (y * spacing_rc[0]) ** 2
+    fx = (x * spacing_rc[1]) ** 2
+    return ((fy + fx) <= radius_mm ** 2 + 1e-9)[None]
+
+
+def ball(radius_mm: float, spacing_krc: tuple[float, float, float]) -> np.ndarray:
+    """3D ellipsoidal structuring element of ``radius_mm`` on an anisotropic grid (k, r, c)."""
+    half = [max(int(np.floor(radius_mm / s)), 0) if s > 0 else 0 for s in spacing_krc]
+    k, y, x = np.ogrid[-half[0]:half[0] + 1, -half[1]:half[1] + 1, -half[2]:half[2] + 1]
+    d2 = (k * spacing_krc[0]) ** 2 + (y * spacing_krc[1]) ** 2 + (x * spacing_krc[2]) ** 2
+    return d2 <= radius_mm ** 2 + 1e-9
+
+
+def per_slice(fn, mask: np.ndarray) -> np.ndarray:
+    """Apply a 2D boolean function to every slice."""
+    out = np.empty_like(mask, dtype=bool)
+    for k in range(mask.shape[0]):
+        out[k] = fn(mask[k])
+    return out
+
+
+def largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
+    lab, n = ndi.label(mask, structure=structure)
+    if n == 0:
+        return np.zeros_like(mask, dtype=bool)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+class Midline:
+    """Signed patient-x distance (mm) of voxels to the body midline of their slice; + is the patient's LEFT.
+
+    Patient x (LPS) comes from ImagePositionPatient and ImageOrientationPatient, so flipped or rotated
+    in-plane orientations are handled. The midline of a slice is the x-centroid of the trunk (largest
+    body component on that slice: arms excluded). Values are computed per slice, never as a full float
+    volume, to keep memory low on large series.
+    """
+
+    def __init__(self, volume: Volume, body: np.ndarray):
+        n, rows, cols = volume.shape
+        row_cos, col_cos = volume.orientation[:3], volume.orientation[3:]
+        ps_r, ps_c = volume.pixel_spacing
+        self._xrc = ((np.arange(rows) * ps_r * col_cos[0])[:, None]
+                     + (np.arange(cols) * ps_c * row_cos[0])[None, :]).astype(np.float32)
+        xk = volume.positions[:, 0]
+        mid = np.full(n, np.nan)
+        for k in range(n):
+            trunk = largest_component(body[k])
+            if trunk.any():
+                mid[k] = xk[k] + float(self._xrc[trunk].mean())
+        if np.isnan(mid).all():
+            mid = xk + float(self._xrc.mean())
+        else:
+            idx = np.arange(n)
+            good = ~np.isnan(mid)
+            mid = np.interp(idx, idx[good], mid[good])
+        self._offset = (xk - mid).astype(np.float32)
+
+    def signed(self, k: int) -> np.ndarray:
+        """(rows, cols) signed distance to the midline on slice ``k``."""
+        return self._offset[k] + self._xrc
+
+    def right_side(self) -> np.ndarray:
+        """Boolean volume: voxel on the patient's right of the midline."""
+        out = np.empty((len(self._offset),) + self._xrc.shape, dtype=bool)
+        for k in range(len(self._offset)):
+            np.less(self.signed(k), 0, out=out[k])
+        return out
+
+
+def superior_is_high_k(volume: Volume) -> bool:
+    """True when the slice index grows towards the head (normal has a positive patient-z component)."""
+    return bool(volume.normal[2] >= 0)
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def body_mask(hu: np.ndarray, spacing_rc: tuple[float, float]) -> np.ndarray:
+    """Patient body: largest region above ``BODY_HU`` after a per-slice opening, holes filled per slice."""
+    m = hu > BODY_HU
+    m = ndi.binary_opening(m, structure=disk(BODY_OPENING_MM, spacing_rc))
+    m = largest_component(m)
+    return per_slice(ndi.binary_fill_holes, m)
+
+
+def outside_air_removed(air: np.ndarray) -> np.ndarray:
+    """Drop air regions that touch the in-plane image border (outside the patient, under the table)."""
+    lab, n = ndi.label(air)
+    if n == 0:
+        return air
+    border = np.zeros(n + 1, dtype=bool)
+    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
+        border[np.unique(edge)] = True
+    border[0] = True
+    return ~border[lab] & air
+
+
+def _trachea_seed(lumen: np.ndarray, midline: Midline, order: list[int], area_px: float) -> tuple[int, np.ndarray] | None:
+    """First cranial slice with a round air region of tracheal size near the midline."""
+    lo, hi = TRACHEA_AREA_MM2[0] / area_px, TRACHEA_AREA_MM2[1] / area_px
+    for k in order[: max(1, len(order) // 3)]:
+        lab, n = ndi.label(lumen[k])
+        if n == 0:
+            continue
+        sizes = np.bincount(lab.ravel())
+        dsum = np.bincount(lab.ravel(), weights=np.abs(midline.signed(k)).ravel())
+        best, best_d = 0, np.inf
+        for i in range(1, n + 1):
+            if lo <= sizes[i] <= hi:
+                d = dsum[i] / sizes[i]
+                if d < TRACHEA_MIDLINE_MM and d < best_d:
+                    best, best_d = i, d
+        if best:
+            return k, lab == best
+    return None
+
+
+def find_airways(hu: np.ndarray, air: np.ndarray, midline: Midline, volume: Volume) -> tuple[np.ndarray, list[str]]:
+    """Trachea and main bronchi, followed caudally from the trachea with a per-branch leak guard."""
+    notes: list[str] = []
+    airways = np.zeros_like(air, dtype=bool)
+    n = hu.shape[0]
+    area_px = volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    lumen = air & (hu < AIRWAY_LUMEN_HU)
+    order = list(range(n - 1, -1, -1)) if superior_is_high_k(volume) else list(range(n))
+    if n == 1:
+        return _airways_2d(hu, air, midline, area_px), notes
+    seed = _trachea_seed(lumen, midline, order, area_px)
+    if seed is None:
+        notes.append("trachea not found on the cranial slices: airways were not removed")
+        return airways, notes
+    k0, prev = seed
+    airways[k0] = prev
+    start = order.index(k0)
+    step_mm = max(volume.slice_spacing, 1e-3)
+    max_steps = int(AIRWAY_MAX_EXTENT_MM / step_mm)
+    grow = np.ones((3, 3), dtype=bool)
+    slack = 30.0 / area_px
+    cap = AIRWAY_BRANCH_MAX_AREA_MM2 / area_px
+    for k in order[start + 1: start + 1 + max_steps]:
+        lab, nlab = ndi.label(lumen[k])
+        if nlab == 0:
+            break
+        prev_lab, _ = ndi.label(prev)
+        prev_sizes = np.bincount(prev_lab.ravel())
+        touch = ndi.binary_dilation(prev, grow, iterations=2)
+        cur = np.zeros_like(prev)
+        for i in np.unique(lab[touch & lumen[k]]):
+            if i == 0:
+                continue
+            comp = lab == i
+            size = comp.sum()
+            parents = np.unique(prev_lab[ndi.binary_dilation(comp, grow, iterations=2) & prev])
+            parent_area = prev_sizes[parents[parents > 0]].sum()
+            if size <= cap and size <= 2.0 * parent_area + slack:
+                cur |= comp  # else: leak into the lung, this branch ends here
+        if not cur.any():
+            break
+        airways[k] = cur
+        prev = cur
+    return airways, notes
+
+
+def _airways_2d(hu: np.ndarray, air: np.ndarray, midline: Midline, area_px: float) -> np.ndarray:
+    """On one slice: small gas-like regions near the midline (trachea or main bronchi cross-sections)."""
+    lab, n = ndi.label(air[0])
+    out = np.zeros_like(air, dtype=bool)
+    hi = TRACHEA_AREA_MM2[1] / area_px
+    dist = np.abs(midline.signed(0))
+    for i, sl in enumerate(ndi.find_objects(lab), start=1):
+        comp = lab[sl] == i
+        size = int(comp.sum())
+        if size > hi or float(dist[sl][comp].mean()) >= 2 * TRACHEA_MIDLINE_MM:
+            continue
+        if is_gas(hu[0][sl], comp):
+            out[0][sl] |= comp
+    return out
+
+
+def is_gas(hu: np.ndarray, comp: np.ndarray) -> bool:
+    """True for a region of near-pure air without vessels: bowel/stomach gas or an airway lumen.
+
+    Aerated lung, even emphysematous, contains vessels that show as holes in its air mask; gas pockets
+    and airway lumens do not, and their interior is darker than ``GAS_MEDIAN_HU``. ``comp`` is (k, r, c)
+    or (r, c) with ``hu`` the matching crop.
+    """
+    comp3 = comp if comp.ndim == 3 else comp[None]
+    hu3 = hu if hu.ndim == 3 else hu[None]
+    inner = ndi.binary_erosion(comp3, structure=np.ones((1, 5, 5), bool))
+    values = hu3[inner] if inner.any() else hu3[comp3]
+    if values.size == 0 or float(np.median(values)) >= GAS_MEDIAN_HU:
+        return False
+    filled = per_slice(ndi.binary_fill_holes, comp3)
+    holes = filled & ~comp3
+    return holes.sum() < GAS_MAX_HOLE_FRACTION * filled.sum()
+
+
+def _component_stats(lab: np.ndarray, n: int, side: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per component: voxel count, fraction on the patient-right side, number of slices spanned."""
+    flat = lab.ravel()
+    sizes = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    right = np.bincount(flat, weights=side.ravel(), minlength=n + 1) / np.maximum(sizes, 1)
+    slices = np.zeros(n + 1)
+    for i, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is not None:
+            slices[i] = sl[0].stop - sl[0].start
+    return sizes, right, slices
+
+
+def split_straddling(comp: np.ndarray, right_side: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Split one component crossing the midline into right (True) / left (False) parts.
+
+    Erode slice by slice until pieces lie on both sides of the midline, then give every voxel of the
+    component to its nearest seed. Returns (is_right mask within ``comp``, whether erosion succeeded);
+    without separation the midline itself is used.
+    """
+    bbox = ndi.find_objects(comp.astype(np.uint8))[0]
+    sub = comp[bbox]
+    side = right_side[bbox]
+    cross = ndi.generate_binary_structure(2, 1)[None]
+    eroded = sub
+    for _ in range(MAX_SPLIT_EROSIONS):
+        eroded = ndi.binary_erosion(eroded, cross)
+        lab, n = ndi.label(eroded)
+        if n < 2:
+            if n == 0:
+                break
+            continue
+        sizes = np.bincount(lab.ravel())[1:]
+        frac_right = np.bincount(lab.ravel(), weights=side.ravel())[1:] / np.maximum(sizes, 1)
+        keep = sizes >= 0.05 * sizes.max()
+        is_r = frac_right >= 0.5
+        if (keep & is_r).any() and (keep & ~is_r).any():
+            seed_label = np.zeros_like(lab, dtype=np.uint8)
+            for i in np.flatnonzero(keep):
+                seed_label[lab == i + 1] = 1 if is_r[i] else 2
+            _, idx = ndi.distance_transform_edt(seed_label == 0, return_distances=True, return_indices=True)
+            nearest = seed_label[tuple(idx)]
+            out = np.zeros_like(comp)
+            out[bbox] = sub & (nearest == 1)
+            return out, True
+    out = np.zeros_like(comp)
+    out[bbox] = sub & side
+    return out, False
+
+
+def assign_sides(cand: np.ndarray, hu: np.ndarray, right_side: np.ndarray, area_px: float) -> tuple[np.ndarray, list[str]]:
+    """Label lung components 1 (right) / 2 (left); drop gas pockets and specks."""
+    notes: list[str] = []
+    labels = np.zeros(cand.shape, dtype=np.uint8)
+    lab, n = ndi.label(cand)
+    if n == 0:
+        return labels, notes
+    sizes, frac_right, slices = _component_stats(lab, n, right_side)
+    largest = sizes[1:].max()
+    boxes = ndi.find_objects(lab)
+    gas = 0
+    for i in range(1, n + 1):
+        if sizes[i] < MIN_COMPONENT_FRACTION * largest or sizes[i] / max(slices[i], 1) < MIN_COMPONENT_AREA_MM2 / area_px:
+            continue
+        sl = boxes[i - 1]
+        if not ndi.binary_erosion(lab[sl] == i, structure=np.ones((1, 5, 5), bool)).any():
+            continue  # a sliver without interior: air trapped in a skin fold or between arm and chest
+        if is_gas(hu[sl], lab[sl] == i):
+            gas += 1
+            continue
+        comp = lab == i
+        if STRADDLE_FRACTION <= frac_right[i] <= 1 - STRADDLE_FRACTION:
+            is_right, by_erosion = split_straddling(comp, right_side)
+            labels[is_right] = LungMasks.RIGHT
+            labels[comp & ~is_right] = LungMasks.LEFT
+            notes.append("right and left lungs touch: separated by erosion" if by_erosion
+                         else "right and left lungs touch: separated at the body midline")
+        else:
+            labels[comp] = LungMasks.RIGHT if frac_right[i] > 0.5 else LungMasks.LEFT
+    if gas:
+        notes.append(f"{gas} gas-filled region(s) without vessels (bowel, stomach or airway) excluded")
+    return labels, notes
+
+
+def close_2d(mask: np.ndarray, radius_mm: float, spacing_rc: tuple[float, float]) -> np.ndarray:
+    """Morphological closing of a 2D mask with a disk of ``radius_mm``, computed with distance transforms
+    (exact Euclidean, anisotropic pixels, cost independent of the radius)."""
+    pad = (int(np.ceil(radius_mm / spacing_rc[0])) + 1, int(np.ceil(radius_mm / spacing_rc[1])) + 1)
+    m = np.pad(mask, (pad, pad))
+    dilated = ndi.distance_transform_edt(~m, sampling=spacing_rc) <= radius_mm
+    closed = ndi.distance_transform_edt(dilated, sampling=spacing_rc) > radius_mm
+    return closed[pad[0]:-pad[0], pad[1]:-pad[1]] | mask
+
+
+def fill_holes_guarded(mask: np.ndarray, max_open_hole_px: float) -> np.ndarray:
+    """Fill holes slice by slice, except large holes that open onto non-lung tissue in a neighbouring slice.
+
+    Per-slice holes are vessels and lesions enclosed by lung, but also the liver or spleen under a
+    diaphragm dome, or a hilum, ringed by lung on a few slices. Holes are chained across slices; a chain
+    whose largest slice exceeds ``max_open_hole_px`` pixels and that continues into tissue outside the lung
+    on an adjacent slice is such an organ and stays out. Small holes (vessels) are always filled.
+    """
+    filled = per_slice(ndi.binary_fill_holes, mask)
+    holes = filled & ~mask
+    if mask.shape[0] == 1 or not holes.any():
+        return filled
+    lab, n = ndi.label(holes)  # 6-connected chains across slices
+    k_idx = np.broadcast_to(np.arange(mask.shape[0])[:, None, None], mask.shape)
+    sel = lab > 0
+    area = np.bincount(lab[sel] * mask.shape[0] + k_idx[sel], minlength=(n + 1) * mask.shape[0])
+    big = area.reshape(n + 1, mask.shape[0]).max(axis=1) > max_open_hole_px
+    outside = ~filled
+    near_outside = np.zeros_like(outside)
+    near_outside[:-1] |= outside[1:]
+    near_outside[1:] |= outside[:-1]
+    opened = np.zeros(n + 1, bool)
+    opened[np.unique(lab[holes & near_outside])] = True
+    drop = big & opened
+    drop[0] = False
+    return filled & ~drop[lab]
+
+
+def smooth_lungs(labels: np.ndarray, spacing_rc: tuple[float, float], radius_mm: float) -> np.ndarray:
+    """Per lung: close the outline slice by slice, then fill holes (vessels, enclosed lesions).
+
+    The closing also takes back dense lesions at the lung surface (subpleural consolidation) that the
+    -320 HU threshold cut out, as long as they are narrower than about twice ``radius_mm``. Voxels that
+    belong to the other lung are never taken.
+    """
+    out = np.zeros_like(labels)
+    max_hole_px = OPEN_HOLE_MAX_MM2 / (spacing_rc[0] * spacing_rc[1])
+    for value in (LungMasks.RIGHT, LungMasks.LEFT):
+        m = labels == value
+        if not m.any():
+            continue
+        # work in the lung's in-plane bounding box; closing never grows a mask beyond its bounding box
+        box = (slice(None),) + ndi.find_objects(m.astype(np.uint8))[0][1:]
+        mb = m[box]
+        closed = np.zeros_like(mb)
+        for k in np.flatnonzero(mb.reshape(mb.shape[0], -1).any(axis=1)):
+            closed[k] = close_2d(mb[k], radius_mm, spacing_rc)
+        closed = fill_holes_guarded(closed, max_hole_px)
+        ob, lb = out[box], labels[box]
+        ob[closed & (ob == 0) & ((lb == value) | (lb == 0))] = value
+    return out
+
+
+def segment_lungs(volume: Volume, *, closing_mm: float | None = None) -> LungMasks:
+    """Segment the right (1) and left (2) lungs of ``volume``; works on one slice (2D) too.
+
+    ``closing_mm``: radius of the per-slice outline closing (default ``CLOSING_MM``).
+    """
+    hu = volume.hu
+    spacing_rc = volume.pixel_spacing
+    area_px = spacing_rc[0] * spacing_rc[1]
+    notes: list[str] = []
+
+    body = body_mask(hu, spacing_rc)
+    midline = Midline(volume, body)
+
+    air = outside_air_removed((hu < AIR_HU) & body)
+    airways, airway_notes = find_airways(hu, air, midline, volume)
+    notes += airway_notes
+    right_side = midline.right_side()
+
+    labels, side_notes = assign_sides(air & ~airways, hu, right_side, area_px)
+    notes += side_notes
+    labels = smooth_lungs(labels, spacing_rc, CLOSING_MM if closing_mm is None else closing_mm)
+    labels[airways] = 0
+
+    if not (labels == LungMasks.RIGHT).any() or not (labels == LungMasks.LEFT).any():
+        if labels.any():
+            notes.append("only one lung found")
+    partial = volume.shape[0] == 1 or bool(labels[0].any() or labels[-1].any())
+    if volume.shape[0] == 1:
+        notes.append("single slice: 2D segmentation, partial coverage")
+    elif partial:
+        notes.append("lung reaches the first or last slice: apex or base not fully in the field of view")
+    return LungMasks(labels=labels, airways=airways, body=body, partial_coverage=partial, notes=notes)

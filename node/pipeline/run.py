@@ -1,0 +1,122 @@
+"""The whole pipeline for one study: select a series, assemble it, segment lungs and infection, score.
+
+Acceptable series are tried best first: a series that cannot be assembled (VolumeError) or that shows
+no lung is recorded as such and the next one is tried. Nothing analysable is not an error: the result
+has status "skipped" with the reason, or "failed" when a series was acceptable but broken.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engines import get_engine
+from .lungs import segment_lungs
+from .scores import Scores, compute_scores
+from .select import SeriesDecision, check_lung_in_view, mark_chosen, rank_candidates, select_series
+from .types import EngineIdentity, InfectionResult, LungMasks, Volume
+from .volume import VolumeError, assemble_volume
+
+log = logging.getLogger(__name__)
+
+STAGES = ("select", "assemble", "lungs", "infection", "scores")
+
+
+@dataclass
+class PipelineResult:
+    """Outcome of :func:`run_pipeline`. ``status``: "done", "skipped" (nothing analysable) or "failed"."""
+
+    status: str
+    reason: str = ""
+    decisions: list[SeriesDecision] = field(default_factory=list)
+    chosen_series_uid: str | None = None
+    volume: Volume | None = None
+    lungs: LungMasks | None = None
+    infection: InfectionResult | None = None
+    scores: Scores | None = None
+    engine: EngineIdentity | None = None
+    timings: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    notes: list[str] = field(default_factory=list)
+
+
+class _Clock:
+    """Adds the wall time of each ``with clock(stage):`` block to ``timings[stage]``."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+        self.stage = ""
+        self.t0 = 0.0
+
+    def __call__(self, stage: str) -> "_Clock":
+        self.stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.perf_counter() - self.t0
+
+
+def _nothing_reason(decisions: list[SeriesDecision]) -> str:
+    if not decisions:
+        return "no DICOM instances were given"
+    parts = [f"{d.description or d.series_uid or '?'}: {d.reason}" for d in decisions[:10]]
+    more = f"; and {len(decisions) - 10} more" if len(decisions) > 10 else ""
+    return f"no analysable chest CT series among {len(decisions)} series ({'; '.join(parts)}{more})"
+
+
+def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_slices: int = 1,
+                 engine_options: dict[str, Any] | None = None) -> PipelineResult:
+    """Run the pipeline on the instances ``paths`` (files, folders or datasets) of one study.
+
+    Raises ValueError only for an unknown engine (a configuration error); everything about the data is
+    reported in the result.
+    """
+    engine = get_engine(engine_name, **(engine_options or {}))
+    result = PipelineResult(status="skipped", engine=engine.identity)
+    clock = _Clock(result.timings)
+
+    with clock("select"):
+        _, decisions = select_series(paths, min_slices=min_slices)
+    result.decisions = decisions
+    candidates = rank_candidates(decisions)
+    failures: list[str] = []
+
+    for cand in candidates:
+        with clock("assemble"):
+            try:
+                volume = assemble_volume(cand.headers)
+            except VolumeError as exc:
+                cand.reject(f"cannot be assembled: {exc}")
+                failures.append(f"{cand.description or cand.series_uid}: {exc}")
+                log.warning("series %s: %s", cand.series_uid, exc)
+                continue
+        with clock("lungs"):
+            lungs = segment_lungs(volume)
+            no_lung = check_lung_in_view(volume, lungs)
+        if no_lung:
+            cand.reject(no_lung)
+            continue
+        mark_chosen(cand, [d for d in candidates if d.accepted])
+        result.chosen_series_uid = cand.series_uid
+        result.volume, result.lungs = volume, lungs
+        break
+    else:
+        if failures:
+            result.status = "failed"
+            result.reason = "the series to analyse could not be assembled: " + "; ".join(failures)
+        else:
+            result.reason = _nothing_reason(decisions)
+        return result
+
+    with clock("infection"):
+        result.infection = engine.segment(result.volume, result.lungs)
+    with clock("scores"):
+        result.scores = compute_scores(result.volume, result.lungs, result.infection)
+    result.status = "done"
+    result.reason = next(d.reason for d in decisions if d.chosen)
+    result.notes = [*result.volume.notes, *result.lungs.notes, *result.infection.notes, *result.scores.notes]
+    return result

@@ -1,0 +1,89 @@
+"""Scores on hand-computable masks, in 3D and in 2D."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from node.pipeline.scores import Scores, compute_scores
+from node.pipeline.types import InfectionResult, LungMasks, Volume
+
+
+def make_volume(slices: int, *, pixel=(0.5, 0.8), step: float = 2.5, hu: float = -800.0) -> Volume:
+    return Volume(hu=np.full((slices, 10, 10), hu, np.float32),
+                  positions=np.array([[0.0, 0.0, k * step] for k in range(slices)]),
+                  orientation=np.array([1.0, 0, 0, 0, 1.0, 0]), pixel_spacing=pixel,
+                  slice_spacing=step if slices > 1 else 0.0, sop_instance_uids=[str(k) for k in range(slices)],
+                  series_instance_uid="1", study_instance_uid="2")
+
+
+def masks(shape):
+    labels = np.zeros(shape, np.uint8)
+    labels[:, 0:5, 0:4] = 1      # right: 20 voxels per slice
+    labels[:, 0:5, 6:10] = 2     # left: 20 voxels per slice
+    ggo = np.zeros(shape, bool)
+    cons = np.zeros(shape, bool)
+    ggo[:, 0:2, 0:4] = True      # 8 per slice in the right lung
+    cons[:, 0:1, 6:10] = True    # 4 per slice in the left lung
+    cons[:, 9, 9] = True         # outside the lungs: never counted
+    return LungMasks(labels=labels), InfectionResult(infection=ggo | cons, ggo=ggo, consolidation=cons)
+
+
+def test_volumetric_scores():
+    vol = make_volume(4)
+    vol.hu[:, 0:2, 0:4] = -500.0  # the GGO voxels
+    lungs, inf = masks(vol.shape)
+    s = compute_scores(vol, lungs, inf)
+    voxel_ml = 0.5 * 0.8 * 2.5 / 1000.0  # 0.001 ml
+    assert s.volumetric and s.basis == "volume" and s.slices == 4
+    assert s.right_lung_volume_ml == pytest.approx(80 * voxel_ml)
+    assert s.left_lung_volume_ml == pytest.approx(80 * voxel_ml)
+    assert s.total_lung_volume_ml == pytest.approx(160 * voxel_ml)
+    assert s.right_infection_volume_ml == pytest.approx(32 * voxel_ml)
+    assert s.left_infection_volume_ml == pytest.approx(16 * voxel_ml)
+    assert s.infection_volume_ml == pytest.approx(48 * voxel_ml)
+    assert s.ggo_volume_ml == pytest.approx(32 * voxel_ml) and s.consolidation_volume_ml == pytest.approx(16 * voxel_ml)
+    assert s.percent_involved_right == pytest.approx(40.0)
+    assert s.percent_involved_left == pytest.approx(20.0)
+    assert s.percent_involved_total == pytest.approx(30.0)
+    assert s.mean_hu_infection == pytest.approx((32 * -500 + 16 * -800) / 48)
+    assert s.mean_hu_lungs == pytest.approx((32 * -500 + 128 * -800) / 160)
+    assert s.right_lung_area_cm2 is None and not s.partial_coverage
+
+
+def test_single_slice_scores_are_areas_and_flagged():
+    vol = make_volume(1)
+    lungs, inf = masks(vol.shape)
+    s = compute_scores(vol, lungs, inf)
+    px_cm2 = 0.5 * 0.8 / 100.0
+    assert not s.volumetric and s.partial_coverage and s.basis == "area"
+    assert s.right_lung_volume_ml is None and s.infection_volume_ml is None and s.total_lung_volume_ml is None
+    assert s.right_lung_area_cm2 == pytest.approx(20 * px_cm2)
+    assert s.infection_area_cm2 == pytest.approx(12 * px_cm2)
+    assert s.percent_involved_total == pytest.approx(30.0)
+    assert any("2D, partial coverage" in n for n in s.notes)
+    d = s.as_dict()
+    assert d["volumetric"] is False and "right_lung_volume_ml" not in d and d["ggo_area_cm2"] > 0
+
+
+def test_empty_lungs_and_engine_without_classes():
+    vol = make_volume(3)
+    lungs = LungMasks(labels=np.zeros(vol.shape, np.uint8))
+    s = compute_scores(vol, lungs, InfectionResult(infection=np.ones(vol.shape, bool)))
+    assert s.percent_involved_total is None and s.infection_volume_ml == 0.0
+    assert s.ggo_volume_ml is None and s.mean_hu_infection is None
+
+
+def test_as_dict_matches_the_sr_writer_keys():
+    vol = make_volume(3)
+    lungs, inf = masks(vol.shape)
+    d = compute_scores(vol, lungs, inf).as_dict()
+    assert set(Scores.SR_KEYS) >= set(d) - {"volumetric"}
+    assert all(v is not None for v in d.values())
+    try:
+        from node.writers.sr import MEASUREMENT_KEYS
+    except ImportError:  # the SR writer is optional for this unit test
+        return
+    assert set(d) - {"volumetric"} <= MEASUREMENT_KEYS
+    assert set(Scores.SR_KEYS) == set(MEASUREMENT_KEYS)
+    details = compute_scores(vol, lungs, inf).details()
+    assert {"total_lung_volume_ml", "mean_hu_lungs", "partial_coverage"} <= set(details)
