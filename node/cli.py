@@ -13,7 +13,7 @@ from node.config import ConfigError, Settings, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config or os.environ.get("CTNODE_CONFIG"))
+    return load_settings(getattr(args, "config", None) or os.environ.get("CTNODE_CONFIG"))
 
 
 def _sessions(settings: Settings):
@@ -159,7 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML configuration file (default: $CTNODE_CONFIG, else built-in defaults)")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     parser = argparse.ArgumentParser(prog="ctnode", description=__doc__, parents=[common])
-    parser.set_defaults(config=None, verbose=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_parser = sub.add_parser
     sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
@@ -210,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per tick otherwise
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -59,6 +59,7 @@ class NodeProcess:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
             time.sleep(0.1)
+        self.stop()
         raise RuntimeError("node did not start")
 
     def kill(self) -> None:
@@ -90,8 +91,8 @@ def phantom_files(tmp_path):
 
 
 def test_sigkill_mid_study_and_mid_processing(tmp_path, phantom_files):
-    port = free_port()
     with Receiver(tmp_path / "pacs", ae_title="PACS") as pacs:
+        port = free_port()  # after the receiver took its port, so the two cannot collide
         cfg = write_config(tmp_path, port, pacs.port)
         node = NodeProcess(cfg, port)
         sessions = open_database(f"sqlite:///{tmp_path / 'ctnode.db'}")
