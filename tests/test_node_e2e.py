@@ -40,7 +40,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
-def test_study_in_seg_and_sr_out(tmp_path, phantom_study):
+def test_study_in_seg_and_sr_out(tmp_path, phantom_study, monkeypatch, capsys):
     phantom, files = phantom_study
     with Receiver(tmp_path / "pacs", ae_title="PACS") as pacs:
         settings = make_settings(tmp_path, destinations=[
@@ -104,3 +104,23 @@ def test_study_in_seg_and_sr_out(tmp_path, phantom_study):
                                                   assert_missing_frames_are_empty=True)
         np.testing.assert_array_equal(again[..., 0] > 0, offline.pipeline.lungs.right)
         np.testing.assert_array_equal(again[..., 1] > 0, offline.pipeline.lungs.left)
+
+        # What an auditor sees on the command line
+        from node.cli import main
+
+        monkeypatch.setenv("CTNODE_STORAGE_DATABASE_URL", settings.storage.database_url)
+        capsys.readouterr()
+        assert main(["results", "list"]) == 0
+        listing = capsys.readouterr().out
+        assert source.StudyInstanceUID in listing and "done" in listing and "threshold" in listing
+        assert main(["results", "show", str(job.id)]) == 0
+        shown = capsys.readouterr().out
+        assert "percent_involved_total" in shown and str(result.seg_path) in shown and "pacs: sent" in shown
+        assert main(["results", "export", "--csv", str(tmp_path / "r.csv")]) == 0
+        import csv
+
+        rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+        assert len(rows) == 1 and float(rows[0]["percent_involved_total"]) == pytest.approx(
+            result.scores["percent_involved_total"])
+        assert main(["jobs", "list"]) == 0
+        assert "pacs:sent" in capsys.readouterr().out
