@@ -115,5 +115,6 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
 def worker_main(settings: Settings, job_id: int, attempt: int) -> None:
     """Entry point of the worker process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
     _exit_with_parent()
     process_job(settings, job_id, attempt)
