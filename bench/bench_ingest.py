@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -40,8 +39,12 @@ def serve_minimal(port: int, folder: Path) -> None:
     ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
 
-def serve_node(port: int, folder: Path) -> None:
+def serve_node(port: int, folder: Path, fsync: bool = True) -> None:
+    import node.spool
     from node.config import load_settings
+
+    if not fsync:  # diagnostic only: shows what durability costs on this disk; the node always fsyncs
+        node.spool.os.fsync = lambda fd: None
     from node.db import open_database
     from node.listener import Listener
 
@@ -58,12 +61,16 @@ def child(kind: str, port: int, folder: Path) -> None:
     import signal
 
     def report(*_):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        (folder / "rss_kb").write_text(str(rss))
+        # VmHWM is this process's own peak (ru_maxrss would carry the parent's peak across exec)
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+        (folder / "rss_kb").write_text(hwm.split()[1])
         os._exit(0)
 
     signal.signal(signal.SIGTERM, report)
-    (serve_minimal if kind == "minimal" else serve_node)(port, folder)
+    if kind == "minimal":
+        serve_minimal(port, folder)
+    else:
+        serve_node(port, folder, fsync=(kind != "node-nofsync"))
 
 
 def free_port() -> int:
@@ -112,6 +119,8 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-fsync-diagnostic", action="store_true",
+                    help="also run the node with fsync disabled, to show what durability costs on this disk")
     ap.add_argument("--child")
     ap.add_argument("--port", type=int)
     ap.add_argument("--folder", type=Path)
@@ -125,10 +134,11 @@ def main() -> None:
     try:
         files = write_phantom_study(make_phantom(rows=args.size, cols=args.size, slices=args.slices), work / "study")
         size_mb = sum(f.stat().st_size for f in files) / 1e6
-        times: dict[str, list[float]] = {"minimal": [], "node": []}
+        kinds = ["minimal", "node"] + (["node-nofsync"] if args.no_fsync_diagnostic else [])
+        times: dict[str, list[float]] = {k: [] for k in kinds}
         rss: dict[str, int] = {}
         for _ in range(args.repeat):
-            for kind in ("minimal", "node"):
+            for kind in kinds:
                 t, r = run_once(kind, work / "study", work)
                 times[kind].append(t)
                 rss[kind] = max(rss.get(kind, 0), r)
@@ -138,6 +148,9 @@ def main() -> None:
             "study": f"{len(files)} instances {args.size}x{args.size}, {size_mb:.0f} MB",
             "minimal_scp_s": round(med["minimal"], 2), "node_s": round(med["node"], 2),
             "ratio_node_over_minimal": round(med["node"] / med["minimal"], 2),
+            **({"node_nofsync_s": round(med["node-nofsync"], 2),
+                "ratio_nofsync_over_minimal": round(med["node-nofsync"] / med["minimal"], 2)}
+               if "node-nofsync" in med else {}),
             "peak_rss_mb": {k: round(v / 1024) for k, v in rss.items()},
             "runs": {k: [round(x, 2) for x in v] for k, v in times.items()},
         }
