@@ -28,6 +28,37 @@ def _fmt(v: Any) -> str:
     return f"{v:.1f}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.1f}"
+
+
+def _region_lines(scores: dict[str, Any]) -> list[str]:
+    """Per-region table (%, CT-SS score, zone score), zone table, totals and severity."""
+    from node.pipeline.regions import REGION_ZONE
+
+    regions = scores.get("regions") or {}
+    zones = scores.get("zones") or {}
+    if not regions and not zones:
+        return []
+    method = scores.get("region_method", "geometric")
+    out = ["  regions (" + ("geometric approximation of the segmental anatomy" if method == "geometric"
+                            else f"external {method} map") + "):"]
+    rows = []
+    for name, item in regions.items():
+        zone = REGION_ZONE.get(name, "")
+        rows.append([name, zone, _pct(item.get("percent")), item.get("ctss", ""),
+                     (zones.get(zone) or {}).get("score", "")])
+    if rows:
+        out.extend("    " + line for line in
+                   _table(["region", "zone", "% involved", "CT-SS", "zone score"], rows).splitlines())
+    zrows = [[name, _pct(item.get("percent")), item.get("score", "")] for name, item in zones.items()]
+    if zrows:
+        out.extend("    " + line for line in _table(["zone", "% involved", "score"], zrows).splitlines())
+    out.append(f"    CT-SS total {scores.get('ctss_total', '-')}/40, zone score total "
+               f"{scores.get('zone_score_total', '-')}/25, severity {scores.get('severity', '-')}")
+    return out
+
+
 def result_rows(session: Session) -> list[dict[str, Any]]:
     rows = []
     for job in session.scalars(select(Job).order_by(Job.id)):
@@ -68,6 +99,7 @@ def result_text(session: Session, job_id: int) -> str | None:
         if res.scores:
             lines.append("  scores:")
             lines.extend(f"    {k:32s} {_fmt(v)}" for k, v in res.scores.items() if not isinstance(v, (dict, list)))
+            lines.extend(_region_lines(res.scores))
         if res.timings:
             lines.append("  time per stage (s): " + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
         if res.seg_path:

@@ -40,7 +40,7 @@ StrPath = str | os.PathLike[str]
 # Where distribution packages put the binaries (Orthanc lives in sbin).
 _SYSTEM_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/bin", "/sbin")
 # Substring (lower-cased) that `<tool> --version` must print for the binary to be accepted.
-_VERSION_MARKERS = {"orthanc": "orthanc", "dciodvfy": "dicom3tools"}
+_VERSION_MARKERS = {"orthanc": "orthanc", "dciodvfy": "dicom3tools", "segimage2itkimage": "dcmqi"}
 _DCMTK_MARKER = "dcmtk"  # DCMTK prints "$dcmtk: storescu v3.6.7 ... $"
 _UNCOMPRESSED_TS = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
 
@@ -96,7 +96,7 @@ def require_peer(tool_name: str) -> str:
     """
     path = _locate(tool_name)
     if path is None:
-        _peer_missing(f"real peer {tool_name!r} not installed (apt-get install dcmtk orthanc dicom3tools)")
+        _peer_missing(f"real peer {tool_name!r} not installed (apt-get install dcmtk orthanc dicom3tools; pip install dcmqi)")
     return path
 
 

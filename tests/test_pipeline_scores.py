@@ -79,11 +79,37 @@ def test_as_dict_matches_the_sr_writer_keys():
     d = compute_scores(vol, lungs, inf).as_dict()
     assert set(Scores.SR_KEYS) >= set(d) - {"volumetric"}
     assert all(v is not None for v in d.values())
-    try:
-        from node.writers.sr import MEASUREMENT_KEYS
-    except ImportError:  # the SR writer is optional for this unit test
-        return
-    assert set(d) - {"volumetric"} <= MEASUREMENT_KEYS
-    assert set(Scores.SR_KEYS) == set(MEASUREMENT_KEYS)
+    from node.writers.sr import MEASUREMENT_KEYS, TEXT_KEYS, flatten_scores
+    flat = set(flatten_scores(d))
+    assert flat - TEXT_KEYS <= MEASUREMENT_KEYS
+    # every SR row is a scores key (or a nested one), every scalar SR key has a row
+    assert {k.split(".")[0] for k in MEASUREMENT_KEYS} <= set(Scores.SR_KEYS)
+    assert {k for k in Scores.SR_KEYS if k not in ("regions", "zones")} <= MEASUREMENT_KEYS | TEXT_KEYS
     details = compute_scores(vol, lungs, inf).details()
     assert {"total_lung_volume_ml", "mean_hu_lungs", "partial_coverage"} <= set(details)
+
+
+def test_high_opacity_and_region_scores():
+    vol = make_volume(6)
+    lungs, inf = masks(vol.shape)
+    vol.hu[:, 0:1, 6:10] = -100.0     # the left consolidation is high opacity (> -200 HU)
+    vol.hu[:, 9, 9] = 0.0             # outside the lungs: never counted
+    s = compute_scores(vol, lungs, inf)
+    assert s.percent_high_opacity_left == pytest.approx(20.0)
+    assert s.percent_high_opacity_right == pytest.approx(0.0)
+    assert s.percent_high_opacity_total == pytest.approx(10.0)
+    assert len(s.regions) == 20 and len(s.zones) == 5
+    assert s.ctss_total == sum(r["ctss"] for r in s.regions.values())
+    assert s.zone_score_total == sum(z["score"] for z in s.zones.values())
+    assert s.severity == "moderate"   # PO 30 %
+    d = s.as_dict()
+    assert d["regions"]["right_apical"].keys() <= {"percent", "ctss"} and d["region_method"] == "geometric"
+
+
+def test_single_slice_has_no_region_scores():
+    vol = make_volume(1)
+    lungs, inf = masks(vol.shape)
+    s = compute_scores(vol, lungs, inf)
+    assert s.regions is None and s.ctss_total is None and s.severity is None
+    assert s.percent_high_opacity_total is not None
+    assert "regions" not in s.as_dict()

@@ -25,6 +25,25 @@ defaults to ``volume.is_volumetric``, ``None``/NaN values are skipped, other key
     percent_involved_total      float
     mean_hu_infection           float  mean attenuation of the infection, HU
 
+    percent_high_opacity_right  float  PHO: % of the right lung with infection above -200 HU
+    percent_high_opacity_left   float
+    percent_high_opacity_total  float
+    ctss_total                  int    3D only, CT severity score 0-40 (Yang 2020)
+    zone_score_total            int    3D only, lobe/zone score 0-25 (Pan 2020)
+    severity                    str    "mild", "moderate", "severe" (written); "none" is not written
+    region_method               str    "geometric", "lobes" or "segments": how the regions were made
+    regions                     dict   3D only, {region: {"percent": float, "ctss": int}} for the 20
+                                       CT-SS regions (node.pipeline.regions.REGIONS)
+    zones                       dict   3D only, {zone: {"percent": float, "score": int}} for ZONES
+
+Nested dicts are addressed by dotted keys in :data:`MEASUREMENTS` (``regions.right_apical.ctss``).
+Each CT-SS region and each zone gets its own TID 1501 "Measurement Group" (no SEG segment: the regions
+are not in the SEG) with tracking identifier ``CT-SS region <name>`` / ``Zone <name>``, finding type
+Opacity, finding site = the lobe (CID 6170) + laterality, measurement method = the partition method
+(private code), the algorithm identification, and for the geometric partition a TEXT "Qualitative
+Evaluations" row saying which segment the region approximates. The totals, PHO and the severity
+(TID 1411 qualitative evaluation "Severity" = Mild/Moderate/Severe) are in the Infection group.
+
 In 2D, ``*_volume_ml`` keys are not written (a single slice has no volume) and every group gets the
 TEXT qualitative evaluation "2D, partial coverage".
 
@@ -38,8 +57,19 @@ Codes (verified against pydicom's PS3.16-generated code dictionary unless stated
 * DCM 112031 "Attenuation Coefficient" + derivation SCT 373098007 "Mean" for the mean HU (TID 300
   measurement with its Derivation concept modifier);
 * UMLS C0034375 "Qualitative Evaluations" (TID 1501/1411 TEXT row) for the 2D note;
-* private scheme ``99CTNODE`` (declared in CodingSchemeIdentificationSequence) for
-  "Percent of lung involved": no standard concept exists.
+* SCT 246112005 "Severity" with SCT 255604002 "Mild", 6736007 "Moderate", 24484000 "Severe"
+  (pydicom's PS3.16 dictionary; the severity qualifier values of CID 3716 style severity lists);
+* lobes: CID 6170 "Lobe of Lung": SCT 45653009 "Upper lobe of lung", 72481006 "Middle lobe of right
+  lung", 90572001 "Lower lobe of lung", with laterality SCT 24028007 Right / 7771000 Left. Segments:
+  DICOM has only three segment concepts (CID 6127) and the regions are approximations anyway, so the
+  finding site stays at lobe level and the region is named by the tracking identifier (and TEXT);
+* UCUM "1" (no units) for the scores;
+* private scheme ``99CTNODE`` (declared in CodingSchemeIdentificationSequence) where no standard
+  concept exists: CTN0001 "Percent of lung involved" (PO), CTN0002 "Percent of lung with high
+  opacity" (PHO, > -200 HU), CTN0003 "CT severity score" (CT-SS, 20 regions, 0-2 each, Yang 2020),
+  CTN0004 "Lung zone involvement score" (0-5 per lobe/zone, Pan 2020), and the measurement methods
+  CTN0005 "Geometric lung partition approximating segmental anatomy", CTN0006 "Lobe label map with
+  geometric segment split", CTN0007 "Segment label map".
 """
 from __future__ import annotations
 
@@ -55,6 +85,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 import node
+from node.pipeline.regions import REGION_NAMES, REGION_ZONE, REGIONS, ZONE_NAMES, ZONES
 from node.pipeline.types import EngineIdentity, Volume
 from node.writers.seg import (
     MANUFACTURER,
@@ -80,6 +111,15 @@ PRIVATE_SCHEME_ITEM = hd.coding_schemes.CodingSchemeIdentificationItem(
 )
 #: Private concepts (scheme 99CTNODE). Never renumber: the values are stored in PACS archives.
 PERCENT_INVOLVED = hd.sr.CodedConcept("CTN0001", PRIVATE_SCHEME, "Percent of lung involved")
+PERCENT_HIGH_OPACITY = hd.sr.CodedConcept("CTN0002", PRIVATE_SCHEME, "Percent of lung with high opacity")
+CT_SEVERITY_SCORE = hd.sr.CodedConcept("CTN0003", PRIVATE_SCHEME, "CT severity score")
+ZONE_SCORE = hd.sr.CodedConcept("CTN0004", PRIVATE_SCHEME, "Lung zone involvement score")
+REGION_METHODS: dict[str, hd.sr.CodedConcept] = {
+    "geometric": hd.sr.CodedConcept("CTN0005", PRIVATE_SCHEME,
+                                    "Geometric lung partition approximating segmental anatomy"),
+    "lobes": hd.sr.CodedConcept("CTN0006", PRIVATE_SCHEME, "Lobe label map with geometric segment split"),
+    "segments": hd.sr.CodedConcept("CTN0007", PRIVATE_SCHEME, "Segment label map"),
+}
 
 PROCEDURE_CT_CHEST = hd.sr.CodedConcept("169069000", "SCT", "CT of chest")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
@@ -95,14 +135,29 @@ UNIT_CM3 = hd.sr.CodedConcept.from_code(codes.UCUM.CubicCentimeter)
 UNIT_CM2 = hd.sr.CodedConcept("cm2", "UCUM", "square centimeter")
 UNIT_PERCENT = hd.sr.CodedConcept.from_code(codes.UCUM.Percent)
 UNIT_HU = hd.sr.CodedConcept.from_code(codes.UCUM.HounsfieldUnit)
+UNIT_SCORE = hd.sr.CodedConcept("1", "UCUM", "no units")
+OPACITY = hd.sr.CodedConcept.from_code(codes.DCM.Opacity)
+SEVERITY = hd.sr.CodedConcept("246112005", "SCT", "Severity")
+SEVERITY_VALUES: dict[str, hd.sr.CodedConcept] = {
+    "mild": hd.sr.CodedConcept("255604002", "SCT", "Mild"),
+    "moderate": hd.sr.CodedConcept("6736007", "SCT", "Moderate"),
+    "severe": hd.sr.CodedConcept("24484000", "SCT", "Severe"),
+}
+UPPER_LOBE = hd.sr.CodedConcept("45653009", "SCT", "Upper lobe of lung")
+MIDDLE_LOBE = hd.sr.CodedConcept("72481006", "SCT", "Middle lobe of right lung")
+LOWER_LOBE = hd.sr.CodedConcept("90572001", "SCT", "Lower lobe of lung")
+#: Non-numeric score keys the writer understands.
+TEXT_KEYS = frozenset({"volumetric", "severity", "region_method"})
 
 
 @dataclass(frozen=True)
 class MeasurementDef:
     """Where one score goes in the SR and how it is coded."""
 
-    key: str                                  # key in the scores mapping (and in read-back output)
-    segment: str                              # SEG segment key (node.writers.seg.SEGMENTS)
+    key: str                                  # key in the scores mapping (and in read-back output);
+                                              # dotted for nested dicts: "regions.right_apical.ctss"
+    segment: str                              # SEG segment key (node.writers.seg.SEGMENTS), or a
+                                              # region group key "region:<name>" / "zone:<name>"
     name: hd.sr.CodedConcept
     unit: hd.sr.CodedConcept
     laterality: hd.sr.CodedConcept | None = None  # measurement-level finding site Lung + laterality
@@ -135,13 +190,78 @@ MEASUREMENTS: tuple[MeasurementDef, ...] = (
     MeasurementDef("mean_hu_infection", "infection", ATTENUATION, UNIT_HU, derivation=MEAN),
     *_size("ggo", "ggo"),
     *_size("consolidation", "consolidation"),
+    MeasurementDef("percent_high_opacity_total", "infection", PERCENT_HIGH_OPACITY, UNIT_PERCENT),
+    MeasurementDef("percent_high_opacity_right", "infection", PERCENT_HIGH_OPACITY, UNIT_PERCENT, RIGHT),
+    MeasurementDef("percent_high_opacity_left", "infection", PERCENT_HIGH_OPACITY, UNIT_PERCENT, LEFT),
+    MeasurementDef("ctss_total", "infection", CT_SEVERITY_SCORE, UNIT_SCORE, dimension="3d"),
+    MeasurementDef("zone_score_total", "infection", ZONE_SCORE, UNIT_SCORE, dimension="3d"),
+    *(row for name in REGIONS for row in (
+        MeasurementDef(f"regions.{name}.percent", f"region:{name}", PERCENT_INVOLVED, UNIT_PERCENT,
+                       dimension="3d"),
+        MeasurementDef(f"regions.{name}.ctss", f"region:{name}", CT_SEVERITY_SCORE, UNIT_SCORE,
+                       dimension="3d"))),
+    *(row for name in ZONES for row in (
+        MeasurementDef(f"zones.{name}.percent", f"zone:{name}", PERCENT_INVOLVED, UNIT_PERCENT,
+                       dimension="3d"),
+        MeasurementDef(f"zones.{name}.score", f"zone:{name}", ZONE_SCORE, UNIT_SCORE, dimension="3d"))),
 )
 MEASUREMENT_KEYS = frozenset(m.key for m in MEASUREMENTS)
 
 
+@dataclass(frozen=True)
+class RegionGroupDef:
+    """A TID 1501 measurement group for one CT-SS region or zone (not a SEG segment)."""
+
+    key: str                          # "region:<name>" or "zone:<name>"
+    label: str                        # tracking identifier
+    lobe: hd.sr.CodedConcept
+    laterality: hd.sr.CodedConcept
+    approximates: str                 # anatomy the geometric region stands for
+
+
+def _lobe(zone: str) -> tuple[hd.sr.CodedConcept, hd.sr.CodedConcept]:
+    side, level = zone.split("_")
+    lobe = {"upper": UPPER_LOBE, "middle": MIDDLE_LOBE, "lower": LOWER_LOBE}[level]
+    return lobe, RIGHT if side == "right" else LEFT
+
+
+REGION_GROUPS: tuple[RegionGroupDef, ...] = (
+    *(RegionGroupDef(f"region:{name}", f"CT-SS region {name}", *_lobe(REGION_ZONE[name]), REGION_NAMES[name])
+      for name in REGIONS),
+    *(RegionGroupDef(f"zone:{name}", f"Zone {name}", *_lobe(name), ZONE_NAMES[name]) for name in ZONES),
+)
+REGION_GROUP_BY_LABEL: dict[str, RegionGroupDef] = {g.label: g for g in REGION_GROUPS}
+
+
+def _approximation_text(group: RegionGroupDef) -> str:
+    return f"geometric approximation of the {group.approximates} (no lobe or segment model)"
+
+
+def flatten_scores(scores: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> dotted keys (``{"regions": {"a": {"ctss": 1}}}`` -> ``{"regions.a.ctss": 1}``)."""
+    out: dict[str, Any] = {}
+    for key, value in scores.items():
+        if isinstance(value, Mapping):
+            out.update(flatten_scores(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node_ = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node_ = node_.setdefault(part, {})
+        node_[leaf] = value
+    return out
+
+
 def _value(scores: Mapping[str, Any], key: str) -> float | None:
     value = scores.get(key)
-    if value is None:
+    if value is None or isinstance(value, (str, Mapping, list, tuple)):
         return None
     value = float(value)
     return None if math.isnan(value) else value
@@ -197,6 +317,10 @@ def _measurement_group(
         measurements.append(hd.sr.Measurement(
             name=mdef.name, value=value, unit=mdef.unit, derivation=mdef.derivation,
             method=mdef.method, finding_sites=sites))
+    evaluations = None
+    severity = SEVERITY_VALUES.get(str(scores.get("severity", "")))
+    if spec.key == "infection" and severity is not None and volumetric:
+        evaluations = [hd.sr.QualitativeEvaluation(name=SEVERITY, value=severity)]
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=spec.label),
         referenced_segment=hd.sr.ReferencedSegment(
@@ -210,11 +334,43 @@ def _measurement_group(
         algorithm_id=algorithm,
         finding_sites=[_group_finding_site(spec)],
         measurements=measurements or None,
+        qualitative_evaluations=evaluations,
     )
     if not volumetric:
         # TID 1501/1411 "Qualitative Evaluations" TEXT row; highdicom only builds the CODE variant.
         group[0].ContentSequence.append(hd.sr.TextContentItem(
             name=QUALITATIVE_EVALUATIONS, value=PARTIAL_COVERAGE_TEXT,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
+def _region_group(
+    gdef: RegionGroupDef,
+    scores: Mapping[str, Any],
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    """TID 1501 group of one CT-SS region or zone; None when it has no value."""
+    measurements = []
+    for mdef in MEASUREMENTS:
+        if mdef.segment != gdef.key:
+            continue
+        value = _value(scores, mdef.key)
+        if value is not None:
+            measurements.append(hd.sr.Measurement(name=mdef.name, value=value, unit=mdef.unit))
+    if not measurements:
+        return None
+    method_name = str(scores.get("region_method", "geometric"))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=gdef.label),
+        finding_type=OPACITY,
+        method=REGION_METHODS.get(method_name, REGION_METHODS["geometric"]),
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=gdef.lobe, laterality=gdef.laterality)],
+        measurements=measurements,
+    )
+    if method_name == "geometric" or (method_name == "lobes" and gdef.key.startswith("region:")):
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=QUALITATIVE_EVALUATIONS, value=_approximation_text(gdef),
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return group
 
@@ -241,7 +397,8 @@ def build_report(
     typos in tests). Scores for a segment the SEG lacks (e.g. GGO from an engine without classes) raise
     ``ValueError``.
     """
-    unknown = set(scores) - MEASUREMENT_KEYS - {"volumetric"}
+    scores = flatten_scores(scores)
+    unknown = set(scores) - MEASUREMENT_KEYS - TEXT_KEYS
     if unknown and strict:
         raise KeyError(f"unknown score keys: {sorted(unknown)}")
     if unknown:
@@ -249,7 +406,9 @@ def build_report(
     volumetric = bool(scores.get("volumetric", volume.is_volumetric))
     segment_numbers = _seg_segments(seg)
     needed = {m.segment for m in MEASUREMENTS
-              if m.applies(volumetric) and _value(scores, m.key) is not None}
+              if m.applies(volumetric) and _value(scores, m.key) is not None and ":" not in m.segment}
+    if scores.get("severity") in SEVERITY_VALUES and volumetric:
+        needed.add("infection")
     if needed - set(segment_numbers):
         raise ValueError(f"scores need SEG segments {sorted(needed - set(segment_numbers))} "
                          "that the SEG does not contain")
@@ -260,6 +419,9 @@ def build_report(
         _measurement_group(spec, segment_numbers[spec.key], seg, volume, scores, volumetric, algorithm)
         for spec in SEGMENTS if spec.key in segment_numbers
     ]
+    if volumetric:
+        groups.extend(g for g in (_region_group(gdef, scores, algorithm) for gdef in REGION_GROUPS)
+                      if g is not None)
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
@@ -316,35 +478,64 @@ def _ctnode_groups(sr: hd.sr.Comprehensive3DSR):
             yield segment_key, group
 
 
-def read_report_measurements(sr_dataset: Dataset) -> dict[str, float]:
+def _match(measurement: Any, group_key: str) -> str | None:
+    """Key of the :data:`MEASUREMENTS` row that ``measurement`` (in group ``group_key``) is."""
+    sites = measurement.finding_sites
+    laterality = sites[0].laterality if sites else None
+    derivation = measurement.derivation
+    for mdef in MEASUREMENTS:
+        if (mdef.segment == group_key
+                and _same_code(measurement.name, mdef.name)
+                and _same_code(measurement.unit, mdef.unit)
+                and (mdef.laterality is None) == (laterality is None)
+                and (laterality is None or _same_code(laterality, mdef.laterality))
+                and (mdef.derivation is None) == (derivation is None)
+                and (derivation is None or _same_code(derivation, mdef.derivation))):
+            return mdef.key
+    return None
+
+
+def read_report_measurements(sr_dataset: Dataset) -> dict[str, Any]:
     """Extract ctnode's numbers from a ctnode SR (pydicom Dataset or highdicom SR).
 
-    Returns ``{score key: value}`` with the keys of the scores mapping given to :func:`build_report`
-    (only those present in the SR), plus ``"volumetric"``: 1.0, or 0.0 when the report carries the
-    "2D, partial coverage" note. Measurements no row of :data:`MEASUREMENTS` describes are ignored.
+    Returns the scores mapping given to :func:`build_report`, restricted to what the SR carries:
+    numbers as floats (nested ``regions``/``zones`` dicts rebuilt), ``"severity"`` and
+    ``"region_method"`` as strings when present, plus ``"volumetric"``: 1.0, or 0.0 when the report
+    carries the "2D, partial coverage" note. Measurements no row of :data:`MEASUREMENTS` describes are
+    ignored.
     """
-    out: dict[str, float] = {}
+    flat: dict[str, Any] = {}
     volumetric = True
-    for segment_key, group in _ctnode_groups(_as_sr(sr_dataset)):
+    sr = _as_sr(sr_dataset)
+    for segment_key, group in _ctnode_groups(sr):
         for item in group[0].ContentSequence:
             if (item.ValueType == "TEXT"
                     and _same_code(item.ConceptNameCodeSequence[0], QUALITATIVE_EVALUATIONS)
                     and item.TextValue == PARTIAL_COVERAGE_TEXT):
                 volumetric = False
         for measurement in group.get_measurements():
-            sites = measurement.finding_sites
-            laterality = sites[0].laterality if sites else None
-            derivation = measurement.derivation
-            for mdef in MEASUREMENTS:
-                if (mdef.segment == segment_key
-                        and _same_code(measurement.name, mdef.name)
-                        and _same_code(measurement.unit, mdef.unit)
-                        and (mdef.laterality is None) == (laterality is None)
-                        and (laterality is None or _same_code(laterality, mdef.laterality))
-                        and (mdef.derivation is None) == (derivation is None)
-                        and (derivation is None or _same_code(derivation, mdef.derivation))):
-                    out[mdef.key] = float(measurement.value)
-                    break
+            key = _match(measurement, segment_key)
+            if key is not None:
+                flat[key] = float(measurement.value)
+        if segment_key == "infection":
+            for evaluation in group.get_qualitative_evaluations():
+                if _same_code(evaluation.name, SEVERITY):
+                    for label, code in SEVERITY_VALUES.items():
+                        if _same_code(evaluation.value, code):
+                            flat["severity"] = label
+    for group in sr.content.get_image_measurement_groups():
+        gdef = REGION_GROUP_BY_LABEL.get(group.tracking_identifier)
+        if gdef is None:
+            continue
+        method = group.method
+        for label, code in REGION_METHODS.items():
+            if _same_code(method, code):
+                flat["region_method"] = label
+        for measurement in group.get_measurements():
+            key = _match(measurement, gdef.key)
+            if key is not None:
+                flat[key] = float(measurement.value)
+    out = _unflatten(flat)
     out["volumetric"] = 1.0 if volumetric else 0.0
     return out
 
