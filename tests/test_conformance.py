@@ -14,7 +14,6 @@ import gzip
 import io
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
