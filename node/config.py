@@ -7,6 +7,7 @@ Errors name the offending key, e.g. ``node.port: must be an integer between 1 an
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -32,6 +33,47 @@ class NodeSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    # Peer-address binding: "AET@address" or "AET@network/prefix". An AE title listed here is accepted only
+    # from those addresses (and is allowed even if not in allowed_calling_aets). Empty: no address binding.
+    allowed_peers: list[str] = field(default_factory=list)
+    # Refuse associations whose called AE title is not ae_title.
+    require_called_aet: bool = True
+    # Largest P-DATA PDU the node accepts (bytes; 0 = unlimited, not recommended).
+    max_pdu_size: int = 65536
+    # Largest single instance accepted (MB); larger ones are refused with 0xA700 and an ErrorComment.
+    max_instance_mb: float = 1024.0
+    # Largest study accepted (GB of spooled instances); instances beyond it are refused with 0xA700.
+    max_study_gb: float = 20.0
+    # Write each incoming data set to a temporary file while it arrives instead of memory (pynetdicom
+    # STORE_RECV_CHUNKED_DATASET; process-wide). The spooled bytes are identical in both modes.
+    receive_to_disk: bool = False
+    # Disk guard: new associations are refused while the spool filesystem has less than min_free_gb free
+    # or more than max_used_percent used (0 disables that check).
+    min_free_gb: float = 2.0
+    max_used_percent: float = 95.0
+
+    def peer_bindings(self) -> dict[str, list[str]]:
+        """{AE title: [address or network, ...]} from ``allowed_peers``."""
+        out: dict[str, list[str]] = {}
+        for item in self.allowed_peers:
+            aet, _, host = item.rpartition("@")
+            out.setdefault(aet, []).append(host)
+        return out
+
+    def effective_calling_aets(self) -> list[str]:
+        """Calling AE titles accepted (empty: any)."""
+        return list(dict.fromkeys([*self.allowed_calling_aets, *self.peer_bindings()]))
+
+
+@dataclass
+class TLSSettings:
+    # DICOM TLS on the listener (PS3.15 B.1-style). When enabled, every association must use TLS.
+    enabled: bool = False
+    cert_file: str = ""           # the node's certificate (PEM), with its chain
+    key_file: str = ""            # its private key (PEM, unencrypted; file mode 0600)
+    ca_file: str = ""             # CAs that sign client certificates (needed for require_client_cert)
+    require_client_cert: bool = False  # mutual TLS: callers must present a certificate signed by ca_file
+    min_version: str = "1.2"      # "1.2" or "1.3"
 
 
 @dataclass
@@ -71,6 +113,17 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    # Optional TLS towards this destination.
+    tls: bool = False
+    tls_ca_file: str = ""         # CA that signed the peer's certificate ("" = system trust store)
+    tls_cert_file: str = ""       # client certificate for mutual TLS ("" = none)
+    tls_key_file: str = ""
+    tls_server_name: str = ""     # name checked against the peer certificate ("" = host)
+
+
+DESTINATION_REQUIRED = ("name", "ae_title", "host", "port")
+DESTINATION_OPTIONAL = {"tls": False, "tls_ca_file": "", "tls_cert_file": "", "tls_key_file": "",
+                        "tls_server_name": ""}
 
 
 @dataclass
@@ -79,6 +132,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     processing: ProcessingSettings = field(default_factory=ProcessingSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
     destinations: list[Destination] = field(default_factory=list)
     source: str = "<defaults>"
 
@@ -96,6 +150,7 @@ _SECTIONS = {
     "storage": StorageSettings,
     "processing": ProcessingSettings,
     "export": ExportSettings,
+    "tls": TLSSettings,
 }
 
 
@@ -146,6 +201,31 @@ def _validate(s: Settings) -> None:
     check(s.node.max_associations >= 1, "node.max_associations", "must be at least 1")
     for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
         check(getattr(s.node, name) > 0, f"node.{name}", "must be positive")
+    for item in s.node.allowed_peers:
+        aet, at, host = item.rpartition("@")
+        check(bool(at) and bool(AE_TITLE_RE.match(aet)) and aet.strip() != "", "node.allowed_peers",
+              f"{item!r}: expected \"AET@address\" (e.g. \"ORTHANC@10.0.0.5\" or \"ORTHANC@10.0.0.0/24\")")
+        try:
+            ipaddress.ip_network(host, strict=False)
+        except ValueError:
+            check(False, "node.allowed_peers", f"{item!r}: {host!r} is not an IP address or network")
+    check(s.node.max_pdu_size == 0 or 4096 <= s.node.max_pdu_size <= 2**32 - 1, "node.max_pdu_size",
+          "must be 0 (unlimited) or between 4096 and 4294967295 bytes")
+    check(0 < s.node.max_instance_mb <= 4096, "node.max_instance_mb", "must be between 0 and 4096 MB")
+    check(0 < s.node.max_study_gb <= 10240, "node.max_study_gb", "must be between 0 and 10240 GB")
+    check(s.node.max_instance_mb <= s.node.max_study_gb * 1024, "node.max_instance_mb",
+          "must not exceed node.max_study_gb")
+    check(s.node.min_free_gb >= 0, "node.min_free_gb", "must be >= 0 (0 disables the free-space check)")
+    check(0 <= s.node.max_used_percent <= 100, "node.max_used_percent",
+          "must be between 0 and 100 (0 disables the used-percent check)")
+    check(s.tls.min_version in ("1.2", "1.3"), "tls.min_version", "must be \"1.2\" or \"1.3\"")
+    if s.tls.enabled:
+        check(bool(s.tls.cert_file and s.tls.key_file), "tls.cert_file", "tls.enabled needs cert_file and key_file")
+        for key in ("cert_file", "key_file", "ca_file"):
+            value = getattr(s.tls, key)
+            check(not value or Path(value).is_file(), f"tls.{key}", f"file not found: {value}")
+    check(not s.tls.require_client_cert or bool(s.tls.ca_file), "tls.require_client_cert",
+          "needs tls.ca_file (the CA that signs client certificates)")
     check("://" in s.storage.database_url, "storage.database_url", "must be an SQLAlchemy URL such as sqlite:///var/ctnode.db")
     check(s.storage.retention_days >= 0, "storage.retention_days", "must be >= 0")
     check(s.processing.stable_after >= 0, "processing.stable_after", "must be >= 0 seconds")
@@ -167,6 +247,11 @@ def _validate(s: Settings) -> None:
         check(bool(AE_TITLE_RE.match(d.ae_title)), f"{key}.ae_title", "invalid AE title")
         check(bool(d.host), f"{key}.host", "must be present")
         check(1 <= d.port <= 65535, f"{key}.port", "must be an integer between 1 and 65535")
+        check(bool(d.tls_cert_file) == bool(d.tls_key_file), f"{key}.tls_cert_file",
+              "tls_cert_file and tls_key_file go together")
+        for attr in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            value = getattr(d, attr)
+            check(not value or not d.tls or Path(value).is_file(), f"{key}.{attr}", f"file not found: {value}")
 
 
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None,
@@ -210,17 +295,22 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     if not isinstance(dests, list):
         raise ConfigError("destinations: must be an array of tables ([[destinations]])")
     for i, d in enumerate(dests):
-        missing = {"name", "ae_title", "host", "port"} - set(d)
+        if not isinstance(d, dict):
+            raise ConfigError(f"destinations[{i}]: must be a table")
+        missing = set(DESTINATION_REQUIRED) - set(d)
         if missing:
             raise ConfigError(f"destinations[{i}]: missing {', '.join(sorted(missing))}")
-        unknown = set(d) - {"name", "ae_title", "host", "port"}
+        unknown = set(d) - set(DESTINATION_REQUIRED) - set(DESTINATION_OPTIONAL)
         if unknown:
             raise ConfigError(f"destinations[{i}].{sorted(unknown)[0]}: unknown key")
+        extra = {k: _coerce(f"destinations[{i}].{k}", d[k], default)
+                 for k, default in DESTINATION_OPTIONAL.items() if k in d}
         settings.destinations.append(Destination(
             name=_coerce(f"destinations[{i}].name", d["name"], ""),
             ae_title=_coerce(f"destinations[{i}].ae_title", d["ae_title"], ""),
             host=_coerce(f"destinations[{i}].host", d["host"], ""),
             port=_coerce(f"destinations[{i}].port", d["port"], 0),
+            **extra,
         ))
     _validate(settings)
     return settings

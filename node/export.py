@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.config import Destination, Settings
 from node.db.schema import Export, utcnow
 from node.registry import add_event, due_exports
+from node.security import client_tls_args
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,9 @@ def echo(settings: Settings, dest: Destination) -> SendOutcome:
     """C-ECHO a destination (``ctnode echo``)."""
     ae = _ae(settings)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=client_tls_args(dest))
     if not assoc.is_established:
-        return SendOutcome(False, "association rejected or peer unreachable")
+        return SendOutcome(False, "association rejected or peer unreachable" + (" (TLS)" if dest.tls else ""))
     try:
         status = assoc.send_c_echo()
         ok = bool(status) and status.Status == 0x0000
@@ -59,9 +60,11 @@ def send_files(settings: Settings, dest: Destination, paths: list[Path]) -> list
     ae = _ae(settings)
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=client_tls_args(dest))
     if not assoc.is_established:
         reason = "association rejected" if assoc.is_rejected else "peer unreachable or association aborted"
+        if dest.tls and not assoc.is_rejected:
+            reason += " (TLS: check the peer certificate, tls_ca_file and tls_server_name)"
         return [SendOutcome(False, reason)] * len(paths)
     outcomes = []
     try:

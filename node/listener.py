@@ -3,26 +3,44 @@
 A C-STORE is acknowledged with success only after the bytes, exactly as received, are in the spool (atomic
 write) and the instance is committed to the database. Anything the node cannot process is refused with a
 DICOM failure status and an ErrorComment, and the refusal is in the audit log.
+
+Association gate (in this order): disk guard (spool filesystem too full: transient rejection), peer-address
+binding (``node.allowed_peers``), then pynetdicom's calling-AE allow-list, called-AE check and association
+limit. Every rejection is an ``association_rejected`` event with the calling AE, the peer address and why.
+Optional DICOM TLS (``[tls]``) wraps every association.
+
+Log lines never carry patient identifiers: refusal reasons are built from fixed text and sanitised code
+strings only; UIDs are not logged (the audit table holds them).
 """
 from __future__ import annotations
 
 import logging
+import math
+import os
+import re
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
     JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless,
     JPEGLSLossless, JPEGLSNearLossless, RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config as pynetdicom_config, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
+from node.db.schema import Instance, Study
 from node.registry import ReceivedInstance, add_event, record_instance
-from node.spool import atomic_write, is_valid_uid, spool_path
+from node.security import install_log_redaction, peer_allowed, server_ssl_context
+from node.spool import DiskGuard, atomic_write, is_valid_uid, spool_path
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +67,118 @@ def _status(code: int, comment: str) -> Dataset:
 
 def _peer(event: Any) -> tuple[str, str]:
     req = event.assoc.requestor
-    return str(req.ae_title).strip(), f"{req.address}:{req.port}"
+    aet = req.ae_title
+    if req.primitive is not None and req.primitive.calling_ae_title:  # set before negotiation copies it
+        aet = req.primitive.calling_ae_title
+    return str(aet).strip(), f"{req.address}:{req.port}"
+
+
+_CS_RE = re.compile(r"^[A-Z0-9_ ]{1,16}$")
+
+
+def _safe_code(value: object) -> str:
+    """A code string (Modality...) for a log line or comment, or "invalid" when it is not a plain CS value:
+    a sender could put anything in a refused element, including a patient's name."""
+    text = str(value).strip()
+    return text if _CS_RE.match(text) else "invalid"
+
+
+def _db_error(exc: Exception) -> str:
+    """An error description without SQL parameters (SQLAlchemy's str() includes them: patient IDs)."""
+    if isinstance(exc, DBAPIError):
+        return f"{type(exc).__name__}: {exc.orig}"
+    return type(exc).__name__
+
+
+# A-ASSOCIATE-RJ (result, source, diagnostic) -> why, for the audit log (PS3.8 9.3.4)
+_REJECT_REASONS = {
+    (1, 3): "calling AE title not allowed (node.allowed_calling_aets / node.allowed_peers)",
+    (1, 7): "called AE title is not this node's",
+    (3, 2): "too many associations (node.max_associations)",
+    (3, 1): "temporary congestion",
+    (2, 1): "ACSE: no reason given (user identity?)",
+}
+
+CHUNK = 1 << 20
+
+
+NATIVE_SYNTAXES = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+
+
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
+    value = ds.get(keyword, default)
+    try:
+        return int(value) if value is not None and value != "" else default
+    except (TypeError, ValueError):
+        return None
+
+
+def validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> tuple[int, str] | None:
+    """Instance-level checks done before an instance is stored: (status, reason) to refuse it, or None.
+
+    Only what no series could ever use is refused here (cheap header checks; the listener stays fast).
+    Geometry and series consistency (positions, orientation, spacing, tilt, duplicates) are judged later
+    by series selection, where the job ends "skipped" or "failed" with the reason. Raises nothing for any
+    header (a malformed value is a refusal, not an exception).
+    """
+    try:
+        return _validate_instance(ds, sop_class, transfer_syntax)
+    except Exception as exc:  # a value pydicom cannot convert: the instance is not understood
+        return CANNOT_UNDERSTAND, f"cannot read header values: {type(exc).__name__}"
+
+
+def _validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> tuple[int, str] | None:
+    if sop_class == EnhancedCTImageStorage:
+        return SOP_CLASS_NOT_SUPPORTED, "Enhanced CT not supported: send CT Image Storage"
+    if str(ds.get("SOPClassUID", "")) != sop_class:
+        return DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID does not match the context"
+    modality = str(ds.get("Modality", ""))
+    if modality != "CT":
+        return DOES_NOT_MATCH_SOP_CLASS, f"Modality {_safe_code(modality) if modality else 'missing'}, expected CT"
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if not is_valid_uid(str(ds.get(key, ""))):
+            return CANNOT_UNDERSTAND, f"invalid {key}"
+    if "PixelData" not in ds:
+        return DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data"
+    samples = _int(ds, "SamplesPerPixel", 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return DOES_NOT_MATCH_SOP_CLASS, (f"not a greyscale image (SamplesPerPixel {samples}, "
+                                          f"{_safe_code(photometric)}); CT must be MONOCHROME")
+    rows, cols, bits = _int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated")
+    if not rows or not cols or rows < 0 or cols < 0:
+        return CANNOT_UNDERSTAND, "Rows/Columns missing, zero or malformed"
+    if bits not in (8, 16, 32):
+        return CANNOT_UNDERSTAND, f"BitsAllocated {bits} not supported (8, 16 or 32)"
+    for keyword, count in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2)):
+        # Absent or degenerate geometry is a series-level question (the job is skipped with the reason);
+        # a present element that is not `count` finite numbers is a malformed instance.
+        if keyword in ds and ds[keyword].value not in (None, ""):
+            value = ds[keyword].value
+            numbers = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and \
+                not isinstance(value, (str, bytes)) else [value]
+            try:
+                ok = len(numbers) == count and all(math.isfinite(float(v)) for v in numbers)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                return CANNOT_UNDERSTAND, f"{keyword} is not {count} numbers"
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames is None or frames < 1:
+        return CANNOT_UNDERSTAND, "NumberOfFrames is not a positive number"
+    if transfer_syntax in NATIVE_SYNTAXES:
+        element = ds.get_item("PixelData")  # a raw element knows its length without reading a deferred value
+        length = getattr(element, "length", None)
+        if length is None or length == 0xFFFFFFFF:
+            value = element.value
+            length = len(value) if isinstance(value, (bytes, bytearray)) else None
+        expected = rows * cols * frames * bits // 8
+        if not length:
+            return CANNOT_UNDERSTAND, "Pixel Data is empty"
+        if length is not None and not expected <= length <= expected + 1:
+            word = "shorter" if length < expected else "longer"
+            return CANNOT_UNDERSTAND, f"Pixel Data {word} than Rows x Columns ({length} vs {expected} bytes)"
+    return None
 
 
 class Listener:
@@ -60,6 +189,14 @@ class Listener:
         self.sessions = sessions
         self._db_lock = threading.Lock()  # one writer at a time: SQLite allows no more, and it keeps study upserts simple
         self._server = None
+        install_log_redaction()
+        s = settings.node
+        self.disk_guard = DiskGuard(settings.spool_dir, s.min_free_gb, s.max_used_percent)
+        self.max_instance_bytes = int(s.max_instance_mb * 1024**2)
+        self.max_study_bytes = int(s.max_study_gb * 1024**3)
+        if s.receive_to_disk:
+            # Process-wide pynetdicom switch: data sets go to a temporary file while they arrive.
+            pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -69,8 +206,11 @@ class Listener:
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
         ae.network_timeout = s.network_timeout
-        if s.allowed_calling_aets:
-            ae.require_calling_aet = list(s.allowed_calling_aets)
+        ae.maximum_pdu_size = s.max_pdu_size
+        ae.require_called_aet = s.require_called_aet
+        allowed = s.effective_calling_aets()
+        if allowed:
+            ae.require_calling_aet = allowed
         ae.add_supported_context(Verification)
         ae.add_supported_context(CTImageStorage, TRANSFER_SYNTAXES)
         # Accepted at negotiation so that each instance gets a clear refusal instead of a silent context rejection.
@@ -80,6 +220,7 @@ class Listener:
     # -- server lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -87,8 +228,11 @@ class Listener:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         s = self.settings.node
-        self._server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=handlers)
-        log.info("listening as %s on %s:%d", s.ae_title, s.host, self.port)
+        self._server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=handlers,
+                                            ssl_context=server_ssl_context(self.settings.tls))
+        log.info("listening as %s on %s:%d%s", s.ae_title, s.host, self.port,
+                 " (TLS" + (", client certificates required)" if self.settings.tls.require_client_cert else ")")
+                 if self.settings.tls.enabled else "")
 
     @property
     def port(self) -> int:
@@ -107,16 +251,41 @@ class Listener:
         try:
             with self._db_lock, self.sessions.begin() as session:
                 add_event(session, kind, detail, calling_aet=aet, peer=peer, study_uid=study_uid)
-        except Exception:  # the audit log must never take the listener down
-            log.exception("could not write audit event %s", kind)
+        except Exception as exc:  # the audit log must never take the listener down
+            log.error("could not write audit event %s: %s", kind, _db_error(exc))
 
     def _on_accepted(self, event: Any) -> None:
         self._audit("association_accepted", event, f"called AE {event.assoc.acceptor.ae_title.strip()}")
 
+    def _reject(self, event: Any, result: int, source: int, diagnostic: int, why: str) -> None:
+        """Reject an association from the EVT_REQUESTED handler (before any negotiation)."""
+        aet, peer = _peer(event)
+        log.warning("association rejected: calling AE %s from %s: %s", aet, peer, why)
+        self._audit("association_rejected", event, why)
+        event.assoc.acse.send_reject(result, source, diagnostic)
+        event.assoc.kill()
+
+    def _on_requested(self, event: Any) -> None:
+        problem = self.disk_guard.problem()
+        if problem:
+            # transient, presentation related, temporary congestion: the sender retries later
+            self._reject(event, 0x02, 0x03, 0x01, f"disk guard: {problem}")
+            return
+        aet, _ = _peer(event)
+        address = str(event.assoc.requestor.address)
+        if not peer_allowed(self.settings.node, aet, address):
+            self._reject(event, 0x01, 0x01, 0x03, f"calling AE {aet} not allowed from {address} (node.allowed_peers)")
+
     def _on_rejected(self, event: Any) -> None:
         aet, peer = _peer(event)
-        log.warning("association rejected: calling AE %s from %s", aet, peer)
-        self._audit("association_rejected", event, "calling AE not in node.allowed_calling_aets or called AE mismatch")
+        rj = event.assoc.acceptor.primitive
+        key = (getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
+        why = _REJECT_REASONS.get(key, f"rejected (source {key[0]}, diagnostic {key[1]})")
+        if key == (1, 7):
+            called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
+            why = f"called AE title {_safe_code(called) if called else 'empty'} is not {self.settings.node.ae_title}"
+        log.warning("association rejected: calling AE %s from %s: %s", aet, peer, why)
+        self._audit("association_rejected", event, why)
 
     def _on_aborted(self, event: Any) -> None:
         self._audit("association_aborted", event)
@@ -130,44 +299,72 @@ class Listener:
         self._audit("instance_refused", event, f"0x{code:04X} {reason}", study_uid if is_valid_uid(study_uid) else "")
         return _status(code, reason)
 
+    def _received_size(self, event: Any) -> tuple[int, Path | None]:
+        """(data set bytes received, temporary file when receive_to_disk) without copying the data."""
+        path = getattr(event.request, "_dataset_path", None)
+        if path is not None:
+            return os.path.getsize(path), Path(path)
+        stream = getattr(event.request, "DataSet", None)
+        return (stream.getbuffer().nbytes if stream is not None else 0), None
+
+    @staticmethod
+    def _file_chunks(path: Path) -> Iterator[bytes]:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                yield chunk
+
+    def _study_bytes(self, study_uid: str) -> int:
+        with self.sessions() as session:
+            total = session.scalar(
+                select(func.coalesce(func.sum(Instance.size), 0)).join(Study, Instance.study_id == Study.id)
+                .where(Study.study_instance_uid == study_uid, Instance.purged_at.is_(None)))
+        return int(total or 0)
+
     def handle_store(self, event: Any) -> Dataset | int:
         context = event.context
+        size, tmp_path = self._received_size(event)
+        if size > self.max_instance_bytes:
+            return self._refuse(event, OUT_OF_RESOURCES,
+                                f"instance of {size / 1024**2:.0f} MB above node.max_instance_mb")
         try:
-            ds = event.dataset
+            if tmp_path is not None:  # receive_to_disk: parse the header only, pixel data stays on disk
+                ds = dcmread(tmp_path, defer_size=4096)
+            else:
+                ds = event.dataset
             ds.file_meta = event.file_meta
+            sop_class = str(context.abstract_syntax)
+            study_uid = str(ds.get("StudyInstanceUID", ""))
+            modality = str(ds.get("Modality", ""))
+            uids = {k: str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+            series_description = str(ds.get("SeriesDescription", ""))
+            patient_id, accession = str(ds.get("PatientID", "")), str(ds.get("AccessionNumber", ""))
         except Exception as exc:  # undecodable element stream
             return self._refuse(event, CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}")
-        sop_class = str(context.abstract_syntax)
-        study_uid = str(ds.get("StudyInstanceUID", ""))
-        if sop_class == EnhancedCTImageStorage:
-            return self._refuse(event, SOP_CLASS_NOT_SUPPORTED,
-                                "Enhanced CT not supported: send CT Image Storage", study_uid)
-        if str(ds.get("SOPClassUID", "")) != sop_class:
-            return self._refuse(event, DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID does not match the context", study_uid)
-        modality = str(ds.get("Modality", ""))
-        if modality != "CT":
-            return self._refuse(event, DOES_NOT_MATCH_SOP_CLASS, f"Modality {modality or 'missing'}, expected CT", study_uid)
-        uids = {k: ds.get(k, "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
-        for key, value in uids.items():
-            if not is_valid_uid(str(value)):
-                return self._refuse(event, CANNOT_UNDERSTAND, f"invalid {key}", study_uid)
-        if "PixelData" not in ds:
-            return self._refuse(event, DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data", study_uid)
+        problem = validate_instance(ds, sop_class, str(context.transfer_syntax))
+        if problem is not None:
+            return self._refuse(event, problem[0], problem[1], study_uid)
+        if self._study_bytes(study_uid) + size > self.max_study_bytes:
+            return self._refuse(event, OUT_OF_RESOURCES, "study above node.max_study_gb", study_uid)
 
         settings = self.settings
-        path = spool_path(settings.spool_dir, *(str(v) for v in uids.values()))
+        path = spool_path(settings.spool_dir, *uids.values())
         aet, _ = _peer(event)
         try:
-            size, digest = atomic_write(path, [event.encoded_dataset(include_meta=True)])
+            if tmp_path is not None:
+                # pynetdicom wrote preamble + file meta (from the same request and context as
+                # event.file_meta) + the data set as received: the same bytes as encoded_dataset().
+                size, digest = atomic_write(path, self._file_chunks(tmp_path))
+            else:
+                size, digest = atomic_write(path, [event.encoded_dataset(include_meta=True)])
         except OSError as exc:
-            log.error("spool write failed: %s", exc)
+            log.error("spool write failed: %s", exc.strerror or type(exc).__name__)
             return self._refuse(event, OUT_OF_RESOURCES, f"cannot write spool: {exc.strerror}", study_uid)
         received = ReceivedInstance(
-            study_instance_uid=str(uids["StudyInstanceUID"]), series_instance_uid=str(uids["SeriesInstanceUID"]),
-            sop_instance_uid=str(uids["SOPInstanceUID"]), sop_class_uid=sop_class,
+            study_instance_uid=uids["StudyInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
+            sop_instance_uid=uids["SOPInstanceUID"], sop_class_uid=sop_class,
             transfer_syntax_uid=str(context.transfer_syntax), path=str(path), size=size, sha256=digest,
-            calling_aet=aet, modality=modality, series_description=str(ds.get("SeriesDescription", "")),
-            patient_id=str(ds.get("PatientID", "")), accession_number=str(ds.get("AccessionNumber", "")),
+            calling_aet=aet, modality=modality, series_description=series_description,
+            patient_id=patient_id, accession_number=accession,
         )
         try:
             with self._db_lock, self.sessions.begin() as session:
@@ -175,6 +372,6 @@ class Listener:
         except Exception as exc:
             # Not recorded => not acknowledged; the peer will retry. The spool file is kept (harmless: a
             # retry overwrites it atomically; retention removes files no instance row points to).
-            log.error("database error while recording an instance: %s", exc)
+            log.error("database error while recording an instance: %s", _db_error(exc))
             return _status(OUT_OF_RESOURCES, "database unavailable, retry later")
         return SUCCESS

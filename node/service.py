@@ -26,6 +26,8 @@ from node.db.schema import Instance, Job, utcnow
 from node.export import run_exports
 from node.listener import Listener
 from node.registry import claim_next_job, mark_stable_studies_ready, release_job, set_job_state
+from node.security import restrict_sqlite_files
+from node.spool import make_private_dirs
 from node.worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,9 @@ class Node:
     def __init__(self, settings: Settings):
         self.settings = settings
         for d in (settings.spool_dir, settings.results_dir):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dirs(d)  # 0700: patient data (the disk guard watches the spool's filesystem)
         self.sessions = open_database(settings.storage.database_url)
+        restrict_sqlite_files(settings.storage.database_url)  # 0600 database, WAL and SHM files
         self.listener = Listener(settings, self.sessions)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.running: dict[int, _Running] = {}

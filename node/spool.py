@@ -6,10 +6,18 @@ so no peer can steer a file name ("../", "/", NUL are impossible by construction
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -26,13 +34,32 @@ def spool_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -
     return spool_dir / study_uid / series_uid / f"{sop_uid}.dcm"
 
 
-def atomic_write(path: Path, chunks: list[bytes] | tuple[bytes, ...]) -> tuple[int, str]:
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and any missing parents with mode 0700 (``mkdir(parents=True)`` would give the
+    parents the umask's mode)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
+
+
+def atomic_write(path: Path, chunks: Iterable[bytes]) -> tuple[int, str]:
     """Write ``chunks`` to ``path`` via a temporary file, fsync, rename, fsync the folder.
 
     Returns (size in bytes, sha256 hex). A crash leaves either the old file or the new one, never a torn one;
     stray temporary files (``.*.tmp``) are removed by the retention job.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(path.parent)
     digest = hashlib.sha256()
     size = 0
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -44,6 +71,7 @@ def atomic_write(path: Path, chunks: list[bytes] | tuple[bytes, ...]) -> tuple[i
                 size += len(chunk)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)  # mkstemp creates 0600 already; explicit for the audit
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -57,3 +85,70 @@ def atomic_write(path: Path, chunks: list[bytes] | tuple[bytes, ...]) -> tuple[i
     finally:
         os.close(dir_fd)
     return size, digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DiskState:
+    free_bytes: int
+    total_bytes: int
+
+    @property
+    def used_percent(self) -> float:
+        return 100.0 * (1 - self.free_bytes / self.total_bytes) if self.total_bytes else 100.0
+
+
+def disk_state(path: Path) -> DiskState:
+    """Free/total bytes of the filesystem holding ``path`` (statvfs; the nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    usage = shutil.disk_usage(p)
+    return DiskState(usage.free, usage.total)
+
+
+class DiskGuard:
+    """Says whether the spool filesystem has room for new associations.
+
+    Full when free space is below ``min_free_gb`` or usage above ``max_used_percent`` (0 disables either
+    check). The statvfs result is cached for ``cache_s`` seconds so that a burst of associations costs one
+    system call. An alarm is logged (ERROR) when the guard trips and an INFO line when it clears.
+    """
+
+    def __init__(self, path: Path, min_free_gb: float, max_used_percent: float, cache_s: float = 1.0,
+                 probe: Callable[[Path], DiskState] | None = None):
+        self.path = Path(path)
+        self.min_free_bytes = int(min_free_gb * 1024**3)
+        self.max_used_percent = max_used_percent
+        self.cache_s = cache_s
+        self.probe = probe
+        self._lock = threading.Lock()
+        self._checked = -1e18
+        self._problem = ""
+
+    def _evaluate(self) -> str:
+        probe = self.probe or disk_state  # looked up at call time so tests can monkeypatch disk_state
+        try:
+            st = probe(self.path)
+        except OSError as exc:
+            return f"cannot check the spool filesystem: {exc.strerror or exc}"
+        if self.min_free_bytes and st.free_bytes < self.min_free_bytes:
+            return (f"spool filesystem has {st.free_bytes / 1024**3:.1f} GB free, "
+                    f"below node.min_free_gb = {self.min_free_bytes / 1024**3:g}")
+        if self.max_used_percent and st.used_percent > self.max_used_percent:
+            return (f"spool filesystem is {st.used_percent:.1f}% used, "
+                    f"above node.max_used_percent = {self.max_used_percent:g}")
+        return ""
+
+    def problem(self) -> str:
+        """"" when there is room, otherwise why not."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked >= self.cache_s:
+                self._checked = now
+                problem = self._evaluate()
+                if problem and not self._problem:
+                    log.error("ALARM disk guard: refusing new associations: %s", problem)
+                elif self._problem and not problem:
+                    log.info("disk guard cleared: accepting associations again")
+                self._problem = problem
+            return self._problem

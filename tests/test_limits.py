@@ -1,0 +1,195 @@
+"""Limits: instance and study size, PDU size, association count, receive-to-disk, the disk guard."""
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config as pynetdicom_config
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import select
+
+from node.config import ConfigError
+from node.db import open_database
+from node.db.schema import Event, Instance
+from node.listener import Listener
+from node.spool import DiskGuard, DiskState
+from tests.conftest import make_settings
+from tests.factory import ct_slice
+
+GB = 1024**3
+
+
+@pytest.fixture
+def make_listener(tmp_path):
+    started = []
+
+    def make(name="a", **node):
+        settings = make_settings(tmp_path / name, node={"allowed_calling_aets": ["SENDER"], **node})
+        lst = Listener(settings, open_database(settings.storage.database_url))
+        lst.start()
+        started.append(lst)
+        return lst
+    yield make
+    for lst in started:
+        lst.stop()
+
+
+def associate(port, calling="SENDER"):
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.network_timeout = 5
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="CTNODE")
+
+
+def store(port, *datasets):
+    assoc = associate(port)
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(ds) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def events(lst, kind):
+    with lst.sessions() as s:
+        return list(s.scalars(select(Event).where(Event.kind == kind)))
+
+
+def test_instance_above_max_instance_mb_is_refused(make_listener):
+    lst = make_listener(max_instance_mb=0.004)  # ~4 KB: a 64x64 int16 slice (8 KB) is too big
+    small, big = ct_slice(size=16), ct_slice(size=64)
+    ok, refused = store(lst.port, small, big)
+    assert ok.Status == 0x0000
+    assert refused.Status == 0xA700 and "max_instance_mb" in refused.ErrorComment
+    assert any("max_instance_mb" in e.detail for e in events(lst, "instance_refused"))
+    with lst.sessions() as s:
+        assert [i.sop_instance_uid for i in s.scalars(select(Instance))] == [small.SOPInstanceUID]
+
+
+def test_study_above_max_study_gb_is_refused(make_listener):
+    lst = make_listener(max_study_gb=20_000 / GB, max_instance_mb=0.015)  # ~20 KB per study
+    study = generate_uid()
+    series = generate_uid()
+    slices = [ct_slice(study_uid=study, series_uid=series, z=z, size=64) for z in range(3)]  # ~8.5 KB each
+    statuses = store(lst.port, *slices, ct_slice(size=64))  # the last one: another study
+    assert [s.Status for s in statuses] == [0, 0, 0xA700, 0]
+    assert "max_study_gb" in statuses[2].ErrorComment
+
+
+def test_receive_to_disk_spools_identical_bytes_and_enforces_limits(make_listener):
+    ds = ct_slice(size=64)
+    big = ct_slice(size=128)
+    in_memory = make_listener("mem")
+    store(in_memory.port, ds)
+    try:
+        on_disk = make_listener("disk", receive_to_disk=True, max_instance_mb=0.02)
+        assert pynetdicom_config.STORE_RECV_CHUNKED_DATASET
+        ok, refused = store(on_disk.port, ds, big)
+    finally:
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = False  # process-wide switch: leave it as found
+    assert ok.Status == 0 and refused.Status == 0xA700
+
+    def spooled(lst):
+        with lst.sessions() as s:
+            inst = s.scalars(select(Instance)).one()
+        return open(inst.path, "rb").read(), inst.sha256
+
+    (a, sha_a), (b, sha_b) = spooled(in_memory), spooled(on_disk)
+    assert a == b and sha_a == sha_b
+    assert a.endswith(ds.PixelData)
+
+
+def test_max_pdu_size_is_announced(make_listener):
+    lst = make_listener(max_pdu_size=4096)
+    assoc = associate(lst.port)
+    assert assoc.is_established
+    try:
+        assert assoc.acceptor.maximum_length == 4096
+        assert assoc.send_c_store(ct_slice(size=64)).Status == 0  # fragmented into 4 KB PDUs
+    finally:
+        assoc.release()
+
+
+def test_max_associations(make_listener):
+    lst = make_listener(max_associations=1)
+    first = associate(lst.port)
+    assert first.is_established
+    try:
+        second = associate(lst.port)
+        assert not second.is_established and second.is_rejected
+    finally:
+        first.release()
+    deadline = time.monotonic() + 5
+    while not (rows := events(lst, "association_rejected")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rows and "node.max_associations" in rows[0].detail
+
+
+# -- disk guard ------------------------------------------------------------------------------------------
+
+class FakeDisk:
+    def __init__(self, free_gb, total_gb=100):
+        self.free, self.total, self.calls = free_gb, total_gb, 0
+
+    def __call__(self, path):
+        self.calls += 1
+        return DiskState(int(self.free * GB), int(self.total * GB))
+
+
+def test_disk_guard_refuses_associations_then_recovers(make_listener, monkeypatch):
+    disk = FakeDisk(free_gb=1)
+    monkeypatch.setattr("node.spool.disk_state", disk)
+    lst = make_listener(min_free_gb=2, max_used_percent=95)
+    lst.disk_guard.cache_s = 0  # evaluate every association in this test
+    alarms = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: alarms.append(record.getMessage())
+    logging.getLogger("node.spool").addHandler(handler)
+    logging.getLogger("node.spool").setLevel(logging.INFO)
+    try:
+        assoc = associate(lst.port)
+        assert not assoc.is_established and assoc.is_rejected
+        disk.free = 4  # 96 % used: still refused
+        assert not associate(lst.port).is_established
+        disk.free = 50
+        assoc = associate(lst.port)
+        assert assoc.is_established
+        assert assoc.send_c_store(ct_slice()).Status == 0
+        assoc.release()
+    finally:
+        logging.getLogger("node.spool").removeHandler(handler)
+    rows = events(lst, "association_rejected")
+    assert len(rows) == 2 and all(r.calling_aet == "SENDER" and r.peer.startswith("127.0.0.1") for r in rows)
+    assert "below node.min_free_gb" in rows[0].detail and "above node.max_used_percent" in rows[1].detail
+    assert any(m.startswith("ALARM disk guard") for m in alarms)
+    assert any("disk guard cleared" in m for m in alarms)
+    assert sum("ALARM" in m for m in alarms) == 1  # one alarm per episode, not per association
+
+
+def test_disk_guard_is_cached(tmp_path):
+    disk = FakeDisk(free_gb=50)
+    guard = DiskGuard(tmp_path, min_free_gb=2, max_used_percent=95, cache_s=60, probe=disk)
+    assert all(guard.problem() == "" for _ in range(1000))
+    assert disk.calls == 1
+    guard0 = DiskGuard(tmp_path, min_free_gb=0, max_used_percent=0, probe=FakeDisk(free_gb=0))
+    assert guard0.problem() == ""  # both checks disabled
+    real = DiskGuard(tmp_path / "not" / "yet", min_free_gb=0.0001, max_used_percent=100)
+    assert real.problem() == ""  # statvfs on the nearest existing parent
+
+
+@pytest.mark.parametrize("node, key", [
+    ({"max_pdu_size": 100}, "node.max_pdu_size"),
+    ({"max_instance_mb": 0}, "node.max_instance_mb"),
+    ({"max_study_gb": -1}, "node.max_study_gb"),
+    ({"max_instance_mb": 2048, "max_study_gb": 1}, "node.max_instance_mb"),
+    ({"min_free_gb": -1}, "node.min_free_gb"),
+    ({"max_used_percent": 101}, "node.max_used_percent"),
+    ({"receive_to_disk": "perhaps"}, "node.receive_to_disk"),
+])
+def test_limit_settings_are_validated(tmp_path, node, key):
+    with pytest.raises(ConfigError) as err:
+        make_settings(tmp_path, node=node)
+    assert str(err.value).startswith(key)
