@@ -129,3 +129,29 @@ def test_jpeg2000_series_decodes_and_assembles():
     body = vol.hu[10] > -500
     assert 20.0 < float(np.median(vol.hu[10][body])) < 80.0  # soft tissue/liver around +40 HU
     assert vol.series_instance_uid == "" and vol.orientation.tolist() == list(AXIAL)
+
+
+def test_malformed_geometry_is_reported_not_raised(tmp_path):
+    """Geometry attributes with the wrong multiplicity or non-numeric text (what the fuzzer found):
+    the series is skipped or failed with a reason, never a TypeError."""
+    from pydicom.valuerep import DSfloat
+
+    from node.pipeline.run import run_pipeline
+    from tests.factory import ct_slice, write
+
+    cases = {
+        "spacing": lambda ds: setattr(ds, "PixelSpacing", DSfloat(0.7)),
+        "position": lambda ds: setattr(ds, "ImagePositionPatient", [7.25, 7.5, 7.75]),  # made text below
+        "orientation": lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0]),
+    }
+    for name, spoil in cases.items():
+        files = []
+        for z in range(3):
+            ds = ct_slice(study_uid="1.2.3", series_uid="1.2.3.4", z=z, size=32)
+            spoil(ds)
+            path = write(ds, tmp_path / name, f"{z}.dcm")
+            if name == "position":  # non-numeric text, as a broken modality writes it (same length)
+                path.write_bytes(path.read_bytes().replace(b"7.25\\7.5\\7.75", b"7.2x\\7.y\\7.z5"))
+            files.append(path)
+        result = run_pipeline([str(f) for f in files], "threshold")
+        assert result.status in ("skipped", "failed") and result.reason, name

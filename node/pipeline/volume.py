@@ -70,12 +70,25 @@ def strip_pixels(ds: Dataset) -> Dataset:
     return out
 
 
+def _numbers(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
+    """A multi-valued numeric attribute as ``n`` finite floats, or None when absent or malformed
+    (wrong multiplicity, a single value, text that is not a number): malformed headers are reported as
+    missing geometry by the callers, never as a crash."""
+    value = ds.get(keyword)
+    try:
+        values = [float(x) for x in value]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    if len(values) != n or not np.all(np.isfinite(values)):
+        return None
+    return np.asarray(values, dtype=np.float64)
+
+
 def orientation_of(ds: Dataset) -> np.ndarray | None:
     """ImageOrientationPatient as a (6,) array with both cosines normalised, or None when absent/invalid."""
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None or len(iop) != 6:
+    v = _numbers(ds, "ImageOrientationPatient", 6)
+    if v is None:
         return None
-    v = np.asarray([float(x) for x in iop], dtype=np.float64)
     row, col = v[:3], v[3:]
     nr, nc = np.linalg.norm(row), np.linalg.norm(col)
     if nr < 1e-6 or nc < 1e-6 or np.linalg.norm(np.cross(row / nr, col / nc)) < 1e-3:
@@ -84,15 +97,12 @@ def orientation_of(ds: Dataset) -> np.ndarray | None:
 
 
 def position_of(ds: Dataset) -> np.ndarray | None:
-    ipp = ds.get("ImagePositionPatient")
-    if ipp is None or len(ipp) != 3:
-        return None
-    return np.asarray([float(x) for x in ipp], dtype=np.float64)
+    return _numbers(ds, "ImagePositionPatient", 3)
 
 
 def pixel_spacing_of(ds: Dataset) -> tuple[float, float] | None:
-    ps = ds.get("PixelSpacing")
-    if ps is None or len(ps) != 2:
+    ps = _numbers(ds, "PixelSpacing", 2)
+    if ps is None or np.any(ps <= 0):
         return None
     return float(ps[0]), float(ps[1])
 
