@@ -25,6 +25,7 @@ from node.db import open_database
 from node.db.schema import Instance, Job, utcnow
 from node.export import run_exports
 from node.listener import Listener
+from node.recovery import recover_orphans
 from node.registry import claim_next_job, mark_stable_studies_ready, release_job, set_job_state
 from node.security import restrict_sqlite_files
 from node.spool import make_private_dirs
@@ -74,8 +75,12 @@ class Node:
         self.tick_reap()  # record what the stopped workers leave behind
 
     def recover(self) -> None:
-        """After a restart: jobs left in ``processing`` lost their worker with the previous node process."""
+        """After a restart: spool files without a row are registered (:mod:`node.recovery`), and jobs left
+        in ``processing`` lost their worker with the previous node process."""
         with self.sessions.begin() as session:
+            recovered = recover_orphans(session, self.settings.spool_dir)
+            if recovered:
+                log.warning("registered %d spool file(s) that had no database row", recovered)
             for job in session.scalars(select(Job).where(Job.state == "processing")):
                 release_job(session, job, "node restarted while the job was processing",
                             self.settings.processing.max_attempts)
