@@ -76,3 +76,108 @@ def test_no_lung_in_an_abdomen_like_volume():
     lungs = segment_lungs(chest.volume)
     assert not lungs.lungs.any()
     assert lungs.labels.max() == 0 and LungMasks.RIGHT == 1 and LungMasks.LEFT == 2
+
+
+# --------------------------------------------------------------------------------------------- phantom: dense disease
+
+
+import pytest  # noqa: E402
+
+from node import phantom as ph  # noqa: E402
+from node.pipeline import lungs as lungs_mod  # noqa: E402
+from node.pipeline.types import Volume  # noqa: E402
+
+
+def phantom_volume(p: ph.Phantom) -> Volume:
+    return Volume(hu=p.hu, positions=p.positions, orientation=p.orientation, pixel_spacing=p.pixel_spacing,
+                  slice_spacing=p.slice_spacing, sop_instance_uids=[str(i) for i in range(p.shape[0])],
+                  series_instance_uid="1.2.3", study_instance_uid="1.2")
+
+
+def lung_metrics(p: ph.Phantom, lungs: LungMasks) -> dict[str, float]:
+    """Dice of both lungs, recall of consolidation inside the lungs, false-positive lung voxels (share of
+    the true lung volume) and those in the heart / mediastinal vessels."""
+    truth = p.masks["right_lung"] | p.masks["left_lung"]
+    cons = p.masks["consolidation"]
+    fp = lungs.lungs & ~truth
+    cardiac = np.isin(p.labels, [ph.TISSUES["heart"], ph.TISSUES["blood"]])
+    return {"dice": dice(lungs.lungs, truth), "cons_recall": float((cons & lungs.lungs).sum() / max(cons.sum(), 1)),
+            "fp": float(fp.sum() / truth.sum()), "fp_cardiac": float((fp & cardiac).sum() / truth.sum()),
+            "right": dice(lungs.right, p.masks["right_lung"]), "left": dice(lungs.left, p.masks["left_lung"])}
+
+
+@pytest.fixture(scope="module")
+def diseased_phantom() -> ph.Phantom:
+    return ph.make_phantom(rows=160, cols=160, slices=60, pixel_spacing=2.2, slice_spacing=5.0, seed=0,
+                           burden={"right_lower": 0.8})
+
+
+def test_consolidation_at_the_pleura_is_recovered_into_the_lungs(diseased_phantom, monkeypatch):
+    p = diseased_phantom
+    after = lung_metrics(p, segment_lungs(phantom_volume(p)))
+    with monkeypatch.context() as m:
+        m.setattr(lungs_mod, "recover_dense_periphery", lambda labels, *a, **k: (labels.copy(), 0))
+        before = lung_metrics(p, segment_lungs(phantom_volume(p)))
+    # measured: recall 0.32 -> 0.56, Dice 0.983 -> 0.986, false positives 0.4 % -> 0.8 %
+    assert after["cons_recall"] >= before["cons_recall"] + 0.15
+    assert after["dice"] >= max(before["dice"], 0.97) and after["right"] > 0.97 and after["left"] > 0.99
+    assert after["fp"] < 0.02 and after["fp_cardiac"] < 0.002
+
+
+def test_recovery_is_reported_and_lungs_are_single_components(diseased_phantom):
+    from scipy import ndimage as ndi
+
+    lungs = segment_lungs(phantom_volume(diseased_phantom))
+    assert any(n.startswith("recovered") and n.split()[2] == "ml" for n in lungs.notes), lungs.notes
+    for m in (lungs.right, lungs.left):
+        assert ndi.label(m)[1] == 1
+    assert not lungs.partial_coverage
+
+
+def test_healthy_phantom_gains_almost_nothing():
+    p = ph.make_phantom(rows=128, cols=128, slices=40, pixel_spacing=2.75, slice_spacing=7.5, seed=1, burden=0.0)
+    result = lung_metrics(p, segment_lungs(phantom_volume(p)))
+    assert result["dice"] > 0.99 and result["fp"] < 0.015
+
+
+def test_thin_slices_with_disease():
+    p = ph.make_phantom(rows=112, cols=112, slices=150, pixel_spacing=3.1, slice_spacing=1.5, seed=3, burden=0.3)
+    result = lung_metrics(p, segment_lungs(phantom_volume(p)))
+    assert result["dice"] > 0.97 and result["cons_recall"] > 0.6 and result["fp"] < 0.02
+
+
+def test_lungs_touching_at_the_anterior_junction_keep_their_sides():
+    p = ph.make_phantom(rows=128, cols=128, slices=40, pixel_spacing=2.75, slice_spacing=7.5, seed=2, burden=0.0)
+    right, left = p.masks["right_lung"], p.masks["left_lung"]
+    hu = p.hu.copy()
+    bridged = []
+    for k in range(p.shape[0]):
+        if not (right[k].any() and left[k].any()):
+            continue
+        top = max(np.nonzero(right[k].any(axis=1))[0][0], np.nonzero(left[k].any(axis=1))[0][0]) + 2
+        rows = slice(top, top + 4)
+        if not (right[k][rows].any(axis=1).all() and left[k][rows].any(axis=1).all()):
+            continue
+        c0 = np.nonzero(right[k][rows].any(axis=0))[0].max()
+        c1 = np.nonzero(left[k][rows].any(axis=0))[0].min()
+        if 0 < c1 - c0 < 40:
+            hu[k, rows, c0:c1 + 1] = -850.0  # aerated lung meeting in front of the mediastinum
+            bridged.append((k, rows))
+    assert len(bridged) > 5
+    p.hu = hu
+    lungs = segment_lungs(phantom_volume(p))
+    assert any("lungs touch" in n for n in lungs.notes)
+    assert dice(lungs.right, right) > 0.95 and dice(lungs.left, left) > 0.95
+    mean_col = lambda m: float(np.nonzero(m)[2].mean())  # noqa: E731
+    assert mean_col(lungs.right) < mean_col(lungs.left)
+    for k, rows in bridged:  # across the bridge, the right lung (small columns here) stays right of the left one
+        for r in range(rows.start, rows.stop):
+            rc, lc = np.nonzero(lungs.right[k, r])[0], np.nonzero(lungs.left[k, r])[0]
+            assert rc.size and lc.size and rc.max() < lc.min()
+
+
+def test_partial_coverage_names_the_cut_end():
+    base_cut = segment_lungs(synthetic_chest(lung_slices=(0, 12)).volume)  # slice 0 is the most caudal
+    assert base_cut.partial_coverage and any("base not fully" in n and "apex" not in n for n in base_cut.notes)
+    apex_cut = segment_lungs(synthetic_chest(lung_slices=(3, 15), trachea=False).volume)
+    assert apex_cut.partial_coverage and any("apex not fully" in n and "base" not in n for n in apex_cut.notes)

@@ -16,10 +16,21 @@ Steps, all on the source voxel grid (no resampling):
    split by iterative erosion and nearest-seed assignment, falling back on the midline itself;
 5. per lung: the outline is closed slice by slice (radius ``CLOSING_MM``, which also takes back thin dense
    lesions at the pleura), then holes are filled (vessels, enclosed lesions), except large holes that
-   open onto non-lung tissue on a neighbouring slice (liver under a diaphragm dome, hilum).
+   open onto non-lung tissue on a neighbouring slice (liver under a diaphragm dome, hilum);
+6. dense peripheral recovery: consolidation or effusion against the chest wall is as dense as muscle, so
+   the -320 HU threshold leaves a "bite" in the lung outline that the closing of step 5 only takes back
+   when it is thin. Per slice, pixels of consolidation/effusion density (``DENSE_HU``, liver excluded)
+   are taken into a lung when they lie (a) deeper under the skin than the inner chest wall, whose
+   thickness is read from where aerated lung touches it around the body, (b) between that lung and the
+   wall: towards the nearest skin there is no lung, away from it there is, and (c) on that lung's side of
+   the body midline; thin rims (extrapleural fat, partial volume) are opened away. The heart, mediastinum
+   and the liver under a dome fail (b) or the density range. Holes are then filled again, this time also
+   large ones open to a neighbouring slice when their median HU is that of a lesion (``LESION_MEDIAN_HU``);
+7. one connected component per lung (on a single slice: pieces under 10 % of the largest are dropped).
+   ``LungMasks.notes`` say how much was recovered or dropped.
 
 A single slice goes through the same steps in 2D. ``partial_coverage`` is set for one slice, or when lung
-reaches the first or last slice (apex or base cut off).
+reaches the first or last slice; the note then says which end is cut (apex, base or both).
 """
 from __future__ import annotations
 
@@ -48,6 +59,16 @@ AIRWAY_MAX_EXTENT_MM = 200.0
 AIRWAY_BRANCH_MAX_AREA_MM2 = 700.0
 STRADDLE_FRACTION = 0.15        # a component with this much on each side of the midline is split
 MAX_SPLIT_EROSIONS = 15
+DENSE_HU = (-320.0, 45.0)       # consolidation / effusion after a 3x3 mean; liver (>= 50 HU unenhanced) stays out
+DENSE_SMOOTH_PX = 3
+LESION_MEDIAN_HU = (-60.0, 30.0)  # median of a large enclosed hole that is a lesion, not an organ or hilar fat
+WALL_BINS = 180                 # directions (2 degrees) of the chest-wall thickness profile
+WALL_WINDOW_BINS = 15           # 30 degrees: a pleural lesion narrower than this does not thicken the wall
+WALL_TOLERANCE_MM = 2.0
+WALL_RAY_MM = 50.0              # how far the rays of between_lung_and_wall look for lung
+MIN_2D_PIECE_FRACTION = 0.1     # on one slice, lung pieces smaller than this share of the largest are dropped
+RIM_MM = 2.5                    # opening radius (at least one pixel): drops rims of extrapleural fat and
+                                # partial volume thinner than about twice this
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -350,13 +371,16 @@ def close_2d(mask: np.ndarray, radius_mm: float, spacing_rc: tuple[float, float]
     return closed[pad[0]:-pad[0], pad[1]:-pad[1]] | mask
 
 
-def fill_holes_guarded(mask: np.ndarray, max_open_hole_px: float) -> np.ndarray:
+def fill_holes_guarded(mask: np.ndarray, max_open_hole_px: float, hu: np.ndarray | None = None) -> np.ndarray:
     """Fill holes slice by slice, except large holes that open onto non-lung tissue in a neighbouring slice.
 
     Per-slice holes are vessels and lesions enclosed by lung, but also the liver or spleen under a
     diaphragm dome, or a hilum, ringed by lung on a few slices. Holes are chained across slices; a chain
     whose largest slice exceeds ``max_open_hole_px`` pixels and that continues into tissue outside the lung
     on an adjacent slice is such an organ and stays out. Small holes (vessels) are always filled.
+    With ``hu`` given, a chain whose median HU is that of a lesion (``LESION_MEDIAN_HU``: consolidation,
+    not liver, heart, vessels or hilar fat) is filled even when it opens onto a neighbouring slice: a
+    consolidation enclosed by lung on one slice often reaches the pleura on the next.
     """
     filled = per_slice(ndi.binary_fill_holes, mask)
     holes = filled & ~mask
@@ -374,16 +398,21 @@ def fill_holes_guarded(mask: np.ndarray, max_open_hole_px: float) -> np.ndarray:
     opened = np.zeros(n + 1, bool)
     opened[np.unique(lab[holes & near_outside])] = True
     drop = big & opened
+    if hu is not None and drop.any():
+        med = np.asarray(ndi.median(hu, lab, index=np.arange(n + 1)), dtype=np.float64)
+        lesion = (med > LESION_MEDIAN_HU[0]) & (med <= LESION_MEDIAN_HU[1])
+        drop &= ~lesion
     drop[0] = False
     return filled & ~drop[lab]
 
 
-def smooth_lungs(labels: np.ndarray, spacing_rc: tuple[float, float], radius_mm: float) -> np.ndarray:
+def smooth_lungs(labels: np.ndarray, spacing_rc: tuple[float, float], radius_mm: float,
+                 hu: np.ndarray | None = None) -> np.ndarray:
     """Per lung: close the outline slice by slice, then fill holes (vessels, enclosed lesions).
 
     The closing also takes back dense lesions at the lung surface (subpleural consolidation) that the
-    -320 HU threshold cut out, as long as they are narrower than about twice ``radius_mm``. Voxels that
-    belong to the other lung are never taken.
+    -320 HU threshold cut out, as long as they are narrower than about twice ``radius_mm`` (0: no
+    closing). Voxels that belong to the other lung are never taken. ``hu``: see :func:`fill_holes_guarded`.
     """
     out = np.zeros_like(labels)
     max_hole_px = OPEN_HOLE_MAX_MM2 / (spacing_rc[0] * spacing_rc[1])
@@ -396,11 +425,166 @@ def smooth_lungs(labels: np.ndarray, spacing_rc: tuple[float, float], radius_mm:
         mb = m[box]
         closed = np.zeros_like(mb)
         for k in np.flatnonzero(mb.reshape(mb.shape[0], -1).any(axis=1)):
-            closed[k] = close_2d(mb[k], radius_mm, spacing_rc)
-        closed = fill_holes_guarded(closed, max_hole_px)
+            closed[k] = close_2d(mb[k], radius_mm, spacing_rc) if radius_mm > 0 else mb[k]
+        closed = fill_holes_guarded(closed, max_hole_px, None if hu is None else hu[box])
         ob, lb = out[box], labels[box]
         ob[closed & (ob == 0) & ((lb == value) | (lb == 0))] = value
     return out
+
+
+# --------------------------------------------------------------------------------------------- dense recovery
+
+
+class SkinGeometry:
+    """Per slice: depth under the skin (mm) of every trunk pixel and the pixel offset from its nearest
+    skin point (one distance transform shared by the chest-wall tests)."""
+
+    def __init__(self, trunk: np.ndarray, spacing_rc: tuple[float, float]):
+        self.depth, idx = ndi.distance_transform_edt(trunk, sampling=spacing_rc, return_indices=True)
+        self.offset = np.stack([np.arange(trunk.shape[0])[:, None] - idx[0],
+                                np.arange(trunk.shape[1])[None, :] - idx[1]]).astype(np.float32)
+        centre = np.argwhere(trunk).mean(axis=0)
+        self.skin_angle = np.arctan2(idx[0] - centre[0], idx[1] - centre[1])
+
+    def inward(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unit vectors (row, column components, in pixels) from the nearest skin point to the pixels."""
+        dr, dc = self.offset[0][rows, cols], self.offset[1][rows, cols]
+        norm = np.hypot(dr, dc)
+        norm[norm == 0] = 1.0
+        return dr / norm, dc / norm
+
+
+def wall_depth_ok(lungs: np.ndarray, skin: SkinGeometry, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """For the pixels (rows, cols) of one slice: at least as deep under the skin as the inner chest wall?
+
+    The chest wall is as dense as consolidation, so its inner surface is estimated from where aerated lung
+    meets it: pixels are grouped by the direction, from the trunk centre, of their nearest skin point
+    (``WALL_BINS`` bins); the shallowest lung pixel of a bin gives the wall thickness there. A lesion at
+    the pleura makes that depth too large in a few neighbouring bins, so the profile is opened (running
+    minimum, then maximum, over ``WALL_WINDOW_BINS``), which keeps the thin wall of the healthy
+    neighbours. Bins without lung have no wall estimate and nothing in them qualifies.
+    """
+    bins = ((skin.skin_angle + np.pi) / (2 * np.pi) * WALL_BINS).astype(np.int64) % WALL_BINS
+    wall = np.full(WALL_BINS, np.inf)
+    np.minimum.at(wall, bins[lungs], skin.depth[lungs])
+    wall = ndi.maximum_filter1d(ndi.minimum_filter1d(wall, WALL_WINDOW_BINS, mode="wrap"),
+                                WALL_WINDOW_BINS, mode="wrap")
+    return skin.depth[rows, cols] >= wall[bins[rows, cols]] - WALL_TOLERANCE_MM
+
+
+def between_lung_and_wall(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray, skin: SkinGeometry,
+                          spacing_rc: tuple[float, float]) -> np.ndarray:
+    """For the pixels (rows, cols) of one slice: between ``lung`` and the chest wall?
+
+    A pixel qualifies when the ray from it towards its nearest skin point meets no lung within
+    ``WALL_RAY_MM`` (only chest wall lies outside it) while the opposite ray meets lung within
+    ``WALL_RAY_MM`` (the lung lies on its inner side). The heart and mediastinum fail the first
+    test where the lung wraps them and the second one deep inside; the liver under a dome fails the first
+    test below the lung recesses and the second one elsewhere.
+    """
+    step = max(min(spacing_rc), 1.0)  # mm; rays sampled about every pixel, never finer than 1 mm
+    ur, uc = skin.inward(rows, cols)
+    ur, uc = ur * step / spacing_rc[0], uc * step / spacing_rc[1]
+    h, w = lung.shape
+    hit_inner = np.zeros(rows.shape, bool)
+    hit_outer = np.zeros(rows.shape, bool)
+    for s in range(1, int(WALL_RAY_MM / step) + 1):
+        for sign, hit in ((1, hit_inner), (-1, hit_outer)):
+            r = np.rint(rows + sign * s * ur).astype(np.int64)
+            c = np.rint(cols + sign * s * uc).astype(np.int64)
+            ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+            hit[ok] |= lung[r[ok], c[ok]]
+    return hit_inner & ~hit_outer
+
+
+def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, right_side: np.ndarray,
+                            spacing_rc: tuple[float, float]) -> tuple[np.ndarray, int]:
+    """Take back consolidation / effusion between each lung and the inner chest wall (step 6), per slice.
+
+    Candidates are unlabelled trunk pixels of ``DENSE_HU`` density after a 3x3 mean (noise down), at least
+    as deep as the inner chest wall (:func:`wall_depth_ok`) and, for one lung, between that lung and the
+    wall (:func:`between_lung_and_wall`) and on that lung's side of the body midline (``right_side``:
+    a lesion never crosses it, the mediastinum does). An opening (``RIM_MM``) drops thin rims along the
+    pleura (extrapleural fat, partial volume); what remains and touches the lung joins it. Returns the new
+    labels and the number of voxels taken.
+    """
+    out = labels.copy()
+    recovered = 0
+    rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)[0]
+    for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
+        trunk = largest_component(body[k])
+        lungs = labels[k] > 0
+        smooth = ndi.uniform_filter(hu[k], DENSE_SMOOTH_PX)
+        dense = (smooth > DENSE_HU[0]) & (smooth <= DENSE_HU[1]) & trunk & ~lungs
+        if not dense.any():
+            continue
+        skin = SkinGeometry(trunk, spacing_rc)
+        rr, cc = np.nonzero(dense)
+        keep = wall_depth_ok(lungs, skin, rr, cc)
+        rr, cc = rr[keep], cc[keep]
+        for value in (LungMasks.RIGHT, LungMasks.LEFT):
+            lung = labels[k] == value
+            if not lung.any() or rr.size == 0:
+                continue
+            # only pixels on this lung's side and within ray reach of it can pass the ray test
+            near = right_side[k][rr, cc] == (value == LungMasks.RIGHT)
+            near &= ndi.distance_transform_edt(~lung, sampling=spacing_rc)[rr, cc] <= WALL_RAY_MM
+            r1, c1 = rr[near], cc[near]
+            keep = between_lung_and_wall(lung, r1, c1, skin, spacing_rc)
+            taken = np.zeros_like(lung)
+            taken[r1[keep], c1[keep]] = True
+            taken = opened_in_box(taken, rim) & (out[k] == 0)
+            lab, _ = ndi.label(taken | lung, structure=np.ones((3, 3), bool))
+            taken &= np.isin(lab, np.unique(lab[lung]))
+            out[k][taken] = value
+            recovered += int(taken.sum())
+    return out, recovered
+
+
+def opened_in_box(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """Binary opening of a 2D mask computed only on its bounding box (padded): same result, less work."""
+    if not mask.any():
+        return mask
+    pad = max(structure.shape) // 2 + 1
+    box = ndi.find_objects(mask.astype(np.uint8))[0]
+    (r0, r1), (c0, c1) = [(max(sl.start - pad, 0), sl.stop + pad) for sl in box]
+    out = np.zeros_like(mask)
+    out[r0:r1, c0:c1] = ndi.binary_opening(mask[r0:r1, c0:c1], structure)
+    return out
+
+
+def one_component_per_lung(labels: np.ndarray, volumetric: bool = True) -> int:
+    """Keep only the largest connected piece of each lung, in place; returns the voxels dropped.
+
+    On a single slice a lung may legitimately show as two pieces (split by a fissure-side consolidation or
+    cut through a recess), so there only pieces under ``MIN_2D_PIECE_FRACTION`` of the largest go: a main
+    bronchus cross-section next to the hilum, air in a fold.
+    """
+    dropped = 0
+    for value in (LungMasks.RIGHT, LungMasks.LEFT):
+        m = labels == value
+        if not m.any():
+            continue
+        if volumetric:
+            extra = m & ~largest_component(m)
+        else:
+            lab, _ = ndi.label(m)
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            extra = m & (sizes[lab] < MIN_2D_PIECE_FRACTION * sizes.max())
+        labels[extra] = 0
+        dropped += int(extra.sum())
+    return dropped
+
+
+def coverage_note(labels: np.ndarray, volume: Volume) -> str | None:
+    """Which end of the lungs is cut off by the scan range, if any (apex and/or base)."""
+    first, last = bool(labels[0].any()), bool(labels[-1].any())
+    if not (first or last):
+        return None
+    top, bottom = (last, first) if superior_is_high_k(volume) else (first, last)
+    cut = " and ".join(name for name, hit in (("apex", top), ("base", bottom)) if hit)
+    return f"lung reaches the first or last slice: {cut} not fully in the field of view"
 
 
 def segment_lungs(volume: Volume, *, closing_mm: float | None = None) -> LungMasks:
@@ -424,7 +608,20 @@ def segment_lungs(volume: Volume, *, closing_mm: float | None = None) -> LungMas
     labels, side_notes = assign_sides(air & ~airways, hu, right_side, area_px)
     notes += side_notes
     labels = smooth_lungs(labels, spacing_rc, CLOSING_MM if closing_mm is None else closing_mm)
+    labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc)
+    # fill again: the recovered rim may now enclose lesions, which count even when open on the next slice
+    labels = smooth_lungs(labels, spacing_rc, 0.0, hu=hu)
     labels[airways] = 0
+    dropped = one_component_per_lung(labels, volumetric=volume.is_volumetric)
+    if volume.is_volumetric:
+        amount = lambda n: f"{n * area_px * volume.slice_spacing / 1000.0:.0f} ml"  # noqa: E731
+    else:
+        amount = lambda n: f"{n * area_px / 100.0:.1f} cm2"  # noqa: E731
+    if recovered:
+        notes.append(f"recovered {amount(recovered)} of dense peripheral tissue (consolidation/effusion at "
+                     "the chest wall) into the lungs")
+    if dropped * area_px * max(volume.slice_spacing, 1.0) >= 1000.0:  # at least 1 ml (1 cm3)
+        notes.append(f"dropped {amount(dropped)} of lung-like pieces detached from the main lung components")
 
     if not (labels == LungMasks.RIGHT).any() or not (labels == LungMasks.LEFT).any():
         if labels.any():
@@ -433,5 +630,5 @@ def segment_lungs(volume: Volume, *, closing_mm: float | None = None) -> LungMas
     if volume.shape[0] == 1:
         notes.append("single slice: 2D segmentation, partial coverage")
     elif partial:
-        notes.append("lung reaches the first or last slice: apex or base not fully in the field of view")
+        notes.append(coverage_note(labels, volume))
     return LungMasks(labels=labels, airways=airways, body=body, partial_coverage=partial, notes=notes)

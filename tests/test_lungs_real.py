@@ -1,0 +1,98 @@
+"""Lung segmentation on real axial chest CT slices (COVID-19-NY-SBU, lungmask test slices).
+
+No masks exist for these slices, so the checks are plausibility checks: no crash, two lungs of chest-slice
+size, the right lung on the patient's right. With ``CTNODE_OVERLAY_DIR`` set, every slice is also written
+as a PNG (CT in lung window, right lung outlined in red, left lung in green, recovered dense tissue in
+yellow) for a look by eye; see :func:`write_overlay`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from node.pipeline.lungs import Midline, segment_lungs
+from node.pipeline.volume import assemble_volume
+from tests.conftest import SHARED_DATA, skip_or_fail
+
+NY_SBU = SHARED_DATA / "dicom" / "ny-sbu"
+LUNGMASK = SHARED_DATA / "dicom" / "lungmask-slices"
+ABDOMEN = {"A027284/axial/19000925-116.dcm", "A027284/axial/19001231-131.dcm",
+           "A058062/axial/19001231-084.dcm", "A058062/axial/19010108-078.dcm"}
+LUNG_AREA_CM2 = (20.0, 350.0)
+
+
+def chest_slices() -> list[Path]:
+    """Axial chest slices of the shared data (abdomen slices left out); empty when the folder is absent."""
+    paths = sorted(p for p in NY_SBU.glob("*/axial/*.dcm") if p.relative_to(NY_SBU).as_posix() not in ABDOMEN)
+    return paths + sorted(LUNGMASK.glob("*.dcm"))
+
+
+def slice_id(path: Path) -> str:
+    return path.relative_to(SHARED_DATA / "dicom").as_posix()
+
+
+def write_overlay(hu: np.ndarray, labels: np.ndarray, path: Path, dense: np.ndarray | None = None) -> None:
+    """PNG of one slice in lung window (W 1500, L -600) with the lung outlines (right red, left green);
+    ``dense`` (optional) marks the lung pixels denser than -320 HU (lesions, vessels) in yellow."""
+    from PIL import Image
+
+    gray = (np.clip((hu + 1350.0) / 1500.0, 0.0, 1.0) * 255).astype(np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    if dense is not None:
+        edge = dense & ~ndi.binary_erosion(dense)
+        rgb[edge] = (230, 200, 0)
+    for value, colour in ((1, (255, 40, 40)), (2, (40, 255, 40))):
+        m = labels == value
+        rgb[m & ~ndi.binary_erosion(m)] = colour
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(path)
+
+
+@pytest.fixture(scope="module")
+def real_slices() -> list[Path]:
+    if not SHARED_DATA.is_dir():
+        skip_or_fail(f"shared data folder {SHARED_DATA} is absent")
+    paths = chest_slices()
+    if len(paths) < 8:
+        skip_or_fail(f"expected the NY-SBU axial chest slices and the lungmask slices under {SHARED_DATA / 'dicom'}")
+    return paths
+
+
+def test_two_plausible_lungs_on_every_real_chest_slice(real_slices):
+    overlay_dir = os.environ.get("CTNODE_OVERLAY_DIR")
+    problems = []
+    for path in real_slices:
+        volume = assemble_volume([path])
+        lungs = segment_lungs(volume)
+        px_cm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1] / 100.0
+        areas = {name: float(m.sum()) * px_cm2 for name, m in (("right", lungs.right), ("left", lungs.left))}
+        if overlay_dir:
+            png = Path(overlay_dir) / (slice_id(path).replace("/", "_") + ".png")
+            write_overlay(volume.hu[0], lungs.labels[0], png, dense=lungs.lungs[0] & (volume.hu[0] > -320))
+        for name, area in areas.items():
+            if not LUNG_AREA_CM2[0] <= area <= LUNG_AREA_CM2[1]:
+                problems.append(f"{slice_id(path)}: {name} lung {area:.0f} cm2")
+        # the right lung lies on the patient's right of the body midline (patient x < midline)
+        signed = Midline(volume, lungs.body).signed(0)
+        if lungs.right.any() and lungs.left.any():
+            if not (signed[lungs.right[0]].mean() < 0 < signed[lungs.left[0]].mean()):
+                problems.append(f"{slice_id(path)}: right/left lungs on the wrong sides")
+        assert lungs.labels.shape == volume.shape and lungs.partial_coverage
+    assert not problems, problems
+
+
+def test_severe_peripheral_disease_stays_inside_the_lungs(real_slices):
+    """A046441 (second date) has dense consolidation against the chest wall: recovery must take some back."""
+    path = NY_SBU / "A046441" / "axial" / "19010101-23.dcm"
+    if path not in real_slices:
+        skip_or_fail(f"{path} is absent")
+    volume = assemble_volume([path])
+    lungs = segment_lungs(volume)
+    assert any("recovered" in n for n in lungs.notes), lungs.notes
+    # dense (> -320 HU) tissue forms a real share of the lungs, not only vessels
+    dense = (lungs.lungs[0] & (volume.hu[0] > -320)).sum() / lungs.lungs[0].sum()
+    assert dense > 0.05
