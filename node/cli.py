@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per tick otherwise
+    for noisy in ("apscheduler", "alembic"):  # a line per scheduler tick / per migration plugin otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except ConfigError as exc:
