@@ -7,7 +7,6 @@ the receiver, prints a one-screen summary and writes a PNG overlay preview.
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 import sys
 import tempfile

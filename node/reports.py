@@ -6,7 +6,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db.schema import Event, Export, Job, Result, Study, utcnow
+from node.db.schema import Export, Job, utcnow
 from node.registry import add_event, set_job_state
 
 CSV_FIELDS = [

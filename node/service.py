@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import multiprocessing as mp
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -15,8 +15,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from node.config import Settings
 from node.db import open_database
 from node.db.schema import Export, Job, Result

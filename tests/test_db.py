@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 from sqlalchemy import inspect, select, text
 
 from node.db import make_engine, open_database
-from node.db.schema import Base, Instance, Job
+from node.db.schema import Base, Job
 from node.registry import (
     ReceivedInstance, claim_next_job, instance_paths_for_job, mark_stable_studies_ready, record_instance,
-    release_job, set_job_state,
+    release_job,
 )
 from tests.conftest import skip_or_fail
 

@@ -1,7 +1,6 @@
 """The node end to end in one process: phantom study in over DICOM, SEG and SR out, all in the database."""
 from __future__ import annotations
 
-import time
 
 import highdicom as hd
 import numpy as np
@@ -14,6 +13,7 @@ from node.demo import Receiver, send_study
 from node.processing import analyse
 from node.service import Node
 from tests.conftest import make_settings
+from tests.util import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +25,6 @@ def phantom_study(tmp_path_factory):
     folder = tmp_path_factory.mktemp("phantom")
     phantom = make_phantom(rows=192, cols=192, slices=60, pixel_spacing=2.0, slice_spacing=5.0, seed=1, burden=0.2)
     return phantom, write_phantom_study(phantom, folder / "dicom")
-
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

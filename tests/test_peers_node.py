@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 from pydicom import dcmread
@@ -24,16 +23,6 @@ def phantom_files(tmp_path_factory):
 
     phantom = make_phantom(rows=192, cols=192, slices=48, pixel_spacing=2.0, slice_spacing=6.0, seed=2)
     return write_phantom_study(phantom, tmp_path_factory.mktemp("phantom") / "dicom")
-
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def started_node(tmp_path, dest_aet, dest_port):

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from node.db import open_database
 from node.db.schema import Export, Instance, Job, Result
 from node.demo import Receiver, free_port, send_study
+from tests.util import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -70,16 +71,6 @@ class NodeProcess:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(20)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

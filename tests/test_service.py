@@ -1,7 +1,6 @@
 """Scheduler duties: a worker over its time limit is killed and its job failed; retention purges the spool."""
 from __future__ import annotations
 
-import time
 
 from sqlalchemy import select
 
@@ -9,16 +8,8 @@ from node.db.schema import Instance, Job
 from node.demo import send_study
 from node.service import Node
 from tests.conftest import make_settings
+from tests.util import wait_for
 from tests.factory import ct_slice, write
-
-
-def wait_for(predicate, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def job_state(node):
