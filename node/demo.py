@@ -121,7 +121,7 @@ def write_preview(seg_path: Path, ct_files: list[Path], out_png: Path) -> Path:
     return out_png
 
 
-def run_demo(size: int = 512, slices: int = 240, out: Path | None = None, engine: str = "auto") -> int:
+def run_demo(size: int = 512, slices: int = 240, out: Path | None = None, engine: str = "threshold") -> int:
     from node.db.schema import Job
     from node.phantom import make_phantom, write_phantom_study
     from node.reports import result_text
@@ -147,6 +147,8 @@ def run_demo(size: int = 512, slices: int = 240, out: Path | None = None, engine
             print(f"1/4 making a {slices}-slice {size}x{size} phantom chest CT ...", flush=True)
             phantom = make_phantom(rows=size, cols=size, slices=slices, seed=0)
             files = write_phantom_study(phantom, work / "phantom")
+            truth = phantom.lung_burden
+            del phantom  # the node reads the study from DICOM like any other
             t_phantom = time.perf_counter() - t0
             print(f"2/4 sending {len(files)} instances to CTNODE at 127.0.0.1:{node_port} ...", flush=True)
             t0 = time.perf_counter()
@@ -172,6 +174,8 @@ def run_demo(size: int = 512, slices: int = 240, out: Path | None = None, engine
             job = session.query(Job).order_by(Job.id.desc()).first()
             summary = result_text(session, job.id) if job else "no job"
         print("4/4 summary\n" + summary)
+        print(f"  phantom ground truth: {100 * truth['right']:.1f} % of the right lung, {100 * truth['left']:.1f} % of "
+              f"the left, {100 * truth['total']:.1f} % overall involved (compare percent_involved_* above)")
         print(f"  acknowledged {acked}/{len(files)} instances; phantom {t_phantom:.1f} s, send {t_send:.1f} s, "
               f"stable + process + export {t_wait:.1f} s")
         if len(pacs.received) < 2:

@@ -6,12 +6,12 @@ from dataclasses import asdict, dataclass, field
 PRESETS = {
     # reduced CPU configuration: compact model, 160 px, single scale, few epochs
     "cpu-small": dict(arch="infnet-compact", size=160, scales=[1.0], batch=8, epochs=40, lr=1e-3,
-                      val_every=2, eval_size=160, pretrain_epochs=8, pretrain_limit=240, pseudo_limit=200,
+                      val_every=2, eval_size=160, pretrain_epochs=6, pretrain_limit=160, pseudo_limit=200,
                       pseudo_epochs=6, multi_base=12, num_threads=1),
     # full GPU schedule: compact model, 352 px, multi-scale (0.75, 1, 1.25) as Inf-Net
-    "gpu-full": dict(arch="infnet-compact", size=352, scales=[0.75, 1.0, 1.25], batch=16, epochs=100, lr=1e-3,
-                     val_every=2, eval_size=352, pretrain_epochs=20, pretrain_limit=1640, pseudo_limit=None,
-                     pseudo_epochs=20, multi_base=16, num_threads=0),
+    "gpu-full": dict(arch="infnet-compact", size=352, scales=[0.75, 1.0, 1.25], batch=16, epochs=60, lr=1e-3,
+                     val_every=2, eval_size=352, pretrain_epochs=12, pretrain_limit=1640, pseudo_limit=None,
+                     pseudo_epochs=6, multi_base=16, num_threads=0),
     # unit tests
     "tiny": dict(arch="infnet-compact", size=64, scales=[1.0], batch=4, epochs=1, lr=1e-3, val_every=1,
                  eval_size=64, pretrain_epochs=1, pretrain_limit=8, pseudo_limit=8, pseudo_epochs=1,

@@ -60,9 +60,20 @@ def _read(path: Path, mode: str | None = "L") -> np.ndarray:
         return np.array(im.convert(mode), dtype=np.uint8)
 
 
+_CACHE: dict = {}
+
+
 def load_split(split: str, root: str | os.PathLike = DEFAULT_ROOT, limit: int | None = None,
                seed: int = 0) -> SliceSet:
-    """Load one split into memory. ``limit`` takes a fixed random subset (seeded) of that many slices."""
+    """Load one split into memory (decoded once per process, cached). ``limit`` takes a fixed random subset
+    (seeded) of that many slices."""
+    key = (split, str(root), limit, seed)
+    if key not in _CACHE:
+        _CACHE[key] = _load_split(split, root, limit, seed)
+    return _CACHE[key]
+
+
+def _load_split(split, root, limit, seed) -> SliceSet:
     base, img_dir, gt_dir, edge_dir, prior_dir = SPLITS[split]
     base = Path(root) / base
     if not (base / img_dir).is_dir():

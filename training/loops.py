@@ -2,7 +2,6 @@
 export, tqdm for progress bars)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from models.coach import CoachNet, coach_mask
 from models.factory import build_model, model_config
+from models.registry import sha256_file
 
 from . import data as D
 from .augment import AugConfig, augment
@@ -77,7 +77,7 @@ def setup_threads(cfg: RunConfig):
 
 def autocast(cfg: RunConfig, dev: torch.device):
     if dev.type == "cuda" and cfg.amp:
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=torch.bfloat16)  # bf16: no loss scaling needed
     return nullcontext()
 
 
@@ -266,13 +266,15 @@ def train_single(cfg: RunConfig, resume=False) -> dict:
         train = train.subset(list(range(min(cfg.train_limit, len(train)))))
     base = scaled(cfg.size, max(cfg.scales))
     tensors = D.stack(train, base)
+    if dev.type == "cuda":  # decoded once, kept on the GPU: augmentation runs there too
+        tensors = {k: v.to(dev) for k, v in tensors.items()}
     run.log(f"data: train {cfg.train_set} {len(train)} slices (stacked at {base}px), val {len(val)} slices")
     model = prep_model(build_model(cfg.arch), dev)
     if cfg.init:
         init_from(model, cfg.init, run)
     opt = _optim(model, cfg)
     sched = _sched(opt, cfg.epochs)
-    scaler = torch.amp.GradScaler("cuda") if (dev.type == "cuda" and cfg.amp) else None
+    scaler = None  # bf16 autocast on CUDA needs no GradScaler
     aug = AugConfig(enabled=cfg.aug, cutout=cfg.cutout)
     start, best, history = (0, None, [])
     if resume:
@@ -301,7 +303,7 @@ def train_single(cfg: RunConfig, resume=False) -> dict:
                     loss.backward()
                 torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip)  # Inf-Net clip_gradient
                 (scaler.step(opt), scaler.update()) if scaler else opt.step()
-                tl += float(loss)
+                tl += loss.item()
                 nb += 1
         sched.step()
         rec = {"epoch": ep + 1, "train_loss": tl / max(nb, 1)}
@@ -350,6 +352,8 @@ def pretrain(cfg: RunConfig, resume=False) -> dict:
         imgs = imgs[:cfg.train_limit]
     base = scaled(cfg.size, max(cfg.scales))
     X = torch.from_numpy(np.stack([D.resize_np(a, (base, base)) for a in imgs]))[:, None].float() / 255
+    if dev.type == "cuda":
+        X = X.to(dev)
     run.log(f"pretrain data: {len(imgs)} unlabelled slices at {base}px")
     multi = cfg.arch == "multiclass-unet"
     model = prep_model(build_model(cfg.arch, {"base": cfg.multi_base} if multi else None), dev).set_mode("inpaint")
@@ -394,7 +398,7 @@ def pretrain(cfg: RunConfig, resume=False) -> dict:
                 opt_c.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_c.step()
-                cl.append(float(loss))
+                cl.append(loss.item())
         # (b) inpainting-network steps, coach frozen
         model.train()
         coach.eval()
@@ -411,7 +415,7 @@ def pretrain(cfg: RunConfig, resume=False) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip)
             opt_m.step()
-            ml.append(float(loss))
+            ml.append(loss.item())
         rec = {"epoch": ep + 1, "rec_loss": float(np.mean(ml)), "coach_loss": float(np.mean(cl)) if cl else None}
         history.append(rec)
         run.log(json.dumps(rec))
@@ -438,6 +442,8 @@ def train_multi(cfg: RunConfig, resume=False) -> dict:
         train = train.subset(list(range(min(cfg.train_limit, len(train)))))
     base = scaled(cfg.size, max(cfg.scales))
     T = D.stack(train, base)
+    if dev.type == "cuda":
+        T = {k: v.to(dev) for k, v in T.items()}
     model = prep_model(build_model("multiclass-unet", {"base": cfg.multi_base}), dev)
     if cfg.init:
         init_from(model, cfg.init, run)
@@ -464,7 +470,7 @@ def train_multi(cfg: RunConfig, resume=False) -> dict:
                 loss.backward()
                 torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip)
                 opt.step()
-                tl += float(loss)
+                tl += loss.item()
                 nb += 1
         sched.step()
         rec = {"epoch": ep + 1, "train_loss": tl / max(nb, 1)}
@@ -511,14 +517,6 @@ def evaluate(ckpt: str, cfg: RunConfig, out: str | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- export
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export(ckpt: str, name: str, out_dir: str = "models/weights", extra_meta: dict | None = None) -> dict:
     """fp16 safetensors (segmentation weights only) + sidecar JSON with architecture, config and sha256."""
     from safetensors.torch import save_file
@@ -530,6 +528,7 @@ def export(ckpt: str, name: str, out_dir: str = "models/weights", extra_meta: di
     out.mkdir(parents=True, exist_ok=True)
     st = out / f"{name}.safetensors"
     save_file(sd, str(st))
+    os.chmod(st, 0o644)
     run_dir = Path(ckpt).parent
     metrics = {}
     for fn in ("metrics.json", "test_metrics.json"):

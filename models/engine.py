@@ -1,0 +1,129 @@
+"""Inf-Net infection engine for the node: ``segment(volume, lungs) -> InfectionResult``.
+
+Preprocessing makes DICOM slices look like the COVID-SemiSeg training images (see docs/results.md,
+"Lung window"): HU -> lung window -> [0, 1]; crop to the bounding box of the lung mask on that slice (plus a
+margin, as the training crops are cropped to the lungs); resize the crop to the model size (352); predict;
+resize the probability map back to the crop's exact size and paste it at the crop's exact position, so the
+result is on the source voxel grid; infection is kept only inside the lungs. Only slices that contain lung are
+run, in batches. CUDA half precision when available, else CPU fp32.
+
+Imports numpy, torch and ``node.pipeline.types`` only (no pydicom).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
+
+from .registry import load_shipped
+
+ENGINE_VERSION = "0.1.0"
+# Lung window measured against the training images (training/hu_window_analysis.py, docs/results.md).
+DEFAULT_WINDOW = (-400.0, 1300.0)  # (centre, width) in HU: maps air -1000 -> 10, lung -822 -> 45, muscle 30 -> 211 (8-bit)
+IMG_MEAN, IMG_STD = 0.5, 0.25
+
+
+def window_hu(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
+    lo = centre - width / 2
+    return np.clip((hu.astype(np.float32) - lo) / width, 0.0, 1.0)
+
+
+def lung_bbox(mask2d: np.ndarray, margin: float = 0.05, min_margin: int = 4):
+    """(r0, r1, c0, c1), half-open, of the mask plus a margin of ``margin`` * extent (at least min_margin)."""
+    rows = np.flatnonzero(mask2d.any(1))
+    cols = np.flatnonzero(mask2d.any(0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    mr = max(min_margin, int(round(margin * (r1 - r0))))
+    mc = max(min_margin, int(round(margin * (c1 - c0))))
+    h, w = mask2d.shape
+    return max(0, r0 - mr), min(h, r1 + mr), max(0, c0 - mc), min(w, c1 + mc)
+
+
+class InfNetEngine:
+    """Options: ``weights`` (shipped name), ``multiclass`` (shipped name or None/"" to disable), ``device``
+    ("cuda"/"cpu"/None=auto), ``batch``, ``threshold``, ``window`` (centre, width), ``size`` (model input)."""
+
+    def __init__(self, weights: str = "infnet-compact", multiclass: str | None = "infnet-multiclass",
+                 device: str | None = None, batch: int = 8, threshold: float = 0.5,
+                 window: tuple[float, float] = DEFAULT_WINDOW, size: int | None = None, weights_dir=None,
+                 model=None, meta=None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if model is None:
+            model, meta = load_shipped(weights, weights_dir, self.device, self.dtype)
+        else:
+            model = model.to(self.device, self.dtype).eval()
+            meta = meta or {"name": "custom", "sha256": ""}
+        self.model, self.meta = model, meta
+        self.multi, self.multi_meta = None, None
+        if multiclass:
+            try:
+                self.multi, self.multi_meta = load_shipped(multiclass, weights_dir, self.device, self.dtype)
+            except FileNotFoundError:
+                self.multi = None
+        self.size = int(size or (meta.get("input") or {}).get("size") or 352)
+        self.batch = batch
+        self.threshold = threshold
+        self.window = tuple(window)
+        desc = f"Inf-Net ({meta.get('arch', '?')}, weights {meta.get('name', '?')})"
+        if self.multi is not None:
+            desc += f"; multi-class {self.multi_meta.get('name')} sha256 {self.multi_meta.get('sha256', '')[:16]}"
+        self.identity = EngineIdentity(name="infnet", version=ENGINE_VERSION,
+                                       weights_sha256=meta.get("sha256", ""), description=desc)
+
+    # --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _run(self, crops: list[np.ndarray]):
+        """crops: windowed [0,1] 2-D arrays of varying size -> (prob maps, label maps or None) at crop size."""
+        s = self.size
+        x = torch.stack([F.interpolate(torch.from_numpy(c)[None, None], size=(s, s), mode="bilinear",
+                                       align_corners=False)[0] for c in crops])
+        x = ((x - IMG_MEAN) / IMG_STD).to(self.device, self.dtype)
+        logit = self.model(x)[3].float()
+        prob_s = torch.sigmoid(logit)
+        labels_s = None
+        if self.multi is not None:
+            prior = (prob_s >= self.threshold).to(self.dtype)
+            labels_s = self.multi(torch.cat([x, prior], 1)).float()
+        probs, labels = [], []
+        for i, c in enumerate(crops):
+            p = F.interpolate(prob_s[i:i + 1], size=c.shape, mode="bilinear", align_corners=False)[0, 0]
+            probs.append(p.cpu().numpy())
+            if labels_s is not None:
+                lg = F.interpolate(labels_s[i:i + 1], size=c.shape, mode="bilinear", align_corners=False)
+                labels.append(lg.argmax(1)[0].cpu().numpy().astype(np.uint8))
+        return probs, (labels if labels_s is not None else None)
+
+    def segment(self, volume: Volume, lungs: LungMasks) -> InfectionResult:
+        hu = volume.hu
+        lung = lungs.labels > 0
+        if lung.shape != hu.shape:
+            raise ValueError(f"lung mask {lung.shape} does not match volume {hu.shape}")
+        prob = np.zeros(hu.shape, np.float32)
+        cons = np.zeros(hu.shape, bool) if self.multi is not None else None
+        ks = [k for k in range(hu.shape[0]) if lung[k].any()]
+        for i in range(0, len(ks), self.batch):
+            chunk = ks[i:i + self.batch]
+            boxes = [lung_bbox(lung[k]) for k in chunk]
+            crops = [window_hu(hu[k, r0:r1, c0:c1], *self.window) for k, (r0, r1, c0, c1) in zip(chunk, boxes)]
+            probs, labels = self._run(crops)
+            for j, (k, (r0, r1, c0, c1)) in enumerate(zip(chunk, boxes)):
+                prob[k, r0:r1, c0:c1] = probs[j]
+                if labels is not None:
+                    cons[k, r0:r1, c0:c1] = labels[j] == 2
+        prob *= lung
+        infection = (prob >= self.threshold) & lung
+        ggo = consolidation = None
+        if cons is not None:
+            consolidation = infection & cons
+            ggo = infection & ~consolidation
+        return InfectionResult(infection=infection, ggo=ggo, consolidation=consolidation, probability=prob)
+
+
+def register():
+    """Hook for the node: registers this engine under "infnet"."""
+    from node.pipeline.engines import register_engine
+
+    register_engine("infnet", InfNetEngine)

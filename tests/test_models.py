@@ -1,0 +1,237 @@
+"""Networks: output shapes/counts, mode switch, coach mask fraction, shipped weights, engine mapping."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from models.coach import CoachNet, coach_mask  # noqa: E402
+from models.factory import build_model  # noqa: E402
+from models.infnet import OUTPUT_NAMES  # noqa: E402
+
+torch.set_num_threads(1)
+WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "weights"
+
+
+def test_models_import_without_dicom_stack():
+    """models and training import on a bare machine (torch, numpy, pillow): block the DICOM stack and the
+    optional helpers and import everything the GPU machine needs."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('pydicom','highdicom','pynetdicom','scipy','safetensors','tqdm'): sys.modules[m] = None\n"
+            "import models, models.engine, models.registry, models.factory\n"
+            "import training, training.loops, training.cli, training.schedule, training.metrics\n"
+            "from training.loops import tqdm\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("arch,size", [("infnet-res2net50", 64), ("infnet-compact", 64), ("infnet-compact", 96)])
+def test_infnet_five_outputs(arch, size):
+    m = build_model(arch).eval()
+    with torch.no_grad():
+        out = m(torch.randn(2, 1, size, size))
+    assert len(out) == len(OUTPUT_NAMES) == 5
+    for o in out:
+        assert o.shape == (2, 1, size, size)
+        assert torch.isfinite(o).all()
+
+
+def test_reference_backbone_is_res2net50_26w4s():
+    m = build_model("infnet-res2net50")
+    b = m.backbone
+    assert b.out_channels == (256, 512, 1024, 2048)
+    assert [len(getattr(b, f"layer{i}")) for i in range(1, 5)] == [3, 4, 6, 3]
+    blk = b.layer1[0]
+    assert blk.scale == 4 and blk.width == 26
+    n = sum(p.numel() for n_, p in m.named_parameters() if not n_.startswith("inp_"))
+    assert 25e6 < n < 40e6  # published Inf-Net (Res2Net-50): ~33 M parameters
+
+
+def test_compact_is_small():
+    m = build_model("infnet-compact")
+    n = sum(p.numel() for n_, p in m.named_parameters() if not n_.startswith("inp_"))
+    assert n * 2 < 10e6  # fp16 bytes
+
+
+def test_inpaint_mode_shares_weights_and_swaps_heads():
+    m = build_model("infnet-compact").eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        seg = m(x)
+        m.set_mode("inpaint")
+        inp = m(x)
+        m.set_mode("segment")
+        seg2 = m(x)
+    assert len(inp) == 5 and all(o.shape == (1, 1, 64, 64) for o in inp)
+    assert not torch.allclose(seg[3], inp[3])
+    assert torch.allclose(seg[3], seg2[3])
+    # the inpainting heads are linear (plain conv, no BN)
+    assert all(isinstance(h, torch.nn.Conv2d) for h in m.inp_heads.values())
+    shared = [k for k in m.state_dict() if not k.startswith(("seg_heads", "inp_heads"))]
+    assert len(shared) > 100
+
+
+def test_reset_seg_heads_changes_only_heads():
+    m = build_model("infnet-compact")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.reset_seg_heads()
+    after = m.state_dict()
+    changed = {k for k in before if k.endswith("weight") and not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("seg_heads") for k in changed)
+
+
+def test_multiclass_unet():
+    m = build_model("multiclass-unet", {"base": 8}).eval()
+    with torch.no_grad():
+        y = m(torch.randn(2, 2, 64, 64))
+        m.set_mode("inpaint")
+        r = m(torch.randn(2, 2, 64, 64))
+    assert y.shape == (2, 3, 64, 64)
+    assert r.shape == (2, 1, 64, 64)
+
+
+@pytest.mark.parametrize("keep", [0.75, 0.5])
+@pytest.mark.parametrize("alpha", [1.0, 10.0])
+def test_coach_mask_erases_requested_fraction(keep, alpha):
+    torch.manual_seed(0)
+    coach = CoachNet(keep=keep, alpha=alpha).eval()
+    with torch.no_grad():
+        m = coach(torch.randn(3, 1, 64, 64))
+    assert m.shape == (3, 1, 64, 64)
+    assert ((m > 0) & (m < 1)).all()
+    erased = (m < 0.5).float().mean(dim=(1, 2, 3))
+    assert torch.allclose(erased, torch.full_like(erased, 1 - keep), atol=2 / 4096)
+
+
+def test_coach_mask_formula():
+    b = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
+    m = coach_mask(b, keep=0.75, alpha=1.0)
+    # 12 kept (values 4..15), threshold between 3 and 4 -> 3.5
+    assert torch.allclose(m, torch.sigmoid(b - 3.5))
+    assert int((m < 0.5).sum()) == 4
+
+
+def test_coach_gets_gradient():
+    coach = CoachNet()
+    x = torch.randn(2, 1, 32, 32)
+    m = coach(x)
+    (1 - (x * m).abs().mean()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in coach.parameters())
+
+
+def _shipped():
+    return sorted(p.stem for p in WEIGHTS.glob("*.json"))
+
+
+def test_shipped_weights_load_and_hash():
+    names = _shipped()
+    if not names:
+        pytest.skip("no weights shipped in models/weights yet")
+    from models.registry import load_shipped
+
+    total = sum(p.stat().st_size for p in WEIGHTS.iterdir() if p.is_file())
+    assert total <= 20 * 2 ** 20
+    for n in names:
+        model, meta = load_shipped(n)
+        assert meta["sha256"] and meta["arch"]
+        c = 2 if meta["arch"] == "multiclass-unet" else 1
+        with torch.no_grad():
+            out = model(torch.zeros(1, c, 64, 64))
+        assert out is not None
+
+
+def test_registry_rejects_bad_hash(tmp_path):
+    from safetensors.torch import save_file
+
+    from models.registry import WeightsIntegrityError, load_shipped
+
+    m = build_model("infnet-compact")
+    sd = {k: v.half().contiguous() if v.is_floating_point() else v for k, v in m.state_dict().items()
+          if not k.startswith("inp_")}
+    save_file(sd, str(tmp_path / "x.safetensors"))
+    meta = {"name": "x", "arch": "infnet-compact", "model_config": {}, "file": "x.safetensors", "sha256": "0" * 64}
+    (tmp_path / "x.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsIntegrityError, match="sha256"):
+        load_shipped("x", weights_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- engine
+class _BrightStub(torch.nn.Module):
+    """Stand-in network: logit = 20 * (x - 1.85) on the normalised input: only the (brighter than body)
+    synthetic lesion is 'infection', so boundary blending with the chest wall cannot trigger it."""
+
+    def forward(self, x):
+        y = 20 * (x[:, :1] - 1.85)
+        return y, y, y, y, y
+
+
+def _synthetic_volume():
+    from node.pipeline.types import LungMasks, Volume
+
+    s, r, c = 5, 120, 150
+    hu = np.full((s, r, c), -1000.0, np.float32)          # air
+    hu[:, 10:110, 10:140] = 40.0                         # body
+    lab = np.zeros((s, r, c), np.uint8)
+    lab[1:4, 25:95, 20:70] = 1                           # right lung
+    lab[1:4, 30:90, 80:130] = 2                          # left lung
+    hu[lab > 0] = -850.0
+    lesion = np.zeros_like(lab, bool)
+    lesion[2, 40:60, 30:50] = True                       # GGO-like lesion inside the right lung (bright: window top)
+    hu[lesion] = 200.0
+    vol = Volume(hu=hu, positions=np.zeros((s, 3)), orientation=np.array([1, 0, 0, 0, 1, 0.0]),
+                 pixel_spacing=(0.7, 0.7), slice_spacing=1.0, sop_instance_uids=[str(i) for i in range(s)],
+                 series_instance_uid="1", study_instance_uid="2")
+    return vol, LungMasks(labels=lab), lesion
+
+
+def test_engine_maps_back_to_source_grid():
+    from models.engine import InfNetEngine
+
+    vol, lungs, lesion = _synthetic_volume()
+    eng = InfNetEngine(model=_BrightStub(), meta={"name": "stub", "sha256": "", "arch": "stub"}, multiclass=None,
+                       device="cpu", size=64, batch=2, window=(-600.0, 1500.0))
+    res = eng.segment(vol, lungs)
+    assert res.infection.shape == vol.shape and res.infection.dtype == bool
+    assert res.probability.shape == vol.shape
+    assert not (res.infection & ~lungs.lungs).any()          # only inside the lungs
+    assert not res.infection[[0, 1, 3, 4]].any()              # only where the lesion is
+    inter = (res.infection & lesion).sum()
+    union = (res.infection | lesion).sum()
+    assert inter / union > 0.85                               # same place after crop + resize + undo
+    assert eng.identity.name == "infnet"
+
+
+def test_engine_crop_paste_is_exact():
+    """A model that says 'infection everywhere' must give exactly the lung mask back."""
+    from models.engine import InfNetEngine
+
+    class _All(torch.nn.Module):
+        def forward(self, x):
+            y = torch.full_like(x[:, :1], 30.0)
+            return y, y, y, y, y
+
+    vol, lungs, _ = _synthetic_volume()
+    res = InfNetEngine(model=_All(), meta={"name": "all"}, multiclass=None, device="cpu", size=32).segment(vol, lungs)
+    assert np.array_equal(res.infection, lungs.lungs)
+
+
+def test_engine_with_shipped_weights():
+    if "infnet-compact" not in _shipped():
+        pytest.skip("infnet-compact weights not shipped yet")
+    from models.engine import InfNetEngine
+
+    vol, lungs, _ = _synthetic_volume()
+    eng = InfNetEngine(device="cpu", size=64)
+    res = eng.segment(vol, lungs)
+    assert res.infection.shape == vol.shape
+    assert not (res.infection & ~lungs.lungs).any()
+    assert len(eng.identity.weights_sha256) == 64
+    if res.ggo is not None:
+        assert np.array_equal(res.ggo | res.consolidation, res.infection)
+        assert not (res.ggo & res.consolidation).any()

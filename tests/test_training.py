@@ -1,0 +1,214 @@
+"""Training package: metrics against hand-computed cases, losses, augmentation, data loader, tiny runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from training import metrics as M  # noqa: E402
+from training.augment import AugConfig, augment, cutout  # noqa: E402
+from training.losses import coach_loss, masked_l1, multiclass_loss, seg_loss, structure_loss  # noqa: E402
+
+torch.set_num_threads(1)
+DATA = Path("/work/shared/data/covid-semiseg")
+needs_data = pytest.mark.skipif(not (DATA / "TestingSet").is_dir(), reason="COVID-SemiSeg not available")
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def test_dice_sen_spec_hand_computed():
+    gt = np.array([[1, 1, 0, 0], [1, 1, 0, 0]], bool)     # 4 positives
+    pr = np.array([[1, 0, 1, 0], [1, 1, 0, 0]], bool)     # TP 3, FP 1, FN 1, TN 3
+    assert M.confusion(pr, gt) == (3, 1, 1, 3)
+    assert M.dice(pr, gt) == pytest.approx(6 / 8)
+    assert M.sensitivity(pr, gt) == pytest.approx(3 / 4)
+    assert M.specificity(pr, gt) == pytest.approx(3 / 4)
+    assert M.dice(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+
+
+def test_mae_hand_computed():
+    assert M.mae(np.array([[0.0, 0.5], [1.0, 0.25]]), np.array([[0, 1], [1, 0]])) == pytest.approx((0 + .5 + 0 + .25) / 4)
+
+
+def test_mean_dice_over_thresholds():
+    gt = np.array([[1, 0]], bool)
+    # pred 1.0 on the positive, 0 on the negative: every threshold t>0 gives Dice 1; t=0 -> all positive: 2/3
+    pr = np.array([[1.0, 0.0]])
+    assert M.mean_dice(pr, gt) == pytest.approx((255 * 1 + 2 / 3) / 256)
+    # pred 0.5 everywhere: levels 128 (round(127.5)=128); t <= 128/255 -> all positive (2/3), above -> 0
+    pr = np.array([[0.5, 0.5]])
+    assert M.mean_dice(pr, gt) == pytest.approx(129 * (2 / 3) / 256)
+
+
+def test_e_measure_hand_computed():
+    gt = np.array([[1, 0], [0, 0]], bool)
+    assert M.e_measure_binary(gt, gt) == pytest.approx(4 / 3)  # perfect: sum of ones / (N - 1)
+    # all-negative GT: enhanced = 1 - FM
+    assert M.e_measure_binary(np.array([[1, 0], [0, 0]]), np.zeros((2, 2))) == pytest.approx(3 / 3)
+    # vectorised mean over thresholds equals the per-threshold definition
+    rng = np.random.default_rng(1)
+    p, g = rng.random((20, 23)), rng.random((20, 23)) > 0.6
+    ref = np.mean([M.e_measure_binary(np.round(p * 255) >= t, g) for t in range(256)])
+    assert M.mean_e_measure(p, g) == pytest.approx(ref)
+
+
+def test_s_measure_cases():
+    gt = np.zeros((4, 4), bool)
+    gt[:2, :2] = True
+    assert M.s_measure(gt.astype(float), gt) == pytest.approx(1.0, abs=1e-6)  # perfect prediction
+    assert M.s_measure(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0              # empty GT, empty pred
+    assert M.s_measure(np.full((4, 4), 0.25), np.zeros((4, 4))) == pytest.approx(0.75)
+    assert M.s_measure(np.full((4, 4), 0.25), np.ones((4, 4))) == pytest.approx(0.25)
+    # all-zero prediction, GT = top-left 2x2 of 4x4. Object term: O_fg = 0, O_bg = 2*1/(1+1+0) = 1,
+    # S_obj = u*0 + (1-u)*1 = 0.75. Region term: centroid (X, Y) = (2, 2) splits into four constant quadrants;
+    # the toolbox's ssim gives 1 when alpha = beta = 0 (constant maps), so S_reg = 1. S = 0.5*0.75 + 0.5*1.
+    assert M.s_measure(np.zeros((4, 4)), gt) == pytest.approx(0.875)
+
+
+def test_multiclass_dice():
+    gt = np.array([[0, 1, 1, 2]])
+    pr = np.array([[0, 1, 2, 2]])
+    d = M.multiclass_dice(pr, gt)
+    assert d[1] == pytest.approx(2 / 3) and d[2] == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def test_structure_loss_prefers_correct_logits():
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    good = structure_loss((mask * 2 - 1) * 10, mask)
+    bad = structure_loss(-(mask * 2 - 1) * 10, mask)
+    assert good < 0.05 < bad
+
+
+def test_seg_loss_sums_four_maps_and_edge():
+    mask = torch.zeros(1, 1, 16, 16)
+    z = torch.zeros(1, 1, 16, 16)
+    l4 = 4 * structure_loss(z, mask)
+    assert seg_loss([z] * 5, mask, None) == pytest.approx(float(l4))
+    assert seg_loss([z] * 5, mask, mask) == pytest.approx(float(l4) + np.log(2), rel=1e-5)
+
+
+def test_masked_l1_counts_erased_region_only():
+    x = torch.zeros(1, 1, 4, 4)
+    y = torch.ones(1, 1, 4, 4)
+    keep = torch.ones(1, 1, 4, 4)
+    keep[..., :2, :] = 0          # top half erased
+    y2 = y.clone()
+    y2[..., 2:, :] = 5            # errors in the kept region are ignored
+    assert masked_l1(y2, x, keep) == pytest.approx(1.0)
+    assert coach_loss(masked_l1(y2, x, keep)) == pytest.approx(0.0)
+
+
+def test_multiclass_loss_finite_and_ordered():
+    lab = torch.zeros(1, 1, 8, 8)
+    lab[..., :4, :] = 1
+    lab[..., 6:, :] = 2
+    oh = torch.nn.functional.one_hot(lab[:, 0].long(), 3).permute(0, 3, 1, 2).float()
+    assert multiclass_loss(oh * 10, lab) < multiclass_loss(torch.zeros(1, 3, 8, 8), lab)
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+def test_augment_shapes_and_labels_stay_labels():
+    g = torch.Generator().manual_seed(0)
+    b = {"image": torch.rand(3, 1, 40, 40), "mask": (torch.rand(3, 1, 40, 40) > 0.5).float(),
+         "label": torch.randint(0, 3, (3, 1, 40, 40)).float()}
+    out = augment(b, 32, AugConfig(enabled=True, cutout=0.4), g)
+    assert all(v.shape == (3, 1, 32, 32) for v in out.values())
+    assert set(out["label"].unique().tolist()) <= {0.0, 1.0, 2.0}
+
+
+def test_augment_disabled_is_resize_only():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 1, 16, 16)
+    out = augment({"image": img}, 16, AugConfig(enabled=False), g)
+    assert torch.allclose(out["image"], img, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.5])
+def test_cutout_area(ratio):
+    g = torch.Generator().manual_seed(0)
+    img = torch.ones(200, 1, 50, 50)
+    out = cutout(img, ratio, p=1.0, gen=g)
+    erased = (out == 0).float().mean(dim=(1, 2, 3))
+    assert float(erased.max()) == pytest.approx(ratio, abs=0.03)   # full square when inside the image
+    assert float(erased.min()) > 0
+
+
+# ----------------------------------------------------------------------------------------------- data + runs
+@needs_data
+def test_loader_counts():
+    from training.data import load_split, train_val_split
+
+    d = load_split("doctor", DATA)
+    assert len(d) == 50 and len(d.edges) == 50
+    assert d.images[0].dtype == np.uint8 and d.images[0].shape == d.masks[0].shape
+    t = load_split("test", DATA)
+    assert len(t) == 48
+    mt = load_split("multi-test", DATA)
+    assert set(np.unique(np.concatenate([m.ravel() for m in mt.masks]))) <= {0, 1, 2}
+    tr, va = train_val_split(50, 10, 0)
+    assert len(tr) == 40 and len(va) == 10 and not set(tr) & set(va)
+    assert train_val_split(50, 10, 0) == (tr, va)  # fixed
+
+
+def test_tiny_training_lowers_the_loss():
+    from models.factory import build_model
+
+    torch.manual_seed(0)
+    if (DATA / "TrainingSet").is_dir():
+        from training.data import load_split, normalize, stack
+        t = stack(load_split("doctor", DATA).subset([0, 1, 2, 3]), 64)
+        x, mask, edge = normalize(t["image"]), t["mask"], t["edge"]
+    else:  # synthetic fallback
+        x = torch.randn(4, 1, 64, 64)
+        mask = (x > 1).float()
+        edge = torch.zeros_like(mask)
+    model = build_model("infnet-compact").train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = seg_loss(model(x), mask, edge)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+@needs_data
+def test_cli_tiny_run_resume_evaluate_export(tmp_path):
+    from training.cli import main
+
+    rd = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--run-dir", str(rd), "--train-limit", "4", "--epochs", "1",
+                 "--aug", "--cutout", "0.4"]) == 0
+    for f in ("config.json", "log.txt", "metrics.json", "last.pt", "best.pt"):
+        assert (rd / f).exists(), f
+    # resume continues at epoch 2
+    assert main(["train", "--preset", "tiny", "--run-dir", str(rd), "--train-limit", "4", "--epochs", "2",
+                 "--resume"]) == 0
+    hist = json.loads((rd / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert "resumed" in (rd / "log.txt").read_text()
+    # export + registry round trip
+    assert main(["export", "--ckpt", str(rd / "best.pt"), "--name", "tiny", "--out-dir", str(tmp_path / "w")]) == 0
+    from models.registry import load_shipped
+    model, meta = load_shipped("tiny", weights_dir=tmp_path / "w")
+    assert meta["arch"] == "infnet-compact"
+
+
+@needs_data
+def test_cli_tiny_pretrain_then_finetune(tmp_path):
+    from training.cli import main
+
+    assert main(["pretrain", "--preset", "tiny", "--run-dir", str(tmp_path / "p"), "--epochs", "2",
+                 "--max-batches", "1"]) == 0
+    hist = json.loads((tmp_path / "p" / "metrics.json").read_text())["history"]
+    assert hist[0]["coach_loss"] is None and hist[1]["coach_loss"] is not None  # coach steps from epoch 2
+    assert main(["train", "--preset", "tiny", "--run-dir", str(tmp_path / "f"), "--train-limit", "4",
+                 "--init", str(tmp_path / "p" / "pretrained.pt")]) == 0
+    assert "source mode inpaint" in (tmp_path / "f" / "log.txt").read_text()
