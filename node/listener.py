@@ -188,6 +188,9 @@ class Listener:
         self.settings = settings
         self.sessions = sessions
         self._db_lock = threading.Lock()  # one writer at a time: SQLite allows no more, and it keeps study upserts simple
+        # Bytes stored per study (for max_study_gb): read from the database once per study, then kept up to
+        # date here, so the check costs no query per instance. Guarded by _db_lock.
+        self._study_sizes: dict[str, int] = {}
         self._server = None
         install_log_redaction()
         s = settings.node
@@ -314,11 +317,14 @@ class Listener:
                 yield chunk
 
     def _study_bytes(self, study_uid: str) -> int:
-        with self.sessions() as session:
-            total = session.scalar(
-                select(func.coalesce(func.sum(Instance.size), 0)).join(Study, Instance.study_id == Study.id)
-                .where(Study.study_instance_uid == study_uid, Instance.purged_at.is_(None)))
-        return int(total or 0)
+        with self._db_lock:
+            if study_uid not in self._study_sizes:
+                with self.sessions() as session:
+                    total = session.scalar(
+                        select(func.coalesce(func.sum(Instance.size), 0)).join(Study, Instance.study_id == Study.id)
+                        .where(Study.study_instance_uid == study_uid, Instance.purged_at.is_(None)))
+                self._study_sizes[study_uid] = int(total or 0)
+            return self._study_sizes[study_uid]
 
     def handle_store(self, event: Any) -> Dataset | int:
         context = event.context
@@ -367,8 +373,11 @@ class Listener:
             patient_id=patient_id, accession_number=accession,
         )
         try:
-            with self._db_lock, self.sessions.begin() as session:
-                record_instance(session, received)
+            with self._db_lock:
+                with self.sessions.begin() as session:
+                    outcome = record_instance(session, received)
+                if outcome == "stored" and received.study_instance_uid in self._study_sizes:
+                    self._study_sizes[received.study_instance_uid] += size
         except Exception as exc:
             # Not recorded => not acknowledged; the peer will retry. The spool file is kept (harmless: a
             # retry overwrites it atomically; retention removes files no instance row points to).
