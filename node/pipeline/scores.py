@@ -15,7 +15,8 @@ Severity scores (volumetric series only; None in 2D, where a single slice cannot
   lung and overall, as commercial CT pneumonia analysis tools report them;
 * CT-SS (Yang R. et al., Radiology: Cardiothoracic Imaging 2020;2(2):e200047): 20 regions
   (:data:`node.pipeline.regions.REGIONS`), each 0 (no opacification), 1 (< 50 %) or 2 (>= 50 % of the
-  region involved); total 0-40 (``ctss_total``);
+  region involved); total 0-40 (``ctss_total``); a region under 1 % involved
+  (:data:`MIN_SCORED_PERCENT`, the node's noise floor) scores 0, as does a zone below;
 * lobe/zone score (Pan F. et al., Radiology 2020;295:715-721): five zones (lobes), each 0 none,
   1 < 5 %, 2 5-25 %, 3 > 25 and < 50 %, 4 50-75 %, 5 > 75 %; total 0-25 (``zone_score_total``);
 * ``severity``, :func:`severity_category`: "severe" when CT-SS >= 19.5 (Yang 2020: the cut-off for
@@ -54,6 +55,11 @@ PO_MODERATE = 25.0
 SEVERITY_RULE = ("severe if CT-SS >= 19.5 (Yang 2020) or PO >= 50 %; moderate if PO >= 25 %; mild if "
                  "PO > 0; none otherwise (PO bands: Moscow CT 0-4 scale, Morozov 2020)")
 SEVERITIES = ("none", "mild", "moderate", "severe")
+#: A region or zone with less of its volume involved than this scores 0 (no opacification). Automated
+#: segmentation leaves scattered false-positive voxels everywhere; without a floor every region would score
+#: at least 1, CT-SS would reach 20 (>= 19.5: "severe") on an almost clear scan. The node's choice, not the
+#: papers': readers score visible opacities, which are far above 1 % of a segment.
+MIN_SCORED_PERCENT = 1.0
 
 
 @dataclass
@@ -139,15 +145,17 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def ctss_region_score(percent: float | None) -> int:
-    """CT-SS score of one region from its involved percentage: 0 none, 1 < 50 %, 2 >= 50 %."""
-    if percent is None or percent <= 0:
+    """CT-SS score of one region from its involved percentage: 0 none (below :data:`MIN_SCORED_PERCENT`),
+    1 < 50 %, 2 >= 50 %."""
+    if percent is None or percent < MIN_SCORED_PERCENT:
         return 0
     return 1 if percent < 50.0 else 2
 
 
 def zone_score(percent: float | None) -> int:
-    """Lobe/zone score (Pan 2020): 0 none, 1 < 5 %, 2 5-25 %, 3 > 25 and < 50 %, 4 50-75 %, 5 > 75 %."""
-    if percent is None or percent <= 0:
+    """Lobe/zone score (Pan 2020): 0 none (below :data:`MIN_SCORED_PERCENT`), 1 < 5 %, 2 5-25 %,
+    3 > 25 and < 50 %, 4 50-75 %, 5 > 75 %."""
+    if percent is None or percent < MIN_SCORED_PERCENT:
         return 0
     if percent < 5.0:
         return 1
