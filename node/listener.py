@@ -1,4 +1,4 @@
-"""The DICOM listener: Verification and CT Image Storage SCP (pynetdicom).
+"""The DICOM listener: Verification, CT Image Storage and (reference) Segmentation Storage SCP (pynetdicom).
 
 A C-STORE is acknowledged with success only after the bytes, exactly as received, are in the spool (atomic
 write) and the instance is committed to the database. Anything the node cannot process is refused with a
@@ -8,6 +8,10 @@ Association gate (in this order): disk guard (spool filesystem too full: transie
 binding (``node.allowed_peers``), then pynetdicom's calling-AE allow-list, called-AE check and association
 limit. Every rejection is an ``association_rejected`` event with the calling AE, the peer address and why.
 Optional DICOM TLS (``[tls]``) wraps every association.
+
+A Segmentation (Modality SEG) is a *reference* to audit the node against (e.g. a radiologist's corrected
+SEG): it is spooled and acknowledged the same way, under ``<spool>/references/``, and recorded in
+``reference_segs``; it never starts or joins a processing job (:mod:`node.agreement` compares it later).
 
 Log lines never carry patient identifiers: refusal reasons are built from fixed text and sanitised code
 strings only; UIDs are not logged (the audit table holds them).
@@ -31,14 +35,14 @@ from pydicom.uid import (
     JPEGLSLossless, JPEGLSNearLossless, RLELossless,
 )
 from pynetdicom import AE, _config as pynetdicom_config, evt
-from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, SegmentationStorage, Verification
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
 from node.db.schema import Instance, Study
-from node.registry import ReceivedInstance, add_event, record_instance
+from node.registry import ReceivedInstance, ReceivedReference, add_event, record_instance, record_reference
 from node.security import install_log_redaction, peer_allowed, server_ssl_context
 from node.spool import DiskGuard, atomic_write, is_valid_uid, spool_path
 
@@ -181,6 +185,38 @@ def _validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> tup
     return None
 
 
+REFERENCES_DIR = "references"  # spool sub-folder for reference SEGs (never a UID, so never a study folder)
+
+
+def referenced_series_uid(ds: Dataset) -> str:
+    """The source series a SEG segments: the first valid SeriesInstanceUID of its ReferencedSeriesSequence."""
+    for item in ds.get("ReferencedSeriesSequence", None) or []:
+        uid = str(item.get("SeriesInstanceUID", ""))
+        if is_valid_uid(uid):
+            return uid
+    return ""
+
+
+def validate_reference(ds: Dataset, sop_class: str) -> tuple[int, str] | None:
+    """Checks for a reference Segmentation before it is stored: (status, reason) to refuse it, or None."""
+    try:
+        if str(ds.get("SOPClassUID", "")) != sop_class:
+            return DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID does not match the context"
+        modality = str(ds.get("Modality", ""))
+        if modality != "SEG":
+            return DOES_NOT_MATCH_SOP_CLASS, f"Modality {_safe_code(modality) if modality else 'missing'}, expected SEG"
+        for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            if not is_valid_uid(str(ds.get(key, ""))):
+                return CANNOT_UNDERSTAND, f"invalid {key}"
+        if "PixelData" not in ds:
+            return DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data"
+        if not referenced_series_uid(ds):
+            return CANNOT_UNDERSTAND, "SEG without ReferencedSeriesSequence"
+    except Exception as exc:
+        return CANNOT_UNDERSTAND, f"cannot read header values: {type(exc).__name__}"
+    return None
+
+
 class Listener:
     """Owns the pynetdicom AE; ``start()`` returns at once, ``stop()`` shuts the server down."""
 
@@ -218,6 +254,7 @@ class Listener:
         ae.add_supported_context(CTImageStorage, TRANSFER_SYNTAXES)
         # Accepted at negotiation so that each instance gets a clear refusal instead of a silent context rejection.
         ae.add_supported_context(EnhancedCTImageStorage, TRANSFER_SYNTAXES)
+        ae.add_supported_context(SegmentationStorage, TRANSFER_SYNTAXES)  # references (node.agreement)
         return ae
 
     # -- server lifecycle -------------------------------------------------------------------------------
@@ -326,6 +363,41 @@ class Listener:
                 self._study_sizes[study_uid] = int(total or 0)
             return self._study_sizes[study_uid]
 
+    def _spool(self, event: Any, path: Path, tmp_path: Path | None, study_uid: str) -> tuple[int, str] | Dataset:
+        """Write the instance, exactly as received, to ``path``: (size, sha256), or the refusal status."""
+        try:
+            if tmp_path is not None:
+                # pynetdicom wrote preamble + file meta (from the same request and context as
+                # event.file_meta) + the data set as received: the same bytes as encoded_dataset().
+                return atomic_write(path, self._file_chunks(tmp_path))
+            return atomic_write(path, [event.encoded_dataset(include_meta=True)])
+        except OSError as exc:
+            log.error("spool write failed: %s", exc.strerror or type(exc).__name__)
+            return self._refuse(event, OUT_OF_RESOURCES, f"cannot write spool: {exc.strerror}", study_uid)
+
+    def _store_reference(self, event: Any, ds: Dataset, uids: dict[str, str], tmp_path: Path | None) -> Dataset | int:
+        """A reference Segmentation: validate, spool, record; no study, instance or job row is touched."""
+        study_uid = uids["StudyInstanceUID"]
+        problem = validate_reference(ds, str(event.context.abstract_syntax))
+        if problem is not None:
+            return self._refuse(event, problem[0], problem[1], study_uid)
+        path = spool_path(self.settings.spool_dir / REFERENCES_DIR, *uids.values())
+        written = self._spool(event, path, tmp_path, study_uid)
+        if isinstance(written, Dataset):
+            return written
+        aet, _ = _peer(event)
+        ref = ReceivedReference(
+            study_instance_uid=study_uid, series_instance_uid=uids["SeriesInstanceUID"],
+            sop_instance_uid=uids["SOPInstanceUID"], source_series_uid=referenced_series_uid(ds),
+            path=str(path), size=written[0], sha256=written[1], calling_aet=aet)
+        try:
+            with self._db_lock, self.sessions.begin() as session:
+                record_reference(session, ref)
+        except Exception as exc:
+            log.error("database error while recording a reference SEG: %s", _db_error(exc))
+            return _status(OUT_OF_RESOURCES, "database unavailable, retry later")
+        return SUCCESS
+
     def handle_store(self, event: Any) -> Dataset | int:
         context = event.context
         size, tmp_path = self._received_size(event)
@@ -346,6 +418,8 @@ class Listener:
             patient_id, accession = str(ds.get("PatientID", "")), str(ds.get("AccessionNumber", ""))
         except Exception as exc:  # undecodable element stream
             return self._refuse(event, CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}")
+        if sop_class == SegmentationStorage:
+            return self._store_reference(event, ds, uids, tmp_path)
         problem = validate_instance(ds, sop_class, str(context.transfer_syntax))
         if problem is not None:
             return self._refuse(event, problem[0], problem[1], study_uid)
@@ -355,16 +429,10 @@ class Listener:
         settings = self.settings
         path = spool_path(settings.spool_dir, *uids.values())
         aet, _ = _peer(event)
-        try:
-            if tmp_path is not None:
-                # pynetdicom wrote preamble + file meta (from the same request and context as
-                # event.file_meta) + the data set as received: the same bytes as encoded_dataset().
-                size, digest = atomic_write(path, self._file_chunks(tmp_path))
-            else:
-                size, digest = atomic_write(path, [event.encoded_dataset(include_meta=True)])
-        except OSError as exc:
-            log.error("spool write failed: %s", exc.strerror or type(exc).__name__)
-            return self._refuse(event, OUT_OF_RESOURCES, f"cannot write spool: {exc.strerror}", study_uid)
+        written = self._spool(event, path, tmp_path, study_uid)
+        if isinstance(written, Dataset):
+            return written
+        size, digest = written
         received = ReceivedInstance(
             study_instance_uid=uids["StudyInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
             sop_instance_uid=uids["SOPInstanceUID"], sop_class_uid=sop_class,

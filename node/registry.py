@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from node.db.schema import Event, Export, Instance, Job, Series, Study, utcnow
+from node.db.schema import Event, Export, Instance, Job, ReferenceSeg, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,49 @@ def record_instance(session: Session, inst: ReceivedInstance) -> str:
                          transfer_syntax_uid=inst.transfer_syntax_uid, path=inst.path, size=inst.size,
                          sha256=inst.sha256, calling_aet=inst.calling_aet[:16], received_at=now))
     return "stored"
+
+
+@dataclass(frozen=True)
+class ReceivedReference:
+    """A Segmentation received as a reference (already in the spool); ``source_series_uid`` is the series
+    it segments, from its ReferencedSeriesSequence."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    source_series_uid: str
+    path: str
+    size: int
+    sha256: str
+    calling_aet: str = ""
+
+
+def record_reference(session: Session, ref: ReceivedReference) -> str:
+    """Record a reference SEG already written to the spool: "stored", "duplicate" or "replaced".
+
+    It touches no study, series, instance or job row (a reference never starts or joins a processing job);
+    :mod:`node.agreement` compares it with the node's result later. A resend with different bytes is
+    compared again (its earlier agreements are dropped). The caller commits.
+    """
+    now = utcnow()
+    existing = session.scalars(select(ReferenceSeg).where(ReferenceSeg.sop_instance_uid == ref.sop_instance_uid)).first()
+    if existing is not None and existing.sha256 == ref.sha256:
+        return "duplicate"
+    if existing is None:
+        existing = ReferenceSeg(sop_instance_uid=ref.sop_instance_uid)
+        session.add(existing)
+        outcome = "stored"
+    else:
+        existing.agreements.clear()
+        outcome = "replaced"
+    existing.study_instance_uid, existing.series_instance_uid = ref.study_instance_uid, ref.series_instance_uid
+    existing.source_series_uid, existing.path, existing.size = ref.source_series_uid, ref.path, ref.size
+    existing.sha256, existing.calling_aet, existing.received_at = ref.sha256, ref.calling_aet[:16], now
+    existing.state, existing.reason, existing.job_id, existing.computed_at = "pending", "", None, None
+    add_event(session, "reference_received" if outcome == "stored" else "reference_replaced",
+              f"reference SEG {ref.sop_instance_uid} for series {ref.source_series_uid}",
+              study_uid=ref.study_instance_uid, calling_aet=ref.calling_aet)
+    return outcome
 
 
 def instance_paths_for_job(session: Session, job: Job) -> list[str]:

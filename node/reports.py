@@ -6,7 +6,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db.schema import Export, Job, utcnow
+from node.db.schema import Agreement, Export, Job, ReferenceSeg, utcnow
 from node.registry import add_event, set_job_state
 
 CSV_FIELDS = [
@@ -59,6 +59,33 @@ def _region_lines(scores: dict[str, Any]) -> list[str]:
     return out
 
 
+_SHORT = {"right_lung": "right lung", "left_lung": "left lung", "infection": "infection", "ggo": "GGO",
+          "consolidation": "consolidation"}
+
+
+def agreement_lines(session: Session, job_id: int) -> list[str]:
+    """One line per reference SEG compared with this job's result: Dice per segment, infection volume
+    difference (reference - node), and a detail line per segment."""
+    refs = session.scalars(select(ReferenceSeg).join(Agreement, Agreement.reference_id == ReferenceSeg.id)
+                           .where(Agreement.job_id == job_id).distinct().order_by(ReferenceSeg.id))
+    out: list[str] = []
+    for ref in refs:
+        rows = [a for a in ref.agreements if a.job_id == job_id]
+        dices = ", ".join(f"{_SHORT.get(a.segment_key, a.segment_key)} Dice "
+                          + ("n/a (both empty)" if a.dice is None else f"{a.dice:.2f}") for a in rows)
+        main = next((a for a in rows if a.segment_key == "infection"), rows[0])
+        out.append(f"  agreement with reference SEG {ref.sop_instance_uid} (received {ref.received_at:%Y-%m-%d %H:%M:%S} "
+                   f"UTC): {dices}, {_SHORT.get(main.segment_key, main.segment_key)} volume difference "
+                   f"{main.volume_difference_ml:+.1f} ml")
+        for a in rows:
+            out.append(f"    {a.node_segment_label} (#{a.node_segment_number}) vs {a.reference_segment_label} "
+                       f"(#{a.reference_segment_numbers}): node {a.volume_node_ml:.1f} ml, reference "
+                       f"{a.volume_reference_ml:.1f} ml, difference {a.volume_difference_ml:+.1f} ml")
+    failed = session.scalars(select(ReferenceSeg).where(ReferenceSeg.job_id == job_id, ReferenceSeg.state == "failed"))
+    out.extend(f"  reference SEG {ref.sop_instance_uid}: not compared: {ref.reason}" for ref in failed)
+    return out
+
+
 def result_rows(session: Session) -> list[dict[str, Any]]:
     rows = []
     for job in session.scalars(select(Job).order_by(Job.id)):
@@ -105,6 +132,7 @@ def result_text(session: Session, job_id: int) -> str | None:
         if res.seg_path:
             lines.append(f"  SEG {res.seg_sop_instance_uid}: {res.seg_path}")
             lines.append(f"  SR  {res.sr_sop_instance_uid}: {res.sr_path}")
+    lines.extend(agreement_lines(session, job.id))
     for ex in job.exports:
         lines.append(f"  export to {ex.destination}: {ex.state}, {ex.attempts} attempt(s)"
                      + (f", last error: {ex.last_error}" if ex.last_error else ""))

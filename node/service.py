@@ -5,6 +5,7 @@ Scheduler jobs, each small and idempotent (the database holds all state):
 - ``dispatch``: reap finished/dead/overdue workers, then start a worker process per ready job (up to
   ``processing.workers``);
 - ``exports``: send due exports (retry with backoff, dead-letter);
+- ``agreements``: compare reference SEGs received with the node's results (:mod:`node.agreement`);
 - ``retention``: remove spool files of finished studies after ``storage.retention_days``.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
 from node.config import Settings
+from node.agreement import compute_pending
 from node.db import open_database
 from node.db.schema import Instance, Job, utcnow
 from node.export import run_exports
@@ -60,6 +62,7 @@ class Node:
         self.scheduler.add_job(self.tick_readiness, "interval", seconds=every, id="readiness")
         self.scheduler.add_job(self.tick_dispatch, "interval", seconds=every, id="dispatch")
         self.scheduler.add_job(self.tick_exports, "interval", seconds=every, id="exports")
+        self.scheduler.add_job(self.tick_agreements, "interval", seconds=max(every, 1.0), id="agreements")
         self.scheduler.add_job(self.tick_retention, "interval", hours=1, id="retention",
                                next_run_time=dt.datetime.now() + dt.timedelta(seconds=5))
         self.scheduler.start()
@@ -127,6 +130,10 @@ class Node:
 
     def tick_exports(self) -> None:
         run_exports(self.settings, self.sessions)
+
+    def tick_agreements(self) -> None:
+        """Dice and volume agreement for reference SEGs that are pending or waiting for a node result."""
+        compute_pending(self.sessions)
 
     def tick_retention(self) -> None:
         """Delete spool files of studies finished more than ``retention_days`` ago, and stale temp files."""

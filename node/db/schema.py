@@ -11,6 +11,10 @@ Job states (one row per study *version*; a late instance for a study already tak
 
 Export states: pending -> sent | dead (after ``export.max_attempts``); ``ctnode jobs retry`` puts a dead
 export back to pending.
+
+Reference SEG states (a Segmentation received to audit the node against, :mod:`node.agreement`)::
+
+    pending -> done | unmatched | failed      (unmatched is retried until a node result for its series exists)
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class Base(DeclarativeBase):
 
 JOB_STATES = ("received", "ready", "processing", "done", "skipped", "failed")
 EXPORT_STATES = ("pending", "sent", "dead")
+REFERENCE_STATES = ("pending", "done", "unmatched", "failed")
 
 
 class Study(Base):
@@ -141,3 +146,53 @@ class Event(Base):
     peer: Mapped[str] = mapped_column(String(64), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
     elapsed_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ReferenceSeg(Base):
+    """A Segmentation received as a reference (e.g. a radiologist's correction); it never starts a job.
+
+    ``path`` is the spool file with the bytes exactly as received; ``source_series_uid`` is the series it
+    segments (its ReferencedSeriesSequence), which is how it is matched to the node's result.
+    """
+
+    __tablename__ = "reference_segs"
+    __table_args__ = (Index("ix_reference_segs_state", "state"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    source_series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)  # the result compared
+    computed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    agreements: Mapped[list["Agreement"]] = relationship(back_populates="reference", order_by="Agreement.id",
+                                                         cascade="all, delete-orphan")
+
+
+class Agreement(Base):
+    """Agreement of one node segment with the matching reference segment(s): Dice and volumes."""
+
+    __tablename__ = "agreements"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    reference_id: Mapped[int] = mapped_column(ForeignKey("reference_segs.id"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    reference_sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    reference_series_uid: Mapped[str] = mapped_column(String(64))
+    segment_key: Mapped[str] = mapped_column(String(32))          # right_lung, left_lung, infection, ggo, ...
+    node_segment_number: Mapped[int] = mapped_column(Integer)
+    node_segment_label: Mapped[str] = mapped_column(String(64), default="")
+    reference_segment_numbers: Mapped[str] = mapped_column(String(64), default="")  # "3" or "3,4" (union)
+    reference_segment_label: Mapped[str] = mapped_column(String(64), default="")
+    dice: Mapped[float | None] = mapped_column(Float, nullable=True)  # None when both masks are empty
+    volume_node_ml: Mapped[float] = mapped_column(Float)
+    volume_reference_ml: Mapped[float] = mapped_column(Float)
+    volume_difference_ml: Mapped[float] = mapped_column(Float)    # reference - node
+    computed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    reference: Mapped[ReferenceSeg] = relationship(back_populates="agreements")

@@ -1,0 +1,248 @@
+"""Agreement of the node's SEG with a reference SEG (e.g. a radiologist's correction): Dice and volumes.
+
+A reference SEG (``reference_segs``, recorded by the listener) is matched to the node's latest *done*
+result whose series is the SEG's referenced series (ReferencedSeriesSequence). Segments are paired by
+meaning, not by number (:func:`classify_segment`: codes first, then the label), both SEGs are decoded with
+highdicom over the union of the source instances either one references, and for each segment present in
+both, the Dice coefficient and the volumes are stored in ``agreements`` (one row per segment).
+
+A reference for a series the node has no result for (yet) is ``unmatched`` with the reason, and is tried
+again on every tick until a result appears; one that cannot be read or compared is ``failed`` with why.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.db.schema import Agreement, Instance, Job, ReferenceSeg, Result, Series, utcnow
+from node.registry import add_event
+
+log = logging.getLogger(__name__)
+
+#: Segment keys compared, in report order (the keys of :data:`node.writers.seg.SEGMENT_NUMBERS`).
+KEYS = ("right_lung", "left_lung", "infection", "ggo", "consolidation")
+
+# (coding scheme, code value) -> key; laterality of "Lung" comes from the modifier or the label.
+_CODES = {
+    ("SCT", "3341006"): "right_lung", ("SCT", "44029006"): "left_lung",
+    ("DCM", "112001"): "infection", ("DCM", "112120"): "ggo", ("SCT", "9656002"): "consolidation",
+    ("SCT", "95436008"): "consolidation",
+}
+_LUNG = ("SCT", "39607008")
+_RIGHT, _LEFT = ("SCT", "24028007"), ("SCT", "7771000")
+
+
+def _code(item: Dataset) -> tuple[str, str]:
+    return str(item.get("CodingSchemeDesignator", "")).upper(), str(item.get("CodeValue", ""))
+
+
+def classify_segment(segment: Dataset) -> str | None:
+    """The key (right_lung, left_lung, infection, ggo, consolidation) of a SegmentSequence item, or None.
+
+    Codes decide first (Lung + laterality modifier, SCT right/left lung, DCM 112001 Opacity, DCM 112120
+    Ground glass opacity, SCT Consolidation); otherwise the label: "right"/"left" + "lung", "ground
+    glass"/"GGO", "consolidation", then "infection"/"lesion"/"opacity".
+    """
+    label = str(segment.get("SegmentLabel", "")).lower().replace("-", " ")
+    for prop in segment.get("SegmentedPropertyTypeCodeSequence", None) or []:
+        code = _code(prop)
+        if code in _CODES:
+            return _CODES[code]
+        if code == _LUNG:
+            modifiers = {_code(m) for m in prop.get("SegmentedPropertyTypeModifierCodeSequence", None) or []}
+            if _RIGHT in modifiers or (not modifiers and "right" in label):
+                return "right_lung"
+            if _LEFT in modifiers or (not modifiers and "left" in label):
+                return "left_lung"
+    if "lung" in label and "right" in label:
+        return "right_lung"
+    if "lung" in label and "left" in label:
+        return "left_lung"
+    if "ground glass" in label or "ggo" in label.split():
+        return "ggo"
+    if "consolidation" in label:
+        return "consolidation"
+    if any(word in label for word in ("infection", "lesion", "opacity")):
+        return "infection"
+    return None
+
+
+def segment_map(seg: Any) -> dict[str, list[tuple[int, str]]]:
+    """key -> [(segment number, label), ...] for a highdicom Segmentation (several segments: their union)."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    for item in seg.SegmentSequence:
+        key = classify_segment(item)
+        if key is not None:
+            out.setdefault(key, []).append((int(item.SegmentNumber), str(item.get("SegmentLabel", ""))))
+    return out
+
+
+def source_sop_uids(seg: Any) -> list[str]:
+    """SOP Instance UIDs of the source images a SEG references (ReferencedSeriesSequence), in file order."""
+    return [str(sop) for _, _, sop in seg.get_source_image_uids()]
+
+
+def masks(seg: Any, sops: Sequence[str], numbers: Sequence[int]) -> np.ndarray:
+    """Union of ``numbers`` as a bool (len(sops), rows, cols) mask over the source instances ``sops``."""
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(sops), segment_numbers=list(numbers),
+                                               assert_missing_frames_are_empty=True)
+    return (pixels >= 0.5).any(axis=-1)  # BINARY is 0/1; FRACTIONAL is rescaled to 0..1
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Dice coefficient 2|A&B| / (|A| + |B|); None when both masks are empty (undefined)."""
+    total = int(a.sum()) + int(b.sum())
+    return None if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def _seg_voxel_ml(seg: Any) -> float | None:
+    """Voxel volume from the SEG's shared PixelMeasuresSequence (SpacingBetweenSlices, else SliceThickness)."""
+    try:
+        pm = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        step = pm.get("SpacingBetweenSlices") or pm.get("SliceThickness")
+        return float(pm.PixelSpacing[0]) * float(pm.PixelSpacing[1]) * float(step) / 1000.0 if step else None
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
+@dataclass
+class SourceGrid:
+    """The source series as the node saw it: slice order and voxel volume (None when unknown)."""
+
+    sop_uids: list[str]
+    voxel_ml: float | None
+    origin: str
+
+
+def source_grid(session: Session, series_uid: str) -> SourceGrid:
+    """Slice order and voxel volume of ``series_uid`` from its CT headers still in the spool."""
+    from node.pipeline.volume import series_geometry
+
+    paths = session.scalars(select(Instance.path).join(Series, Instance.series_id == Series.id).where(
+        Series.series_instance_uid == series_uid, Instance.purged_at.is_(None)))
+    try:
+        headers = [dcmread(p, stop_before_pixels=True) for p in paths]
+        geo = series_geometry(headers)
+    except Exception as exc:  # purged, unreadable or not one stack: the SEG's own pixel measures are used
+        log.debug("no spool geometry for the series: %s", exc)
+        return SourceGrid([], None, "")
+    sops = [str(headers[i].SOPInstanceUID) for i in geo.order]
+    voxel = geo.pixel_spacing[0] * geo.pixel_spacing[1] * geo.slice_spacing / 1000.0
+    return SourceGrid(sops, voxel if voxel > 0 else None, "CT headers")
+
+
+@dataclass
+class SegmentAgreement:
+    key: str
+    node_numbers: list[tuple[int, str]]
+    reference_numbers: list[tuple[int, str]]
+    dice: float | None
+    volume_node_ml: float
+    volume_reference_ml: float
+
+
+def compare(node_seg: Any, reference_seg: Any, grid: SourceGrid) -> tuple[list[SegmentAgreement], str]:
+    """Dice and volumes for every segment key both SEGs have; returns them and a note (voxel size origin,
+    segments only one side has)."""
+    node_map, ref_map = segment_map(node_seg), segment_map(reference_seg)
+    keys = [k for k in KEYS if k in node_map and k in ref_map]
+    if not keys:
+        raise ValueError("no segment of the reference SEG matches a node segment (labels: "
+                         + ", ".join(str(s.get("SegmentLabel", "?")) for s in reference_seg.SegmentSequence) + ")")
+    sops = list(grid.sop_uids)
+    known = set(sops)
+    for uid in source_sop_uids(node_seg) + source_sop_uids(reference_seg):
+        if uid not in known:
+            sops.append(uid)
+            known.add(uid)
+    voxel, origin = grid.voxel_ml, grid.origin
+    if voxel is None:
+        voxel, origin = _seg_voxel_ml(node_seg) or _seg_voxel_ml(reference_seg), "SEG pixel measures"
+    if voxel is None:
+        raise ValueError("voxel size unknown: no CT headers in the spool and no SEG pixel measures")
+    out = []
+    for key in keys:
+        a = masks(node_seg, sops, [n for n, _ in node_map[key]])
+        b = masks(reference_seg, sops, [n for n, _ in ref_map[key]])
+        out.append(SegmentAgreement(key, node_map[key], ref_map[key], dice(a, b),
+                                    float(a.sum()) * voxel, float(b.sum()) * voxel))
+    notes = [f"{len(sops)} source slices, voxel {voxel * 1000:.3f} mm3 from {origin}"]
+    only_ref = [k for k in ref_map if k not in node_map]
+    if only_ref:
+        notes.append("reference segments without a node segment: " + ", ".join(only_ref))
+    return out, "; ".join(notes)
+
+
+def latest_result(session: Session, series_uid: str) -> Result | None:
+    """The node's latest done result for ``series_uid`` with a SEG file."""
+    return session.scalars(
+        select(Result).join(Job, Result.job_id == Job.id)
+        .where(Result.series_instance_uid == series_uid, Job.state == "done", Result.seg_path != "")
+        .order_by(Job.version.desc(), Result.id.desc()).limit(1)).first()
+
+
+def compute_agreement(session: Session, ref: ReferenceSeg) -> str:
+    """Compare one reference SEG with the node's result; updates ``ref`` and returns its new state."""
+    import highdicom as hd
+
+    result = latest_result(session, ref.source_series_uid)
+    if result is None:
+        reason = f"no node result for series {ref.source_series_uid} yet"
+        if ref.state != "unmatched":
+            add_event(session, "reference_unmatched", f"reference SEG {ref.sop_instance_uid}: {reason}",
+                      study_uid=ref.study_instance_uid)
+        ref.state, ref.reason = "unmatched", reason
+        return ref.state
+    try:
+        node_seg, reference_seg = hd.seg.segread(result.seg_path), hd.seg.segread(ref.path)
+        rows, note = compare(node_seg, reference_seg, source_grid(session, ref.source_series_uid))
+    except Exception as exc:
+        ref.state, ref.reason, ref.job_id, ref.computed_at = "failed", f"{type(exc).__name__}: {exc}"[:4000], \
+            result.job_id, utcnow()
+        add_event(session, "agreement_failed", f"reference SEG {ref.sop_instance_uid}: {ref.reason}",
+                  study_uid=ref.study_instance_uid, job_id=result.job_id)
+        return ref.state
+    now = utcnow()
+    ref.agreements.clear()
+    for r in rows:
+        ref.agreements.append(Agreement(
+            job_id=result.job_id, reference_sop_instance_uid=ref.sop_instance_uid,
+            reference_series_uid=ref.series_instance_uid, segment_key=r.key,
+            node_segment_number=r.node_numbers[0][0], node_segment_label=r.node_numbers[0][1][:64],
+            reference_segment_numbers=",".join(str(n) for n, _ in r.reference_numbers)[:64],
+            reference_segment_label=" + ".join(label for _, label in r.reference_numbers)[:64],
+            dice=r.dice, volume_node_ml=r.volume_node_ml, volume_reference_ml=r.volume_reference_ml,
+            volume_difference_ml=r.volume_reference_ml - r.volume_node_ml, computed_at=now, detail=note))
+    ref.state, ref.reason, ref.job_id, ref.computed_at = "done", note, result.job_id, now
+    summary = ", ".join(f"{r.key} Dice {'-' if r.dice is None else f'{r.dice:.3f}'}" for r in rows)
+    add_event(session, "agreement_computed", f"reference SEG {ref.sop_instance_uid}: {summary}",
+              study_uid=ref.study_instance_uid, job_id=result.job_id)
+    return ref.state
+
+
+def compute_pending(sessions: Any, limit: int = 5) -> int:
+    """One scheduler tick: compare pending references and retry unmatched ones; returns how many were
+    compared (done or failed). Each reference is its own transaction."""
+    with sessions() as session:
+        ids = list(session.scalars(select(ReferenceSeg.id).where(ReferenceSeg.state.in_(("pending", "unmatched")))
+                                   .order_by(ReferenceSeg.id)))
+    compared = 0
+    for ref_id in ids:
+        with sessions.begin() as session:
+            ref = session.get(ReferenceSeg, ref_id)
+            if ref is None or ref.state not in ("pending", "unmatched"):
+                continue
+            if ref.state == "unmatched" and latest_result(session, ref.source_series_uid) is None:
+                continue  # still nothing to compare with: no write, no event
+            compared += compute_agreement(session, ref) in ("done", "failed")
+        if compared >= limit:
+            break
+    return compared
