@@ -423,7 +423,12 @@ class Listener:
         problem = validate_instance(ds, sop_class, str(context.transfer_syntax))
         if problem is not None:
             return self._refuse(event, problem[0], problem[1], study_uid)
-        if self._study_bytes(study_uid) + size > self.max_study_bytes:
+        try:
+            study_bytes = self._study_bytes(study_uid)
+        except Exception as exc:  # the database is down: the sender must retry, not give up (0xC211)
+            log.error("database error while checking the study size: %s", _db_error(exc))
+            return _status(OUT_OF_RESOURCES, "database unavailable, retry later")
+        if study_bytes + size > self.max_study_bytes:
             return self._refuse(event, OUT_OF_RESOURCES, "study above node.max_study_gb", study_uid)
 
         settings = self.settings

@@ -45,3 +45,18 @@ def make_settings(tmp_path: Path, **sections) -> Settings:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """`node.cli.main` calls logging.basicConfig, which binds a handler to pytest's captured stderr; remove
+    it after the test so later tests do not log into a closed stream."""
+    import logging
+
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)
+    root.setLevel(level)

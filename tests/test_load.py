@@ -1,0 +1,211 @@
+"""Load: concurrent DCMTK associations and a short soak against an in-process node.
+
+The node (listener + scheduler) runs in the test process, so the test process's RSS is the listener's
+memory (workers are separate spawned processes). Destination: DCMTK ``storescp``. Every loop is bounded.
+Numbers are printed (run with ``-s`` to see them) and recorded in docs/reliability.md.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from node.db.schema import Event, Export, Instance, Job, Study
+from node.phantom import make_phantom, write_phantom_study
+from node.service import Node
+from tests.conftest import make_settings
+from tests.peers import StoreSCP, peer_env, require_peer
+from tests.util import wait_for
+
+pytestmark = [pytest.mark.peer, pytest.mark.slow]
+
+SOAK_SECONDS = 20.0      # continuous sending from one thread
+SOAK_PACE = 3.0          # at most one study per this many seconds (2 cores: ~1 job per 2.5 s)
+RSS_GROWTH_MB = 300.0    # generous bound on the listener's memory growth
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@pytest.fixture
+def warnings_log():
+    handler = _Records()
+    logging.getLogger().addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def _storescu_cmd(port: int, files: list[Path], aet: str) -> list[str]:
+    # The phantoms are Explicit VR Little Endian: storescu's default (uncompressed) proposal fits.
+    return [require_peer("storescu"), "-v", "-aet", aet, "-aec", "CTNODE", "-to", "30",
+            "127.0.0.1", str(port), *map(str, files)]
+
+
+def _check_storescu(out: str, rc: int, n: int) -> None:
+    assert rc == 0, out[-3000:]
+    successes = len(re.findall(r"Received Store Response \(Success\)", out))
+    assert successes == n, f"{successes}/{n} C-STORE successes:\n{out[-3000:]}"
+    assert not re.search(r"Out of Resources|A700", out, re.I), out[-3000:]
+
+
+def _start_node(tmp_path: Path, scp: StoreSCP, **processing) -> Node:
+    settings = make_settings(tmp_path, processing={"stable_after": 3.0, "workers": 2, **processing},
+                             destinations=[{"name": "pacs", "ae_title": scp.aet, "host": "127.0.0.1",
+                                            "port": scp.port}])
+    node = Node(settings)
+    node.start()
+    return node
+
+
+def _check_database(node: Node, studies: dict[str, int], warnings: str) -> None:
+    """Every instance stored, one done job per study, two sent exports per job, no lock errors."""
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == sum(studies.values())
+        per_study = dict(s.execute(select(Study.study_instance_uid, func.count(Instance.id))
+                                   .join(Instance, Instance.study_id == Study.id)
+                                   .group_by(Study.study_instance_uid)).all())
+        assert per_study == studies
+        jobs = s.scalars(select(Job)).all()
+        assert len(jobs) == len(studies)
+        assert all(j.state == "done" and j.version == 1 and j.attempts == 1 for j in jobs), \
+            [(j.id, j.state, j.reason, j.attempts) for j in jobs]
+        exports = s.scalars(select(Export)).all()
+        assert len(exports) == 2 * len(studies) and all(e.state == "sent" and e.attempts == 1 for e in exports)
+        refused = s.scalars(select(Event).where(Event.kind.in_(("instance_refused", "association_rejected",
+                                                                "association_aborted")))).all()
+        assert refused == []
+        details = " ".join(e.detail for e in s.scalars(select(Event)))
+    for text in (warnings, details):
+        assert "database is locked" not in text
+        assert "database error" not in text
+
+
+def _all_done(node: Node, n_jobs: int):
+    def check():
+        with node.sessions() as s:
+            done = s.scalar(select(func.count()).select_from(Job).where(Job.state.in_(("done", "failed", "skipped"))))
+            sent = s.scalar(select(func.count()).select_from(Export).where(Export.state == "sent"))
+        return done == n_jobs and sent == 2 * n_jobs
+    return check
+
+
+def test_eight_concurrent_associations_four_studies(tmp_path, warnings_log):
+    require_peer("storescu")
+    studies = []
+    for i in range(4):
+        phantom = make_phantom(rows=128, cols=128, slices=24, pixel_spacing=2.8, slice_spacing=10.0, seed=i)
+        studies.append(write_phantom_study(phantom, tmp_path / f"study{i}", patient_id=f"LOAD-{i}"))
+    from pydicom import dcmread
+
+    expected = {str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID): len(files) for files in studies}
+    with StoreSCP("PACS") as scp:
+        node = _start_node(tmp_path, scp)
+        try:
+            rss0, hwm0 = _status_kb("VmRSS"), _status_kb("VmHWM")
+            started = time.monotonic()
+            procs = []
+            for i, files in enumerate(studies):  # each study over two associations, all eight at once
+                for half, part in enumerate((files[0::2], files[1::2])):
+                    procs.append((subprocess.Popen(_storescu_cmd(node.listener.port, part, f"SCU{i}{half}"),
+                                                   env=peer_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.STDOUT, text=True, errors="replace"), len(part)))
+            for proc, n in procs:
+                out, _ = proc.communicate(timeout=120)
+                _check_storescu(out, proc.returncode, n)
+            received_s = time.monotonic() - started
+            wait_for(_all_done(node, len(studies)), 120, "every study processed and exported")
+            scp.wait_for(2 * len(studies), 30)
+            total_s = time.monotonic() - started
+            time.sleep(1.0)  # a duplicate job or export would show up here
+            rss1, hwm1 = _status_kb("VmRSS"), _status_kb("VmHWM")
+            _check_database(node, expected, warnings_log.text())
+            assert len(scp.received_files()) == 2 * len(studies)
+        finally:
+            node.stop()
+    growth_mb = (rss1 - rss0) / 1024
+    print(f"\nload: 8 associations x 12 instances, 4 studies: all acknowledged in {received_s:.1f} s, "
+          f"processed and exported in {total_s:.1f} s; listener RSS {rss0 / 1024:.0f} -> {rss1 / 1024:.0f} MB "
+          f"(+{growth_mb:.0f} MB), peak {hwm0 / 1024:.0f} -> {hwm1 / 1024:.0f} MB")
+    assert growth_mb < RSS_GROWTH_MB
+
+
+def test_soak_one_sender_continuous(tmp_path, warnings_log):
+    require_peer("storescu")
+    phantom = make_phantom(rows=128, cols=128, slices=24, pixel_spacing=2.8, slice_spacing=10.0, seed=11)
+    sent: dict[str, int] = {}
+    errors: list[str] = []
+    with StoreSCP("PACS") as scp:
+        node = _start_node(tmp_path, scp, stable_after=1.0)
+        port = node.listener.port
+        rss0 = _status_kb("VmRSS")
+        rss_samples: list[int] = []
+
+        def sender():
+            from pydicom import dcmread
+
+            end = time.monotonic() + SOAK_SECONDS
+            i = 0
+            while time.monotonic() < end:  # bounded: at most SOAK_SECONDS / SOAK_PACE studies
+                t0 = time.monotonic()
+                files = write_phantom_study(phantom, tmp_path / f"soak{i}", patient_id=f"SOAK-{i}")
+                uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+                try:
+                    proc = subprocess.run(_storescu_cmd(port, files, "SOAK"), env=peer_env(),
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, errors="replace", timeout=60)
+                    _check_storescu(proc.stdout, proc.returncode, len(files))
+                except Exception as exc:
+                    errors.append(f"study {i}: {exc}")
+                    return
+                sent[uid] = len(files)
+                rss_samples.append(_status_kb("VmRSS"))
+                i += 1
+                time.sleep(max(0.0, SOAK_PACE - (time.monotonic() - t0)))
+
+        started = time.monotonic()
+        thread = threading.Thread(target=sender, name="soak-sender")
+        thread.start()
+        try:
+            thread.join(SOAK_SECONDS + 90)
+            assert not thread.is_alive(), "the soak sender did not finish"
+            assert not errors, errors
+            wait_for(_all_done(node, len(sent)), 90, "every soak study processed and exported")
+            scp.wait_for(2 * len(sent), 30)
+            total_s = time.monotonic() - started
+            time.sleep(1.0)
+            rss1, hwm1 = _status_kb("VmRSS"), _status_kb("VmHWM")
+            _check_database(node, sent, warnings_log.text())
+            assert len(scp.received_files()) == 2 * len(sent)
+        finally:
+            node.stop()
+    growth_mb = (rss1 - rss0) / 1024
+    mid = rss_samples[len(rss_samples) // 2] if rss_samples else rss0
+    print(f"\nsoak: {len(sent)} studies ({sum(sent.values())} instances) over {SOAK_SECONDS:g} s from one sender, "
+          f"all processed and exported {total_s:.1f} s after the start; listener RSS {rss0 / 1024:.0f} -> "
+          f"{mid / 1024:.0f} (mid) -> {rss1 / 1024:.0f} MB (+{growth_mb:.0f} MB), peak {hwm1 / 1024:.0f} MB")
+    assert len(sent) >= 5
+    assert growth_mb < RSS_GROWTH_MB
