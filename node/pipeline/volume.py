@@ -5,6 +5,8 @@ volume (and of every mask computed on it) maps back to exactly one pixel of one 
 """
 from __future__ import annotations
 
+import math
+
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -179,11 +181,24 @@ def is_multiframe(ds: Dataset) -> bool:
 
 
 def rescale_of(ds: Dataset) -> tuple[float, float]:
-    """(slope, intercept); absent values mean stored values are already HU (slope 1, intercept 0)."""
-    slope = ds.get("RescaleSlope")
-    intercept = ds.get("RescaleIntercept")
-    return (float(slope) if slope not in (None, "") else 1.0,
-            float(intercept) if intercept not in (None, "") else 0.0)
+    """(slope, intercept); absent values mean stored values are already HU (slope 1, intercept 0).
+
+    Raises :class:`VolumeError` when either is not a single finite number (e.g. multi-valued): HU could
+    not be computed."""
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            values.append(default)
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise VolumeError(f"{keyword} {value!r} is not a single number: HU cannot be computed") from None
+        if not math.isfinite(number):
+            raise VolumeError(f"{keyword} {value!r} is not finite: HU cannot be computed")
+        values.append(number)
+    return values[0], values[1]
 
 
 # --------------------------------------------------------------------------------------------- assembly
