@@ -5,10 +5,17 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from node.config import Settings, load_settings
 
 IN_CI = os.environ.get("CI") == "true"
+
+# Property-based tests replay a fixed sequence under CI (no flaky failures from a new random example or a
+# slow shared machine); locally they explore.
+hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, database=None)
+if IN_CI:
+    hypothesis_settings.load_profile("ci")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
