@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from node.db.schema import Event, Export, Instance, Job, ReferenceSeg, Series, Study, utcnow
@@ -61,38 +61,47 @@ def _open_job(session: Session, study: Study, now: dt.datetime) -> Job:
 def record_instance(session: Session, inst: ReceivedInstance) -> str:
     """Record an instance already written to the spool. Returns "stored", "duplicate" or "replaced".
 
-    The caller commits; only after that commit may the C-STORE be acknowledged.
+    The caller commits; only after that commit may the C-STORE be acknowledged. This runs once per
+    received instance while the sender waits, so the common case (a known study and series, its job still
+    collecting) uses plain column queries and UPDATE/INSERT statements instead of loading ORM objects.
     """
     now = utcnow()
-    study = session.scalars(select(Study).where(Study.study_instance_uid == inst.study_instance_uid)).first()
-    if study is None:
+    existing = session.execute(select(Instance.id, Instance.sha256, Instance.purged_at)
+                               .where(Instance.sop_instance_uid == inst.sop_instance_uid)).first()
+    if existing is not None and existing.sha256 == inst.sha256 and existing.purged_at is None:
+        return "duplicate"  # the same bytes again (a resend): nothing changes
+    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == inst.study_instance_uid))
+    if study_id is None:
         study = Study(study_instance_uid=inst.study_instance_uid, patient_id=inst.patient_id[:64],
                       accession_number=inst.accession_number[:16], first_received_at=now, last_received_at=now)
         session.add(study)
         session.flush()
-    existing = session.scalars(select(Instance).where(Instance.sop_instance_uid == inst.sop_instance_uid)).first()
-    if existing is not None and existing.sha256 == inst.sha256 and existing.purged_at is None:
-        return "duplicate"  # the same bytes again (a resend): nothing changes
-    study.last_received_at = now
-    series = session.scalars(select(Series).where(Series.series_instance_uid == inst.series_instance_uid)).first()
-    if series is None:
-        series = Series(study_id=study.id, series_instance_uid=inst.series_instance_uid,
+        study_id = study.id
+    else:
+        session.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
+    series_id = session.scalar(select(Series.id).where(Series.series_instance_uid == inst.series_instance_uid))
+    if series_id is None:
+        series = Series(study_id=study_id, series_instance_uid=inst.series_instance_uid,
                         modality=inst.modality[:16], description=inst.series_description[:64])
         session.add(series)
         session.flush()
-    job = _open_job(session, study, now)
+        series_id = series.id
+    latest = session.execute(select(Job.id, Job.state).where(Job.study_id == study_id)
+                             .order_by(Job.version.desc()).limit(1)).first()
+    if latest is not None and latest.state == "received":  # the job is still collecting this study
+        job_id = latest.id
+        session.execute(update(Job).where(Job.id == job_id).values(last_instance_at=now, updated_at=now))
+    else:
+        job_id = _open_job(session, session.get(Study, study_id), now).id
+    values = dict(study_id=study_id, series_id=series_id, job_id=job_id, sop_class_uid=inst.sop_class_uid,
+                  transfer_syntax_uid=inst.transfer_syntax_uid, path=inst.path, size=inst.size,
+                  sha256=inst.sha256, calling_aet=inst.calling_aet[:16], received_at=now, purged_at=None)
     if existing is not None:
-        existing.job_id, existing.series_id, existing.study_id = job.id, series.id, study.id
-        existing.path, existing.size, existing.sha256 = inst.path, inst.size, inst.sha256
-        existing.transfer_syntax_uid, existing.received_at, existing.purged_at = inst.transfer_syntax_uid, now, None
-        existing.calling_aet = inst.calling_aet[:16]
+        session.execute(update(Instance).where(Instance.id == existing.id).values(**values))
         add_event(session, "instance_replaced", f"SOP Instance {inst.sop_instance_uid} re-sent with different content",
-                  study_uid=inst.study_instance_uid, job_id=job.id, calling_aet=inst.calling_aet)
+                  study_uid=inst.study_instance_uid, job_id=job_id, calling_aet=inst.calling_aet)
         return "replaced"
-    session.add(Instance(study_id=study.id, series_id=series.id, job_id=job.id,
-                         sop_instance_uid=inst.sop_instance_uid, sop_class_uid=inst.sop_class_uid,
-                         transfer_syntax_uid=inst.transfer_syntax_uid, path=inst.path, size=inst.size,
-                         sha256=inst.sha256, calling_aet=inst.calling_aet[:16], received_at=now))
+    session.execute(insert(Instance).values(sop_instance_uid=inst.sop_instance_uid, **values))
     return "stored"
 
 
