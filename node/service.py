@@ -23,7 +23,7 @@ from sqlalchemy import select
 from node.config import Settings
 from node.agreement import compute_pending
 from node.db import open_database
-from node.db.schema import Instance, Job, utcnow
+from node.db.schema import Instance, Job, ReferenceSeg, utcnow
 from node.export import run_exports
 from node.listener import Listener
 from node.recovery import recover_orphans
@@ -148,6 +148,15 @@ class Node:
             for inst in rows:
                 Path(inst.path).unlink(missing_ok=True)
                 inst.purged_at = utcnow()
+            # Reference SEGs: the file goes after the same time; the comparison results stay. One that never
+            # found a node result is given up ("expired").
+            refs = session.scalars(select(ReferenceSeg).where(
+                ReferenceSeg.path != "", ReferenceSeg.received_at < cutoff).limit(10000))
+            for ref in refs:
+                Path(ref.path).unlink(missing_ok=True)
+                ref.path = ""
+                if ref.state in ("pending", "unmatched"):
+                    ref.state, ref.reason = "expired", f"no node result within {self.settings.storage.retention_days:g} days"
         for tmp in self.settings.spool_dir.rglob(".*.tmp"):
             if time.time() - tmp.stat().st_mtime > 3600:
                 tmp.unlink(missing_ok=True)

@@ -49,3 +49,28 @@ def test_retention_removes_spool_files_of_finished_studies(tmp_path):
         instances = s.scalars(select(Instance)).all()
     assert instances and all(i.purged_at is not None for i in instances)
     assert not list(settings.spool_dir.rglob("*.dcm"))
+
+
+def test_retention_removes_old_reference_segs(tmp_path):
+    import datetime as dt
+
+    from node.db.schema import ReferenceSeg, utcnow
+
+    settings = make_settings(tmp_path, storage={"retention_days": 1.0})
+    node = Node(settings)  # not started: only the retention duty is exercised
+    old_file = settings.spool_dir / "references" / "1.2" / "old.dcm"
+    new_file = settings.spool_dir / "references" / "1.2" / "new.dcm"
+    for f in (old_file, new_file):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"seg")
+    with node.sessions.begin() as s:
+        for uid, f, age in (("1.2.1", old_file, 2.0), ("1.2.2", new_file, 0.0)):
+            s.add(ReferenceSeg(study_instance_uid="1.2", series_instance_uid="1.2.9", sop_instance_uid=uid,
+                               source_series_uid="1.2.8", path=str(f), size=3, sha256="x", state="unmatched",
+                               received_at=utcnow() - dt.timedelta(days=age)))
+    node.tick_retention()
+    with node.sessions() as s:
+        old, new = (s.scalars(select(ReferenceSeg).where(ReferenceSeg.sop_instance_uid == u)).one()
+                    for u in ("1.2.1", "1.2.2"))
+    assert not old_file.exists() and old.path == "" and old.state == "expired"
+    assert new_file.exists() and new.state == "unmatched"
