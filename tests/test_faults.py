@@ -29,36 +29,14 @@ from node.listener import Listener
 from tests.conftest import make_settings
 from tests.factory import ct_slice, write
 from tests.test_export import export_row, setup_export
-from tests.test_restart import NodeProcess
-from tests.util import wait_for
-
-
-class _Records(logging.Handler):
-    """Collects log records without pytest's logging plugin (the project runs with ``-p no:logging``)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def text(self) -> str:
-        return "\n".join(r.getMessage() for r in self.records)
+from tests.test_restart import NodeProcess, write_config
+from tests.util import captured_logs, wait_for
 
 
 @pytest.fixture
 def logs():
-    handler = _Records()
-    root = logging.getLogger()
-    old = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield handler
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
+    with captured_logs(logging.INFO) as records:
+        yield records
 
 
 # -- (a) destinations -----------------------------------------------------------------------------------------
@@ -304,30 +282,6 @@ class SlowPacs:
         self.server.shutdown()
 
 
-def _write_config(tmp_path: Path, port: int, pacs_port: int) -> Path:
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(f"""
-[node]
-port = {port}
-[storage]
-spool_dir = "{tmp_path / 'spool'}"
-results_dir = "{tmp_path / 'results'}"
-database_url = "sqlite:///{tmp_path / 'ctnode.db'}"
-[processing]
-stable_after = 1.0
-check_interval = 0.2
-engine = "threshold"
-[export]
-backoff_base = 0.5
-backoff_max = 1.0
-timeout = 10.0
-[[destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-""")
-    return cfg
 
 
 @pytest.mark.slow
@@ -338,7 +292,7 @@ def test_sigkill_mid_export_every_result_exported(tmp_path):
                                              slice_spacing=10.0, seed=7), tmp_path / "study")
     slow = SlowPacs(free_port(), delay=2.0)
     port = free_port()
-    node = NodeProcess(_write_config(tmp_path, port, slow.port), port)
+    node = NodeProcess(write_config(tmp_path, port, slow.port, stable_after=1.0, export_timeout=10.0), port)
     sessions = open_database(f"sqlite:///{tmp_path / 'ctnode.db'}")
     fast = None
     try:
@@ -352,7 +306,7 @@ def test_sigkill_mid_export_every_result_exported(tmp_path):
 
         fast = Receiver(tmp_path / "pacs", ae_title="PACS")
         fast.__enter__()
-        node.cfg = _write_config(tmp_path, port, fast.port)  # the same destination name, now a healthy peer
+        node.cfg = write_config(tmp_path, port, fast.port, stable_after=1.0, export_timeout=10.0)  # the same destination name, now a healthy peer
         node.start()
 
         def all_sent():

@@ -20,7 +20,9 @@ from tests.util import wait_for
 pytestmark = pytest.mark.slow
 
 
-def write_config(tmp_path: Path, port: int, pacs_port: int) -> Path:
+def write_config(tmp_path: Path, port: int, pacs_port: int, *, stable_after: float = 4.0,
+                 export_timeout: float = 30.0) -> Path:
+    """A node configuration in ``tmp_path`` exporting to a peer "PACS" on ``pacs_port``."""
     cfg = tmp_path / "node.toml"
     cfg.write_text(f"""
 [node]
@@ -30,12 +32,13 @@ spool_dir = "{tmp_path / 'spool'}"
 results_dir = "{tmp_path / 'results'}"
 database_url = "sqlite:///{tmp_path / 'ctnode.db'}"
 [processing]
-stable_after = 4.0
+stable_after = {stable_after}
 check_interval = 0.2
 engine = "threshold"
 [export]
 backoff_base = 0.5
 backoff_max = 1.0
+timeout = {export_timeout}
 [[destinations]]
 name = "pacs"
 ae_title = "PACS"

@@ -1,7 +1,10 @@
 """Small helpers shared by the tests that drive a running node."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from typing import Any, Callable
 
 
@@ -14,3 +17,32 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class LogRecords(logging.Handler):
+    """Collects log records (the suite runs with ``-p no:logging``, so pytest's caplog is not there)."""
+
+    def __init__(self, level: int = logging.DEBUG) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def text(self) -> str:
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+@contextlib.contextmanager
+def captured_logs(level: int = logging.INFO) -> Iterator[LogRecords]:
+    """Attach a :class:`LogRecords` to the root logger at ``level`` for the duration of the block."""
+    handler = LogRecords(level)
+    root = logging.getLogger()
+    old = root.level
+    root.addHandler(handler)
+    root.setLevel(min(old, level) if old else level)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old)
