@@ -19,7 +19,6 @@ strings only; UIDs are not logged (the audit table holds them).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import threading
@@ -43,6 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.config import Settings
 from node.db.schema import Instance, Study
 from node.registry import ReceivedInstance, ReceivedReference, add_event, record_instance, record_reference
+from node.pipeline.volume import numbers_of
 from node.security import install_log_redaction, peer_allowed, server_ssl_context
 from node.spool import DiskGuard, atomic_write, is_valid_uid, spool_path
 
@@ -131,19 +131,28 @@ def validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> tupl
         return CANNOT_UNDERSTAND, f"cannot read header values: {type(exc).__name__}"
 
 
-def _validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> tuple[int, str] | None:
-    if sop_class == EnhancedCTImageStorage:
-        return SOP_CLASS_NOT_SUPPORTED, "Enhanced CT not supported: send CT Image Storage"
+def _identity_problem(ds: Dataset, sop_class: str, modality: str) -> tuple[int, str] | None:
+    """Checks every stored object passes (CT and reference SEG alike): SOP class, Modality, UIDs usable
+    for spool paths, Pixel Data present."""
     if str(ds.get("SOPClassUID", "")) != sop_class:
         return DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID does not match the context"
-    modality = str(ds.get("Modality", ""))
-    if modality != "CT":
-        return DOES_NOT_MATCH_SOP_CLASS, f"Modality {_safe_code(modality) if modality else 'missing'}, expected CT"
+    found = str(ds.get("Modality", ""))
+    if found != modality:
+        return DOES_NOT_MATCH_SOP_CLASS, f"Modality {_safe_code(found) if found else 'missing'}, expected {modality}"
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         if not is_valid_uid(str(ds.get(key, ""))):
             return CANNOT_UNDERSTAND, f"invalid {key}"
     if "PixelData" not in ds:
         return DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data"
+    return None
+
+
+def _validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> tuple[int, str] | None:
+    if sop_class == EnhancedCTImageStorage:
+        return SOP_CLASS_NOT_SUPPORTED, "Enhanced CT not supported: send CT Image Storage"
+    problem = _identity_problem(ds, sop_class, "CT")
+    if problem is not None:
+        return problem
     samples = _int(ds, "SamplesPerPixel", 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -157,16 +166,8 @@ def _validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> tup
     for keyword, count in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2)):
         # Absent or degenerate geometry is a series-level question (the job is skipped with the reason);
         # a present element that is not `count` finite numbers is a malformed instance.
-        if keyword in ds and ds[keyword].value not in (None, ""):
-            value = ds[keyword].value
-            numbers = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and \
-                not isinstance(value, (str, bytes)) else [value]
-            try:
-                ok = len(numbers) == count and all(math.isfinite(float(v)) for v in numbers)
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                return CANNOT_UNDERSTAND, f"{keyword} is not {count} numbers"
+        if keyword in ds and ds[keyword].value not in (None, "") and numbers_of(ds, keyword, count) is None:
+            return CANNOT_UNDERSTAND, f"{keyword} is not {count} numbers"
     frames = _int(ds, "NumberOfFrames", 1)
     if frames is None or frames < 1:
         return CANNOT_UNDERSTAND, "NumberOfFrames is not a positive number"
@@ -200,16 +201,9 @@ def referenced_series_uid(ds: Dataset) -> str:
 def validate_reference(ds: Dataset, sop_class: str) -> tuple[int, str] | None:
     """Checks for a reference Segmentation before it is stored: (status, reason) to refuse it, or None."""
     try:
-        if str(ds.get("SOPClassUID", "")) != sop_class:
-            return DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID does not match the context"
-        modality = str(ds.get("Modality", ""))
-        if modality != "SEG":
-            return DOES_NOT_MATCH_SOP_CLASS, f"Modality {_safe_code(modality) if modality else 'missing'}, expected SEG"
-        for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            if not is_valid_uid(str(ds.get(key, ""))):
-                return CANNOT_UNDERSTAND, f"invalid {key}"
-        if "PixelData" not in ds:
-            return DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data"
+        problem = _identity_problem(ds, sop_class, "SEG")
+        if problem is not None:
+            return problem
         if not referenced_series_uid(ds):
             return CANNOT_UNDERSTAND, "SEG without ReferencedSeriesSequence"
     except Exception as exc:

@@ -5,9 +5,8 @@ volume (and of every mask computed on it) maps back to exactly one pixel of one 
 """
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -72,11 +71,13 @@ def strip_pixels(ds: Dataset) -> Dataset:
     return out
 
 
-def _numbers(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
+def numbers_of(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
     """A multi-valued numeric attribute as ``n`` finite floats, or None when absent or malformed
     (wrong multiplicity, a single value, text that is not a number): malformed headers are reported as
     missing geometry by the callers, never as a crash."""
     value = ds.get(keyword)
+    if isinstance(value, (str, bytes)):  # unconverted text: iterating it would yield characters
+        return None
     try:
         values = [float(x) for x in value]  # type: ignore[union-attr]
     except (TypeError, ValueError):
@@ -88,7 +89,7 @@ def _numbers(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
 
 def orientation_of(ds: Dataset) -> np.ndarray | None:
     """ImageOrientationPatient as a (6,) array with both cosines normalised, or None when absent/invalid."""
-    v = _numbers(ds, "ImageOrientationPatient", 6)
+    v = numbers_of(ds, "ImageOrientationPatient", 6)
     if v is None:
         return None
     row, col = v[:3], v[3:]
@@ -99,11 +100,11 @@ def orientation_of(ds: Dataset) -> np.ndarray | None:
 
 
 def position_of(ds: Dataset) -> np.ndarray | None:
-    return _numbers(ds, "ImagePositionPatient", 3)
+    return numbers_of(ds, "ImagePositionPatient", 3)
 
 
 def pixel_spacing_of(ds: Dataset) -> tuple[float, float] | None:
-    ps = _numbers(ds, "PixelSpacing", 2)
+    ps = numbers_of(ds, "PixelSpacing", 2)
     if ps is None or np.any(ps <= 0):
         return None
     return float(ps[0]), float(ps[1])
