@@ -57,7 +57,9 @@ def _check_storescu(out: str, rc: int, n: int) -> None:
 
 
 def _start_node(tmp_path: Path, scp: StoreSCP, **processing) -> Node:
+    # export.timeout as in production (30 s): the suite's 5 s default is too short for a loaded 2-core machine
     settings = make_settings(tmp_path, processing={"stable_after": 3.0, "workers": 2, **processing},
+                             export={"timeout": 30.0},
                              destinations=[{"name": "pacs", "ae_title": scp.aet, "host": "127.0.0.1",
                                             "port": scp.port}])
     node = Node(settings)
@@ -78,8 +80,8 @@ def _check_database(node: Node, studies: dict[str, int], warnings: str) -> None:
         assert all(j.state == "done" and j.version == 1 and j.attempts == 1 for j in jobs), \
             [(j.id, j.state, j.reason, j.attempts) for j in jobs]
         exports = s.scalars(select(Export)).all()
-        # sent; a retry after a transient failure under load is allowed (the receiver's file count, checked by
-        # the callers, shows nothing arrived twice)
+        # sent; a retry after a transient failure under load is allowed (_check_received then allows one copy
+        # per recorded retry, no more)
         assert len(exports) == 2 * len(studies) and all(e.state == "sent" for e in exports), \
             [(e.id, e.state, e.attempts, e.last_error) for e in exports]
         refused = s.scalars(select(Event).where(Event.kind.in_(("instance_refused", "association_rejected",
@@ -89,6 +91,19 @@ def _check_database(node: Node, studies: dict[str, int], warnings: str) -> None:
     for text in (warnings, details):
         assert "database is locked" not in text
         assert "database error" not in text
+
+
+def _check_received(node: Node, scp: StoreSCP, n_studies: int) -> None:
+    """The receiver holds each result object; a second copy only where the node recorded a retry (an
+    unanswered C-STORE is resent: at least once, never silently twice)."""
+    from pydicom import dcmread
+
+    files = scp.received_files()
+    uids = [str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    with node.sessions() as s:
+        retries = sum(e.attempts - 1 for e in s.scalars(select(Export)))
+    assert len(set(uids)) == 2 * n_studies
+    assert len(uids) - len(set(uids)) <= retries, (len(uids), len(set(uids)), retries)
 
 
 def _all_done(node: Node, n_jobs: int):
@@ -130,7 +145,7 @@ def test_eight_concurrent_associations_four_studies(tmp_path, warnings_log):
             time.sleep(1.0)  # a duplicate job or export would show up here
             rss1, hwm1 = _status_kb("VmRSS"), _status_kb("VmHWM")
             _check_database(node, expected, warnings_log.text())
-            assert len(scp.received_files()) == 2 * len(studies)
+            _check_received(node, scp, len(studies))
         finally:
             node.stop()
     growth_mb = (rss1 - rss0) / 1024
@@ -186,7 +201,7 @@ def test_soak_one_sender_continuous(tmp_path, warnings_log):
             time.sleep(1.0)
             rss1, hwm1 = _status_kb("VmRSS"), _status_kb("VmHWM")
             _check_database(node, sent, warnings_log.text())
-            assert len(scp.received_files()) == 2 * len(sent)
+            _check_received(node, scp, len(sent))
         finally:
             node.stop()
     growth_mb = (rss1 - rss0) / 1024
