@@ -34,6 +34,7 @@ from pydicom.uid import (
     JPEGLSLossless, JPEGLSNearLossless, RLELossless,
 )
 from pynetdicom import AE, _config as pynetdicom_config, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, SegmentationStorage, Verification
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
@@ -104,6 +105,7 @@ _REJECT_REASONS = {
 }
 
 CHUNK = 1 << 20
+PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1
 
 
 NATIVE_SYNTAXES = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
@@ -364,7 +366,9 @@ class Listener:
                 # pynetdicom wrote preamble + file meta (from the same request and context as
                 # event.file_meta) + the data set as received: the same bytes as encoded_dataset().
                 return atomic_write(path, self._file_chunks(tmp_path))
-            return atomic_write(path, [event.encoded_dataset(include_meta=True)])
+            # encoded_dataset() without its join: the data set is written from pynetdicom's buffer, uncopied.
+            with event.request.DataSet.getbuffer() as data_set:
+                return atomic_write(path, [PREAMBLE + encode_file_meta(event.file_meta), data_set])
         except OSError as exc:
             log.error("spool write failed: %s", exc.strerror or type(exc).__name__)
             return self._refuse(event, OUT_OF_RESOURCES, f"cannot write spool: {exc.strerror}", study_uid)
@@ -403,7 +407,6 @@ class Listener:
                 ds = dcmread(tmp_path, defer_size=4096)
             else:
                 ds = event.dataset
-            ds.file_meta = event.file_meta
             sop_class = str(context.abstract_syntax)
             study_uid = str(ds.get("StudyInstanceUID", ""))
             modality = str(ds.get("Modality", ""))

@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from node.db.schema import Event, Export, Instance, Job, ReferenceSeg, Series, Study, utcnow
@@ -58,40 +58,49 @@ def _open_job(session: Session, study: Study, now: dt.datetime) -> Job:
     return job
 
 
+# Statements of record_instance's common path, built once: it runs for every received instance while the
+# sender waits, and building and cache-keying a statement per call costs more than SQLite executing it.
+_I, _S, _SE, _J = Instance.__table__, Study.__table__, Series.__table__, Job.__table__
+_FIND_INSTANCE = select(_I.c.id, _I.c.sha256, _I.c.purged_at).where(_I.c.sop_instance_uid == bindparam("p_sop"))
+_TOUCH_STUDY = (update(_S).where(_S.c.study_instance_uid == bindparam("p_uid"))
+                .values(last_received_at=bindparam("p_now")).returning(_S.c.id))
+_FIND_SERIES = select(_SE.c.id).where(_SE.c.series_instance_uid == bindparam("p_uid"))
+_LATEST_JOB = (select(_J.c.id).where(_J.c.study_id == bindparam("p_study"))
+               .order_by(_J.c.version.desc()).limit(1).scalar_subquery())
+# The study's latest job, if it is still collecting instances ("received"): touched, else no row.
+_TOUCH_COLLECTING_JOB = (update(_J).where(_J.c.id == _LATEST_JOB, _J.c.state == "received")
+                         .values(last_instance_at=bindparam("p_now"), updated_at=bindparam("p_now")).returning(_J.c.id))
+_INSERT_INSTANCE = insert(_I)
+
+
 def record_instance(session: Session, inst: ReceivedInstance) -> str:
     """Record an instance already written to the spool. Returns "stored", "duplicate" or "replaced".
 
-    The caller commits; only after that commit may the C-STORE be acknowledged. This runs once per
-    received instance while the sender waits, so the common case (a known study and series, its job still
-    collecting) uses plain column queries and UPDATE/INSERT statements instead of loading ORM objects.
+    The caller commits; only after that commit may the C-STORE be acknowledged. The common case (a known
+    study and series whose job is still collecting) costs four prebuilt statements; a new study, series
+    or job version takes the ORM path.
     """
     now = utcnow()
-    existing = session.execute(select(Instance.id, Instance.sha256, Instance.purged_at)
-                               .where(Instance.sop_instance_uid == inst.sop_instance_uid)).first()
+    conn = session.connection()
+    existing = conn.execute(_FIND_INSTANCE, {"p_sop": inst.sop_instance_uid}).first()
     if existing is not None and existing.sha256 == inst.sha256 and existing.purged_at is None:
         return "duplicate"  # the same bytes again (a resend): nothing changes
-    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == inst.study_instance_uid))
+    study_id = conn.execute(_TOUCH_STUDY, {"p_uid": inst.study_instance_uid, "p_now": now}).scalar()
     if study_id is None:
         study = Study(study_instance_uid=inst.study_instance_uid, patient_id=inst.patient_id[:64],
                       accession_number=inst.accession_number[:16], first_received_at=now, last_received_at=now)
         session.add(study)
         session.flush()
         study_id = study.id
-    else:
-        session.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
-    series_id = session.scalar(select(Series.id).where(Series.series_instance_uid == inst.series_instance_uid))
+    series_id = conn.execute(_FIND_SERIES, {"p_uid": inst.series_instance_uid}).scalar()
     if series_id is None:
         series = Series(study_id=study_id, series_instance_uid=inst.series_instance_uid,
                         modality=inst.modality[:16], description=inst.series_description[:64])
         session.add(series)
         session.flush()
         series_id = series.id
-    latest = session.execute(select(Job.id, Job.state).where(Job.study_id == study_id)
-                             .order_by(Job.version.desc()).limit(1)).first()
-    if latest is not None and latest.state == "received":  # the job is still collecting this study
-        job_id = latest.id
-        session.execute(update(Job).where(Job.id == job_id).values(last_instance_at=now, updated_at=now))
-    else:
+    job_id = conn.execute(_TOUCH_COLLECTING_JOB, {"p_study": study_id, "p_now": now}).scalar()
+    if job_id is None:
         job_id = _open_job(session, session.get(Study, study_id), now).id
     values = dict(study_id=study_id, series_id=series_id, job_id=job_id, sop_class_uid=inst.sop_class_uid,
                   transfer_syntax_uid=inst.transfer_syntax_uid, path=inst.path, size=inst.size,
@@ -101,7 +110,7 @@ def record_instance(session: Session, inst: ReceivedInstance) -> str:
         add_event(session, "instance_replaced", f"SOP Instance {inst.sop_instance_uid} re-sent with different content",
                   study_uid=inst.study_instance_uid, job_id=job_id, calling_aet=inst.calling_aet)
         return "replaced"
-    session.execute(insert(Instance).values(sop_instance_uid=inst.sop_instance_uid, **values))
+    conn.execute(_INSERT_INSTANCE, {"sop_instance_uid": inst.sop_instance_uid, **values})
     return "stored"
 
 

@@ -26,8 +26,13 @@ def exercise_state_machine(sessions) -> None:
         assert record_instance(s, received(sop="1.2.3.1.1")) == "stored"
         assert record_instance(s, received(sop="1.2.3.1.2")) == "stored"
         assert record_instance(s, received(sop="1.2.3.1.2")) == "duplicate"
+        assert record_instance(s, received(sop="1.2.3.1.2", sha="b")) == "replaced"  # new bytes, same UID
     with sessions.begin() as s:
         assert mark_stable_studies_ready(s, stable_after=3600) == []
+        assert len(mark_stable_studies_ready(s, stable_after=0)) == 1
+    with sessions.begin() as s:  # an instance for a study that is ready but not yet claimed: collecting again
+        assert record_instance(s, received(series="1.2.3.2", sop="1.2.3.2.1")) == "stored"
+        assert s.scalars(select(Job.state)).all() == ["received"]
         assert len(mark_stable_studies_ready(s, stable_after=0)) == 1
     with sessions.begin() as s:
         job = claim_next_job(s, lease_s=60)
@@ -38,8 +43,8 @@ def exercise_state_machine(sessions) -> None:
     with sessions.begin() as s:
         jobs = s.scalars(select(Job).order_by(Job.version)).all()
         assert [(j.version, j.state) for j in jobs] == [(1, "processing"), (2, "received")]
-        assert len(instance_paths_for_job(s, jobs[0])) == 2
-        assert len(instance_paths_for_job(s, jobs[1])) == 3  # cumulative
+        assert len(instance_paths_for_job(s, jobs[0])) == 3
+        assert len(instance_paths_for_job(s, jobs[1])) == 4  # cumulative
         release_job(s, jobs[0], "worker died", max_attempts=2)
         assert jobs[0].state == "ready"
     with sessions.begin() as s:
