@@ -31,7 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_process(args: argparse.Namespace) -> int:
-    from node.processing import analyse, write_outputs
+    from node.processing import analyse_with, write_outputs
 
     src = Path(args.path)
     paths = sorted(p for p in (src.rglob("*") if src.is_dir() else [src]) if p.is_file())
@@ -39,10 +39,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         print(f"no files under {src}", file=sys.stderr)
         return 2
     settings = _settings(args)
-    p = settings.processing
-    analysis = analyse(paths, engine=args.engine or p.engine, min_slices=p.min_slices,
-                       seg_series_number=p.seg_series_number, sr_series_number=p.sr_series_number,
-                       engine_options={"device": p.device})
+    analysis = analyse_with(settings.processing, paths, engine=args.engine)
     pipe = analysis.pipeline
     report = {
         "status": analysis.status,

@@ -96,6 +96,8 @@ class ProcessingSettings:
     check_interval: float = 1.0   # seconds between scheduler ticks
     seg_series_number: int = 901
     sr_series_number: int = 902
+    key_images: int = 0           # Secondary Capture key images with the overlay burned in (0 = none)
+    key_images_series_number: int = 903
 
 
 @dataclass
@@ -235,6 +237,7 @@ def _validate(s: Settings) -> None:
     check(s.processing.job_timeout > 0, "processing.job_timeout", "must be positive")
     check(s.processing.max_attempts >= 1, "processing.max_attempts", "must be at least 1")
     check(s.processing.check_interval > 0, "processing.check_interval", "must be positive")
+    check(0 <= s.processing.key_images <= 50, "processing.key_images", "must be between 0 (none) and 50")
     check(s.export.max_attempts >= 1, "export.max_attempts", "must be at least 1")
     check(0 < s.export.backoff_base <= s.export.backoff_max, "export.backoff_base",
           "must be positive and not above export.backoff_max")

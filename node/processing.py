@@ -21,7 +21,14 @@ class Analysis:
     pipeline: Any = None             # node.pipeline.run.PipelineResult
     seg: Any = None                  # highdicom Segmentation
     sr: Any = None                   # highdicom Comprehensive3DSR
+    key_images: list[Any] = field(default_factory=list)  # highdicom SCImage, when configured
     timings: dict[str, float] = field(default_factory=dict)
+
+    def objects(self) -> list[tuple[str, Any]]:
+        """(key, dataset) of every DICOM object created: "seg", "sr", then "key-1", "key-2", ..."""
+        if self.status != "done":
+            return []
+        return [("seg", self.seg), ("sr", self.sr)] + [(f"key-{i}", sc) for i, sc in enumerate(self.key_images, 1)]
 
     @property
     def scores(self) -> dict[str, Any]:
@@ -52,10 +59,12 @@ def resolve_engine(name: str) -> str:
 
 
 def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 1,
-            seg_series_number: int = 901, sr_series_number: int = 902,
-            engine_options: dict[str, Any] | None = None) -> Analysis:
-    """Select a series among ``paths``, segment and score it, and build the SEG and SR in memory."""
+            seg_series_number: int = 901, sr_series_number: int = 902, key_images: int = 0,
+            key_images_series_number: int = 903, engine_options: dict[str, Any] | None = None) -> Analysis:
+    """Select a series among ``paths``, segment and score it, and build the SEG, the SR and (``key_images``
+    > 0) up to that many Secondary Capture key images in memory."""
     from node.pipeline.run import run_pipeline
+    from node.writers.keyimages import build_key_images
     from node.writers.seg import build_segmentation
     from node.writers.sr import build_report
 
@@ -72,18 +81,34 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
     t0 = time.perf_counter()
     sr = build_report(result.volume, seg, result.scores.as_dict(), result.engine, series_number=sr_series_number)
     timings["sr"] = time.perf_counter() - t0
-    return Analysis(status="done", pipeline=result, seg=seg, sr=sr, timings=timings)
+    scs = []
+    if key_images > 0:
+        t0 = time.perf_counter()
+        scs = build_key_images(result.volume, result.lungs, result.infection, result.engine, count=key_images,
+                               series_number=key_images_series_number,
+                               percent_of_lung=result.scores.as_dict().get("percent_involved_total"))
+        timings["key_images"] = time.perf_counter() - t0
+    return Analysis(status="done", pipeline=result, seg=seg, sr=sr, key_images=scs, timings=timings)
+
+
+def analyse_with(settings: Any, paths: list[str | Path], *, engine: str | None = None) -> Analysis:
+    """:func:`analyse` with the options of a ``[processing]`` section (``node.config.ProcessingSettings``)."""
+    return analyse(paths, engine=engine or settings.engine, min_slices=settings.min_slices,
+                   seg_series_number=settings.seg_series_number, sr_series_number=settings.sr_series_number,
+                   key_images=settings.key_images, key_images_series_number=settings.key_images_series_number,
+                   engine_options={"device": settings.device})
 
 
 def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, Path]:
-    """Save the SEG and SR as DICOM files under ``out_dir`` (atomically); returns their paths."""
+    """Save every object of :meth:`Analysis.objects` as a DICOM file under ``out_dir`` (atomically); returns
+    key -> path."""
     from io import BytesIO
 
     from node.spool import atomic_write
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for key, ds in (("seg", analysis.seg), ("sr", analysis.sr)):
+    for key, ds in analysis.objects():
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         path = out_dir / f"{key}-{ds.SOPInstanceUID}.dcm"

@@ -132,6 +132,8 @@ def result_text(session: Session, job_id: int) -> str | None:
         if res.seg_path:
             lines.append(f"  SEG {res.seg_sop_instance_uid}: {res.seg_path}")
             lines.append(f"  SR  {res.sr_sop_instance_uid}: {res.sr_path}")
+        for key_image in res.key_images or []:
+            lines.append(f"  key image (Secondary Capture, DERIVED) {key_image['sop_instance_uid']}: {key_image['path']}")
     lines.extend(agreement_lines(session, job.id))
     for ex in job.exports:
         lines.append(f"  export to {ex.destination}: {ex.state}, {ex.attempts} attempt(s)"

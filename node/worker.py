@@ -52,20 +52,17 @@ def _jsonable(obj: Any) -> Any:
 
 def process_job(settings: Settings, job_id: int, attempt: int) -> str:
     """Process ``job_id`` (already claimed as ``attempt``) and commit its outcome; returns the final state."""
-    from node.processing import analyse, write_outputs
+    from node.processing import analyse_with, write_outputs
 
     sessions = open_database(settings.storage.database_url, migrate=False)
     with sessions() as session:
         job = session.get(Job, job_id)
         study_uid, version = job.study.study_instance_uid, job.version
         paths = instance_paths_for_job(session, job)
-    p = settings.processing
     started = time.perf_counter()
     out: dict[str, Path] = {}
     try:
-        analysis = analyse(paths, engine=p.engine, min_slices=p.min_slices,
-                           seg_series_number=p.seg_series_number, sr_series_number=p.sr_series_number,
-                           engine_options={"device": p.device})
+        analysis = analyse_with(settings.processing, paths)
         if analysis.status == "done":
             out = write_outputs(analysis, settings.results_dir / study_uid / f"v{version}")
         state, reason = analysis.status, analysis.reason
@@ -95,11 +92,12 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
                 seg_sop_instance_uid=str(analysis.seg.SOPInstanceUID) if analysis.seg is not None else "",
                 sr_sop_instance_uid=str(analysis.sr.SOPInstanceUID) if analysis.sr is not None else "",
                 seg_path=str(out.get("seg", "")), sr_path=str(out.get("sr", "")),
+                key_images=[{"sop_instance_uid": str(ds.SOPInstanceUID), "path": str(out[key])}
+                            for key, ds in analysis.objects() if key.startswith("key-")],
             ))
         if state == "done":
             for dest in settings.destinations:
-                for key in ("seg", "sr"):
-                    ds = analysis.seg if key == "seg" else analysis.sr
+                for key, ds in analysis.objects():
                     session.add(Export(job_id=job.id, destination=dest.name, sop_instance_uid=str(ds.SOPInstanceUID),
                                        path=str(out[key])))
         set_job_state(session, job, state, reason)

@@ -25,8 +25,8 @@ def phantom_files(tmp_path_factory):
     return write_phantom_study(phantom, tmp_path_factory.mktemp("phantom") / "dicom")
 
 
-def started_node(tmp_path, dest_aet, dest_port):
-    settings = make_settings(tmp_path, destinations=[
+def started_node(tmp_path, dest_aet, dest_port, **processing):
+    settings = make_settings(tmp_path, processing=processing, destinations=[
         {"name": "pacs", "ae_title": dest_aet, "host": "127.0.0.1", "port": dest_port}])
     node = Node(settings)
     node.start()
@@ -58,7 +58,7 @@ def test_dcmtk_storescu_in_storescp_out(tmp_path, phantom_files):
 def test_orthanc_round_trip(tmp_path, phantom_files):
     peers.require_peer("Orthanc")
     with peers.Orthanc(aet="ORTHANC") as orthanc:
-        node = started_node(tmp_path, orthanc.aet, orthanc.dicom_port)
+        node = started_node(tmp_path, orthanc.aet, orthanc.dicom_port, key_images=2)
         try:
             orthanc.add_modality("ctnode", "CTNODE", "127.0.0.1", node.listener.port)
             ids = [orthanc.upload(p)["ID"] for p in phantom_files]
@@ -67,6 +67,7 @@ def test_orthanc_round_trip(tmp_path, phantom_files):
             orthanc.send_to_modality("ctnode", ids)
             seg_series = orthanc.wait_for_series(study_uid, "SEG", timeout=240)
             sr_series = orthanc.wait_for_series(study_uid, "SR", timeout=60)
+            key_series = orthanc.wait_for_series(study_uid, "OT", instances=2, timeout=60)
         finally:
             node.stop()
         assert len(seg_series) == 1 and len(sr_series) == 1
@@ -79,23 +80,39 @@ def test_orthanc_round_trip(tmp_path, phantom_files):
         sr = dcmread(__import__("io").BytesIO(orthanc.instance_file(sr_series[0]["Instances"][0])))
         referenced_series = {str(item.SeriesInstanceUID) for item in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence}
         assert source_series in referenced_series
+        # key images: one Secondary Capture series of two DERIVED images, each derived from a source CT slice
+        assert len(key_series) == 1 and len(key_series[0]["Instances"]) == 2
+        assert "DERIVED" in key_series[0]["MainDicomTags"]["SeriesDescription"]
+        source_sops = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in phantom_files}
+        for instance in key_series[0]["Instances"]:
+            sc = dcmread(__import__("io").BytesIO(orthanc.instance_file(instance)))
+            assert sc.StudyInstanceUID == study_uid and list(sc.ImageType) == ["DERIVED", "SECONDARY"]
+            assert str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID) in source_sops
+        from node.reports import result_text
+
+        with node.sessions() as s:  # `ctnode results show` lists them, each exported once
+            shown = result_text(s, s.scalars(select(Job)).one().id)
+        assert shown.count("key image (Secondary Capture, DERIVED)") == 2 and shown.count(": sent,") == 4
 
 
-def run_process(path, out):
+def run_process(path, out, env=None):
+    import os
+
     run = subprocess.run([sys.executable, "-m", "node.cli", "process", str(path), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads((out / "report.json").read_text())
 
 
 def test_ctnode_process_on_real_slices(tmp_path, shared_data):
-    """Real NY-SBU slices through `ctnode process`: an axial chest slice gives a 2D partial result whose SEG
-    and SR pass dciodvfy; a coronal reformat and an abdomen slice are skipped with their reasons."""
+    """Real NY-SBU slices through `ctnode process`: an axial chest slice gives a 2D partial result whose SEG,
+    SR and key image pass dciodvfy; a coronal reformat and an abdomen slice are skipped with their reasons."""
     ny = shared_data / "dicom" / "ny-sbu"
-    chest = run_process(ny / "A002304" / "axial", tmp_path / "chest")
+    chest = run_process(ny / "A002304" / "axial", tmp_path / "chest", env={"CTNODE_PROCESSING_KEY_IMAGES": "1"})
     assert chest["status"] == "done"
     assert chest["scores"]["volumetric"] is False and 0 < chest["scores"]["percent_involved_total"] < 100
-    for key in ("seg", "sr"):
+    assert set(chest["outputs"]) == {"seg", "sr", "key-1"}
+    for key in ("seg", "sr", "key-1"):
         errors, _ = peers.dciodvfy(chest["outputs"][key])
         assert errors == [], errors
     coronal = run_process(ny / "A002304" / "coronal", tmp_path / "coronal")

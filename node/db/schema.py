@@ -113,6 +113,8 @@ class Result(Base):
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     seg_path: Mapped[str] = mapped_column(Text, default="")
     sr_path: Mapped[str] = mapped_column(Text, default="")
+    # Secondary Capture key images: [{"sop_instance_uid": ..., "path": ...}, ...] (processing.key_images)
+    key_images: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     job: Mapped[Job] = relationship(back_populates="result")
 
