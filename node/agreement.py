@@ -8,6 +8,12 @@ both, the Dice coefficient and the volumes are stored in ``agreements`` (one row
 
 A reference for a series the node has no result for (yet) is ``unmatched`` with the reason, and is tried
 again on every tick until a result appears; one that cannot be read or compared is ``failed`` with why.
+
+A SEG of the lung lobes (:func:`node.pipeline.regionmap.is_lobe_map`) is anatomy, not a reference: the
+worker uses it for the zones of its series (:mod:`node.pipeline.regionmap`). Here it waits (``unmatched``)
+for the series' result; when that result used it, it becomes ``anatomy``; when the result was made without
+it (the map came later), the study is processed again once (:func:`node.registry.reopen_study`), and the
+map becomes ``anatomy`` when the new result used it, ``failed`` with the worker's reason when it did not.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.db.schema import Agreement, Instance, Job, ReferenceSeg, Result, Series, utcnow
-from node.registry import add_event
+from node.pipeline.regionmap import is_lobe_map
+from node.registry import add_event, reopen_study
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +196,47 @@ def latest_result(session: Session, series_uid: str) -> Result | None:
         .order_by(Job.version.desc(), Result.id.desc()).limit(1)).first()
 
 
+def take_lobe_map(session: Session, ref: ReferenceSeg) -> str:
+    """A lobe map (see the module docstring); updates ``ref`` and returns its new state."""
+    result = session.scalars(
+        select(Result).join(Job, Result.job_id == Job.id)
+        .where(Result.series_instance_uid == ref.source_series_uid, Job.state == "done")
+        .order_by(Job.version.desc(), Result.id.desc()).limit(1)).first()
+    if result is None:
+        ref.state, ref.reason = "unmatched", f"lobe map: waiting for the node's result for series {ref.source_series_uid}"
+        return ref.state
+    if ref.job_id is not None and result.job_id < ref.job_id:
+        return ref.state  # the study is being processed again for this map: wait for that result
+    decisions = result.decisions or {}
+    if decisions.get("lobe_map") == ref.sop_instance_uid:
+        ref.state, ref.reason, ref.job_id, ref.computed_at = "anatomy", f"lobe map used by job {result.job_id}", \
+            result.job_id, utcnow()
+        add_event(session, "lobe_map_used", f"SEG {ref.sop_instance_uid} gave the zones of job {result.job_id}",
+                  study_uid=ref.study_instance_uid, job_id=result.job_id)
+        return ref.state
+    if ref.job_id is not None and result.job_id >= ref.job_id:  # reprocessed for it once already: not usable
+        why = "; ".join(n for n in decisions.get("lobe_map_notes", []) if ref.sop_instance_uid in n or "not used" in n)
+        ref.state, ref.reason, ref.computed_at = "failed", (f"lobe map not used by job {result.job_id}: "
+                                                            f"{why or 'see the job'}")[:4000], utcnow()
+        add_event(session, "lobe_map_failed", f"SEG {ref.sop_instance_uid}: {ref.reason}",
+                  study_uid=ref.study_instance_uid, job_id=result.job_id)
+        return ref.state
+    job = reopen_study(session, session.get(Job, result.job_id).study_id,
+                       f"lobe map SEG {ref.sop_instance_uid} received after job {result.job_id}")
+    ref.state, ref.reason, ref.job_id = "unmatched", f"lobe map: study reprocessed as job {job.id} to use it", job.id
+    return ref.state
+
+
 def compute_agreement(session: Session, ref: ReferenceSeg) -> str:
     """Compare one reference SEG with the node's result; updates ``ref`` and returns its new state."""
     import highdicom as hd
 
+    try:
+        lobe_map = is_lobe_map(dcmread(ref.path, stop_before_pixels=True))
+    except Exception:
+        lobe_map = False  # unreadable: reported as failed by the comparison below
+    if lobe_map:
+        return take_lobe_map(session, ref)
     result = latest_result(session, ref.source_series_uid)
     if result is None:
         reason = f"no node result for series {ref.source_series_uid} yet"

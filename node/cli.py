@@ -39,13 +39,15 @@ def cmd_process(args: argparse.Namespace) -> int:
         print(f"no files under {src}", file=sys.stderr)
         return 2
     settings = _settings(args)
-    analysis = analyse_with(settings.processing, paths, engine=args.engine)
+    analysis = analyse_with(settings.processing, paths, engine=args.engine, lobe_maps=args.lobe_seg or [])
     pipe = analysis.pipeline
     report = {
         "status": analysis.status,
         "reason": analysis.reason,
         "series": [_plain(d) for d in getattr(pipe, "decisions", [])],
         "chosen_series": getattr(pipe, "chosen_series_uid", None),
+        "lobe_map": getattr(pipe, "lobe_map_uid", None),
+        "lobe_map_notes": list(getattr(pipe, "lobe_map_notes", [])),
         "scores": analysis.scores,
         "timings_s": {k: round(v, 3) for k, v in analysis.timings.items()},
     }
@@ -166,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--out", required=True, help="folder for the SEG, SR and report.json")
     p.add_argument("--engine", help="override processing.engine")
+    p.add_argument("--lobe-seg", action="append", metavar="SEG",
+                   help="a DICOM SEG of the lung lobes of the series: the zones become lobes (repeatable)")
     p.set_defaults(func=cmd_process)
 
     p = sub.add_parser("results", help="list, show or export results")

@@ -167,6 +167,23 @@ def instance_paths_for_job(session: Session, job: Job) -> list[str]:
     return list(rows)
 
 
+def reopen_study(session: Session, study_id: int, why: str) -> Job:
+    """New data for a study that is not an instance (e.g. its lobe map): the study is processed again, as a
+    new job version when the latest one has already been taken (the same rule as a late instance)."""
+    study = session.get(Study, study_id)
+    job = _open_job(session, study, utcnow())
+    add_event(session, "study_reopened", f"{why}: job {job.id} version {job.version}",
+              study_uid=study.study_instance_uid, job_id=job.id)
+    return job
+
+
+def reference_paths_for_study(session: Session, study_id: int) -> list[str]:
+    """Spool paths of the Segmentations received for any series of the study (lobe maps among them)."""
+    series = select(Series.series_instance_uid).where(Series.study_id == study_id)
+    return list(session.scalars(select(ReferenceSeg.path).where(ReferenceSeg.source_series_uid.in_(series))
+                                .order_by(ReferenceSeg.id)))
+
+
 def set_job_state(session: Session, job: Job, state: str, reason: str = "") -> None:
     now = utcnow()
     old = job.state

@@ -18,7 +18,7 @@ from typing import Any
 from node.config import Settings
 from node.db import open_database
 from node.db.schema import Export, Job, Result
-from node.registry import add_event, instance_paths_for_job, set_job_state
+from node.registry import add_event, instance_paths_for_job, reference_paths_for_study, set_job_state
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,11 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
         job = session.get(Job, job_id)
         study_uid, version = job.study.study_instance_uid, job.version
         paths = instance_paths_for_job(session, job)
+        lobe_maps = [p for p in reference_paths_for_study(session, job.study_id) if Path(p).exists()]
     started = time.perf_counter()
     out: dict[str, Path] = {}
     try:
-        analysis = analyse_with(settings.processing, paths)
+        analysis = analyse_with(settings.processing, paths, lobe_maps=lobe_maps)
         if analysis.status == "done":
             out = write_outputs(analysis, settings.results_dir / study_uid / f"v{version}")
         state, reason = analysis.status, analysis.reason
@@ -88,7 +89,9 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
                 engine_name=getattr(engine, "name", ""), engine_version=getattr(engine, "version", ""),
                 weights_sha256=getattr(engine, "weights_sha256", ""),
                 scores=_jsonable(analysis.scores), timings=_jsonable(analysis.timings),
-                decisions={"series": _jsonable(getattr(pipe, "decisions", []))},
+                decisions={"series": _jsonable(getattr(pipe, "decisions", [])),
+                           "lobe_map": getattr(pipe, "lobe_map_uid", None),
+                           "lobe_map_notes": list(getattr(pipe, "lobe_map_notes", []))},
                 seg_sop_instance_uid=str(analysis.seg.SOPInstanceUID) if analysis.seg is not None else "",
                 sr_sop_instance_uid=str(analysis.sr.SOPInstanceUID) if analysis.sr is not None else "",
                 seg_path=str(out.get("seg", "")), sr_path=str(out.get("sr", "")),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from node.pipeline.types import InfectionResult, LungMasks
+from node.pipeline.types import InfectionResult
 from node.writers.keyimages import ALPHA, BANNER_HEIGHT, build_key_images, choose_slices, patient_orientation
 from node.writers.seg import SEGMENT_BY_KEY
 from tests import peers

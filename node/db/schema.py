@@ -15,6 +15,7 @@ export back to pending.
 Reference SEG states (a Segmentation received to audit the node against, :mod:`node.agreement`)::
 
     pending -> done | unmatched | failed      (unmatched is retried until a node result for its series exists)
+    pending -> anatomy                        (a lobe map: used for the zones, not compared; see node.agreement)
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class Base(DeclarativeBase):
 
 JOB_STATES = ("received", "ready", "processing", "done", "skipped", "failed")
 EXPORT_STATES = ("pending", "sent", "dead")
-REFERENCE_STATES = ("pending", "done", "unmatched", "failed")
+REFERENCE_STATES = ("pending", "done", "unmatched", "failed", "anatomy")  # anatomy: a lobe map, not compared
 
 
 class Study(Base):

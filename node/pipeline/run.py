@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .engines import get_engine
 from .lungs import segment_lungs
+from .regionmap import find_lobe_map
 from .scores import Scores, compute_scores
 from .select import SeriesDecision, check_lung_in_view, mark_chosen, rank_candidates, select_series
 from .types import EngineIdentity, InfectionResult, LungMasks, Volume
@@ -39,6 +40,8 @@ class PipelineResult:
     engine: EngineIdentity | None = None
     timings: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     notes: list[str] = field(default_factory=list)
+    lobe_map_uid: str | None = None  # SOP Instance UID of the lobe SEG that gave the zones, if one did
+    lobe_map_notes: list[str] = field(default_factory=list)  # which lobe SEGs were (not) used and why
 
 
 class _Clock:
@@ -69,8 +72,11 @@ def _nothing_reason(decisions: list[SeriesDecision]) -> str:
 
 
 def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_slices: int = 1,
-                 engine_options: dict[str, Any] | None = None) -> PipelineResult:
+                 engine_options: dict[str, Any] | None = None, lobe_maps: Sequence[Any] = ()) -> PipelineResult:
     """Run the pipeline on the instances ``paths`` (files, folders or datasets) of one study.
+
+    ``lobe_maps``: SEG files that may hold the lung lobes of the chosen series (:mod:`.regionmap`); the
+    newest usable one replaces the geometric zones, the others are reported in the notes.
 
     Raises ValueError only for an unknown engine (a configuration error); everything about the data is
     reported in the result.
@@ -115,8 +121,15 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
     with clock("infection"):
         result.infection = engine.segment(result.volume, result.lungs)
     with clock("scores"):
-        result.scores = compute_scores(result.volume, result.lungs, result.infection)
+        lobe_map, map_notes = find_lobe_map(result.volume, list(lobe_maps)) if lobe_maps else (None, [])
+        if lobe_map is not None:
+            result.lobe_map_uid = lobe_map.sop_instance_uid
+            map_notes.append(f"zones are the lobes of SEG {lobe_map.sop_instance_uid} ({', '.join(lobe_map.lobes)})")
+        result.lobe_map_notes = map_notes
+        result.scores = compute_scores(result.volume, result.lungs, result.infection,
+                                       region_map=lobe_map.labels if lobe_map is not None else None)
     result.status = "done"
     result.reason = next(d.reason for d in decisions if d.chosen)
-    result.notes = [*result.volume.notes, *result.lungs.notes, *result.infection.notes, *result.scores.notes]
+    result.notes = [*result.volume.notes, *result.lungs.notes, *result.infection.notes, *map_notes,
+                    *result.scores.notes]
     return result
