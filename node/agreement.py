@@ -4,7 +4,9 @@ A reference SEG (``reference_segs``, recorded by the listener) is matched to the
 result whose series is the SEG's referenced series (ReferencedSeriesSequence). Segments are paired by
 meaning, not by number (:func:`classify_segment`: codes first, then the label), both SEGs are decoded with
 highdicom over the union of the source instances either one references, and for each segment present in
-both, the Dice coefficient and the volumes are stored in ``agreements`` (one row per segment).
+both, the Dice coefficient and the volumes are stored in ``agreements`` (one row per segment). When the
+series gets a newer result (a new version of the study), the reference is compared again with it; the rows
+of earlier results stay, so the audit trail shows how each version compared.
 
 A reference for a series the node has no result for (yet) is ``unmatched`` with the reason, and is tried
 again on every tick until a result appears; one that cannot be read or compared is ``failed`` with why.
@@ -255,7 +257,8 @@ def compute_agreement(session: Session, ref: ReferenceSeg) -> str:
                   study_uid=ref.study_instance_uid, job_id=result.job_id)
         return ref.state
     now = utcnow()
-    ref.agreements.clear()
+    # rows for earlier results stay: the audit trail of how each version compared
+    ref.agreements[:] = [a for a in ref.agreements if a.job_id != result.job_id]
     for r in rows:
         ref.agreements.append(Agreement(
             job_id=result.job_id, reference_sop_instance_uid=ref.sop_instance_uid,
@@ -272,20 +275,30 @@ def compute_agreement(session: Session, ref: ReferenceSeg) -> str:
     return ref.state
 
 
+def _outdated(session: Session, ref: ReferenceSeg) -> bool:
+    """A compared reference whose series has a newer node result (a new study version): compare again."""
+    result = latest_result(session, ref.source_series_uid)
+    return result is not None and result.job_id != ref.job_id
+
+
 def compute_pending(sessions: Any, limit: int = 5) -> int:
-    """One scheduler tick: compare pending references and retry unmatched ones; returns how many were
-    compared (done or failed). Each reference is its own transaction."""
+    """One scheduler tick: compare pending references, retry unmatched ones, and compare done ones again
+    when their series has a newer result; returns how many were compared (done or failed). Each
+    reference is its own transaction."""
     with sessions() as session:
-        ids = list(session.scalars(select(ReferenceSeg.id).where(ReferenceSeg.state.in_(("pending", "unmatched")))
-                                   .order_by(ReferenceSeg.id)))
+        ids = [ref.id for ref in session.scalars(
+            select(ReferenceSeg).where(ReferenceSeg.state.in_(("pending", "unmatched", "done")))
+            .order_by(ReferenceSeg.id)) if ref.state != "done" or _outdated(session, ref)]
     compared = 0
     for ref_id in ids:
         with sessions.begin() as session:
             ref = session.get(ReferenceSeg, ref_id)
-            if ref is None or ref.state not in ("pending", "unmatched"):
+            if ref is None or ref.state not in ("pending", "unmatched", "done"):
                 continue
             if ref.state == "unmatched" and latest_result(session, ref.source_series_uid) is None:
                 continue  # still nothing to compare with: no write, no event
+            if ref.state == "done" and not _outdated(session, ref):
+                continue
             compared += compute_agreement(session, ref) in ("done", "failed")
         if compared >= limit:
             break

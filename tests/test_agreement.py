@@ -151,8 +151,24 @@ def test_reference_seg_is_compared_stored_and_shown(tmp_path, study, monkeypatch
             rows = {a.segment_key: a for a in s.scalars(select(Agreement))}
             other = s.scalars(select(ReferenceSeg).where(ReferenceSeg.sop_instance_uid == stranger.SOPInstanceUID)).one()
             assert len(s.scalars(select(Instance)).all()) == len(files)
+        # A new version of the study (one instance re-sent with changed content): compared again, v1 rows kept.
+        resent = dcmread(files[0])
+        resent.ImageComments = "re-sent"
+        assert send_study([resent], "127.0.0.1", port, "CTNODE", progress=False) == 1
+
+        def recompared():
+            with node.sessions() as s:
+                jobs = [a.job_id for a in s.scalars(select(Agreement))]
+                return jobs if len(set(jobs)) == 2 else None
+
+        agreement_jobs = wait_for(recompared, 120, "the reference compared with version 2")
+        with node.sessions() as s:
+            v2 = s.scalars(select(Job).where(Job.version == 2)).one()
+            rows_v2 = {a.segment_key: a for a in s.scalars(select(Agreement).where(Agreement.job_id == v2.id))}
     finally:
         node.stop()
+    assert sorted(set(agreement_jobs)) == [job.id, v2.id] and len(agreement_jobs) == 6
+    assert {k: r.dice for k, r in rows_v2.items()} == pytest.approx({k: r.dice for k, r in rows.items()})
 
     assert job.state == "done" and job.version == 1 and ref.job_id == job.id
     assert other.state == "unmatched" and other.reason == f"no node result for series {unknown_series} yet"
