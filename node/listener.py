@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,11 +266,56 @@ class Listener:
             (evt.EVT_ABORTED, self._on_aborted),
         ]
         s = self.settings.node
+        ssl_context = server_ssl_context(self.settings.tls)
         self._server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=handlers,
-                                            ssl_context=server_ssl_context(self.settings.tls))
+                                            ssl_context=ssl_context)
+        self._harden(self._server, ssl_context)
         log.info("listening as %s on %s:%d%s", s.ae_title, s.host, self.port,
                  " (TLS" + (", client certificates required)" if self.settings.tls.require_client_cert else ")")
                  if self.settings.tls.enabled else "")
+
+    def _harden(self, server: Any, ssl_context: ssl.SSLContext | None) -> None:
+        """Make a stalled or hostile peer cost one thread for at most ``node.network_timeout`` seconds.
+
+        pynetdicom accepts connections with blocking sockets and, with TLS, runs the handshake in the
+        accept loop: a peer that stops halfway through a PDU would hold its thread forever, and one that
+        opens a TCP connection to the TLS port and sends nothing would stop the node accepting anyone.
+        Here each accepted socket gets the network timeout, and the TLS handshake moves to the
+        connection's own thread, where a failure is audited ("tls_handshake_failed") and the connection
+        closed.
+        """
+        timeout = self.settings.node.network_timeout
+        original_thread = server.process_request_thread
+
+        def get_request() -> tuple[socket.socket, Any]:
+            sock, address = server.socket.accept()
+            sock.settimeout(timeout)
+            if ssl_context is not None:
+                sock = ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            return sock, address
+
+        def process_request_thread(request: Any, address: Any) -> None:
+            if isinstance(request, ssl.SSLSocket):
+                try:
+                    request.do_handshake()
+                except (OSError, ValueError) as exc:
+                    self._audit_tls_failure(address, exc)
+                    server.shutdown_request(request)
+                    return
+            original_thread(request, address)
+
+        server.get_request = get_request
+        server.process_request_thread = process_request_thread
+
+    def _audit_tls_failure(self, address: Any, exc: Exception) -> None:
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__  # e.g. CERTIFICATE_VERIFY_FAILED
+        log.warning("TLS handshake with %s failed: %s", peer, why)
+        try:
+            with self._db_lock, self.sessions.begin() as session:
+                add_event(session, "tls_handshake_failed", str(why), peer=peer)
+        except Exception as db_exc:
+            log.error("could not write audit event tls_handshake_failed: %s", _db_error(db_exc))
 
     @property
     def port(self) -> int:

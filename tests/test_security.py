@@ -174,6 +174,8 @@ def test_mutual_tls_refuses_clients_without_a_valid_certificate(make_listener, p
            "plain TCP": None}[how]
     assoc = associate(lst.port, tls=tls)
     assert not assoc.is_established
+    failures = wait_events(lst, "tls_handshake_failed")  # audited with the peer address
+    assert len(failures) == 1 and failures[0].peer.startswith("127.0.0.1:") and failures[0].detail
     with lst.sessions() as s:
         assert not list(s.scalars(select(Event).where(Event.kind == "association_accepted")))
 
