@@ -67,6 +67,12 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
         if analysis.status == "done":
             out = write_outputs(analysis, settings.results_dir / study_uid / f"v{version}")
         state, reason = analysis.status, analysis.reason
+    except MemoryError:  # a real allocation failure under processing.worker_memory_gb: not retried
+        log.exception("job %d ran out of memory", job_id)
+        analysis, state = None, "failed"
+        reason = (f"out of memory: the study needs more than processing.worker_memory_gb = "
+                  f"{settings.processing.worker_memory_gb:g} GB")
+        tb = traceback.format_exc()
     except Exception as exc:
         log.exception("job %d failed", job_id)
         analysis, state = None, "failed"
@@ -116,4 +122,15 @@ def worker_main(settings: Settings, job_id: int, attempt: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
     _exit_with_parent()
+    limit_memory(settings.processing.worker_memory_gb)
     process_job(settings, job_id, attempt)
+
+
+def limit_memory(gigabytes: float) -> None:
+    """Cap this process's address space (RLIMIT_AS) so that one huge study fails with MemoryError instead of
+    pushing the host into swap or the kernel's OOM killer (which could pick the listener). 0: no cap."""
+    if gigabytes > 0:
+        import resource
+
+        cap = int(gigabytes * 1024**3)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))

@@ -74,3 +74,28 @@ def test_retention_removes_old_reference_segs(tmp_path):
                     for u in ("1.2.1", "1.2.2"))
     assert not old_file.exists() and old.path == "" and old.state == "expired"
     assert new_file.exists() and new.state == "unmatched"
+
+
+def test_study_too_big_for_worker_memory_fails_alone(tmp_path):
+    """A real allocation failure: the worker's address space is capped (processing.worker_memory_gb), a large
+    study fails with "out of memory" (not retried), a small one after it is processed, the listener serves."""
+    from node.phantom import make_phantom, write_phantom_study
+
+    big = write_phantom_study(make_phantom(rows=512, cols=512, slices=120, seed=3), tmp_path / "big")
+    small = write_phantom_study(make_phantom(rows=96, cols=96, slices=20, pixel_spacing=3.5, slice_spacing=12.0,
+                                             seed=4), tmp_path / "small")
+    settings = make_settings(tmp_path, processing={"worker_memory_gb": 1.25, "stable_after": 0.5})
+    node = Node(settings)
+    node.start()
+    try:
+        assert send_study(big, "127.0.0.1", node.listener.port, "CTNODE", progress=False) == len(big)
+        wait_for(lambda: job_state(node)[0] == "failed", 240, "the large study to fail")
+        state, reason = job_state(node)
+        assert reason == "out of memory: the study needs more than processing.worker_memory_gb = 1.25 GB"
+        assert send_study(small, "127.0.0.1", node.listener.port, "CTNODE", progress=False) == len(small)
+        wait_for(lambda: job_state(node)[0] == "done", 240, "the small study to be processed")
+        with node.sessions() as s:
+            jobs = s.scalars(select(Job).order_by(Job.id)).all()
+    finally:
+        node.stop()
+    assert [(j.state, j.attempts) for j in jobs] == [("failed", 1), ("done", 1)]
