@@ -146,6 +146,34 @@ def test_shipped_weights_load_and_hash():
         assert out is not None
 
 
+def test_shipped_weights_give_the_documented_test_dice(shared_data):
+    """The shipped fp16 files reproduce the metrics their sidecars (and the model card) document: Inf-Net on
+    the 48 COVID-SemiSeg test slices, and the multi-class net with the shipped Inf-Net as its prior."""
+    from models.registry import load_shipped
+    from training import data as D
+    from training.loops import eval_multi, eval_single, predict_single
+
+    torch.set_num_threads(2)
+    cpu = torch.device("cpu")
+    root = shared_data / "covid-semiseg"
+    compact, meta = load_shipped("infnet-compact")
+    size = meta["input"]["size"]
+    documented = meta["metrics"]["test_metrics"]
+    found = eval_single(compact.eval(), D.load_split("test", str(root)), size, cpu, full=True)
+    assert found["n"] == documented["n"] == 48
+    for key in ("dice", "mean_dice", "sensitivity", "specificity", "mae"):
+        assert found[key] == pytest.approx(documented[key], abs=0.01), key  # fp16 weights vs the fp32 run
+
+    multi, multi_meta = load_shipped("infnet-multiclass")
+    documented = multi_meta["test_metrics_with_shipped_prior"]
+    assert documented["prior"].endswith(meta["sha256"])
+    ts = D.load_split("multi-test", str(root))
+    priors = [(p >= 0.5).astype(np.float32) for p in predict_single(compact.eval(), ts.images, size, cpu)]
+    found = eval_multi(multi.eval(), ts.images, priors, ts.masks, size, cpu)
+    for key in ("pooled_dice_ggo", "pooled_dice_consolidation", "dice_ggo", "dice_consolidation"):
+        assert found[key] == pytest.approx(documented[key], abs=0.01), key
+
+
 def test_registry_rejects_bad_hash(tmp_path):
     from safetensors.torch import save_file
 
