@@ -73,6 +73,7 @@ class TLSSettings:
     key_file: str = ""            # its private key (PEM, unencrypted; file mode 0600)
     ca_file: str = ""             # CAs that sign client certificates (needed for require_client_cert)
     require_client_cert: bool = False  # mutual TLS: callers must present a certificate signed by ca_file
+    crl_file: str = ""            # certificate revocation list(s) of ca_file (PEM); re-read when it changes
     min_version: str = "1.2"      # "1.2" or "1.3"
 
 
@@ -224,11 +225,13 @@ def _validate(s: Settings) -> None:
     check(s.tls.min_version in ("1.2", "1.3"), "tls.min_version", "must be \"1.2\" or \"1.3\"")
     if s.tls.enabled:
         check(bool(s.tls.cert_file and s.tls.key_file), "tls.cert_file", "tls.enabled needs cert_file and key_file")
-        for key in ("cert_file", "key_file", "ca_file"):
+        for key in ("cert_file", "key_file", "ca_file", "crl_file"):
             value = getattr(s.tls, key)
             check(not value or Path(value).is_file(), f"tls.{key}", f"file not found: {value}")
     check(not s.tls.require_client_cert or bool(s.tls.ca_file), "tls.require_client_cert",
           "needs tls.ca_file (the CA that signs client certificates)")
+    check(not s.tls.crl_file or s.tls.require_client_cert, "tls.crl_file",
+          "revocation is checked for client certificates: set tls.require_client_cert = true")
     check("://" in s.storage.database_url, "storage.database_url", "must be an SQLAlchemy URL such as sqlite:///var/ctnode.db")
     check(s.storage.retention_days >= 0, "storage.retention_days", "must be >= 0")
     check(s.processing.stable_after >= 0, "processing.stable_after", "must be >= 0 seconds")

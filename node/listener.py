@@ -215,6 +215,37 @@ def validate_reference(ds: Dataset, sop_class: str) -> tuple[int, str] | None:
     return None
 
 
+class _TLSContexts:
+    """The listener's TLS context, rebuilt when ``tls.crl_file`` changes on disk (a refreshed revocation
+    list takes effect for the next connection, without a restart). A CRL file that cannot be loaded keeps
+    the previous context and logs an error."""
+
+    def __init__(self, tls: Any, context: ssl.SSLContext | None):
+        self.tls, self.context = tls, context
+        self.stamp = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.tls.crl_file)
+            return st.st_mtime_ns, st.st_size
+        except OSError:
+            return None
+
+    def current(self) -> ssl.SSLContext | None:
+        if self.context is None or not self.tls.crl_file:
+            return self.context
+        stamp = self._stamp()
+        if stamp != self.stamp:
+            try:
+                self.context = server_ssl_context(self.tls)
+                log.info("TLS: revocation list %s reloaded", self.tls.crl_file)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("TLS: cannot load the revocation list %s (%s); the previous one stays in force",
+                          self.tls.crl_file, exc)
+            self.stamp = stamp
+        return self.context
+
+
 class Listener:
     """Owns the pynetdicom AE; ``start()`` returns at once, ``stop()`` shuts the server down."""
 
@@ -286,12 +317,14 @@ class Listener:
         """
         timeout = self.settings.node.network_timeout
         original_thread = server.process_request_thread
+        contexts = _TLSContexts(self.settings.tls, ssl_context)
 
         def get_request() -> tuple[socket.socket, Any]:
             sock, address = server.socket.accept()
             sock.settimeout(timeout)
-            if ssl_context is not None:
-                sock = ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            context = contexts.current()
+            if context is not None:
+                sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             return sock, address
 
         def process_request_thread(request: Any, address: Any) -> None:
@@ -309,7 +342,9 @@ class Listener:
 
     def _audit_tls_failure(self, address: Any, exc: Exception) -> None:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-        why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__  # e.g. CERTIFICATE_VERIFY_FAILED
+        # e.g. "certificate revoked" (verify_message), "CERTIFICATE_VERIFY_FAILED", "timed out"
+        why = (getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
+               or type(exc).__name__)
         log.warning("TLS handshake with %s failed: %s", peer, why)
         try:
             with self._db_lock, self.sessions.begin() as session:

@@ -28,6 +28,9 @@ def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext | None:
     ctx.load_cert_chain(tls.cert_file, tls.key_file)
     if tls.ca_file:
         ctx.load_verify_locations(cafile=tls.ca_file)
+    if tls.crl_file:
+        ctx.load_verify_locations(cafile=tls.crl_file)  # PEM CRLs load like certificates
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else (
         ssl.CERT_OPTIONAL if tls.ca_file else ssl.CERT_NONE)
     return ctx

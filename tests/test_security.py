@@ -180,6 +180,31 @@ def test_mutual_tls_refuses_clients_without_a_valid_certificate(make_listener, p
         assert not list(s.scalars(select(Event).where(Event.kind == "association_accepted")))
 
 
+def test_revoked_client_certificate_is_refused_and_a_new_crl_applies_without_restart(make_listener, pki, tmp_path):
+    from tests.tls_ca import issue_client, write_crl
+
+    revoked, kept = issue_client(pki, tmp_path, "SENDER"), issue_client(pki, tmp_path, "SENDER")
+    crl = write_crl(pki, [revoked[0]], tmp_path / "ca.crl")
+    lst = make_listener(node={"allowed_calling_aets": ["SENDER"]}, tls={**tls_node(pki), "crl_file": str(crl)})
+
+    def ctx(cert_and_key):
+        c = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+        c.load_cert_chain(*map(str, cert_and_key))
+        return c
+
+    assert not associate(lst.port, tls=(ctx(revoked), "localhost")).is_established
+    failures = wait_events(lst, "tls_handshake_failed")
+    assert len(failures) == 1 and "revoked" in failures[0].detail.lower()
+    assoc = associate(lst.port, tls=(ctx(kept), "localhost"))
+    assert assoc.is_established
+    assoc.release()
+    # the CA revokes the second certificate too: the refreshed file takes effect at the next connection
+    time.sleep(0.01)
+    write_crl(pki, [revoked[0], kept[0]], crl)
+    assert not associate(lst.port, tls=(ctx(kept), "localhost")).is_established
+    assert len(wait_events(lst, "tls_handshake_failed", n=2)) == 2
+
+
 def test_client_refuses_a_server_it_cannot_verify(make_listener, pki):
     lst = make_listener(tls=tls_node(pki, mutual=False))
     assert not associate(lst.port, tls=(client_ctx(pki, cert=False, ca=pki.other_ca), "localhost")).is_established
@@ -189,6 +214,10 @@ def test_client_refuses_a_server_it_cannot_verify(make_listener, pki):
 
 
 def test_tls_config_is_validated(tmp_path, pki):
+    with pytest.raises(ConfigError, match="^tls.crl_file"):
+        make_settings(tmp_path, tls={**tls_node(pki, mutual=False), "crl_file": str(pki.ca)})
+    with pytest.raises(ConfigError, match="^tls.crl_file"):
+        make_settings(tmp_path, tls={**tls_node(pki), "crl_file": str(tmp_path / "missing.crl")})
     with pytest.raises(ConfigError, match="^tls.cert_file"):
         make_settings(tmp_path, tls={"enabled": True})
     with pytest.raises(ConfigError, match="^tls.key_file"):

@@ -22,6 +22,7 @@ class Pki:
     other_ca: Path  # an unrelated CA (its certificates must not be trusted)
     rogue_client_cert: Path
     rogue_client_key: Path
+    ca_key: Path
 
 
 def _name(cn: str) -> x509.Name:
@@ -83,4 +84,33 @@ def make_pki(folder: Path) -> Pki:
         paths[name] = (folder / f"{name}.crt", folder / f"{name}.key")
     (folder / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
     (folder / "other_ca.crt").write_bytes(other_cert.public_bytes(pem))
-    return Pki(folder / "ca.crt", *paths["server"], *paths["client"], folder / "other_ca.crt", *paths["rogue_client"])
+    _write_key(ca_key, folder / "ca.key")
+    return Pki(folder / "ca.crt", *paths["server"], *paths["client"], folder / "other_ca.crt", *paths["rogue_client"],
+               folder / "ca.key")
+
+
+def issue_client(pki: Pki, folder: Path, cn: str = "SENDER") -> tuple[Path, Path]:
+    """Another client certificate from the test CA: (cert, key) paths."""
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    key, cert = _leaf(ca_key, ca_cert, cn, False)
+    cert_path, key_path = folder / f"{cn}-{cert.serial_number}.crt", folder / f"{cn}-{cert.serial_number}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, key_path)
+    return cert_path, key_path
+
+
+def write_crl(pki: Pki, revoked: list[Path], path: Path) -> Path:
+    """A CRL of the test CA revoking the certificates at ``revoked`` (valid from now for a day)."""
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=1)))
+    for cert_path in revoked:
+        serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - dt.timedelta(minutes=1))
+            .build())
+    path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return path
