@@ -193,3 +193,61 @@ def test_limit_settings_are_validated(tmp_path, node, key):
     with pytest.raises(ConfigError) as err:
         make_settings(tmp_path, node=node)
     assert str(err.value).startswith(key)
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_a_300_mb_instance_is_spooled_from_disk_with_flat_memory(make_listener, tmp_path):
+    """A real instance of several hundred MB (12288 x 12288 x 16 bit = 302 MB) from DCMTK storescu: with
+    receive_to_disk it is stored byte for byte while the listener's memory stays flat; with the default
+    in-memory mode and a 256 MB max_instance_mb it is refused 0xA700; the listener keeps serving."""
+    import hashlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests import peers
+
+    peers.require_peer("storescu")
+    big = tmp_path / "big.dcm"
+    # written by a child process, so this process (the listener's) never holds the 300 MB
+    subprocess.run([sys.executable, "-c", (
+        "import sys; from tests.factory import ct_slice; import numpy as np\n"
+        "ds = ct_slice(size=16)\n"
+        "ds.Rows = ds.Columns = 12288\n"
+        "ds.PixelData = np.full((12288, 12288), 24, np.int16).tobytes()\n"
+        f"ds.save_as({str(big)!r}, enforce_file_format=True)\n")], check=True, cwd=Path(__file__).parents[1],
+        timeout=300)
+    def data_set_sha256(path) -> str:
+        """SHA-256 of the data set (what travels on the wire), after the file meta each side writes itself."""
+        from pydicom import dcmread
+
+        meta_length = int(dcmread(path, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength)
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            fh.seek(128 + 4 + 12 + meta_length)  # preamble, "DICM", the group length element, the group
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def rss_mb() -> float:
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024
+
+    try:
+        on_disk = make_listener("disk", receive_to_disk=True, max_instance_mb=512)
+        before = rss_mb()
+        sent = peers.storescu("127.0.0.1", on_disk.port, [big], calling_aet="SENDER", timeout=300)
+        grown = rss_mb() - before
+    finally:
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = False  # process-wide switch: leave it as found
+    assert sent.returncode == 0, sent.stdout[-2000:]
+    with on_disk.sessions() as s:
+        inst = s.scalars(select(Instance)).one()
+    assert data_set_sha256(inst.path) == data_set_sha256(big)
+    assert grown < 100, f"listener RSS grew {grown:.0f} MB while receiving a 302 MB instance"
+
+    in_memory = make_listener("mem", max_instance_mb=256)
+    refused = peers.storescu("127.0.0.1", in_memory.port, [big], calling_aet="SENDER", timeout=300)
+    assert "Received Store Response (Refused: OutOfResources)" in refused.stdout, refused.stdout[-500:]
+    assert any("max_instance_mb" in e.detail for e in events(in_memory, "instance_refused"))
+    assert store(in_memory.port, ct_slice(size=16))[0].Status == 0x0000  # still serving
