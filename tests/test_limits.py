@@ -251,3 +251,29 @@ def test_a_300_mb_instance_is_spooled_from_disk_with_flat_memory(make_listener, 
     assert "Received Store Response (Refused: OutOfResources)" in refused.stdout, refused.stdout[-500:]
     assert any("max_instance_mb" in e.detail for e in events(in_memory, "instance_refused"))
     assert store(in_memory.port, ct_slice(size=16))[0].Status == 0x0000  # still serving
+
+
+def test_spool_write_failure_is_refused_a700_and_leaves_nothing(make_listener, monkeypatch):
+    """The disk fills up between the disk guard's check and the write (ENOSPC at fsync, as on a thin-provisioned
+    or network volume): 0xA700 with the reason, audited, no temporary file and no row; the next one is stored."""
+    import errno
+    import os
+
+    import node.spool
+
+    lst = make_listener()
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(node.spool.os, "fsync", full)
+    refused = store(lst.port, ct_slice())[0]
+    monkeypatch.setattr(node.spool.os, "fsync", real_fsync)
+    assert refused.Status == 0xA700 and refused.ErrorComment == "cannot write spool: No space left on device"
+    assert [e.detail for e in events(lst, "instance_refused")] == ["0xA700 cannot write spool: No space left on device"]
+    spool = lst.settings.spool_dir
+    assert not [p for p in spool.rglob("*") if p.is_file()]  # the temporary file was removed
+    with lst.sessions() as s:
+        assert s.scalars(select(Instance)).all() == []
+    assert store(lst.port, ct_slice())[0].Status == 0x0000
