@@ -176,3 +176,32 @@ def test_fuzz_headers(mutations):
             except DOCUMENTED:
                 return
             assert vol.hu.shape[0] == len(accepted)
+
+
+@pytest.mark.parametrize("keyword, raw", [
+    ("PixelSpacing", b"abc\\1 "), ("ImageOrientationPatient", b"1\\0\\x\\0\\1\\0 "), ("SliceThickness", b"zz"),
+    ("RescaleSlope", b"q "), ("RescaleIntercept", b"1\\2 "), ("ImagePositionPatient", b"1\\2\\nan "),
+    ("Rows", None), ("PixelRepresentation", None),
+])
+def test_offline_pipeline_reports_malformed_headers_without_raising(tmp_path, keyword, raw):
+    """`ctnode process` reads files the listener never vetted: a malformed value in one slice gives a
+    skipped/failed result with a reason, never an exception."""
+    import pydicom
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    from node.pipeline.run import run_pipeline
+    from tests.factory import ct_slice, write
+
+    files = []
+    for z in range(4):
+        ds = ct_slice(study_uid="1.2.3", series_uid="1.2.3.4", z=z, size=64)
+        if z == 1:
+            tag = tag_for_keyword(keyword)
+            if raw is None:
+                del ds[keyword]
+            else:  # bytes as a careless writer would store them, never converted by pydicom on the way
+                ds[tag] = RawDataElement(pydicom.tag.Tag(tag), dictionary_VR(tag), len(raw), raw, 0, False, True)
+        files.append(write(ds, tmp_path))
+    result = run_pipeline(files, "threshold")
+    assert result.status in ("skipped", "failed") and result.reason
