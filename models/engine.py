@@ -11,6 +11,8 @@ Imports numpy, torch and ``node.pipeline.types`` only (no pydicom).
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,25 @@ ENGINE_VERSION = "0.1.0"
 # Lung window measured against the training images (training/hu_window_analysis.py, docs/results.md).
 DEFAULT_WINDOW = (-400.0, 1300.0)  # (centre, width) in HU: maps air -1000 -> 10, lung -822 -> 45, muscle 30 -> 211 (8-bit)
 IMG_MEAN, IMG_STD = 0.5, 0.25
+
+log = logging.getLogger(__name__)
+_warned_cpu = False
+
+
+def choose_device(requested: str | None) -> torch.device:
+    """CUDA when asked for or available ("auto"/None), otherwise the CPU; falling back to the CPU without being
+    asked to logs one warning per process, so a missing GPU is seen once, not per slice or per study batch."""
+    global _warned_cpu
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not _warned_cpu:
+        asked = "processing.device is \"cuda\" but " if requested == "cuda" else ""
+        log.warning("%sno CUDA GPU is available: the Inf-Net engine runs on the CPU in fp32 (slower; set "
+                    "processing.device = \"cpu\" to make this the intended setting)", asked)
+        _warned_cpu = True
+    return torch.device("cpu")
 
 
 def window_hu(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
@@ -49,7 +70,7 @@ class InfNetEngine:
                  device: str | None = None, batch: int = 8, threshold: float = 0.5,
                  window: tuple[float, float] = DEFAULT_WINDOW, size: int | None = None, weights_dir=None,
                  model=None, meta=None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = choose_device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         if model is None:
             model, meta = load_shipped(weights, weights_dir, self.device, self.dtype)

@@ -263,3 +263,23 @@ def test_engine_with_shipped_weights():
     if res.ggo is not None:
         assert np.array_equal(res.ggo | res.consolidation, res.infection)
         assert not (res.ggo & res.consolidation).any()
+
+
+def test_cpu_fallback_warns_once(monkeypatch):
+    import logging
+
+    import models.engine as engine
+    from tests.util import captured_logs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engine, "_warned_cpu", False)
+    with captured_logs(logging.WARNING) as logs:
+        assert engine.choose_device(None).type == "cpu"
+        assert engine.choose_device("cuda").type == "cpu"
+        assert engine.choose_device(None).type == "cpu"
+    warnings = [r.getMessage() for r in logs.records if r.name == "models.engine"]
+    assert len(warnings) == 1 and "no CUDA GPU is available" in warnings[0] and "processing.device" in warnings[0]
+    monkeypatch.setattr(engine, "_warned_cpu", False)
+    with captured_logs(logging.WARNING) as logs:
+        assert engine.choose_device("cpu").type == "cpu"  # asked for: nothing to warn about
+    assert not [r for r in logs.records if r.name == "models.engine"]
