@@ -81,7 +81,8 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
                              series_number=seg_series_number)
     timings["seg"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sr = build_report(result.volume, seg, result.scores.as_dict(), result.engine, series_number=sr_series_number)
+    sr = build_report(result.volume, seg, result.scores.as_dict(), result.engine, series_number=sr_series_number,
+                      other_evidence=[result.lobe_map_header] if result.lobe_map_header is not None else [])
     timings["sr"] = time.perf_counter() - t0
     scs = []
     if key_images > 0:

@@ -108,6 +108,12 @@ def test_lobe_map_gives_the_zones(tmp_path, study):
     order = [by_sop[uid] for uid in result.volume.sop_instance_uids]
     expected = compute_scores(result.volume, result.lungs, result.infection, region_map=phantom.regions[order])
     assert result.scores.zones == expected.zones and result.scores.regions == expected.regions
+    from node.processing import analyse
+
+    sr = analyse(files, engine="threshold", lobe_maps=[path]).sr  # the SR lists the lobe SEG as evidence
+    evidence = {str(sop.ReferencedSOPInstanceUID) for item in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in item.ReferencedSeriesSequence for sop in series.ReferencedSOPSequence}
+    assert seg.SOPInstanceUID in evidence
     geometric = run_pipeline(files, "threshold")
     assert geometric.scores.region_method == "geometric" and geometric.lobe_map_uid is None
 

@@ -96,6 +96,7 @@ class LobeMap:
     labels: np.ndarray       # (slices, rows, cols) uint8, 0 = none, 1..5 = ZONES order
     sop_instance_uid: str    # of the lobe SEG
     lobes: list[str]         # the lobes it contains
+    header: Dataset | None = None  # the SEG without pixel data (the SR lists it as evidence)
 
 
 def lobe_map_for(volume: Volume, seg: Any) -> LobeMap:
@@ -120,7 +121,10 @@ def lobe_map_for(volume: Volume, seg: Any) -> LobeMap:
         if mask.shape != labels.shape:
             raise RegionMapError(f"its frames are {mask.shape[1:]} pixels, the series' {labels.shape[1:]}")
         labels[mask & (labels == 0)] = _LOBE_LABEL[lobe]
-    return LobeMap(labels, str(seg.SOPInstanceUID), sorted(lobes, key=ZONES.index))
+    header = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        setattr(header, keyword, seg.get(keyword))
+    return LobeMap(labels, str(seg.SOPInstanceUID), sorted(lobes, key=ZONES.index), header)
 
 
 def find_lobe_map(volume: Volume, paths: list[str | Path]) -> tuple[LobeMap | None, list[str]]:

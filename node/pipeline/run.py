@@ -41,6 +41,7 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     notes: list[str] = field(default_factory=list)
     lobe_map_uid: str | None = None  # SOP Instance UID of the lobe SEG that gave the zones, if one did
+    lobe_map_header: Any = None      # its identifying attributes (evidence for the SR)
     lobe_map_notes: list[str] = field(default_factory=list)  # which lobe SEGs were (not) used and why
 
 
@@ -123,7 +124,7 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
     with clock("scores"):
         lobe_map, map_notes = find_lobe_map(result.volume, list(lobe_maps)) if lobe_maps else (None, [])
         if lobe_map is not None:
-            result.lobe_map_uid = lobe_map.sop_instance_uid
+            result.lobe_map_uid, result.lobe_map_header = lobe_map.sop_instance_uid, lobe_map.header
             map_notes.append(f"zones are the lobes of SEG {lobe_map.sop_instance_uid} ({', '.join(lobe_map.lobes)})")
         result.lobe_map_notes = map_notes
         result.scores = compute_scores(result.volume, result.lungs, result.infection,

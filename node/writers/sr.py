@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -389,8 +389,12 @@ def build_report(
     sop_instance_uid: str | None = None,
     device_serial: str | None = None,
     strict: bool = False,
+    other_evidence: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report for ``seg`` (built from ``volume``) and ``scores``.
+
+    ``other_evidence``: headers of further objects the scores rest on (the lobe SEG that gave the zones),
+    listed in the SR's evidence sequences with the SEG and the source images.
 
     Keys that no row of :data:`MEASUREMENTS` describes are not reported (logged at debug level), so the
     scorer may carry more than the SR; with ``strict=True`` they raise ``KeyError`` instead (catches
@@ -442,7 +446,7 @@ def build_report(
     # evidence[0] supplies patient/study attributes: the SEG has them all (highdicom copied them from
     # the source) even when an anonymised source header lacks a Type 2 attribute.
     return hd.sr.Comprehensive3DSR(
-        evidence=[seg, *volume.datasets],
+        evidence=[seg, *volume.datasets, *other_evidence],
         content=report,
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
