@@ -177,6 +177,10 @@ LISTENER_CASES: list[Case] = [
          what="stored; job skipped: 'duplicate slice position(s)'"),
     Case("mixed_orientations", each(_mixed), OK, outcome=({"skipped"}, "mixed slice orientations"),
          what="stored; job skipped: 'mixed slice orientations within the series'"),
+    Case("two_patients_one_study", each(lambda i, ds: i == 2 and setattr(ds, "PatientID", "SOMEONE-ELSE")), OK,
+         outcome=({"failed"}, "more than one patient"),
+         what="stored; job failed: 'instances of more than one patient under one StudyInstanceUID (PatientID "
+              "differ): not analysed ...' (no result that could be filed under the wrong patient)"),
     Case("duplicate_sop_uid_different_content", _dup_sop_different_content, OK,
          outcome=(DONE_OR_SKIPPED, ""), events=["instance_replaced"],
          what="both acknowledged; the second replaces the first (audit 'instance_replaced'), the study is "

@@ -191,3 +191,19 @@ def test_stripped_lungmask_slices_are_treated_as_ct():
     chosen, (d,) = select_series([folder])
     assert chosen is d and d.accepted and d.n_instances == 2
     assert any("Modality missing: treated as CT" in f for f in d.flags)
+
+
+def test_patient_conflict_across_series_and_anonymised_series():
+    from node.pipeline.select import patient_conflict
+
+    def decisions(*series_list):
+        return select_series([ds for s in series_list for ds in s])[1]
+
+    a = ct_series(4, PatientID="P1", PatientName="Doe^Jane", PatientBirthDate="19600101")
+    same = ct_series(3, PatientID="P1", PatientName="DOE^JANE ", PatientBirthDate="19600101")  # case, spacing
+    anonymised = ct_series(3, PatientID="P1", PatientName="", PatientBirthDate="")
+    other = ct_series(3, PatientID="P2", PatientName="Doe^Jane", PatientBirthDate="19600101")
+    assert patient_conflict(decisions(a, same, anonymised)) is None
+    reason = patient_conflict(decisions(a, other))
+    assert reason.startswith("instances of more than one patient") and "(PatientID differ)" in reason
+    assert "P1" not in reason and "P2" not in reason and "Doe" not in reason  # no identifiers: it is logged

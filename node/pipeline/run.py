@@ -16,7 +16,8 @@ from .engines import get_engine
 from .lungs import segment_lungs
 from .regionmap import find_lobe_map
 from .scores import Scores, compute_scores
-from .select import SeriesDecision, check_lung_in_view, mark_chosen, rank_candidates, select_series
+from .select import (SeriesDecision, check_lung_in_view, mark_chosen, patient_conflict, rank_candidates,
+                     select_series)
 from .types import EngineIdentity, InfectionResult, LungMasks, Volume
 from .volume import VolumeError, assemble_volume
 
@@ -89,6 +90,10 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
     with clock("select"):
         _, decisions = select_series(paths, min_slices=min_slices)
     result.decisions = decisions
+    conflict = patient_conflict(decisions)
+    if conflict:
+        result.status, result.reason = "failed", conflict
+        return result
     candidates = rank_candidates(decisions)
     failures: list[str] = []
 

@@ -376,6 +376,32 @@ def select_series(items: Iterable[Any], *, min_slices: int = 1) -> tuple[SeriesD
     return (ranked[0] if ranked else None), decisions
 
 
+# ------------------------------------------------------------------------------------------- one patient
+
+
+def patient_conflict(decisions: list[SeriesDecision]) -> str | None:
+    """The reason not to analyse a study whose instances name more than one patient, else None.
+
+    Among all instances of all series: more than one non-empty PatientID, PatientName (case and spacing
+    ignored) or PatientBirthDate is a conflict (a misfiled series, a merge at the sender, or a reused
+    StudyInstanceUID); a result built from such a study could be filed under the wrong patient. Empty
+    values are not a conflict (anonymised series). The reason names no identifier: it is logged.
+    """
+    seen: dict[str, set[str]] = {"PatientID": set(), "PatientName": set(), "PatientBirthDate": set()}
+    for decision in decisions:
+        for header in getattr(decision, "headers", []):
+            for keyword, values in seen.items():
+                value = " ".join(str(header.get(keyword, "") or "").upper().split())
+                if value:
+                    values.add(value)
+    differing = [keyword for keyword, values in seen.items() if len(values) > 1]
+    if not differing:
+        return None
+    return (f"instances of more than one patient under one StudyInstanceUID ({', '.join(differing)} differ): "
+            "not analysed, so that no result is filed under the wrong patient; correct the study at the "
+            "sender and send it again")
+
+
 # ------------------------------------------------------------------------------------------- pixel rule
 
 
