@@ -137,3 +137,24 @@ def test_identical_resend_is_a_duplicate_and_changed_content_replaces(listener):
     [status] = send(listener, ds)
     assert status.Status == 0
     assert events(listener, "instance_replaced")
+
+
+def test_transfer_syntax_the_node_cannot_decode_is_not_negotiated(listener):
+    """CT offered only in HTJ2K (not among the node's syntaxes): the presentation context is rejected at
+    association time, which is how a sender learns to convert or route elsewhere; nothing is stored, and
+    the association still serves what was accepted (C-ECHO)."""
+    htj2k_lossless = "1.2.840.10008.1.2.4.201"
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(CTImageStorage, [htj2k_lossless])
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="CTNODE")
+    assert assoc.is_established
+    try:
+        assert [c.abstract_syntax for c in assoc.rejected_contexts] == [CTImageStorage]
+        assert assoc.send_c_echo().Status == 0x0000
+        with pytest.raises(ValueError, match="No presentation context"):
+            assoc.send_c_store(ct_slice())
+    finally:
+        assoc.release()
+    with listener.sessions() as s:
+        assert s.scalars(select(Instance)).all() == []
