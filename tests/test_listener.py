@@ -19,7 +19,7 @@ from tests.factory import ct_slice
 
 @pytest.fixture
 def listener(tmp_path):
-    settings = make_settings(tmp_path, node={"allowed_calling_aets": ["SENDER"]})
+    settings = make_settings(tmp_path, node={"allowed_calling_aets": ["SENDER", "MODALITY2"]})
     sessions = open_database(settings.storage.database_url)
     lst = Listener(settings, sessions)
     lst.start()
@@ -116,10 +116,11 @@ def test_one_study_over_several_associations_and_late_instance(listener):
     study = generate_uid()
     series = generate_uid()
     send(listener, ct_slice(study_uid=study, series_uid=series, z=0))
-    send(listener, ct_slice(study_uid=study, series_uid=series, z=1), calling="SENDER")
+    send(listener, ct_slice(study_uid=study, series_uid=series, z=1), calling="MODALITY2")  # another sender
     with listener.sessions.begin() as s:
         jobs = list(s.scalars(select(Job)))
         assert len(jobs) == 1 and jobs[0].version == 1
+        assert sorted(i.calling_aet for i in s.scalars(select(Instance))) == ["MODALITY2", "SENDER"]
         jobs[0].state = "done"  # as if processed
     send(listener, ct_slice(study_uid=study, series_uid=series, z=2))
     with listener.sessions() as s:
