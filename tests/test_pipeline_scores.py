@@ -113,3 +113,46 @@ def test_single_slice_has_no_region_scores():
     assert s.regions is None and s.ctss_total is None and s.severity is None
     assert s.percent_high_opacity_total is not None
     assert "regions" not in s.as_dict()
+
+
+def test_cut_lungs_get_no_region_scores_and_the_sr_says_partial(tmp_path):
+    """A scan that misses the bases: volumes and PO of the lung in view, but no CT-SS, zone scores or
+    severity (they are defined for whole lungs); every SR group carries the partial-coverage text."""
+    from node import phantom as ph
+    from node.pipeline.engines import get_engine
+    from node.pipeline.lungs import segment_lungs
+    from node.writers.seg import build_segmentation
+    from node.writers.sr import PARTIAL_SCAN_TEXT, build_report, read_report_measurements
+    from tests.test_pipeline_lungs import phantom_volume
+
+    p = ph.make_phantom(rows=128, cols=128, slices=40, pixel_spacing=2.75, slice_spacing=7.5, seed=1, burden=0.2)
+    whole = phantom_volume(p)
+    keep = slice(12, None)  # the first 12 slices (the bases: k ascends in z) are not in the scan
+    cut = Volume(hu=whole.hu[keep], positions=whole.positions[keep], orientation=whole.orientation,
+                 pixel_spacing=whole.pixel_spacing, slice_spacing=whole.slice_spacing,
+                 sop_instance_uids=whole.sop_instance_uids[keep], series_instance_uid="1.2.3",
+                 study_instance_uid="1.2")
+    lungs = segment_lungs(cut)
+    assert lungs.partial_coverage
+    infection = get_engine("threshold").segment(cut, lungs)
+    s = compute_scores(cut, lungs, infection)
+    assert s.volumetric and s.partial_coverage and s.percent_involved_total > 0
+    assert s.ctss_total is None and s.zone_score_total is None and s.regions is None and s.severity is None
+    assert any("no CT-SS, zone scores or severity" in n for n in s.notes)
+    assert s.as_dict()["partial_coverage"] is True
+
+    from tests.test_writers import INFNET, make_volume  # headers for the writers (the phantom has none)
+
+    volume = make_volume(n=cut.shape[0], rows=cut.shape[1], cols=cut.shape[2])
+    seg = build_segmentation(volume, lungs, infection, INFNET)
+    sr = build_report(volume, seg, s.as_dict(), INFNET, strict=True)
+    back = read_report_measurements(sr)
+    assert back["partial_coverage"] == 1.0 and "ctss_total" not in back and "severity" not in back
+
+    def texts(item):
+        for child in item.get("ContentSequence", []):
+            if child.ValueType == "TEXT":
+                yield child.TextValue
+            yield from texts(child)
+
+    assert list(texts(sr)).count(PARTIAL_SCAN_TEXT) == len(seg.SegmentSequence)  # one per segment group

@@ -398,6 +398,9 @@ def test_dciodvfy_seg_and_sr_have_no_errors(dciodvfy, tmp_path, case):
         "sr_empty_infection": build_report(volume, seg_empty, {
             "volumetric": True, "right_lung_volume_ml": 1.0, "left_lung_volume_ml": 1.0,
             "infection_volume_ml": 0.0, "percent_involved_total": 0.0}, THRESHOLD),
+        "sr_partial_scan": build_report(volume, seg, {"volumetric": True, "partial_coverage": True,
+                                                      "right_lung_volume_ml": 900.0, "percent_involved_total": 3.0},
+                                        INFNET),
         "seg_2d": seg_2d,
         "sr_2d": build_report(volume_2d, seg_2d, {"volumetric": False, "infection_area_cm2": 2.0},
                               THRESHOLD),

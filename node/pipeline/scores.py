@@ -8,7 +8,10 @@ volumes are None. Infection outside the lung mask is never counted.
 ``volumetric``) understands; :meth:`Scores.details` adds the rest (total lung size, mean lung HU,
 coverage flags) for reports and the database.
 
-Severity scores (volumetric series only; None in 2D, where a single slice cannot be scored by region):
+Severity scores (volumetric series that hold both lungs whole; None in 2D, where a single slice cannot be
+scored by region, and None with partial coverage, where the lungs are cut at the first or last slice: the
+20 regions, the zones and the CT-SS-based severity are defined for whole lungs, and a cut lung would be
+partitioned and scored as if it were whole):
 
 * PO, percentage of opacity = infection / lung volume (``percent_involved_*``), and PHO, percentage
   of high opacity = infection voxels above -200 HU / lung volume (``percent_high_opacity_*``), per
@@ -121,8 +124,11 @@ class Scores:
 
     def as_dict(self) -> dict[str, Any]:
         """``volumetric`` plus the SR measurement keys that have a value (None values left out, also
-        inside the nested ``regions``/``zones`` dicts)."""
+        inside the nested ``regions``/``zones`` dicts), and ``partial_coverage: True`` for a volumetric
+        series whose lungs are cut (a 2D analysis is partial by definition: ``volumetric`` says it)."""
         out: dict[str, Any] = {"volumetric": self.volumetric}
+        if self.volumetric and self.partial_coverage:
+            out["partial_coverage"] = True
         for key in self.SR_KEYS:
             value = getattr(self, key)
             if isinstance(value, dict):
@@ -241,13 +247,14 @@ def compute_scores(volume: Volume, lungs: LungMasks, infection: InfectionResult,
         s.ggo_area_cm2 = int(ggo.sum()) * unit if ggo is not None else None
         s.consolidation_area_cm2 = int(cons.sum()) * unit if cons is not None else None
         s.notes.append("2D, partial coverage: a single slice, areas and percent of lung area, no volumes")
-    if volumetric:
-        _add_region_scores(s, volume, lungs, inf, region_map, region_map_kind)
-    else:
+    if not volumetric:
         s.notes.append("2D: no CT-SS, zone scores or severity (a single slice cannot be scored by region)")
-    if volumetric and lungs.partial_coverage:
-        s.notes.append("partial coverage: lung reaches the first or last slice, so volumes cover only "
-                       "the lung in the field of view")
+    elif lungs.partial_coverage:
+        s.notes.append("partial coverage: lung reaches the first or last slice, so volumes and percentages "
+                       "cover only the lung in the field of view; no CT-SS, zone scores or severity (they "
+                       "are defined for whole lungs)")
+    else:
+        _add_region_scores(s, volume, lungs, inf, region_map, region_map_kind)
     return s
 
 

@@ -10,6 +10,8 @@ Scores input (a plain mapping, e.g. the scorer's ``as_dict()``; every key is opt
 defaults to ``volume.is_volumetric``, ``None``/NaN values are skipped, other keys are ignored)::
 
     volumetric                  bool   False for a single-slice (2D) analysis
+    partial_coverage            bool   True for a volumetric series whose lungs are cut at its first or
+                                       last slice: a TEXT qualitative evaluation says so in every group
     right_lung_volume_ml        float  3D only (ml == cm3)
     left_lung_volume_ml         float  3D only
     infection_volume_ml         float  3D only
@@ -102,6 +104,8 @@ log = logging.getLogger(__name__)
 
 SR_SERIES_DESCRIPTION = "ctnode measurements"
 PARTIAL_COVERAGE_TEXT = "2D, partial coverage"
+#: A volumetric series whose lungs are cut at its first or last slice (Scores.as_dict "partial_coverage").
+PARTIAL_SCAN_TEXT = "partial coverage: lung cut at the edge of the scan, no region scores or severity"
 
 PRIVATE_SCHEME = "99CTNODE"
 PRIVATE_SCHEME_ITEM = hd.coding_schemes.CodingSchemeIdentificationItem(
@@ -147,7 +151,7 @@ UPPER_LOBE = hd.sr.CodedConcept("45653009", "SCT", "Upper lobe of lung")
 MIDDLE_LOBE = hd.sr.CodedConcept("72481006", "SCT", "Middle lobe of right lung")
 LOWER_LOBE = hd.sr.CodedConcept("90572001", "SCT", "Lower lobe of lung")
 #: Non-numeric score keys the writer understands.
-TEXT_KEYS = frozenset({"volumetric", "severity", "region_method"})
+TEXT_KEYS = frozenset({"volumetric", "partial_coverage", "severity", "region_method"})
 
 
 @dataclass(frozen=True)
@@ -336,10 +340,12 @@ def _measurement_group(
         measurements=measurements or None,
         qualitative_evaluations=evaluations,
     )
-    if not volumetric:
+    partial_text = (PARTIAL_COVERAGE_TEXT if not volumetric
+                    else PARTIAL_SCAN_TEXT if scores.get("partial_coverage") else None)
+    if partial_text:
         # TID 1501/1411 "Qualitative Evaluations" TEXT row; highdicom only builds the CODE variant.
         group[0].ContentSequence.append(hd.sr.TextContentItem(
-            name=QUALITATIVE_EVALUATIONS, value=PARTIAL_COVERAGE_TEXT,
+            name=QUALITATIVE_EVALUATIONS, value=partial_text,
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return group
 
@@ -514,9 +520,11 @@ def read_report_measurements(sr_dataset: Dataset) -> dict[str, Any]:
     for segment_key, group in _ctnode_groups(sr):
         for item in group[0].ContentSequence:
             if (item.ValueType == "TEXT"
-                    and _same_code(item.ConceptNameCodeSequence[0], QUALITATIVE_EVALUATIONS)
-                    and item.TextValue == PARTIAL_COVERAGE_TEXT):
-                volumetric = False
+                    and _same_code(item.ConceptNameCodeSequence[0], QUALITATIVE_EVALUATIONS)):
+                if item.TextValue == PARTIAL_COVERAGE_TEXT:
+                    volumetric = False
+                elif item.TextValue == PARTIAL_SCAN_TEXT:
+                    flat["partial_coverage"] = 1.0
         for measurement in group.get_measurements():
             key = _match(measurement, segment_key)
             if key is not None:
