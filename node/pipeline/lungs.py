@@ -528,7 +528,7 @@ def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray
                 continue
             # only pixels on this lung's side and within ray reach of it can pass the ray test
             near = right_side[k][rr, cc] == (value == LungMasks.RIGHT)
-            near &= ndi.distance_transform_edt(~lung, sampling=spacing_rc)[rr, cc] <= WALL_RAY_MM
+            near &= within_mm(lung, rr, cc, WALL_RAY_MM, spacing_rc)
             r1, c1 = rr[near], cc[near]
             keep = between_lung_and_wall(lung, r1, c1, skin, spacing_rc)
             taken = np.zeros_like(lung)
@@ -539,6 +539,23 @@ def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray
             out[k][taken] = value
             recovered += int(taken.sum())
     return out, recovered
+
+
+def within_mm(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, mm: float,
+              spacing_rc: tuple[float, float]) -> np.ndarray:
+    """Whether each pixel (rows, cols) of a 2D slice lies within ``mm`` of ``mask`` (non-empty).
+
+    The distance transform runs on the mask's bounding box grown by ``mm`` only: every mask pixel is inside
+    it, so distances there are exact, and pixels outside it are farther than ``mm`` anyway.
+    """
+    pad = [int(np.ceil(mm / sp)) + 1 for sp in spacing_rc]
+    (r0, r1), (c0, c1) = [(max(sl.start - p, 0), sl.stop + p)
+                          for sl, p in zip(ndi.find_objects(mask.astype(np.uint8))[0], pad)]
+    dist = ndi.distance_transform_edt(~mask[r0:r1, c0:c1], sampling=spacing_rc)
+    inside = (rows >= r0) & (rows < r0 + dist.shape[0]) & (cols >= c0) & (cols < c0 + dist.shape[1])
+    out = np.zeros(rows.shape, bool)
+    out[inside] = dist[rows[inside] - r0, cols[inside] - c0] <= mm
+    return out
 
 
 def opened_in_box(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
