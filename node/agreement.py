@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from node.db.schema import Agreement, Instance, Job, ReferenceSeg, Result, Series, utcnow
-from node.pipeline.regionmap import is_lobe_map
+from node.pipeline.regionmap import LEFT, RIGHT, code_of, is_lobe_map
 from node.registry import add_event, reopen_study
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,6 @@ _CODES = {
     ("SCT", "95436008"): "consolidation",
 }
 _LUNG = ("SCT", "39607008")
-_RIGHT, _LEFT = ("SCT", "24028007"), ("SCT", "7771000")
-
-
-def _code(item: Dataset) -> tuple[str, str]:
-    return str(item.get("CodingSchemeDesignator", "")).upper(), str(item.get("CodeValue", ""))
 
 
 def classify_segment(segment: Dataset) -> str | None:
@@ -62,14 +57,14 @@ def classify_segment(segment: Dataset) -> str | None:
     """
     label = str(segment.get("SegmentLabel", "")).lower().replace("-", " ")
     for prop in segment.get("SegmentedPropertyTypeCodeSequence", None) or []:
-        code = _code(prop)
+        code = code_of(prop)
         if code in _CODES:
             return _CODES[code]
         if code == _LUNG:
-            modifiers = {_code(m) for m in prop.get("SegmentedPropertyTypeModifierCodeSequence", None) or []}
-            if _RIGHT in modifiers or (not modifiers and "right" in label):
+            modifiers = {code_of(m) for m in prop.get("SegmentedPropertyTypeModifierCodeSequence", None) or []}
+            if RIGHT in modifiers or (not modifiers and "right" in label):
                 return "right_lung"
-            if _LEFT in modifiers or (not modifiers and "left" in label):
+            if LEFT in modifiers or (not modifiers and "left" in label):
                 return "left_lung"
     if "lung" in label and "right" in label:
         return "right_lung"
@@ -200,10 +195,7 @@ def latest_result(session: Session, series_uid: str) -> Result | None:
 
 def take_lobe_map(session: Session, ref: ReferenceSeg) -> str:
     """A lobe map (see the module docstring); updates ``ref`` and returns its new state."""
-    result = session.scalars(
-        select(Result).join(Job, Result.job_id == Job.id)
-        .where(Result.series_instance_uid == ref.source_series_uid, Job.state == "done")
-        .order_by(Job.version.desc(), Result.id.desc()).limit(1)).first()
+    result = latest_result(session, ref.source_series_uid)
     if result is None:
         ref.state, ref.reason = "unmatched", f"lobe map: waiting for the node's result for series {ref.source_series_uid}"
         return ref.state
@@ -217,7 +209,7 @@ def take_lobe_map(session: Session, ref: ReferenceSeg) -> str:
                   study_uid=ref.study_instance_uid, job_id=result.job_id)
         return ref.state
     if ref.job_id is not None and result.job_id >= ref.job_id:  # reprocessed for it once already: not usable
-        why = "; ".join(n for n in decisions.get("lobe_map_notes", []) if ref.sop_instance_uid in n or "not used" in n)
+        why = "; ".join(decisions.get("lobe_map_notes", []))
         ref.state, ref.reason, ref.computed_at = "failed", (f"lobe map not used by job {result.job_id}: "
                                                             f"{why or 'see the job'}")[:4000], utcnow()
         add_event(session, "lobe_map_failed", f"SEG {ref.sop_instance_uid}: {ref.reason}",
@@ -285,10 +277,15 @@ def compute_pending(sessions: Any, limit: int = 5) -> int:
     """One scheduler tick: compare pending references, retry unmatched ones, and compare done ones again
     when their series has a newer result; returns how many were compared (done or failed). Each
     reference is its own transaction."""
+    # a newer result has a larger job id: versions of a study are jobs created one after the other
+    newer_result = (select(Result.id).join(Job, Result.job_id == Job.id)
+                    .where(Result.series_instance_uid == ReferenceSeg.source_series_uid, Job.state == "done",
+                           Result.seg_path != "", Result.job_id > ReferenceSeg.job_id).exists())
     with sessions() as session:
-        ids = [ref.id for ref in session.scalars(
-            select(ReferenceSeg).where(ReferenceSeg.state.in_(("pending", "unmatched", "done")))
-            .order_by(ReferenceSeg.id)) if ref.state != "done" or _outdated(session, ref)]
+        ids = list(session.scalars(
+            select(ReferenceSeg.id).where(or_(ReferenceSeg.state.in_(("pending", "unmatched")),
+                                              and_(ReferenceSeg.state == "done", newer_result)))
+            .order_by(ReferenceSeg.id)))
     compared = 0
     for ref_id in ids:
         with sessions.begin() as session:

@@ -81,7 +81,8 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
                              series_number=seg_series_number)
     timings["seg"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sr = build_report(result.volume, seg, result.scores.as_dict(), result.engine, series_number=sr_series_number,
+    scores = result.scores.as_dict()
+    sr = build_report(result.volume, seg, scores, result.engine, series_number=sr_series_number,
                       other_evidence=[result.lobe_map_header] if result.lobe_map_header is not None else [])
     timings["sr"] = time.perf_counter() - t0
     scs = []
@@ -89,7 +90,7 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
         t0 = time.perf_counter()
         scs = build_key_images(result.volume, result.lungs, result.infection, result.engine, count=key_images,
                                series_number=key_images_series_number,
-                               percent_of_lung=result.scores.as_dict().get("percent_involved_total"))
+                               percent_of_lung=scores.get("percent_involved_total"))
         timings["key_images"] = time.perf_counter() - t0
     return Analysis(status="done", pipeline=result, seg=seg, sr=sr, key_images=scs, timings=timings)
 

@@ -122,9 +122,7 @@ def result_text(session: Session, job_id: int) -> str | None:
                          + (f", weights sha256 {res.weights_sha256[:16]}..." if res.weights_sha256 else ""))
         if res.decisions.get("lobe_map"):
             lines.append(f"  zones: the lobes of SEG {res.decisions['lobe_map']}")
-        for note in res.decisions.get("lobe_map_notes", []):
-            if "not used" in note or "unreadable" in note:
-                lines.append(f"  {note}")
+        lines.extend(f"  {note}" for note in res.decisions.get("lobe_map_notes", []))
         for d in res.decisions.get("series", []):
             verdict = "used" if d.get("series_uid") == res.series_instance_uid else ("ok" if d.get("accepted") else "skipped")
             lines.append(f"    series {d.get('series_uid', '?')}: {verdict}: {d.get('reason', '')}")

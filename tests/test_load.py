@@ -118,6 +118,21 @@ def _all_done(node: Node, n_jobs: int):
     return check
 
 
+def _finish(node: Node, scp: StoreSCP, studies: dict[str, int], warnings: str, started: float,
+            timeout: float) -> tuple[float, int, int]:
+    """Wait until every study is processed and exported and the receiver holds the objects, let a duplicate
+    job or export show up, then check the database and the receiver. Returns (seconds since ``started``,
+    VmRSS kB, VmHWM kB) measured before the checks."""
+    wait_for(_all_done(node, len(studies)), timeout, "every study processed and exported")
+    scp.wait_for(2 * len(studies), 30)
+    total_s = time.monotonic() - started
+    time.sleep(1.0)  # a duplicate job or export would show up here
+    rss, hwm = _status_kb("VmRSS"), _status_kb("VmHWM")
+    _check_database(node, studies, warnings)
+    _check_received(node, scp, len(studies))
+    return total_s, rss, hwm
+
+
 def test_eight_concurrent_associations_four_studies(tmp_path, warnings_log):
     require_peer("storescu")
     studies = []
@@ -142,13 +157,7 @@ def test_eight_concurrent_associations_four_studies(tmp_path, warnings_log):
                 out, _ = proc.communicate(timeout=120)
                 _check_storescu(out, proc.returncode, n)
             received_s = time.monotonic() - started
-            wait_for(_all_done(node, len(studies)), 120, "every study processed and exported")
-            scp.wait_for(2 * len(studies), 30)
-            total_s = time.monotonic() - started
-            time.sleep(1.0)  # a duplicate job or export would show up here
-            rss1, hwm1 = _status_kb("VmRSS"), _status_kb("VmHWM")
-            _check_database(node, expected, warnings_log.text())
-            _check_received(node, scp, len(studies))
+            total_s, rss1, hwm1 = _finish(node, scp, expected, warnings_log.text(), started, 120)
         finally:
             node.stop()
     growth_mb = (rss1 - rss0) / 1024
@@ -198,13 +207,7 @@ def test_soak_one_sender_continuous(tmp_path, warnings_log):
             thread.join(SOAK_SECONDS + 90)
             assert not thread.is_alive(), "the soak sender did not finish"
             assert not errors, errors
-            wait_for(_all_done(node, len(sent)), 90 + SOAK_SECONDS / 2, "every soak study processed and exported")
-            scp.wait_for(2 * len(sent), 30)
-            total_s = time.monotonic() - started
-            time.sleep(1.0)
-            rss1, hwm1 = _status_kb("VmRSS"), _status_kb("VmHWM")
-            _check_database(node, sent, warnings_log.text())
-            _check_received(node, scp, len(sent))
+            total_s, rss1, hwm1 = _finish(node, scp, sent, warnings_log.text(), started, 90 + SOAK_SECONDS / 2)
         finally:
             node.stop()
     growth_mb = (rss1 - rss0) / 1024

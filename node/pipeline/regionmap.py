@@ -26,7 +26,8 @@ from .types import Volume
 # ZONES order: right_upper, right_middle, right_lower, left_upper, left_lower -> label = index + 1
 _LOBE_LABEL = {name: i + 1 for i, name in enumerate(ZONES)}
 _UPPER, _MIDDLE, _LOWER = ("SCT", "45653009"), ("SCT", "72481006"), ("SCT", "90572001")
-_RIGHT, _LEFT = ("SCT", "24028007"), ("SCT", "7771000")
+#: Laterality modifiers (DICOM CID 244): SCT Right / Left.
+RIGHT, LEFT = ("SCT", "24028007"), ("SCT", "7771000")
 _ABBREVIATIONS = {"rul": "right_upper", "rml": "right_middle", "rll": "right_lower", "lul": "left_upper",
                   "lll": "left_lower"}
 
@@ -35,7 +36,8 @@ class RegionMapError(ValueError):
     """A lobe SEG that cannot be used for this volume (the reason is reported, the zones stay geometric)."""
 
 
-def _code(item: Dataset) -> tuple[str, str]:
+def code_of(item: Dataset) -> tuple[str, str]:
+    """(coding scheme designator, code value) of a code sequence item, the scheme upper-cased."""
     return str(item.get("CodingSchemeDesignator", "")).upper(), str(item.get("CodeValue", ""))
 
 
@@ -52,12 +54,12 @@ def classify_lobe(segment: Dataset) -> str | None:
     """The lobe (a :data:`ZONES` name) a SegmentSequence item shows, or None when it is not a lobe."""
     label = str(segment.get("SegmentLabel", "")).lower()
     for prop in segment.get("SegmentedPropertyTypeCodeSequence", None) or []:
-        code = _code(prop)
+        code = code_of(prop)
         if code == _MIDDLE:
             return "right_middle"
         if code in (_UPPER, _LOWER):
-            modifiers = {_code(m) for m in prop.get("SegmentedPropertyTypeModifierCodeSequence", None) or []}
-            side = "right" if _RIGHT in modifiers else "left" if _LEFT in modifiers else _side_from_label(label)
+            modifiers = {code_of(m) for m in prop.get("SegmentedPropertyTypeModifierCodeSequence", None) or []}
+            side = "right" if RIGHT in modifiers else "left" if LEFT in modifiers else _side_from_label(label)
             if side is not None:
                 return f"{side}_{'upper' if code == _UPPER else 'lower'}"
     words = set(re.split(r"[^a-z]+", label))

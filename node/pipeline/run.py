@@ -43,7 +43,7 @@ class PipelineResult:
     notes: list[str] = field(default_factory=list)
     lobe_map_uid: str | None = None  # SOP Instance UID of the lobe SEG that gave the zones, if one did
     lobe_map_header: Any = None      # its identifying attributes (evidence for the SR)
-    lobe_map_notes: list[str] = field(default_factory=list)  # which lobe SEGs were (not) used and why
+    lobe_map_notes: list[str] = field(default_factory=list)  # lobe SEGs that were not used, and why
 
 
 class _Clock:
@@ -127,15 +127,15 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
     with clock("infection"):
         result.infection = engine.segment(result.volume, result.lungs)
     with clock("scores"):
-        lobe_map, map_notes = find_lobe_map(result.volume, list(lobe_maps)) if lobe_maps else (None, [])
+        lobe_map, result.lobe_map_notes = find_lobe_map(result.volume, list(lobe_maps)) if lobe_maps else (None, [])
+        used = []
         if lobe_map is not None:
             result.lobe_map_uid, result.lobe_map_header = lobe_map.sop_instance_uid, lobe_map.header
-            map_notes.append(f"zones are the lobes of SEG {lobe_map.sop_instance_uid} ({', '.join(lobe_map.lobes)})")
-        result.lobe_map_notes = map_notes
+            used = [f"zones are the lobes of SEG {lobe_map.sop_instance_uid} ({', '.join(lobe_map.lobes)})"]
         result.scores = compute_scores(result.volume, result.lungs, result.infection,
                                        region_map=lobe_map.labels if lobe_map is not None else None)
     result.status = "done"
     result.reason = next(d.reason for d in decisions if d.chosen)
-    result.notes = [*result.volume.notes, *result.lungs.notes, *result.infection.notes, *map_notes,
+    result.notes = [*result.volume.notes, *result.lungs.notes, *result.infection.notes, *used, *result.lobe_map_notes,
                     *result.scores.notes]
     return result
