@@ -99,10 +99,12 @@ def build_key_images(volume: Volume, lungs: LungMasks, infection: InfectionResul
         return []
     series_uid = generate_uid()
     involved = f"{percent_of_lung:.1f}% of lung involved, " if percent_of_lung is not None else ""
+    banner = f"DERIVED {algorithm_name(engine)}: {involved}not for primary diagnosis"
+    derivation = (f"Lung window W1500/L-600 of the source CT slice with the lung outlines and the infection of "
+                  f"{algorithm_name(engine)} {algorithm_version(engine)} burned in")[:1024]
     images = []
     for number, index in enumerate(indices, start=1):
         source = volume.datasets[index]
-        banner = (f"DERIVED {algorithm_name(engine)}: {involved}not for primary diagnosis")
         pixels = render(volume.hu[index], lungs.labels[index], infection, index, banner)
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
@@ -124,9 +126,7 @@ def build_key_images(volume: Volume, lungs: LungMasks, infection: InfectionResul
         sc.ConversionType = "WSD"  # rendered by a workstation (software), not captured from a video interface
         sc.BurnedInAnnotation = "YES"
         sc.ImageLaterality = "B"  # both lungs: answers General Series Laterality's paired-body-part condition
-        sc.DerivationDescription = (f"Lung window W1500/L-600 of the source CT slice with the lung outlines and "
-                                    f"the infection of {algorithm_name(engine)} {algorithm_version(engine)} "
-                                    f"burned in")[:1024]
+        sc.DerivationDescription = derivation
         sc.ImageComments = "DERIVED image with a burned-in overlay; not for primary diagnosis"
         sc.SourceImageSequence = [_source_reference(source)]
         images.append(sc)
