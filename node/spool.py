@@ -53,37 +53,56 @@ def make_private_dirs(path: Path) -> None:
             os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
 
 
-def atomic_write(path: Path, chunks: Iterable[bytes]) -> tuple[int, str]:
-    """Write ``chunks`` to ``path`` via a temporary file, fsync, rename, fsync the folder.
+STAGING_DIR = ".incoming"  # spool sub-folder where received instances are written before they are placed
 
-    Returns (size in bytes, sha256 hex). A crash leaves either the old file or the new one, never a torn one;
-    stray temporary files (``.*.tmp``) are removed by the retention job.
+
+def stage(folder: Path, chunks: Iterable[bytes]) -> Path:
+    """Write ``chunks`` to a new temporary file (``.*.tmp``) in ``folder`` and fsync it; returns its path.
+
+    On any error the temporary file is removed. Stray ones (a crash) are removed by the retention job.
+    Runs in any thread: the file calls release the GIL.
     """
-    make_private_dirs(path.parent)
-    digest = hashlib.sha256()
-    size = 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    make_private_dirs(folder)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")  # mode 0600
     try:
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)  # mkstemp creates 0600 already; explicit for the audit
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        os.unlink(tmp)
         raise
+    return Path(tmp)
+
+
+def place(staged: Path, path: Path) -> None:
+    """Move a staged (fsynced) file to ``path`` (same filesystem) and fsync ``path``'s folder.
+
+    After this returns the file survives a power cut under its final name; a crash before leaves either
+    the old file or the new one at ``path``, never a torn one.
+    """
+    make_private_dirs(path.parent)
+    os.replace(staged, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``path`` atomically and durably: :func:`stage` beside it, then :func:`place`."""
+    place(stage(path.parent, chunks), path)
+
+
+def sha256_of(chunks: Iterable[bytes]) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of ``chunks``; hashlib releases the GIL, so this overlaps a write."""
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
     return size, digest.hexdigest()
 
 

@@ -59,6 +59,62 @@ def test_store_writes_bytes_and_records_before_success(listener):
     assert events(listener, "association_accepted")
 
 
+@pytest.mark.parametrize("sop_instance, syntax", [
+    ("1.2.3.4", ExplicitVRLittleEndian),  # even length
+    ("1.2.3.45", ImplicitVRLittleEndian),  # odd: padded with NUL
+    ("2.25.123456789012345678901234567890123", "1.2.840.10008.1.2.4.90"),
+])
+def test_part10_header_is_pynetdicoms_file_meta(sop_instance, syntax):
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from node.listener import PREAMBLE, part10_header
+
+    expected = PREAMBLE + encode_file_meta(create_file_meta(
+        sop_class_uid=UID(CTImageStorage), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(syntax)))
+    assert part10_header(CTImageStorage, sop_instance, syntax) == expected
+
+
+def test_spool_file_is_the_received_bytes(listener):
+    """Byte for byte: the Part 10 header pynetdicom would write, then the data set exactly as it was sent."""
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
+
+    from node.listener import PREAMBLE
+
+    ds = ct_slice()
+    [status] = send(listener, ds)  # the first context offered: Explicit VR Little Endian
+    assert status.Status == 0x0000
+    with listener.sessions() as s:
+        path = s.scalars(select(Instance.path)).one()
+    meta = create_file_meta(sop_class_uid=UID(CTImageStorage), sop_instance_uid=UID(ds.SOPInstanceUID),
+                            transfer_syntax=ExplicitVRLittleEndian)
+    assert open(path, "rb").read() == PREAMBLE + encode_file_meta(meta) + encode(ds, False, True)
+
+
+def test_row_commits_only_after_the_file_is_durable(listener, monkeypatch):
+    """The bytes are staged (written, fsynced) in a spool thread while the row is prepared; the file is placed
+    under its final name, folder fsynced, before the commit: checked from another connection right then."""
+    import node.listener
+
+    real_place = node.listener.place
+    seen_when_placed = []
+
+    def place(staged, path):
+        assert staged.parent == listener.settings.spool_dir / ".incoming"
+        real_place(staged, path)
+        assert path.exists() and not staged.exists()
+        with listener.sessions() as s:
+            seen_when_placed.append(s.scalars(select(Instance)).all())
+
+    monkeypatch.setattr(node.listener, "place", place)
+    [status] = send(listener, ct_slice())
+    assert status.Status == 0x0000 and seen_when_placed == [[]]
+    with listener.sessions() as s:
+        assert len(s.scalars(select(Instance)).all()) == 1
+    assert not any((listener.settings.spool_dir / ".incoming").iterdir())
+
+
 @pytest.mark.parametrize("change, code, words", [
     (lambda ds: setattr(ds, "Modality", "MR"), 0xA900, "Modality MR"),
     (lambda ds: delattr(ds, "PixelData"), 0xA900, "no Pixel Data"),
@@ -75,7 +131,7 @@ def test_refusals_have_status_comment_and_audit(listener, change, code, words):
     with listener.sessions() as s:
         assert s.scalars(select(Instance)).first() is None
     assert any(words in e.detail for e in events(listener, "instance_refused"))
-    assert not any(listener.settings.spool_dir.rglob("*.dcm"))
+    assert not [p for p in listener.settings.spool_dir.rglob("*") if p.is_file()]  # nor a staged file
 
 
 def test_enhanced_ct_is_refused_with_a_reason(listener):
