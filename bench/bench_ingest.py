@@ -6,6 +6,7 @@ the node also validates, writes atomically with fsync and records each instance 
 Reported: median wall time of storescu for each, their ratio, and the peak RSS of each SCP process.
 
     python bench/bench_ingest.py --slices 300 --size 512 --repeat 3
+    python bench/bench_ingest.py --repeat 7 --baseline-rev 7627eca   # a change against an earlier commit
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# --baseline-rev runs a child from a worktree of an earlier commit: it imports that tree's ``node``
+sys.path.insert(0, os.environ.get("CTNODE_BENCH_TREE", str(REPO)))
 
 
 def serve_minimal(port: int, folder: Path) -> None:
@@ -93,11 +95,15 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"SCP on port {port} did not start")
 
 
-def run_once(kind: str, study: Path, work: Path) -> tuple[float, int]:
+def run_once(kind: str, study: Path, work: Path, baseline_tree: Path | None = None) -> tuple[float, int]:
     folder = work / f"{kind}-{time.monotonic_ns()}"
     folder.mkdir()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", kind, "--port", str(port), "--folder", str(folder)])
+    env = dict(os.environ)
+    if kind == "baseline":  # the node listener as of --baseline-rev
+        env["CTNODE_BENCH_TREE"] = str(baseline_tree)
+    proc = subprocess.Popen([sys.executable, __file__, "--child", "node" if kind == "baseline" else kind,
+                             "--port", str(port), "--folder", str(folder)], env=env)
     try:
         wait_port(port)
         storescu = shutil.which("storescu", path="/usr/bin") or "storescu"
@@ -121,6 +127,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-fsync-diagnostic", action="store_true",
                     help="also run the node with fsync disabled, to show what durability costs on this disk")
+    ap.add_argument("--baseline-rev", help="also run the node listener of this git revision (a temporary "
+                    "worktree), side by side: how a change moved the ingest time on a noisy machine")
     ap.add_argument("--child")
     ap.add_argument("--port", type=int)
     ap.add_argument("--folder", type=Path)
@@ -135,11 +143,17 @@ def main() -> None:
         files = write_phantom_study(make_phantom(rows=args.size, cols=args.size, slices=args.slices), work / "study")
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         kinds = ["minimal", "node"] + (["node-nofsync"] if args.no_fsync_diagnostic else [])
+        baseline_tree = None
+        if args.baseline_rev:
+            baseline_tree = work / "baseline-tree"
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(baseline_tree),
+                            args.baseline_rev], check=True)
+            kinds.append("baseline")
         times: dict[str, list[float]] = {k: [] for k in kinds}
         rss: dict[str, int] = {}
         for _ in range(args.repeat):
             for kind in kinds:
-                t, r = run_once(kind, work / "study", work)
+                t, r = run_once(kind, work / "study", work, baseline_tree)
                 times[kind].append(t)
                 rss[kind] = max(rss.get(kind, 0), r)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -148,6 +162,9 @@ def main() -> None:
             "study": f"{len(files)} instances {args.size}x{args.size}, {size_mb:.0f} MB",
             "minimal_scp_s": round(med["minimal"], 2), "node_s": round(med["node"], 2),
             "ratio_node_over_minimal": round(med["node"] / med["minimal"], 2),
+            **({"baseline_rev": args.baseline_rev, "baseline_s": round(med["baseline"], 2),
+                "ratio_baseline_over_minimal": round(med["baseline"] / med["minimal"], 2),
+                "ratio_node_over_baseline": round(med["node"] / med["baseline"], 2)} if args.baseline_rev else {}),
             **({"node_nofsync_s": round(med["node-nofsync"], 2),
                 "ratio_nofsync_over_minimal": round(med["node-nofsync"] / med["minimal"], 2)}
                if "node-nofsync" in med else {}),
@@ -156,6 +173,9 @@ def main() -> None:
         }
         print(json.dumps(result, indent=2))
     finally:
+        if args.baseline_rev:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "baseline-tree")],
+                           check=False)
         shutil.rmtree(work, ignore_errors=True)
 
 
