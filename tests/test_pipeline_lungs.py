@@ -117,11 +117,73 @@ def test_consolidation_at_the_pleura_is_recovered_into_the_lungs(diseased_phanto
     after = lung_metrics(p, segment_lungs(phantom_volume(p)))
     with monkeypatch.context() as m:
         m.setattr(lungs_mod, "recover_dense_periphery", lambda labels, *a, **k: (labels.copy(), 0))
+        m.setattr(lungs_mod, "recover_between_slices", lambda labels, *a, **k: (labels.copy(), 0))
         before = lung_metrics(p, segment_lungs(phantom_volume(p)))
-    # measured: recall 0.32 -> 0.56, Dice 0.983 -> 0.986, false positives 0.4 % -> 0.8 %
-    assert after["cons_recall"] >= before["cons_recall"] + 0.15
-    assert after["dice"] >= max(before["dice"], 0.97) and after["right"] > 0.97 and after["left"] > 0.99
-    assert after["fp"] < 0.02 and after["fp_cardiac"] < 0.002
+    # measured: recall 0.35 -> 0.62, Dice 0.984 -> 0.988, false positives 0.4 % -> 0.8 % (0.04 % in the heart)
+    assert after["cons_recall"] >= before["cons_recall"] + 0.25 and after["cons_recall"] > 0.6
+    assert after["dice"] >= max(before["dice"], 0.985) and after["right"] > 0.975 and after["left"] > 0.99
+    assert after["fp"] < 0.012 and after["fp_cardiac"] < 0.001
+
+
+@pytest.mark.parametrize("seed, burden", [(0, {"right_lower": 0.8}), (4, {"left_lower": 0.8, "right_upper": 0.5})])
+def test_between_slices_step_adds_consolidation_not_heart(seed, burden, monkeypatch):
+    """Step 6b takes back consolidation the chest-wall rays cannot judge, without false positives.
+    Measured (seed 0 / seed 4): recall 0.585 -> 0.621 / 0.613 -> 0.659, false positives +0.01 % of the lung."""
+    p = ph.make_phantom(rows=160, cols=160, slices=60, pixel_spacing=2.2, slice_spacing=5.0, seed=seed,
+                       burden=burden)
+    full = lung_metrics(p, segment_lungs(phantom_volume(p)))
+    with monkeypatch.context() as m:
+        m.setattr(lungs_mod, "recover_between_slices", lambda labels, *a, **k: (labels.copy(), 0))
+        no_6b = lung_metrics(p, segment_lungs(phantom_volume(p)))
+    assert full["cons_recall"] >= no_6b["cons_recall"] + 0.03
+    assert full["dice"] > no_6b["dice"]
+    assert full["fp"] <= no_6b["fp"] + 0.0005 and full["fp_cardiac"] <= no_6b["fp_cardiac"] + 0.0002
+
+
+def test_between_slices_step_takes_nothing_from_a_healthy_chest():
+    p = ph.make_phantom(rows=128, cols=128, slices=40, pixel_spacing=2.75, slice_spacing=7.5, seed=1, burden=0.0)
+    v = phantom_volume(p)
+    labels = segment_lungs(v).labels
+    midline = lungs_mod.Midline(v, lungs_mod.body_mask(v.hu, v.pixel_spacing))
+    _, taken = lungs_mod.recover_between_slices(labels, v.hu, lungs_mod.body_mask(v.hu, v.pixel_spacing),
+                                                midline.right_side(), v.pixel_spacing)
+    assert taken == 0
+
+
+def test_a_lesion_chained_to_an_organ_keeps_its_lesion_slices():
+    """Hole chains across slices: a consolidation enclosed by lung on slice 2 sits on a diaphragm dome (an
+    organ hole on slice 1 that opens onto the abdomen on slice 0). The chain's median is the organ's, so it
+    stays out; judged slice by slice, the lesion's slice is filled and the dome's is not."""
+    mask = np.zeros((3, 40, 40), bool)
+    mask[1:, 5:35, 5:35] = True                  # lung on slices 1 and 2, nothing (abdomen) on slice 0
+    mask[1, 12:28, 12:28] = False                # dome: 256 px hole
+    mask[2, 14:24, 14:24] = False                # consolidation: 100 px hole above it
+    hu = np.full(mask.shape, -850.0, np.float32)
+    hu[:2] = 60.0                                # liver
+    hu[2, 14:24, 14:24] = -50.0                  # consolidation
+    filled = lungs_mod.fill_holes_guarded(mask, max_open_hole_px=50, hu=hu)
+    assert filled[2, 14:24, 14:24].all()
+    assert not filled[1, 12:28, 12:28].any()
+    assert not lungs_mod.fill_holes_guarded(mask, max_open_hole_px=50)[2, 14:24, 14:24].any()  # no HU: organ rule
+
+
+def test_lungs_do_not_depend_on_the_in_plane_orientation(diseased_phantom):
+    """The same chest stored rotated by 90 degrees in-plane (pixels and ImageOrientationPatient/Position
+    rotated together) gives the same lungs, rotated: sides, midline and chest-wall directions follow the header."""
+    p = diseased_phantom
+    v = phantom_volume(p)
+    o = np.asarray(v.orientation, dtype=float)
+    row_cos, col_cos = o[:3], o[3:]
+    n_cols = v.hu.shape[2]
+    # B[i, j] = A[j, n-1-i]: B's rows run along -row_cos, its columns along col_cos
+    rotated = Volume(hu=np.ascontiguousarray(np.rot90(v.hu, 1, axes=(1, 2))),
+                     positions=v.positions + (n_cols - 1) * v.pixel_spacing[1] * row_cos,
+                     orientation=np.r_[col_cos, -row_cos], pixel_spacing=v.pixel_spacing[::-1],
+                     slice_spacing=v.slice_spacing, sop_instance_uids=v.sop_instance_uids,
+                     series_instance_uid=v.series_instance_uid, study_instance_uid=v.study_instance_uid)
+    a, b = segment_lungs(v), segment_lungs(rotated)
+    back = lambda m: np.rot90(m, -1, axes=(1, 2))  # noqa: E731
+    assert dice(a.right, back(b.right)) > 0.995 and dice(a.left, back(b.left)) > 0.995
 
 
 def test_recovery_is_reported_and_lungs_are_single_components(diseased_phantom):

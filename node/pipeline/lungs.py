@@ -26,6 +26,9 @@ Steps, all on the source voxel grid (no resampling):
    the body midline; thin rims (extrapleural fat, partial volume) are opened away. The heart, mediastinum
    and the liver under a dome fail (b) or the density range. Holes are then filled again, this time also
    large ones open to a neighbouring slice when their median HU is that of a lesion (``LESION_MEDIAN_HU``);
+6b. between slices: dense pixels that are lung on both neighbouring slices join that lung (repeated until
+   stable): consolidation against the mediastinum or a diaphragm dome, where the chest-wall rays of step 6
+   do not apply; the top of the heart or a dome rising into the lung is lung on one neighbour only;
 7. one connected component per lung (on a single slice: pieces under 10 % of the largest are dropped).
    ``LungMasks.notes`` say how much was recovered or dropped.
 
@@ -380,7 +383,8 @@ def fill_holes_guarded(mask: np.ndarray, max_open_hole_px: float, hu: np.ndarray
     on an adjacent slice is such an organ and stays out. Small holes (vessels) are always filled.
     With ``hu`` given, a chain whose median HU is that of a lesion (``LESION_MEDIAN_HU``: consolidation,
     not liver, heart, vessels or hilar fat) is filled even when it opens onto a neighbouring slice: a
-    consolidation enclosed by lung on one slice often reaches the pleura on the next.
+    consolidation enclosed by lung on one slice often reaches the pleura on the next. A chain that fails
+    is judged again slice by slice, so a lesion joined to an organ through a chain keeps its lesion slices.
     """
     filled = per_slice(ndi.binary_fill_holes, mask)
     holes = filled & ~mask
@@ -398,12 +402,22 @@ def fill_holes_guarded(mask: np.ndarray, max_open_hole_px: float, hu: np.ndarray
     opened = np.zeros(n + 1, bool)
     opened[np.unique(lab[holes & near_outside])] = True
     drop = big & opened
-    if hu is not None and drop.any():
-        med = np.asarray(ndi.median(hu, lab, index=np.arange(n + 1)), dtype=np.float64)
-        lesion = (med > LESION_MEDIAN_HU[0]) & (med <= LESION_MEDIAN_HU[1])
-        drop &= ~lesion
     drop[0] = False
-    return filled & ~drop[lab]
+    if hu is None or not drop.any():
+        return filled & ~drop[lab]
+    # Judged by median HU, per chain and then per slice of a chain still dropped: a chain can join a lesion
+    # to an organ (consolidation resting on a diaphragm dome), and the lesion's slices are still a lesion.
+    med = np.asarray(ndi.median(hu, lab, index=np.arange(n + 1)), dtype=np.float64)
+    drop &= ~_lesion_like(med)
+    dropped = drop[lab]
+    piece = np.where(dropped, lab * mask.shape[0] + k_idx, 0)
+    ids = np.unique(piece[dropped])
+    lesions = ids[_lesion_like(np.asarray(ndi.median(hu, piece, index=ids), dtype=np.float64))]
+    return filled & ~(dropped & ~np.isin(piece, lesions))
+
+
+def _lesion_like(median_hu: np.ndarray) -> np.ndarray:
+    return (median_hu > LESION_MEDIAN_HU[0]) & (median_hu <= LESION_MEDIAN_HU[1])
 
 
 def smooth_lungs(labels: np.ndarray, spacing_rc: tuple[float, float], radius_mm: float,
@@ -541,6 +555,43 @@ def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray
     return out, recovered
 
 
+def recover_between_slices(labels: np.ndarray, hu: np.ndarray, body: np.ndarray,
+                           right_side: np.ndarray, spacing_rc: tuple[float, float]) -> tuple[np.ndarray, int]:
+    """Take back dense tissue that is lung on both neighbouring slices (step 6b).
+
+    A pixel of ``DENSE_HU`` density (3x3 mean) on slice k joins a lung when that lung covers the same
+    pixel on slice k-1 and on slice k+1, on its side of the midline, after the same rim opening as step 6;
+    repeated until nothing changes, so a lesion is taken back from its edges inwards. Consolidation
+    against the mediastinum or a diaphragm dome, which the chest-wall rays of step 6 cannot judge, is
+    caught this way where the lung around it was found above and below. Organs that rise into the lung's
+    footprint from one side (the top of the heart, a diaphragm dome) are lung on one neighbour only and
+    stay out. Returns the new labels and the number of voxels taken.
+    """
+    out = labels.copy()
+    if out.shape[0] < 3:
+        return out, 0
+    rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)[0]
+    taken_total = 0
+    dense: dict[int, np.ndarray] = {}
+    while True:
+        taken_now = 0
+        for k in range(1, out.shape[0] - 1):
+            for value in (LungMasks.RIGHT, LungMasks.LEFT):
+                both = (out[k - 1] == value) & (out[k + 1] == value) & (out[k] == 0)
+                if not both.any():
+                    continue
+                if k not in dense:
+                    smooth = ndi.uniform_filter(hu[k], DENSE_SMOOTH_PX)
+                    dense[k] = (smooth > DENSE_HU[0]) & (smooth <= DENSE_HU[1]) & body[k]
+                side = right_side[k] == (value == LungMasks.RIGHT)
+                taken = opened_in_box(both & dense[k] & side, rim)
+                out[k][taken] = value
+                taken_now += int(taken.sum())
+        taken_total += taken_now
+        if not taken_now:
+            return out, taken_total
+
+
 def within_mm(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, mm: float,
               spacing_rc: tuple[float, float]) -> np.ndarray:
     """Whether each pixel (rows, cols) of a 2D slice lies within ``mm`` of ``mask`` (non-empty).
@@ -626,6 +677,8 @@ def segment_lungs(volume: Volume, *, closing_mm: float | None = None) -> LungMas
     notes += side_notes
     labels = smooth_lungs(labels, spacing_rc, CLOSING_MM if closing_mm is None else closing_mm)
     labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc)
+    labels, between = recover_between_slices(labels, hu, body, right_side, spacing_rc)
+    recovered += between
     # fill again: the recovered rim may now enclose lesions, which count even when open on the next slice
     labels = smooth_lungs(labels, spacing_rc, 0.0, hu=hu)
     labels[airways] = 0

@@ -1,0 +1,67 @@
+"""Lung segmentation against the phantom's true lungs, with the dense-disease recovery steps on and off.
+
+For each phantom (diseased ones with lower-lobe consolidation, a healthy one, thin slices) it prints Dice of
+both lungs, recall of the true consolidation inside the lung mask, and false-positive lung voxels (share of
+the true lung volume; "heart": those in the heart and great vessels), for: no recovery, step 6 only (chest
+wall rays), and steps 6 + 6b (between slices, the default). See node/pipeline/lungs.py.
+
+    python bench/lungs_on_phantom.py
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from node import phantom as ph  # noqa: E402
+from node.pipeline import lungs as lungs_mod  # noqa: E402
+from node.pipeline.types import Volume  # noqa: E402
+
+CASES = {
+    "right lower lobe 80 %, 5 mm": dict(rows=160, cols=160, slices=60, pixel_spacing=2.2, slice_spacing=5.0,
+                                        seed=0, burden={"right_lower": 0.8}),
+    "left lower 80 % + right upper 50 %, 5 mm": dict(rows=160, cols=160, slices=60, pixel_spacing=2.2,
+                                                     slice_spacing=5.0, seed=4,
+                                                     burden={"left_lower": 0.8, "right_upper": 0.5}),
+    "30 % everywhere, 1.5 mm": dict(rows=112, cols=112, slices=150, pixel_spacing=3.1, slice_spacing=1.5, seed=3,
+                                    burden=0.3),
+    "healthy, 7.5 mm": dict(rows=128, cols=128, slices=40, pixel_spacing=2.75, slice_spacing=7.5, seed=1,
+                            burden=0.0),
+}
+
+
+def metrics(p: ph.Phantom, lungs: np.ndarray) -> dict[str, float]:
+    truth = p.masks["right_lung"] | p.masks["left_lung"]
+    cons = p.masks["consolidation"]
+    fp = lungs & ~truth
+    heart = np.isin(p.labels, [ph.TISSUES["heart"], ph.TISSUES["blood"]])
+    return {"dice": 2 * (lungs & truth).sum() / (lungs.sum() + truth.sum()),
+            "recall": (cons & lungs).sum() / max(cons.sum(), 1),
+            "fp %": 100 * fp.sum() / truth.sum(), "heart %": 100 * (fp & heart).sum() / truth.sum()}
+
+
+def main() -> None:
+    off = lambda labels, *a, **k: (labels.copy(), 0)  # noqa: E731
+    steps = {"no recovery": (off, off), "step 6": (lungs_mod.recover_dense_periphery, off),
+             "steps 6 + 6b": (lungs_mod.recover_dense_periphery, lungs_mod.recover_between_slices)}
+    print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_phantom.py")
+    print("| phantom | steps | Dice | consolidation recall | false positive % | in the heart % |")
+    print("|---|---|---|---|---|---|")
+    for name, kw in CASES.items():
+        p = ph.make_phantom(**kw)
+        volume = Volume(hu=p.hu, positions=p.positions, orientation=p.orientation, pixel_spacing=p.pixel_spacing,
+                        slice_spacing=p.slice_spacing, sop_instance_uids=[str(i) for i in range(p.shape[0])],
+                        series_instance_uid="1.2.3", study_instance_uid="1.2")
+        for label, (periphery, between) in steps.items():
+            lungs_mod.recover_dense_periphery, lungs_mod.recover_between_slices = periphery, between
+            m = metrics(p, lungs_mod.segment_lungs(volume).lungs)
+            print(f"| {name} | {label} | {m['dice']:.4f} | {m['recall']:.3f} | {m['fp %']:.2f} | {m['heart %']:.3f} |")
+        lungs_mod.recover_dense_periphery, lungs_mod.recover_between_slices = steps["steps 6 + 6b"]
+
+
+if __name__ == "__main__":
+    main()
