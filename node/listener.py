@@ -49,7 +49,7 @@ from node.db.schema import Instance, Study
 from node.registry import ReceivedInstance, ReceivedReference, add_event, record_instance, record_reference
 from node.pipeline.volume import numbers_of
 from node.security import install_log_redaction, peer_allowed, server_ssl_context
-from node.spool import STAGING_DIR, DiskGuard, is_valid_uid, place, sha256_of, spool_path, stage
+from node.spool import STAGING_DIR, DiskGuard, Stager, is_valid_uid, place, sha256_of, spool_path
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +286,7 @@ class Listener:
         # date here, so the check costs no query per instance. Guarded by _db_lock.
         self._study_sizes: dict[str, int] = {}
         self._server = None
-        # Stages received instances (write, fsync) while the association's thread checks and records them.
-        self._spool_threads = futures.ThreadPoolExecutor(settings.node.max_associations, "spool")
+        self._stager: Stager | None = None  # made by start(): it creates the spool's staging folder
         install_log_redaction()
         s = settings.node
         self.disk_guard = DiskGuard(settings.spool_dir, s.min_free_gb, s.max_used_percent)
@@ -329,6 +328,7 @@ class Listener:
         ]
         s = self.settings.node
         ssl_context = server_ssl_context(self.settings.tls)
+        self._stager = Stager(self.settings.spool_dir / STAGING_DIR, s.max_associations)
         self._server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=handlers,
                                             ssl_context=ssl_context)
         self._harden(self._server, ssl_context)
@@ -393,6 +393,9 @@ class Listener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     # -- audit ------------------------------------------------------------------------------------------
     def _audit(self, kind: str, event: Any, detail: str = "", study_uid: str = "") -> None:
@@ -542,7 +545,7 @@ class Listener:
             # The bytes go to the spool's staging folder (written, fsynced) in a spool thread while this one
             # parses, validates, hashes and prepares the row: the wait for the disk overlaps work that does not
             # need it. A refused or unrecorded instance's staged file is removed.
-            staged = self._spool_threads.submit(stage, self.settings.spool_dir / STAGING_DIR, chunks())
+            staged = self._stager.submit(chunks())
             try:
                 return self._check_and_record(event, size, tmp_path, chunks, staged)
             finally:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,10 @@ def stage(folder: Path, chunks: Iterable[bytes]) -> Path:
     """
     make_private_dirs(folder)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")  # mode 0600
+    return _write_synced(fd, Path(tmp), chunks)
+
+
+def _write_synced(fd: int, tmp: Path, chunks: Iterable[bytes]) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
@@ -71,9 +77,60 @@ def stage(folder: Path, chunks: Iterable[bytes]) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
-    return Path(tmp)
+    return tmp
+
+
+class Stager:
+    """Stages received instances (:func:`stage`) from a pool of spool threads.
+
+    Creating a file costs about as much as writing and fsyncing half a megabyte on the filesystems measured
+    (docs/performance.md), so the file for the next instance is created in the background, while the
+    association waits for that instance to arrive, and taken when it does.
+    """
+
+    def __init__(self, folder: Path, threads: int):
+        self.folder = folder
+        make_private_dirs(folder)
+        self._threads = ThreadPoolExecutor(threads, "spool")
+        self._ready: queue.SimpleQueue[tuple[int, Path]] = queue.SimpleQueue()
+        self._threads.submit(self._create)
+
+    def _create(self) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")  # mode 0600
+        self._ready.put((fd, Path(tmp)))
+
+    def _take(self) -> tuple[int, Path]:
+        while True:
+            try:
+                fd, tmp = self._ready.get_nowait()
+            except queue.Empty:
+                fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
+                return fd, Path(tmp)
+            if os.fstat(fd).st_nlink:
+                return fd, tmp
+            os.close(fd)  # removed while it waited (the retention job removes old temporary files)
+
+    def _stage(self, chunks: Iterable[bytes]) -> Path:
+        fd, tmp = self._take()
+        self._threads.submit(self._create)
+        return _write_synced(fd, tmp, chunks)
+
+    def submit(self, chunks: Iterable[bytes]) -> Future[Path]:
+        """Write and fsync ``chunks`` to a temporary file in the staging folder; the future gives its path."""
+        return self._threads.submit(self._stage, chunks)
+
+    def close(self) -> None:
+        """Wait for the writes in flight and remove the files made in advance."""
+        self._threads.shutdown(wait=True)
+        while True:
+            try:
+                fd, tmp = self._ready.get_nowait()
+            except queue.Empty:
+                return
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
 
 
 def place(staged: Path, path: Path) -> None:

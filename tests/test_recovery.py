@@ -25,3 +25,25 @@ def test_orphans_are_registered_once(tmp_path):
     with sessions() as s:
         inst = s.scalars(select(Instance)).one()
         assert inst.sop_instance_uid == ds.SOPInstanceUID and s.get(Job, inst.job_id).state == "received"
+
+
+def test_stager_writes_fsynced_files_and_survives_its_spare_file_being_removed(tmp_path):
+    """The Stager keeps an empty file ready for the next instance; if the retention job removes it while it
+    waits (older than an hour), the next instance gets a new file instead of a write into an unlinked one."""
+    import time
+
+    from node.spool import Stager
+
+    stager = Stager(tmp_path / ".incoming", threads=2)
+    first = stager.submit([b"abc", b"def"]).result()
+    assert first.read_bytes() == b"abcdef"
+    deadline = time.monotonic() + 5
+    while len(list((tmp_path / ".incoming").iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the spare file is made in the background
+    spare = [p for p in (tmp_path / ".incoming").iterdir() if p != first]
+    assert len(spare) == 1 and spare[0].stat().st_size == 0
+    spare[0].unlink()  # as the retention job would
+    second = stager.submit([b"xyz"]).result()
+    assert second.exists() and second.read_bytes() == b"xyz" and second != spare[0]
+    stager.close()
+    assert sorted((tmp_path / ".incoming").iterdir()) == sorted([first, second])  # spare files removed
