@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
 
 from .registry import load_shipped
+from .tta import final_probability
 
 ENGINE_VERSION = "0.1.0"
 # Lung window measured against the training images (training/hu_window_analysis.py, docs/results.md).
@@ -64,12 +65,13 @@ def lung_bbox(mask2d: np.ndarray, margin: float = 0.05, min_margin: int = 4):
 
 class InfNetEngine:
     """Options: ``weights`` (shipped name), ``multiclass`` (shipped name or None/"" to disable), ``device``
-    ("cuda"/"cpu"/None=auto), ``batch``, ``threshold``, ``window`` (centre, width), ``size`` (model input)."""
+    ("cuda"/"cpu"/None=auto), ``batch``, ``threshold``, ``window`` (centre, width), ``size`` (model input),
+    ``tta`` (average the map over four flips, :mod:`models.tta`; None = as the weights' sidecar says)."""
 
     def __init__(self, weights: str = "infnet-compact", multiclass: str | None = "infnet-multiclass",
                  device: str | None = None, batch: int = 8, threshold: float = 0.5,
                  window: tuple[float, float] = DEFAULT_WINDOW, size: int | None = None, weights_dir=None,
-                 model=None, meta=None):
+                 model=None, meta=None, tta: bool | None = None):
         self.device = choose_device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         if model is None:
@@ -85,10 +87,11 @@ class InfNetEngine:
             except FileNotFoundError:
                 self.multi = None
         self.size = int(size or (meta.get("input") or {}).get("size") or 352)
+        self.tta = ((meta.get("inference") or {}).get("tta") == "flips") if tta is None else tta
         self.batch = batch
         self.threshold = threshold
         self.window = tuple(window)
-        desc = f"Inf-Net ({meta.get('arch', '?')}, weights {meta.get('name', '?')})"
+        desc = f"Inf-Net ({meta.get('arch', '?')}, weights {meta.get('name', '?')}{', flip TTA' if self.tta else ''})"
         if self.multi is not None:
             desc += f"; multi-class {self.multi_meta.get('name')} sha256 {self.multi_meta.get('sha256', '')[:16]}"
         self.identity = EngineIdentity(name="infnet", version=ENGINE_VERSION,
@@ -102,8 +105,7 @@ class InfNetEngine:
         x = torch.stack([F.interpolate(torch.from_numpy(c)[None, None], size=(s, s), mode="bilinear",
                                        align_corners=False)[0] for c in crops])
         x = ((x - IMG_MEAN) / IMG_STD).to(self.device, self.dtype)
-        logit = self.model(x)[3].float()
-        prob_s = torch.sigmoid(logit)
+        prob_s = final_probability(self.model, x, self.tta)
         labels_s = None
         if self.multi is not None:
             prior = (prob_s >= self.threshold).to(self.dtype)

@@ -146,32 +146,26 @@ def test_shipped_weights_load_and_hash():
         assert out is not None
 
 
-def test_shipped_weights_give_the_documented_test_dice(shared_data):
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "flip-tta"])
+def test_shipped_weights_give_the_documented_test_dice(shared_data, tta):
     """The shipped fp16 files reproduce the metrics their sidecars (and the model card) document: Inf-Net on
-    the 48 COVID-SemiSeg test slices, and the multi-class net with the shipped Inf-Net as its prior."""
-    from models.registry import load_shipped
-    from training import data as D
-    from training.loops import eval_multi, eval_single, predict_single
+    the 48 COVID-SemiSeg test slices, and the multi-class net with the shipped Inf-Net as its prior; without
+    and with the flip TTA the engine applies (``inference.tta`` in the sidecar)."""
+    from models.registry import read_meta
+    from training.loops import shipped_test_metrics
 
     torch.set_num_threads(2)
-    cpu = torch.device("cpu")
-    root = shared_data / "covid-semiseg"
-    compact, meta = load_shipped("infnet-compact")
-    size = meta["input"]["size"]
-    documented = meta["metrics"]["test_metrics"]
-    found = eval_single(compact.eval(), D.load_split("test", str(root)), size, cpu, full=True)
-    assert found["n"] == documented["n"] == 48
+    single, multi = shipped_test_metrics(str(shared_data / "covid-semiseg"), tta=tta)
+    meta, multi_meta = read_meta("infnet-compact"), read_meta("infnet-multiclass")
+    documented = meta["test_metrics_tta"] if tta else meta["metrics"]["test_metrics"]
+    assert single["n"] == documented["n"] == 48
     for key in ("dice", "mean_dice", "sensitivity", "specificity", "mae"):
-        assert found[key] == pytest.approx(documented[key], abs=0.01), key  # fp16 weights vs the fp32 run
-
-    multi, multi_meta = load_shipped("infnet-multiclass")
-    documented = multi_meta["test_metrics_with_shipped_prior"]
+        assert single[key] == pytest.approx(documented[key], abs=0.01), key  # fp16 weights vs the fp32 run
+    documented = multi_meta["test_metrics_with_shipped_prior" + ("_tta" if tta else "")]
     assert documented["prior"].endswith(meta["sha256"])
-    ts = D.load_split("multi-test", str(root))
-    priors = [(p >= 0.5).astype(np.float32) for p in predict_single(compact.eval(), ts.images, size, cpu)]
-    found = eval_multi(multi.eval(), ts.images, priors, ts.masks, size, cpu)
     for key in ("pooled_dice_ggo", "pooled_dice_consolidation", "dice_ggo", "dice_consolidation"):
-        assert found[key] == pytest.approx(documented[key], abs=0.01), key
+        assert multi[key] == pytest.approx(documented[key], abs=0.01), key
+    assert (meta["inference"]["tta"] == "flips") is True  # the engine's default for these weights
 
 
 def test_registry_rejects_bad_hash(tmp_path):
@@ -283,3 +277,30 @@ def test_cpu_fallback_warns_once(monkeypatch):
     with captured_logs(logging.WARNING) as logs:
         assert engine.choose_device("cpu").type == "cpu"  # asked for: nothing to warn about
     assert not [r for r in logs.records if r.name == "models.engine"]
+
+
+def test_flip_tta_is_the_mean_over_the_four_flips():
+    from models.tta import final_probability
+
+    class Ramp(torch.nn.Module):  # not flip-equivariant: the logit grows along the columns and rows
+        def forward(self, x):
+            n, _, h, w = x.shape
+            y = x + torch.arange(w).float() / w + torch.arange(h).float()[:, None] / (2 * h)
+            return y, y, y, y, y
+
+    x = torch.rand(2, 1, 5, 6)
+    model = Ramp()
+    plain = final_probability(model, x, tta=False)
+    assert torch.allclose(plain, torch.sigmoid(model(x)[3]))
+    expected = sum(torch.flip(torch.sigmoid(model(torch.flip(x, d) if d else x)[3]), d) if d else
+                   torch.sigmoid(model(x)[3]) for d in ((), (-1,), (-2,), (-2, -1))) / 4
+    assert torch.allclose(final_probability(model, x, tta=True), expected)
+    assert not torch.allclose(expected, plain)
+
+
+def test_engine_applies_the_tta_its_weights_were_chosen_with():
+    from models.engine import InfNetEngine
+
+    engine = InfNetEngine(device="cpu")
+    assert engine.tta and "flip TTA" in engine.identity.description
+    assert not InfNetEngine(device="cpu", tta=False).tta

@@ -81,7 +81,14 @@ def main(argv=None):
     common(sp)
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--prior-ckpt", dest="prior_ckpt")
+    sp.add_argument("--tta", action="store_true",
+                    help="Inf-Net maps (and a multi-class model's prior) averaged over four flips (models.tta)")
     sp.add_argument("--out")
+    sp = sub.add_parser("shipped-metrics", help="the shipped weights on the test slices as the "
+                        "engine runs them (flip TTA); --write records them in the sidecars (test_metrics_tta, "
+                        "test_metrics_with_shipped_prior_tta)")
+    sp.add_argument("--data", default=None)
+    sp.add_argument("--write", action="store_true")
     sp = sub.add_parser("export", help="export a checkpoint to models/weights (fp16 safetensors + JSON)")
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--name", required=True)
@@ -90,6 +97,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     from . import loops
 
+    if args.command == "shipped-metrics":
+        from models.registry import WEIGHTS_DIR
+
+        data = args.data or RunConfig().data
+        single, multi = loops.shipped_test_metrics(data, tta=True)
+        print(json.dumps({"infnet-compact (flip TTA)": single, "infnet-multiclass, TTA prior": multi}, indent=2))
+        if args.write:
+            for name, key, value in (("infnet-compact", "test_metrics_tta", single),
+                                     ("infnet-multiclass", "test_metrics_with_shipped_prior_tta", multi)):
+                path = WEIGHTS_DIR / f"{name}.json"
+                meta = json.loads(path.read_text())
+                meta[key] = value
+                path.write_text(json.dumps(meta, indent=2))
+        return 0
     if args.command == "export":
         meta = loops.export(args.ckpt, args.name, args.out_dir)
         print(json.dumps({k: meta[k] for k in ("name", "arch", "sha256", "file")}, indent=2))
@@ -98,7 +119,7 @@ def main(argv=None):
     if getattr(args, "cutout", None):
         cfg.aug = True
     if args.command == "evaluate":
-        res = loops.evaluate(args.ckpt, cfg, args.out)
+        res = loops.evaluate(args.ckpt, cfg, args.out, tta=args.tta)
         print(json.dumps(res, indent=2))
         return 0
     fn = {"pretrain": loops.pretrain, "train": loops.train_single, "train-multi": loops.train_multi}[args.command]

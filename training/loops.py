@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from models.coach import CoachNet, coach_mask
 from models.factory import build_model, model_config
 from models.registry import sha256_file
+from models.tta import final_probability
 
 from . import data as D
 from .augment import AugConfig, augment
@@ -136,8 +137,10 @@ def scaled(size, rate):
 
 # ----------------------------------------------------------------------------------------------- prediction
 @torch.no_grad()
-def predict_single(model, images: list[np.ndarray], size: int, dev, batch: int = 8, amp=False) -> list[np.ndarray]:
-    """Probability maps (S_3, the final Inf-Net output) at each image's own resolution."""
+def predict_single(model, images: list[np.ndarray], size: int, dev, batch: int = 8, amp=False,
+                   tta: bool = False) -> list[np.ndarray]:
+    """Probability maps (S_3, the final Inf-Net output) at each image's own resolution; ``tta``: averaged
+    over the four flips of each image (models.tta)."""
     model.eval()
     out = []
     for i in range(0, len(images), batch):
@@ -146,10 +149,10 @@ def predict_single(model, images: list[np.ndarray], size: int, dev, batch: int =
         x = to_dev(D.normalize(x), dev)
         ctx = torch.autocast("cuda", dtype=torch.float16) if (amp and dev.type == "cuda") else nullcontext()
         with ctx:
-            s3 = model(x)[3]
-        for a, p in zip(chunk, s3.float()):
+            prob = final_probability(model, x, tta)
+        for a, p in zip(chunk, prob):
             p = F.interpolate(p[None], size=a.shape, mode="bilinear", align_corners=False)
-            out.append(torch.sigmoid(p)[0, 0].cpu().numpy())
+            out.append(p[0, 0].cpu().numpy())
     return out
 
 
@@ -176,8 +179,8 @@ def _u8(p):
     return p if p.dtype == np.uint8 else (np.clip(p, 0, 1) * 255).round().astype(np.uint8)
 
 
-def eval_single(model, ss: D.SliceSet, size, dev, full=False, amp=False) -> dict:
-    probs = predict_single(model, ss.images, size, dev, amp=amp)
+def eval_single(model, ss: D.SliceSet, size, dev, full=False, amp=False, tta=False) -> dict:
+    probs = predict_single(model, ss.images, size, dev, amp=amp, tta=tta)
     rows = []
     losses = []
     for p, m in zip(probs, ss.masks):
@@ -492,9 +495,10 @@ def train_multi(cfg: RunConfig, resume=False) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def evaluate(ckpt: str, cfg: RunConfig, out: str | None = None) -> dict:
+def evaluate(ckpt: str, cfg: RunConfig, out: str | None = None, tta: bool = False) -> dict:
     """Evaluate a final model ONCE on the 48 test slices (single-class: LungInfection-Test; multi-class:
-    MultiClassInfection-Test with the prior predicted by ``cfg.prior_ckpt``)."""
+    MultiClassInfection-Test with the prior predicted by ``cfg.prior_ckpt``). ``tta``: the Inf-Net map
+    (the single-class model's, or the prior's) averaged over four flips (models.tta)."""
     setup_threads(cfg)
     dev = device_of(cfg)
     t0 = time.time()
@@ -504,16 +508,37 @@ def evaluate(ckpt: str, cfg: RunConfig, out: str | None = None) -> dict:
             raise SystemExit("multi-class evaluation needs --prior-ckpt (single-class model giving the prior)")
         ts = D.load_split("multi-test", cfg.data)
         prior_model, _ = model_from_ckpt(cfg.prior_ckpt, dev)
-        priors = [(p >= 0.5).astype(np.float32) for p in predict_single(prior_model, ts.images, cfg.eval_size, dev)]
+        priors = [(p >= 0.5).astype(np.float32)
+                  for p in predict_single(prior_model, ts.images, cfg.eval_size, dev, tta=tta)]
         res = eval_multi(model, ts.images, priors, ts.masks, cfg.eval_size, dev)
         res["prior_ckpt"] = cfg.prior_ckpt
     else:
         ts = D.load_split("test", cfg.data)
-        res = eval_single(model, ts, cfg.eval_size, dev, full=True)
-    res.update({"ckpt": ckpt, "eval_size": cfg.eval_size, "wall_s": time.time() - t0, "device": str(dev)})
+        res = eval_single(model, ts, cfg.eval_size, dev, full=True, tta=tta)
+    res.update({"ckpt": ckpt, "eval_size": cfg.eval_size, "tta": "flips" if tta else "none",
+                "wall_s": time.time() - t0, "device": str(dev)})
     outp = Path(out) if out else Path(ckpt).parent / "test_metrics.json"
     outp.write_text(json.dumps(res, indent=2))
     return res
+
+
+def shipped_test_metrics(data: str, tta: bool, weights_dir=None) -> tuple[dict, dict]:
+    """The shipped fp16 files on the 48 test slices, as the node's engine runs them: ``infnet-compact``
+    alone, and ``infnet-multiclass`` with the binarised ``infnet-compact`` map as its prior."""
+    from models.registry import load_shipped
+
+    cpu = torch.device("cpu")
+    compact, meta = load_shipped("infnet-compact", weights_dir)
+    size = meta["input"]["size"]
+    single = eval_single(compact, D.load_split("test", data), size, cpu, full=True, tta=tta)
+    multi, _ = load_shipped("infnet-multiclass", weights_dir)
+    ts = D.load_split("multi-test", data)
+    priors = [(p >= 0.5).astype(np.float32) for p in predict_single(compact, ts.images, size, cpu, tta=tta)]
+    with_prior = eval_multi(multi, ts.images, priors, ts.masks, size, cpu)
+    with_prior.update({"prior": f"infnet-compact sha256 {meta['sha256']}", "eval_size": size,
+                       "tta": "flips" if tta else "none"})
+    single.update({"eval_size": size, "tta": "flips" if tta else "none"})
+    return single, with_prior
 
 
 # ----------------------------------------------------------------------------------------------- export
