@@ -97,24 +97,28 @@ class Stager:
         self._ready: queue.SimpleQueue[tuple[int, Path]] = queue.SimpleQueue()
         self._threads.submit(self._create)
 
-    def _create(self) -> None:
+    def _new(self) -> tuple[int, Path]:
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")  # mode 0600
-        self._ready.put((fd, Path(tmp)))
+        return fd, Path(tmp)
+
+    def _create(self) -> None:
+        self._ready.put(self._new())
 
     def _take(self) -> tuple[int, Path]:
-        while True:
-            try:
-                fd, tmp = self._ready.get_nowait()
-            except queue.Empty:
-                fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
-                return fd, Path(tmp)
-            if os.fstat(fd).st_nlink:
-                return fd, tmp
-            os.close(fd)  # removed while it waited (the retention job removes old temporary files)
+        """The file made in advance (and make the next one), or a new file when none is ready (another
+        association took it and its replacement is still being made, or making it failed)."""
+        try:
+            fd, tmp = self._ready.get_nowait()
+        except queue.Empty:
+            return self._new()
+        self._threads.submit(self._create)
+        if os.fstat(fd).st_nlink:
+            return fd, tmp
+        os.close(fd)  # removed while it waited (the retention job removes old temporary files)
+        return self._new()
 
     def _stage(self, chunks: Iterable[bytes]) -> Path:
         fd, tmp = self._take()
-        self._threads.submit(self._create)
         return _write_synced(fd, tmp, chunks)
 
     def submit(self, chunks: Iterable[bytes]) -> Future[Path]:

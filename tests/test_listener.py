@@ -112,8 +112,8 @@ def test_row_commits_only_after_the_file_is_durable(listener, monkeypatch):
     assert status.Status == 0x0000 and seen_when_placed == [[]]
     with listener.sessions() as s:
         assert len(s.scalars(select(Instance)).all()) == 1
-    # left in the staging folder: only the empty file made in advance for the next instance
-    assert [f.stat().st_size for f in (listener.settings.spool_dir / ".incoming").iterdir()] == [0]
+    # left in the staging folder: at most the empty file made in advance for the next instance
+    assert [f.stat().st_size for f in (listener.settings.spool_dir / ".incoming").iterdir()] in ([], [0])
 
 
 @pytest.mark.parametrize("change, code, words", [
