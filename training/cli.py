@@ -85,14 +85,16 @@ def main(argv=None):
                     help="Inf-Net maps (and a multi-class model's prior) averaged over four flips (models.tta)")
     sp.add_argument("--out")
     sp = sub.add_parser("shipped-metrics", help="the shipped weights on the test slices as the "
-                        "engine runs them (flip TTA); --write records them in the sidecars (test_metrics_tta, "
-                        "test_metrics_with_shipped_prior_tta)")
+                        "engine runs them; --write records them in the sidecars (infnet-compact: test_metrics_tta; "
+                        "infnet-multiclass: test_metrics_with_shipped_prior[_tta])")
     sp.add_argument("--data", default=None)
     sp.add_argument("--write", action="store_true")
     sp = sub.add_parser("export", help="export a checkpoint to models/weights (fp16 safetensors + JSON)")
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--name", required=True)
     sp.add_argument("--out-dir", dest="out_dir", default="models/weights")
+    sp.add_argument("--tta", choices=["none", "flips"], default="none",
+                    help="test-time augmentation the node's engine applies with these weights (models.tta)")
 
     args = p.parse_args(argv)
     from . import loops
@@ -101,18 +103,22 @@ def main(argv=None):
         from models.registry import WEIGHTS_DIR
 
         data = args.data or RunConfig().data
+        _, multi_plain = loops.shipped_test_metrics(data, tta=False)
         single, multi = loops.shipped_test_metrics(data, tta=True)
-        print(json.dumps({"infnet-compact (flip TTA)": single, "infnet-multiclass, TTA prior": multi}, indent=2))
+        print(json.dumps({"infnet-compact (flip TTA)": single, "infnet-multiclass, TTA prior": multi,
+                          "infnet-multiclass, plain prior": multi_plain}, indent=2))
         if args.write:
             for name, key, value in (("infnet-compact", "test_metrics_tta", single),
-                                     ("infnet-multiclass", "test_metrics_with_shipped_prior_tta", multi)):
+                                     ("infnet-multiclass", "test_metrics_with_shipped_prior_tta", multi),
+                                     ("infnet-multiclass", "test_metrics_with_shipped_prior", multi_plain)):
                 path = WEIGHTS_DIR / f"{name}.json"
                 meta = json.loads(path.read_text())
                 meta[key] = value
                 path.write_text(json.dumps(meta, indent=2))
         return 0
     if args.command == "export":
-        meta = loops.export(args.ckpt, args.name, args.out_dir)
+        meta = loops.export(args.ckpt, args.name, args.out_dir,
+                            extra_meta={"inference": {"tta": args.tta}} if args.tta != "none" else None)
         print(json.dumps({k: meta[k] for k in ("name", "arch", "sha256", "file")}, indent=2))
         return 0
     cfg = _cfg(args, args.command)
