@@ -77,6 +77,8 @@ def main(argv=None):
     sp.add_argument("--pseudo-limit", dest="pseudo_limit", type=int)
     sp = sub.add_parser("train-multi", help="multi-class network (image + prior)")
     trainargs(sp)
+    sp.add_argument("--prior-ckpt", dest="prior_ckpt",
+                    help="single-class checkpoint whose binarised map (flip TTA) replaces the data set's prior")
     sp = sub.add_parser("evaluate", help="evaluate a final model once on the 48 test slices")
     common(sp)
     sp.add_argument("--ckpt", required=True)

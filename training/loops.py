@@ -2,6 +2,7 @@
 export, tqdm for progress bars)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -432,13 +433,21 @@ def pretrain(cfg: RunConfig, resume=False) -> dict:
 
 
 def train_multi(cfg: RunConfig, resume=False) -> dict:
-    """Multi-class network on [image, Semi-Inf-Net prior] from MultiClassInfection-Train (same 50 slices; the
-    same fixed validation split as the single-class runs)."""
+    """Multi-class network on [image, prior] from MultiClassInfection-Train (same 50 slices; the same fixed
+    validation split as the single-class runs). The prior is the data set's Semi-Inf-Net map, or with
+    ``cfg.prior_ckpt`` that single-class model's binarised map with flip TTA (as the engine makes it)."""
     setup_threads(cfg)
     gen = seed_all(cfg.seed)
     dev = device_of(cfg)
     run = Run(cfg)
     ms = D.load_split("multi-train", cfg.data)
+    if cfg.prior_ckpt:
+        # The prior the node's engine gives (a single-class model's binarised map, with flip TTA) instead of
+        # the data set's Semi-Inf-Net prior, so training and validation see what inference will.
+        prior_model, _ = model_from_ckpt(cfg.prior_ckpt, dev)
+        maps = predict_single(prior_model, ms.images, cfg.eval_size, dev, tta=True)
+        ms = dataclasses.replace(ms, priors=[((p >= 0.5) * 255).astype(np.uint8) for p in maps])  # not the cache
+        run.log(f"priors: {cfg.prior_ckpt} (binarised at 0.5, flip TTA)")
     tr_idx, va_idx = D.train_val_split(len(ms), cfg.n_val, cfg.split_seed)
     train, val = ms.subset(tr_idx), ms.subset(va_idx)
     if cfg.train_limit:
