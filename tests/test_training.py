@@ -212,3 +212,23 @@ def test_cli_tiny_pretrain_then_finetune(tmp_path):
     assert main(["train", "--preset", "tiny", "--run-dir", str(tmp_path / "f"), "--train-limit", "4",
                  "--init", str(tmp_path / "p" / "pretrained.pt")]) == 0
     assert "source mode inpaint" in (tmp_path / "f" / "log.txt").read_text()
+
+
+@needs_data
+def test_cli_train_multi_on_a_single_class_models_prior(tmp_path):
+    """train-multi --prior-ckpt: the priors are that model's binarised flip-TTA maps (what the engine gives the
+    multi-class net), the cached data set keeps its own priors, and export --tta records the engine setting."""
+    from training.cli import main
+    from training.data import load_split
+
+    single = tmp_path / "single"
+    assert main(["train", "--preset", "tiny", "--run-dir", str(single), "--train-limit", "4", "--epochs", "1"]) == 0
+    cached = [p.copy() for p in load_split("multi-train", DATA).priors]
+    multi = tmp_path / "multi"
+    assert main(["train-multi", "--preset", "tiny", "--run-dir", str(multi), "--train-limit", "4", "--epochs", "1",
+                 "--prior-ckpt", str(single / "best.pt")]) == 0
+    assert f"priors: {single / 'best.pt'} (binarised at 0.5, flip TTA)" in (multi / "log.txt").read_text()
+    assert all((a == b).all() for a, b in zip(cached, load_split("multi-train", DATA).priors))
+    assert main(["export", "--ckpt", str(single / "best.pt"), "--name", "tiny", "--out-dir", str(tmp_path / "w"),
+                 "--tta", "flips"]) == 0
+    assert json.loads((tmp_path / "w" / "tiny.json").read_text())["inference"] == {"tta": "flips"}
