@@ -232,3 +232,17 @@ def test_cli_train_multi_on_a_single_class_models_prior(tmp_path):
     assert main(["export", "--ckpt", str(single / "best.pt"), "--name", "tiny", "--out-dir", str(tmp_path / "w"),
                  "--tta", "flips"]) == 0
     assert json.loads((tmp_path / "w" / "tiny.json").read_text())["inference"] == {"tta": "flips"}
+
+
+@needs_data
+def test_schedule_runs_every_row_end_to_end_on_the_tiny_preset(tmp_path):
+    """training.schedule (what training/gpu_schedule.sh runs on a GPU with gpu-full) on the tiny preset: every
+    run, every test evaluation and the table, so a GPU session does not find it broken."""
+    from training.schedule import main
+    from training.table import ROWS, rows
+
+    assert main(["--preset", "tiny", "--root", str(tmp_path)]) == 0
+    table = rows(tmp_path)
+    assert len(table) == len(ROWS)
+    assert all(r["test"].get("n") == 48 and r["multi"].get("n") == 48 for r in table)
+    assert table[-1]["test"]["tta"] == "flips"

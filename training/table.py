@@ -13,6 +13,9 @@ ROWS = [
     ("selfsup", "Self-supervised (coach+inpainting pretrain, fine-tune)"),
     ("selfsup-aug04", "Self-supervised + aug (cutout 0.4)"),
     ("semi", "Semi-Inf-Net (pseudo-label stage, fine-tune)"),
+    ("selfsup-semi-aug04", "Self-supervised + Semi-Inf-Net pseudo stage + aug 0.4"),
+    ("selfsup-semi-aug04", "the same, flip TTA; multi-class net trained on its prior (as the engine runs them)",
+     "test_metrics_tta.json", "test_multi_ownprior_tta.json"),
 ]
 
 
@@ -26,9 +29,10 @@ def _f(x, nd=3):
 
 def rows(root: Path):
     out = []
-    for key, label in ROWS:
+    for key, label, *files in ROWS:
         d = root / key
-        m, t, mm, c = (_load(d / n) for n in ("metrics.json", "test_metrics.json", "test_multi.json", "config.json"))
+        test_file, multi_file = files or ("test_metrics.json", "test_multi.json")
+        m, t, mm, c = (_load(d / n) for n in ("metrics.json", test_file, multi_file, "config.json"))
         if m is None and t is None:
             continue
         wall = (m or {}).get("wall_s_this_session", 0.0)
@@ -36,6 +40,8 @@ def rows(root: Path):
             wall += (_load(root / "semi-pseudo" / "metrics.json") or {}).get("wall_s_this_session", 0.0)
         if key.startswith("selfsup"):
             wall += (_load(root / "pretrain" / "metrics.json") or {}).get("wall_s_this_session", 0.0)
+        if key == "selfsup-semi-aug04":
+            wall += (_load(root / "selfsup-semi-pseudo" / "metrics.json") or {}).get("wall_s_this_session", 0.0)
         out.append(dict(key=key, label=label, seed=(c or {}).get("seed"), val=(m or {}).get("best_val") or {},
                         test=t or {}, multi=mm or {}, wall_min=wall / 60))
     return out
