@@ -38,7 +38,8 @@ from pydicom.uid import (
     JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless,
     JPEGLSLossless, JPEGLSNearLossless, RLELossless,
 )
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config as pynetdicom_config, evt
+from pynetdicom import (AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
+                        _config as pynetdicom_config, evt)
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, SegmentationStorage, Verification
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError

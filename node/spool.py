@@ -65,8 +65,13 @@ def stage(folder: Path, chunks: Iterable[bytes]) -> Path:
     Runs in any thread: the file calls release the GIL.
     """
     make_private_dirs(folder)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")  # mode 0600
-    return _write_synced(fd, Path(tmp), chunks)
+    return _write_synced(*_new_temp(folder), chunks)
+
+
+def _new_temp(folder: Path) -> tuple[int, Path]:
+    """A new empty temporary file (``.*.tmp``, mode 0600) in ``folder``: its open descriptor and path."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    return fd, Path(tmp)
 
 
 def _write_synced(fd: int, tmp: Path, chunks: Iterable[bytes]) -> Path:
@@ -83,7 +88,7 @@ def _write_synced(fd: int, tmp: Path, chunks: Iterable[bytes]) -> Path:
 
 
 class Stager:
-    """Stages received instances (:func:`stage`) from a pool of spool threads.
+    """Stages received instances (as :func:`stage` does) from a pool of spool threads.
 
     Creating a file costs about as much as writing and fsyncing half a megabyte on the filesystems measured
     (docs/performance.md), so the file for the next instance is created in the background, while the
@@ -97,12 +102,8 @@ class Stager:
         self._ready: queue.SimpleQueue[tuple[int, Path]] = queue.SimpleQueue()
         self._threads.submit(self._create)
 
-    def _new(self) -> tuple[int, Path]:
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")  # mode 0600
-        return fd, Path(tmp)
-
     def _create(self) -> None:
-        self._ready.put(self._new())
+        self._ready.put(_new_temp(self.folder))
 
     def _take(self) -> tuple[int, Path]:
         """The file made in advance (and make the next one), or a new file when none is ready (another
@@ -110,12 +111,12 @@ class Stager:
         try:
             fd, tmp = self._ready.get_nowait()
         except queue.Empty:
-            return self._new()
+            return _new_temp(self.folder)
         self._threads.submit(self._create)
         if os.fstat(fd).st_nlink:
             return fd, tmp
         os.close(fd)  # removed while it waited (the retention job removes old temporary files)
-        return self._new()
+        return _new_temp(self.folder)
 
     def _stage(self, chunks: Iterable[bytes]) -> Path:
         fd, tmp = self._take()

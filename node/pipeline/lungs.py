@@ -511,6 +511,12 @@ def between_lung_and_wall(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray, 
     return hit_inner & ~hit_outer
 
 
+def dense_tissue(hu2d: np.ndarray) -> np.ndarray:
+    """Pixels of consolidation / effusion density (``DENSE_HU``) after a small mean filter (noise down)."""
+    smooth = ndi.uniform_filter(hu2d, DENSE_SMOOTH_PX)
+    return (smooth > DENSE_HU[0]) & (smooth <= DENSE_HU[1])
+
+
 def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, right_side: np.ndarray,
                             spacing_rc: tuple[float, float]) -> tuple[np.ndarray, int]:
     """Take back consolidation / effusion between each lung and the inner chest wall (step 6), per slice.
@@ -528,8 +534,7 @@ def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray
     for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
         trunk = largest_component(body[k])
         lungs = labels[k] > 0
-        smooth = ndi.uniform_filter(hu[k], DENSE_SMOOTH_PX)
-        dense = (smooth > DENSE_HU[0]) & (smooth <= DENSE_HU[1]) & trunk & ~lungs
+        dense = dense_tissue(hu[k]) & trunk & ~lungs
         if not dense.any():
             continue
         skin = SkinGeometry(trunk, spacing_rc)
@@ -559,7 +564,7 @@ def recover_between_slices(labels: np.ndarray, hu: np.ndarray, body: np.ndarray,
                            right_side: np.ndarray, spacing_rc: tuple[float, float]) -> tuple[np.ndarray, int]:
     """Take back dense tissue that is lung on both neighbouring slices (step 6b).
 
-    A pixel of ``DENSE_HU`` density (3x3 mean) on slice k joins a lung when that lung covers the same
+    A pixel of :func:`dense_tissue` on slice k joins a lung when that lung covers the same
     pixel on slice k-1 and on slice k+1, on its side of the midline, after the same rim opening as step 6;
     repeated until nothing changes, so a lesion is taken back from its edges inwards. Consolidation
     against the mediastinum or a diaphragm dome, which the chest-wall rays of step 6 cannot judge, is
@@ -581,8 +586,7 @@ def recover_between_slices(labels: np.ndarray, hu: np.ndarray, body: np.ndarray,
                 if not both.any():
                     continue
                 if k not in dense:
-                    smooth = ndi.uniform_filter(hu[k], DENSE_SMOOTH_PX)
-                    dense[k] = (smooth > DENSE_HU[0]) & (smooth <= DENSE_HU[1]) & body[k]
+                    dense[k] = dense_tissue(hu[k]) & body[k]
                 side = right_side[k] == (value == LungMasks.RIGHT)
                 taken = opened_in_box(both & dense[k] & side, rim)
                 out[k][taken] = value
