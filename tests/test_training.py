@@ -246,3 +246,15 @@ def test_schedule_runs_every_row_end_to_end_on_the_tiny_preset(tmp_path):
     assert len(table) == len(ROWS)
     assert all(r["test"].get("n") == 48 and r["multi"].get("n") == 48 for r in table)
     assert table[-1]["test"]["tta"] == "flips"
+
+
+@needs_data
+def test_cli_validate_uses_the_validation_split(tmp_path, capsys):
+    from training.cli import main
+
+    rd = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--run-dir", str(rd), "--train-limit", "4", "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["validate", "--preset", "tiny", "--ckpt", str(rd / "best.pt"), "--tta"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 10 and out["tta"] == "flips" and 0.0 <= out["dice"] <= 1.0

@@ -79,6 +79,10 @@ def main(argv=None):
     trainargs(sp)
     sp.add_argument("--prior-ckpt", dest="prior_ckpt",
                     help="single-class checkpoint whose binarised map (flip TTA) replaces the data set's prior")
+    sp = sub.add_parser("validate", help="a single-class model on the validation split (model selection)")
+    common(sp)
+    sp.add_argument("--ckpt", required=True)
+    sp.add_argument("--tta", action="store_true", help="average over four flips (models.tta)")
     sp = sub.add_parser("evaluate", help="evaluate a final model once on the 48 test slices")
     common(sp)
     sp.add_argument("--ckpt", required=True)
@@ -126,6 +130,9 @@ def main(argv=None):
     cfg = _cfg(args, args.command)
     if getattr(args, "cutout", None):
         cfg.aug = True
+    if args.command == "validate":
+        print(json.dumps(loops.validate(args.ckpt, cfg, tta=args.tta), indent=2))
+        return 0
     if args.command == "evaluate":
         res = loops.evaluate(args.ckpt, cfg, args.out, tta=args.tta)
         print(json.dumps(res, indent=2))

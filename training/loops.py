@@ -504,6 +504,19 @@ def train_multi(cfg: RunConfig, resume=False) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
+def validate(ckpt: str, cfg: RunConfig, tta: bool = False) -> dict:
+    """A single-class model on the fixed validation split of the 50 labelled slices (what selection uses;
+    the test set is not touched): Dice@0.5 and mean Dice at ``cfg.eval_size``, with or without flip TTA."""
+    setup_threads(cfg)
+    dev = device_of(cfg)
+    model, _ = model_from_ckpt(ckpt, dev)
+    doctor = D.load_split("doctor", cfg.data)
+    _, va_idx = D.train_val_split(len(doctor), cfg.n_val, cfg.split_seed)
+    res = eval_single(model, doctor.subset(va_idx), cfg.eval_size, dev, tta=tta)
+    res.update({"ckpt": ckpt, "eval_size": cfg.eval_size, "tta": "flips" if tta else "none"})
+    return res
+
+
 def evaluate(ckpt: str, cfg: RunConfig, out: str | None = None, tta: bool = False) -> dict:
     """Evaluate a final model ONCE on the 48 test slices (single-class: LungInfection-Test; multi-class:
     MultiClassInfection-Test with the prior predicted by ``cfg.prior_ckpt``). ``tta``: the Inf-Net map
