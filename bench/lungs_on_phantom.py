@@ -3,7 +3,9 @@
 For each phantom (diseased ones with lower-lobe consolidation, a healthy one, thin slices) it prints Dice of
 both lungs, recall of the true consolidation inside the lung mask, and false-positive lung voxels (share of
 the true lung volume; "heart": those in the heart and great vessels), for: no recovery, step 6 only (chest
-wall rays), and steps 6 + 6b (between slices, the default). See node/pipeline/lungs.py.
+wall rays), 6 + 6a (air bronchograms) and 6 + 6a + 6b (between slices; the default). The phantom has no
+air bronchograms, so step 6a takes nothing here (bench/lungs_on_real_slices.py shows it on real CT).
+See node/pipeline/lungs.py.
 
     python bench/lungs_on_phantom.py
 """
@@ -46,8 +48,10 @@ def metrics(p: ph.Phantom, lungs: np.ndarray) -> dict[str, float]:
 
 def main() -> None:
     off = lambda labels, *a, **k: (labels.copy(), 0)  # noqa: E731
-    steps = {"no recovery": (off, off), "step 6": (lungs_mod.recover_dense_periphery, off),
-             "steps 6 + 6b": (lungs_mod.recover_dense_periphery, lungs_mod.recover_between_slices)}
+    names = ("recover_dense_periphery", "recover_bronchograms", "recover_between_slices")
+    real = tuple(getattr(lungs_mod, n) for n in names)
+    steps = {"no recovery": (off, off, off), "step 6": (real[0], off, off), "steps 6 + 6a": (real[0], real[1], off),
+             "steps 6 + 6a + 6b": real}
     print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_phantom.py")
     print("| phantom | steps | Dice | consolidation recall | false positive % | in the heart % |")
     print("|---|---|---|---|---|---|")
@@ -56,11 +60,13 @@ def main() -> None:
         volume = Volume(hu=p.hu, positions=p.positions, orientation=p.orientation, pixel_spacing=p.pixel_spacing,
                         slice_spacing=p.slice_spacing, sop_instance_uids=[str(i) for i in range(p.shape[0])],
                         series_instance_uid="1.2.3", study_instance_uid="1.2")
-        for label, (periphery, between) in steps.items():
-            lungs_mod.recover_dense_periphery, lungs_mod.recover_between_slices = periphery, between
+        for label, fns in steps.items():
+            for n, fn in zip(names, fns):
+                setattr(lungs_mod, n, fn)
             m = metrics(p, lungs_mod.segment_lungs(volume).lungs)
             print(f"| {name} | {label} | {m['dice']:.4f} | {m['recall']:.3f} | {m['fp %']:.2f} | {m['heart %']:.3f} |")
-        lungs_mod.recover_dense_periphery, lungs_mod.recover_between_slices = steps["steps 6 + 6b"]
+        for n, fn in zip(names, real):
+            setattr(lungs_mod, n, fn)
 
 
 if __name__ == "__main__":

@@ -116,8 +116,8 @@ def test_consolidation_at_the_pleura_is_recovered_into_the_lungs(diseased_phanto
     p = diseased_phantom
     after = lung_metrics(p, segment_lungs(phantom_volume(p)))
     with monkeypatch.context() as m:
-        m.setattr(lungs_mod, "recover_dense_periphery", lambda labels, *a, **k: (labels.copy(), 0))
-        m.setattr(lungs_mod, "recover_between_slices", lambda labels, *a, **k: (labels.copy(), 0))
+        for step in ("recover_dense_periphery", "recover_bronchograms", "recover_between_slices"):
+            m.setattr(lungs_mod, step, lambda labels, *a, **k: (labels.copy(), 0))
         before = lung_metrics(p, segment_lungs(phantom_volume(p)))
     # measured: recall 0.35 -> 0.62, Dice 0.984 -> 0.988, false positives 0.4 % -> 0.8 % (0.04 % in the heart)
     assert after["cons_recall"] >= before["cons_recall"] + 0.25 and after["cons_recall"] > 0.6
@@ -147,6 +147,75 @@ def test_between_slices_step_takes_nothing_from_a_healthy_chest():
     midline = lungs_mod.Midline(v, lungs_mod.body_mask(v.hu, v.pixel_spacing))
     _, taken = lungs_mod.recover_between_slices(labels, v.hu, lungs_mod.body_mask(v.hu, v.pixel_spacing),
                                                 midline.right_side(), v.pixel_spacing)
+    assert taken == 0
+
+
+
+def _bronchogram_case(pockets_at):
+    """One synthetic slice (1.5 mm pixels): the posterior half of the right lung consolidated (20 HU), air
+    pockets (2x2 px, -900 HU) at ``pockets_at(rr, cc, dense)`` -> bool mask of pocket corners. Returns the
+    volume, the labels of the aerated lungs, body, airways, midline and the consolidated region."""
+    chest = single_slice(synthetic_chest(slices=5, size=160, pixel=1.5, trachea=False, noise=0.0))
+    v = chest.volume
+    hu = v.hu.copy()
+    rr, cc = np.mgrid[0:160, 0:160]
+    dense = chest.right[0] & (rr > 85)
+    hu[0][dense] = 20.0
+    for r, c in zip(*np.nonzero(pockets_at(rr, cc, dense))):
+        hu[0, r:r + 2, c:c + 2] = -900.0
+    vol = Volume(hu=hu, positions=v.positions, orientation=v.orientation, pixel_spacing=v.pixel_spacing,
+                 slice_spacing=0.0, sop_instance_uids=v.sop_instance_uids,
+                 series_instance_uid=v.series_instance_uid, study_instance_uid=v.study_instance_uid)
+    labels = np.where(chest.right & ~dense[None], LungMasks.RIGHT, np.where(chest.left, LungMasks.LEFT, 0))
+    body = lungs_mod.body_mask(hu, vol.pixel_spacing)
+    return vol, labels.astype(np.uint8), body, np.zeros_like(body), lungs_mod.Midline(vol, body), dense
+
+
+def _grid(step):
+    from scipy import ndimage as ndi
+
+    return lambda rr, cc, dense: ndi.binary_erosion(dense, iterations=2) & (rr % step == 0) & (cc % step == 0)
+
+
+def test_air_bronchograms_bring_back_consolidation_over_a_wide_arc():
+    """Step 6a: consolidation filling the dependent half of a lung, with air bronchograms every 9 mm, joins
+    the lung up to the outermost bronchograms, and nothing outside the lung does; without it the other
+    steps leave it out (no aerated lung against that wall). Measured: 77 % taken with 6a, 1 % without."""
+    vol, labels, body, airways, midline, dense = _bronchogram_case(_grid(6))
+    out, taken = lungs_mod.recover_bronchograms(labels, vol.hu, body, airways, midline, vol.pixel_spacing)
+    got = out[0] == LungMasks.RIGHT
+    assert taken > 0 and (got & dense).sum() >= 0.7 * dense.sum()
+    assert not (got & ~(dense | (labels[0] == LungMasks.RIGHT))).any()  # nothing outside the true lung
+    assert (out[0] == LungMasks.LEFT).sum() == (labels[0] == LungMasks.LEFT).sum()
+    full = segment_lungs(vol)
+    assert (full.right[0] & dense).sum() >= 0.7 * dense.sum()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(lungs_mod, "recover_bronchograms", lambda labels, *a, **k: (labels.copy(), 0))
+        assert (segment_lungs(vol).right[0] & dense).sum() < 0.2 * dense.sum()
+
+
+def test_air_pockets_that_are_not_bronchograms_take_nothing():
+    """Too few pockets (a bronchus or two, not a cluster), pockets near the midline (esophagus), and
+    pockets in tissue with aerated lung between it and the skin (a hilum) are not taken."""
+    sparse = lambda rr, cc, dense: dense & (rr == 90) & ((cc == 40) | (cc == 56))  # noqa: E731
+    vol, labels, body, airways, midline, _ = _bronchogram_case(sparse)
+    assert lungs_mod.recover_bronchograms(labels, vol.hu, body, airways, midline, vol.pixel_spacing)[1] == 0
+
+    def mediastinum(rr, cc, dense):  # a cluster 6-15 mm from the midline, in the mediastinum
+        return (np.abs(cc - 79.5) >= 4) & (np.abs(cc - 79.5) <= 10) & (rr % 5 == 0) & (np.abs(rr - 80) < 15)
+    vol, labels, body, airways, midline, _ = _bronchogram_case(mediastinum)
+    labels[0][(labels[0] == 0) & (vol.hu[0] > -500)] = 0
+    assert lungs_mod.recover_bronchograms(labels, vol.hu, body, airways, midline, vol.pixel_spacing)[1] == 0
+
+    vol, labels, body, airways, midline, _ = _bronchogram_case(lambda rr, cc, dense: np.zeros_like(dense))
+    hu = vol.hu.copy()
+    rr, cc = np.mgrid[0:160, 0:160]
+    hilum = ((rr - 70) ** 2 + (cc - 50) ** 2 <= 9 ** 2) & (labels[0] == LungMasks.RIGHT)  # inside the lung
+    hu[0][hilum] = 20.0
+    for r, c in ((66, 46), (66, 53), (73, 46), (73, 53)):
+        hu[0, r:r + 2, c:c + 2] = -900.0
+    labels[0][hilum] = 0
+    _, taken = lungs_mod.recover_bronchograms(labels, hu, body, airways, midline, vol.pixel_spacing)
     assert taken == 0
 
 

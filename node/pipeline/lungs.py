@@ -26,6 +26,14 @@ Steps, all on the source voxel grid (no resampling):
    the body midline; thin rims (extrapleural fat, partial volume) are opened away. The heart, mediastinum
    and the liver under a dome fail (b) or the density range. Holes are then filled again, this time also
    large ones open to a neighbouring slice when their median HU is that of a lesion (``LESION_MEDIAN_HU``);
+6a. air bronchograms: consolidation that fills the dependent lung over a wide arc leaves no aerated lung
+   against the wall to read its thickness from, so step 6 cannot judge it; its air bronchograms mark it as
+   lung. Clusters of small air pockets (``POCKET_MAX_MM2``; at least ``POCKET_CLUSTER`` within
+   ``POCKET_CLUSTER_MM``) in dense tissue, away from the midline (esophagus, airways) and deep under the
+   skin, take the dense tissue within ``POCKET_REACH_MM`` of them, up to the convex hull of the lung and
+   its pockets (not into the chest wall beyond the outermost ones), into the lung they touch, where no lung
+   lies between it and the skin (so not the hilum, whose bronchi look alike, nor the abdomen inside a
+   diaphragm dome, where bowel gas does);
 6b. between slices: dense pixels that are lung on both neighbouring slices join that lung (repeated until
    stable): consolidation against the mediastinum or a diaphragm dome, where the chest-wall rays of step 6
    do not apply; the top of the heart or a dome rising into the lung is lung on one neighbour only;
@@ -37,10 +45,13 @@ reaches the first or last slice; the note then says which end is cut (apex, base
 """
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.spatial import Delaunay
 
 from .types import LungMasks, Volume
 
@@ -69,6 +80,13 @@ WALL_BINS = 180                 # directions (2 degrees) of the chest-wall thick
 WALL_WINDOW_BINS = 15           # 30 degrees: a pleural lesion narrower than this does not thicken the wall
 WALL_TOLERANCE_MM = 2.0
 WALL_RAY_MM = 50.0              # how far the rays of between_lung_and_wall look for lung
+POCKET_MAX_MM2 = 100.0          # air bronchogram cross-sections; lobar bronchi and bowel loops are larger
+POCKET_CLUSTER = 3              # pockets (itself included) within POCKET_CLUSTER_MM for a pocket to count:
+POCKET_CLUSTER_MM = 15.0        #   consolidation shows several bronchograms, a hilum one or two bronchi
+POCKET_REACH_MM = 10.0          # dense tissue this close to a counted pocket is taken
+POCKET_MIDLINE_MM = 25.0        # pockets nearer the body midline (esophagus, airways) do not count
+POCKET_DEPTH_MM = 20.0          # nor pockets shallower under the skin (air in the chest wall)
+PERIPHERAL_RAY_MM = 80.0        # step 6a: no lung may lie this far towards the skin from a taken pixel
 MIN_2D_PIECE_FRACTION = 0.1     # on one slice, lung pieces smaller than this share of the largest are dropped
 RIM_MM = 2.5                    # opening radius (at least one pixel): drops rims of extrapleural fat and
                                 # partial volume thinner than about twice this
@@ -486,6 +504,24 @@ def wall_depth_ok(lungs: np.ndarray, skin: SkinGeometry, rows: np.ndarray, cols:
     return skin.depth[rows, cols] >= wall[bins[rows, cols]] - WALL_TOLERANCE_MM
 
 
+def ray_hits(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray, skin: SkinGeometry,
+             spacing_rc: tuple[float, float], outward: bool, mm: float) -> np.ndarray:
+    """For the pixels (rows, cols) of one slice: does the ray towards (``outward``) or away from their
+    nearest skin point meet ``lung`` within ``mm``?"""
+    step = max(min(spacing_rc), 1.0)  # mm; rays sampled about every pixel, never finer than 1 mm
+    ur, uc = skin.inward(rows, cols)
+    sign = -1 if outward else 1
+    ur, uc = sign * ur * step / spacing_rc[0], sign * uc * step / spacing_rc[1]
+    h, w = lung.shape
+    hit = np.zeros(rows.shape, bool)
+    for s in range(1, int(mm / step) + 1):
+        r = np.rint(rows + s * ur).astype(np.int64)
+        c = np.rint(cols + s * uc).astype(np.int64)
+        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        hit[ok] |= lung[r[ok], c[ok]]
+    return hit
+
+
 def between_lung_and_wall(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray, skin: SkinGeometry,
                           spacing_rc: tuple[float, float]) -> np.ndarray:
     """For the pixels (rows, cols) of one slice: between ``lung`` and the chest wall?
@@ -496,19 +532,8 @@ def between_lung_and_wall(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray, 
     test where the lung wraps them and the second one deep inside; the liver under a dome fails the first
     test below the lung recesses and the second one elsewhere.
     """
-    step = max(min(spacing_rc), 1.0)  # mm; rays sampled about every pixel, never finer than 1 mm
-    ur, uc = skin.inward(rows, cols)
-    ur, uc = ur * step / spacing_rc[0], uc * step / spacing_rc[1]
-    h, w = lung.shape
-    hit_inner = np.zeros(rows.shape, bool)
-    hit_outer = np.zeros(rows.shape, bool)
-    for s in range(1, int(WALL_RAY_MM / step) + 1):
-        for sign, hit in ((1, hit_inner), (-1, hit_outer)):
-            r = np.rint(rows + sign * s * ur).astype(np.int64)
-            c = np.rint(cols + sign * s * uc).astype(np.int64)
-            ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
-            hit[ok] |= lung[r[ok], c[ok]]
-    return hit_inner & ~hit_outer
+    return (ray_hits(lung, rows, cols, skin, spacing_rc, False, WALL_RAY_MM)
+            & ~ray_hits(lung, rows, cols, skin, spacing_rc, True, WALL_RAY_MM))
 
 
 def dense_tissue(hu2d: np.ndarray) -> np.ndarray:
@@ -555,6 +580,76 @@ def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray
             taken = opened_in_box(taken, rim) & (out[k] == 0)
             lab, _ = ndi.label(taken | lung, structure=np.ones((3, 3), bool))
             taken &= np.isin(lab, np.unique(lab[lung]))
+            out[k][taken] = value
+            recovered += int(taken.sum())
+    return out, recovered
+
+
+def bronchogram_pockets(hu2d: np.ndarray, trunk: np.ndarray, free: np.ndarray, midline_mm: np.ndarray,
+                        skin: Callable[[], SkinGeometry], spacing_rc: tuple[float, float]) -> np.ndarray:
+    """Air bronchograms on one slice: small air pockets (``POCKET_MAX_MM2``) among ``free`` trunk pixels,
+    at least ``POCKET_MIDLINE_MM`` from the midline and ``POCKET_DEPTH_MM`` under the skin, that have at
+    least ``POCKET_CLUSTER`` such pockets (themselves included) within ``POCKET_CLUSTER_MM``. ``skin`` is
+    called only on slices with enough candidates (most slices have none)."""
+    none = np.zeros_like(trunk)
+    lab, n = ndi.label((hu2d < AIR_HU) & trunk & free)
+    if n < POCKET_CLUSTER:
+        return none
+    area = np.bincount(lab.ravel()) * spacing_rc[0] * spacing_rc[1]
+    small = area <= POCKET_MAX_MM2
+    small[0] = False
+    pocket = small[lab] & (np.abs(midline_mm) >= POCKET_MIDLINE_MM)
+    if np.unique(lab[pocket]).size < POCKET_CLUSTER:
+        return none
+    pocket &= skin().depth >= POCKET_DEPTH_MM
+    ids = np.unique(lab[pocket])
+    if ids.size < POCKET_CLUSTER:
+        return none
+    centres = np.array(ndi.center_of_mass(pocket, lab, ids)) * np.asarray(spacing_rc)
+    dist = np.sqrt(((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1))
+    counted = ids[(dist <= POCKET_CLUSTER_MM).sum(axis=1) >= POCKET_CLUSTER]
+    return np.isin(lab, counted)
+
+
+def recover_bronchograms(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, airways: np.ndarray,
+                         midline: Midline, spacing_rc: tuple[float, float]) -> tuple[np.ndarray, int]:
+    """Take back consolidated lung marked by air bronchograms (step 6a), per slice.
+
+    The pockets of :func:`bronchogram_pockets` and the :func:`dense_tissue` within ``POCKET_REACH_MM`` of
+    them join the lung they touch (8-connected, on its side of the midline, inside the convex hull of that
+    lung and its pockets), except pixels with lung within ``PERIPHERAL_RAY_MM`` towards their nearest skin
+    point: tissue enclosed by aerated lung on its skin side is the hilum or, inside a diaphragm dome, the
+    abdomen. Returns the new labels and the number of voxels taken.
+    """
+    out = labels.copy()
+    recovered = 0
+    for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
+        trunk = largest_component(body[k])
+        lungs = out[k] > 0
+        signed = midline.signed(k)
+        skin = functools.cache(lambda: SkinGeometry(trunk, spacing_rc))  # made once, and only when needed
+        pockets = bronchogram_pockets(hu[k], trunk, ~lungs & ~airways[k], signed, skin, spacing_rc)
+        if not pockets.any():
+            continue
+        skin = skin()
+        near = ndi.distance_transform_edt(~pockets, sampling=spacing_rc) <= POCKET_REACH_MM
+        rr, cc = np.nonzero(near & (dense_tissue(hu[k]) | pockets) & trunk & ~lungs)
+        keep = ~ray_hits(lungs, rr, cc, skin, spacing_rc, True, PERIPHERAL_RAY_MM)
+        rr, cc = rr[keep], cc[keep]
+        for value in (LungMasks.RIGHT, LungMasks.LEFT):
+            lung = out[k] == value
+            on_side = (signed[rr, cc] < 0) == (value == LungMasks.RIGHT)
+            if not lung.any() or not on_side.any():
+                continue
+            r1, c1 = rr[on_side], cc[on_side]
+            # not beyond the outermost bronchograms: inside the convex hull of the lung and its pockets
+            side_pockets = pockets & ((signed < 0) == (value == LungMasks.RIGHT))
+            hull = Delaunay(np.argwhere((lung & ~ndi.binary_erosion(lung)) | side_pockets))
+            inside = hull.find_simplex(np.stack([r1, c1], axis=1)) >= 0
+            cand = np.zeros_like(lung)
+            cand[r1[inside], c1[inside]] = True
+            lab, _ = ndi.label(cand | lung, structure=np.ones((3, 3), bool))
+            taken = cand & np.isin(lab, np.unique(lab[lung])) & (out[k] == 0)
             out[k][taken] = value
             recovered += int(taken.sum())
     return out, recovered
@@ -681,8 +776,9 @@ def segment_lungs(volume: Volume, *, closing_mm: float | None = None) -> LungMas
     notes += side_notes
     labels = smooth_lungs(labels, spacing_rc, CLOSING_MM if closing_mm is None else closing_mm)
     labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc)
+    labels, bronchograms = recover_bronchograms(labels, hu, body, airways, midline, spacing_rc)
     labels, between = recover_between_slices(labels, hu, body, right_side, spacing_rc)
-    recovered += between
+    recovered += bronchograms + between
     # fill again: the recovered rim may now enclose lesions, which count even when open on the next slice
     labels = smooth_lungs(labels, spacing_rc, 0.0, hu=hu)
     labels[airways] = 0
