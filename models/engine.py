@@ -87,6 +87,8 @@ class InfNetEngine:
             except FileNotFoundError:
                 self.multi = None
         self.size = int(size or (meta.get("input") or {}).get("size") or 352)
+        # each network runs at the size it was trained at; ``size`` overrides the single-class one only
+        self.multi_size = int(((self.multi_meta or {}).get("input") or {}).get("size") or self.size)
         self.tta = ((meta.get("inference") or {}).get("tta") == "flips") if tta is None else tta
         self.batch = batch
         self.threshold = threshold
@@ -108,8 +110,12 @@ class InfNetEngine:
         prob_s = final_probability(self.model, x, self.tta)
         labels_s = None
         if self.multi is not None:
-            prior = (prob_s >= self.threshold).to(self.dtype)
-            labels_s = self.multi(torch.cat([x, prior], 1)).float()
+            xm, pm = x, prob_s
+            if self.multi_size != s:
+                m = (self.multi_size, self.multi_size)
+                xm = F.interpolate(x, size=m, mode="bilinear", align_corners=False)
+                pm = F.interpolate(prob_s, size=m, mode="bilinear", align_corners=False)
+            labels_s = self.multi(torch.cat([xm, (pm >= self.threshold).to(self.dtype)], 1)).float()
         probs, labels = [], []
         for i, c in enumerate(crops):
             p = F.interpolate(prob_s[i:i + 1], size=c.shape, mode="bilinear", align_corners=False)[0, 0]

@@ -112,6 +112,11 @@ def model_from_ckpt(path, dev="cpu"):
     return m.to(dev).eval(), ck
 
 
+def trained_size(ck: dict, default: int) -> int:
+    """The input size a checkpoint was selected at (its run's eval_size): priors are predicted at it."""
+    return int((ck.get("run_config") or {}).get("eval_size") or default)
+
+
 def init_from(model, path, run: Run | None = None):
     """Initialise shared weights from a checkpoint (pretraining or pseudo-label stage); the segmentation heads
     are re-initialised when the source was an inpainting network."""
@@ -435,7 +440,8 @@ def pretrain(cfg: RunConfig, resume=False) -> dict:
 def train_multi(cfg: RunConfig, resume=False) -> dict:
     """Multi-class network on [image, prior] from MultiClassInfection-Train (same 50 slices; the same fixed
     validation split as the single-class runs). The prior is the data set's Semi-Inf-Net map, or with
-    ``cfg.prior_ckpt`` that single-class model's binarised map with flip TTA (as the engine makes it)."""
+    ``cfg.prior_ckpt`` that single-class model's binarised map at its own size, with flip TTA (as the engine
+    makes it)."""
     setup_threads(cfg)
     gen = seed_all(cfg.seed)
     dev = device_of(cfg)
@@ -444,8 +450,8 @@ def train_multi(cfg: RunConfig, resume=False) -> dict:
     if cfg.prior_ckpt:
         # The prior the node's engine gives (a single-class model's binarised map, with flip TTA) instead of
         # the data set's Semi-Inf-Net prior, so training and validation see what inference will.
-        prior_model, _ = model_from_ckpt(cfg.prior_ckpt, dev)
-        maps = predict_single(prior_model, ms.images, cfg.eval_size, dev, tta=True)
+        prior_model, prior_ck = model_from_ckpt(cfg.prior_ckpt, dev)
+        maps = predict_single(prior_model, ms.images, trained_size(prior_ck, cfg.eval_size), dev, tta=True)
         ms = dataclasses.replace(ms, priors=[((p >= 0.5) * 255).astype(np.uint8) for p in maps])  # not the cache
         run.log(f"priors: {cfg.prior_ckpt} (binarised at 0.5, flip TTA)")
     tr_idx, va_idx = D.train_val_split(len(ms), cfg.n_val, cfg.split_seed)
@@ -529,9 +535,9 @@ def evaluate(ckpt: str, cfg: RunConfig, out: str | None = None, tta: bool = Fals
         if not cfg.prior_ckpt:
             raise SystemExit("multi-class evaluation needs --prior-ckpt (single-class model giving the prior)")
         ts = D.load_split("multi-test", cfg.data)
-        prior_model, _ = model_from_ckpt(cfg.prior_ckpt, dev)
-        priors = [(p >= 0.5).astype(np.float32)
-                  for p in predict_single(prior_model, ts.images, cfg.eval_size, dev, tta=tta)]
+        prior_model, prior_ck = model_from_ckpt(cfg.prior_ckpt, dev)
+        priors = [(p >= 0.5).astype(np.float32) for p in
+                  predict_single(prior_model, ts.images, trained_size(prior_ck, cfg.eval_size), dev, tta=tta)]
         res = eval_multi(model, ts.images, priors, ts.masks, cfg.eval_size, dev)
         res["prior_ckpt"] = cfg.prior_ckpt
     else:
@@ -553,11 +559,12 @@ def shipped_test_metrics(data: str, tta: bool, weights_dir=None) -> tuple[dict, 
     compact, meta = load_shipped("infnet-compact", weights_dir)
     size = meta["input"]["size"]
     single = eval_single(compact, D.load_split("test", data), size, cpu, full=True, tta=tta)
-    multi, _ = load_shipped("infnet-multiclass", weights_dir)
+    multi, multi_meta = load_shipped("infnet-multiclass", weights_dir)
+    multi_size = multi_meta["input"]["size"]
     ts = D.load_split("multi-test", data)
     priors = [(p >= 0.5).astype(np.float32) for p in predict_single(compact, ts.images, size, cpu, tta=tta)]
-    with_prior = eval_multi(multi, ts.images, priors, ts.masks, size, cpu)
-    with_prior.update({"prior": f"infnet-compact sha256 {meta['sha256']}", "eval_size": size,
+    with_prior = eval_multi(multi, ts.images, priors, ts.masks, multi_size, cpu)
+    with_prior.update({"prior": f"infnet-compact sha256 {meta['sha256']} at {size} px", "eval_size": multi_size,
                        "tta": "flips" if tta else "none"})
     single.update({"eval_size": size, "tta": "flips" if tta else "none"})
     return single, with_prior
