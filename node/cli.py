@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="start a node, send it a phantom study, wait for the SEG and SR")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--slices", type=int, default=240)
-    p.add_argument("--engine", default="threshold", help="threshold (default), infnet or auto")
+    p.add_argument("--engine", default="auto", help="auto (default: infnet when its weights load), infnet or threshold")
     p.add_argument("--out", help="keep the demo's files here (default: a temporary folder)")
     p.set_defaults(func=cmd_demo)
     return parser

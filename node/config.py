@@ -88,7 +88,7 @@ class StorageSettings:
 @dataclass
 class ProcessingSettings:
     stable_after: float = 10.0
-    engine: str = "threshold"     # or "infnet", or "auto" (infnet when shipped weights load); see config/node.toml
+    engine: str = "auto"          # infnet when shipped weights load, else threshold; see config/node.toml
     min_slices: int = 1
     device: str = "auto"          # auto | cpu | cuda
     workers: int = 1

@@ -121,7 +121,7 @@ def write_preview(seg_path: Path, ct_files: list[Path], out_png: Path) -> Path:
     return out_png
 
 
-def run_demo(size: int = 512, slices: int = 240, out: Path | None = None, engine: str = "threshold") -> int:
+def run_demo(size: int = 512, slices: int = 240, out: Path | None = None, engine: str = "auto") -> int:
     from node.db.schema import Job
     from node.phantom import make_phantom, write_phantom_study
     from node.reports import result_text

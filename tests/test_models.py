@@ -162,7 +162,7 @@ def test_shipped_weights_give_the_documented_test_dice(shared_data, tta):
     for key in ("dice", "mean_dice", "sensitivity", "specificity", "mae"):
         assert single[key] == pytest.approx(documented[key], abs=0.01), key  # fp16 weights vs the fp32 run
     documented = multi_meta["test_metrics_with_shipped_prior" + ("_tta" if tta else "")]
-    assert documented["prior"].endswith(meta["sha256"])
+    assert f"sha256 {meta['sha256']} " in documented["prior"]
     for key in ("pooled_dice_ggo", "pooled_dice_consolidation", "dice_ggo", "dice_consolidation"):
         assert multi[key] == pytest.approx(documented[key], abs=0.01), key
     assert (meta["inference"]["tta"] == "flips") is True  # the engine's default for these weights
@@ -250,6 +250,7 @@ def test_engine_with_shipped_weights():
 
     vol, lungs, _ = _synthetic_volume()
     eng = InfNetEngine(device="cpu", size=64)
+    assert eng.multi is None or eng.multi_size == eng.multi_meta["input"]["size"] != 64  # each at its own size
     res = eng.segment(vol, lungs)
     assert res.infection.shape == vol.shape
     assert not (res.infection & ~lungs.lungs).any()
@@ -304,3 +305,15 @@ def test_engine_applies_the_tta_its_weights_were_chosen_with():
     engine = InfNetEngine(device="cpu")
     assert engine.tta and "flip TTA" in engine.identity.description
     assert not InfNetEngine(device="cpu", tta=False).tta
+
+
+def test_auto_engine_is_infnet_when_the_weights_load_and_threshold_otherwise(monkeypatch):
+    """The node's default engine ("auto"): the shipped Inf-Net, or the HU threshold engine without weights."""
+    import models.registry
+    from node.config import ProcessingSettings
+    from node.processing import resolve_engine
+
+    assert ProcessingSettings().engine == "auto"
+    assert resolve_engine("auto") == "infnet"
+    monkeypatch.setattr(models.registry, "available", lambda *a, **k: [])
+    assert resolve_engine("auto") == "threshold"
