@@ -2,9 +2,10 @@
 
 The training augmentation flips images horizontally and vertically, so the network has seen all four
 flips of a slice; averaging its probability over them cancels part of its orientation-dependent error.
-Chosen on the validation split (docs/results.md, "Test-time augmentation"): Dice@0.5 0.674 -> 0.699 for the
-model shipped before it, 0.689 -> 0.706 for the one shipped now, at 160 px (``python -m training validate
---ckpt ... --tta``). The sidecar's ``inference.tta`` tells the engine to apply it.
+Chosen on the validation split for each shipped model (docs/results.md, "Test-time augmentation" and
+"Larger input size"): Dice@0.5 0.674 -> 0.699 and 0.689 -> 0.706 for the 160 px models, 0.729 -> 0.735 for
+the 256 px model shipped now (``python -m training validate --ckpt ... [--eval-size N] --tta``). The
+sidecar's ``inference.tta`` tells the engine to apply it.
 """
 from __future__ import annotations
 

@@ -627,24 +627,24 @@ def recover_bronchograms(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, a
         trunk = largest_component(body[k])
         lungs = out[k] > 0
         signed = midline.signed(k)
-        skin = functools.cache(lambda: SkinGeometry(trunk, spacing_rc))  # made once, and only when needed
-        pockets = bronchogram_pockets(hu[k], trunk, ~lungs & ~airways[k], signed, skin, spacing_rc)
+        skin_of = functools.cache(lambda: SkinGeometry(trunk, spacing_rc))  # made once, and only when needed
+        pockets = bronchogram_pockets(hu[k], trunk, ~lungs & ~airways[k], signed, skin_of, spacing_rc)
         if not pockets.any():
             continue
-        skin = skin()
+        skin = skin_of()
         near = ndi.distance_transform_edt(~pockets, sampling=spacing_rc) <= POCKET_REACH_MM
         rr, cc = np.nonzero(near & (dense_tissue(hu[k]) | pockets) & trunk & ~lungs)
         keep = ~ray_hits(lungs, rr, cc, skin, spacing_rc, True, PERIPHERAL_RAY_MM)
         rr, cc = rr[keep], cc[keep]
         for value in (LungMasks.RIGHT, LungMasks.LEFT):
             lung = out[k] == value
-            on_side = (signed[rr, cc] < 0) == (value == LungMasks.RIGHT)
+            side = (signed < 0) == (value == LungMasks.RIGHT)
+            on_side = side[rr, cc]
             if not lung.any() or not on_side.any():
                 continue
             r1, c1 = rr[on_side], cc[on_side]
             # not beyond the outermost bronchograms: inside the convex hull of the lung and its pockets
-            side_pockets = pockets & ((signed < 0) == (value == LungMasks.RIGHT))
-            hull = Delaunay(np.argwhere((lung & ~ndi.binary_erosion(lung)) | side_pockets))
+            hull = Delaunay(np.argwhere((lung & ~ndi.binary_erosion(lung)) | (pockets & side)))
             inside = hull.find_simplex(np.stack([r1, c1], axis=1)) >= 0
             cand = np.zeros_like(lung)
             cand[r1[inside], c1[inside]] = True
