@@ -1,0 +1,162 @@
+"""How much expert-marked infection the HU lung mask contains, on the 48 COVID-SemiSeg test slices.
+
+The node scores infection only inside its lung mask, so infection that the mask leaves out (dense
+consolidation against the chest wall, the known limit of an HU lung mask) is lost from every score. The
+COVID-SemiSeg test slices are real chest CT with expert infection masks (GGO and consolidation separately):
+the share of those pixels inside the lung mask measures that loss on real disease, which neither the phantom
+(drawn lesions) nor the NY-SBU slices (no masks) can.
+
+The slices are 8-bit lung-window crops around the lungs, not DICOM, so each one is made into a CT slice
+first: the 8-bit values are mapped back to HU through the training images' window (``models.engine``:
+centre -400, width 1300; values outside it are clipped, so bone reads as +250 HU), the crop is padded with a
+24 mm soft-tissue wall (+30 HU) and air, so that the body and outside-air steps have something to find, and
+the pixel size is taken as 0.75 mm (not recorded in the data set; ``--spacing``). Many crops are rotated by
+90 degrees; the patient's left-right axis is taken across the gap between the two lungs. The figures are
+therefore approximate (the real chest wall and its ribs are cut off in many crops), but the same for every
+variant, so they compare the lung steps: none of the dense-disease recovery, step 6 (chest-wall rays) and
+6 + 6a (air bronchograms; the default). Step 6b needs neighbouring slices and does nothing here.
+
+    python bench/lungs_on_semiseg.py [--data ../shared/data/covid-semiseg] [--spacing 0.75] [--png DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WINDOW = (-400.0, 1300.0)  # models.engine.DEFAULT_WINDOW, repeated so that the bench does not import torch
+WALL_MM, AIR_MM, WALL_HU = 24.0, 30.0, 30.0
+AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]     # columns run along patient x
+ROTATED = [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]   # rows run along patient x (crop rotated by 90 degrees)
+
+
+def as_ct(image8: np.ndarray, spacing: float) -> tuple[np.ndarray, int]:
+    """The 8-bit crop as HU, padded with a soft-tissue wall and air; returns (hu, pad in pixels)."""
+    centre, width = WINDOW
+    hu = image8.astype(np.float32) / 255.0 * width + (centre - width / 2)
+    wall, air = int(round(WALL_MM / spacing)), int(round(AIR_MM / spacing))
+    hu = np.pad(np.pad(hu, wall, constant_values=WALL_HU), air, constant_values=-1000.0)
+    return hu, wall + air
+
+
+def volume_of(hu: np.ndarray, orientation: list[float], spacing: float):
+    from node.pipeline.types import Volume
+
+    return Volume(hu=hu[None], positions=np.zeros((1, 3)), orientation=np.array(orientation),
+                  pixel_spacing=(spacing, spacing), slice_spacing=0.0, sop_instance_uids=["1"],
+                  series_instance_uid="1", study_instance_uid="1")
+
+
+def lungs_across_rows(mask: np.ndarray) -> bool:
+    """True when the two lungs lie above and below each other (fewer lung pixels in the middle rows
+    than in the middle columns)."""
+    h, w = mask.shape
+    return mask[int(0.45 * h):int(0.55 * h)].mean() < mask[:, int(0.45 * w):int(0.55 * w)].mean()
+
+
+VARIANTS = {"no recovery": ("6", "6a"), "step 6": ("6a",), "6 + 6a (default)": ()}  # steps switched off
+STEPS = {"6": "recover_dense_periphery", "6a": "recover_bronchograms"}
+
+
+def measure(data: Path, spacing: float = 0.75, variants: tuple[str, ...] = tuple(VARIANTS),
+            png: Path | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[float, str]]]:
+    """Segment the lungs of every test slice with each variant of ``VARIANTS``.
+
+    Returns, per variant, the expert pixels inside the lung mask (infection, GGO, consolidation) and, against
+    the first variant, the pixels it adds and how many of those are expert infection; the expert pixels in
+    all; and (share inside, slice) per slice with infection for the last variant;
+    ``png``: overlays of the last variant.
+    """
+    from PIL import Image
+
+    from node.pipeline import lungs as lungs_mod
+
+    test = data / "TestingSet" / "MultiClassInfection-Test"
+    images = sorted((test / "Imgs").glob("*.jpg"), key=lambda p: int(p.stem))
+    if not images:
+        raise FileNotFoundError(f"no test images under {test}")
+    saved = {step: getattr(lungs_mod, fn) for step, fn in STEPS.items()}
+    off = lambda labels, *a, **k: (labels.copy(), 0)  # noqa: E731
+    inside = {v: np.zeros(5) for v in variants}
+    truth = np.zeros(3)
+    per_slice: list[tuple[float, str]] = []
+    for path in images:
+        image8 = np.asarray(Image.open(path).convert("L"))
+        ggo = np.asarray(Image.open(test / "GT-1" / f"{path.stem}.png")) > 0
+        cons = np.asarray(Image.open(test / "GT-2" / f"{path.stem}.png")) > 0
+        classes = (ggo | cons, ggo, cons)
+        truth += [m.sum() for m in classes]
+        hu, pad = as_ct(image8, spacing)
+        orientation = AXIAL
+        first = None
+        for name in variants:
+            for step in VARIANTS[name]:
+                setattr(lungs_mod, STEPS[step], off)
+            try:
+                mask = lungs_mod.segment_lungs(volume_of(hu, orientation, spacing)).lungs[0]
+                if orientation is AXIAL and lungs_across_rows(mask):
+                    orientation = ROTATED
+                    mask = lungs_mod.segment_lungs(volume_of(hu, orientation, spacing)).lungs[0]
+            finally:
+                for step, fn in saved.items():
+                    setattr(lungs_mod, STEPS[step], fn)
+            mask = mask[pad:-pad, pad:-pad]
+            first = mask if first is None else first
+            added = mask & ~first
+            inside[name] += [*((m & mask).sum() for m in classes), added.sum(), (added & classes[0]).sum()]
+        if classes[0].any():
+            per_slice.append(((classes[0] & mask).sum() / classes[0].sum(), path.stem))
+        if png:
+            overlay(image8, mask, first, classes[0], png / f"{path.stem}.png")
+    return inside, truth, per_slice
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "covid-semiseg")
+    ap.add_argument("--spacing", type=float, default=0.75, help="assumed pixel size (mm)")
+    ap.add_argument("--png", type=Path, help="write one overlay per slice (default variant) here")
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)
+    inside, truth, per_slice = measure(args.data, args.spacing, png=args.png)
+    print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_semiseg.py --spacing {args.spacing:g}  "
+          f"({len(per_slice)} test slices with infection; {int(truth[0])} infection pixels, "
+          f"{int(truth[2])} of them consolidation)")
+    print("| lung steps | share of expert infection inside the lung mask | GGO | consolidation "
+          "| pixels added to the lung mask | of which expert infection |")
+    print("|---|---|---|---|---|---|")
+    for name, pixels in inside.items():
+        share = pixels[:3] / np.maximum(truth, 1)
+        added = f"{int(pixels[3])} | {pixels[4] / pixels[3]:.2f}" if pixels[3] else "- | -"
+        print(f"| {name} | {share[0]:.3f} | {share[1]:.3f} | {share[2]:.3f} | {added} |")
+    per_slice.sort()
+    print("slices with the least infection inside (default): "
+          + ", ".join(f"{stem} ({share:.2f})" for share, stem in per_slice[:5]))
+
+
+def overlay(image8: np.ndarray, mask: np.ndarray, first: np.ndarray, infection: np.ndarray, path: Path) -> None:
+    """Lung outline in green, expert infection outside the lung mask in red; what the recovery steps added
+    (``mask`` against ``first``) in yellow where it is expert infection, in blue where it is not."""
+    from PIL import Image
+    from scipy import ndimage as ndi
+
+    rgb = np.repeat(image8[..., None].astype(np.float32), 3, axis=2)
+    missed = infection & ~mask
+    rgb[missed] = 0.5 * rgb[missed] + 0.5 * np.array([255.0, 0.0, 0.0])
+    added = mask & ~first
+    for where, colour in ((added & infection, (255.0, 255.0, 0.0)), (added & ~infection, (0.0, 128.0, 255.0))):
+        rgb[where] = 0.5 * rgb[where] + 0.5 * np.array(colour)
+    rgb[mask & ~ndi.binary_erosion(mask)] = (0, 255, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb.astype(np.uint8)).save(path)
+
+
+if __name__ == "__main__":
+    main()
