@@ -1,6 +1,7 @@
 """Limits: instance and study size, PDU size, association count, receive-to-disk, the disk guard."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -99,6 +100,7 @@ def test_receive_to_disk_spools_identical_bytes_and_enforces_limits(make_listene
 
     (a, sha_a), (b, sha_b) = spooled(in_memory), spooled(on_disk)
     assert a == b and sha_a == sha_b
+    assert sha_a == hashlib.sha256(a).hexdigest()  # the recorded digest is the spooled file's
     assert a.endswith(ds.PixelData)
 
 
@@ -201,7 +203,6 @@ def test_a_300_mb_instance_is_spooled_from_disk_with_flat_memory(make_listener, 
     """A real instance of several hundred MB (12288 x 12288 x 16 bit = 302 MB) from DCMTK storescu: with
     receive_to_disk it is stored byte for byte while the listener's memory stays flat; with the default
     in-memory mode and a 256 MB max_instance_mb it is refused 0xA700; the listener keeps serving."""
-    import hashlib
     import subprocess
     import sys
     from pathlib import Path
