@@ -48,6 +48,7 @@ def cmd_process(args: argparse.Namespace) -> int:
         "chosen_series": getattr(pipe, "chosen_series_uid", None),
         "lobe_map": getattr(pipe, "lobe_map_uid", None),
         "lobe_map_notes": list(getattr(pipe, "lobe_map_notes", [])),
+        "notes": list(getattr(pipe, "notes", [])),
         "scores": analysis.scores,
         "timings_s": {k: round(v, 3) for k, v in analysis.timings.items()},
     }

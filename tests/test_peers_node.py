@@ -93,6 +93,8 @@ def test_orthanc_round_trip(tmp_path, phantom_files):
         with node.sessions() as s:  # `ctnode results show` lists them, each exported once
             shown = result_text(s, s.scalars(select(Job)).one().id)
         assert shown.count("key image (Secondary Capture, DERIVED)") == 2 and shown.count(": sent,") == 4
+        # and what the analysis said about itself, as recorded in the result (here the HU engine's threshold)
+        assert "  notes:\n" in shown and "GGO lower bound" in shown
 
 
 def run_process(path, out, env=None):
@@ -112,6 +114,7 @@ def test_ctnode_process_on_real_slices(tmp_path, shared_data):
     assert chest["status"] == "done"
     assert chest["scores"]["volumetric"] is False and 0 < chest["scores"]["percent_involved_total"] < 100
     assert set(chest["outputs"]) == {"seg", "sr", "key-1"}
+    assert any("single slice: 2D segmentation" in note for note in chest["notes"]), chest["notes"]
     for key in ("seg", "sr", "key-1"):
         errors, _ = peers.dciodvfy(chest["outputs"][key])
         assert errors == [], errors

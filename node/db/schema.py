@@ -109,7 +109,7 @@ class Result(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64), default="")
     scores: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    decisions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # series selection, why
+    decisions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # series selection and why; notes
     seg_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     seg_path: Mapped[str] = mapped_column(Text, default="")
