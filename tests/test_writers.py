@@ -25,6 +25,7 @@ from node.writers.sr import (
     PRIVATE_SCHEME,
     build_report,
     read_report_measurements,
+    read_report_notes,
     read_report_segment_references,
 )
 
@@ -319,6 +320,24 @@ def test_sr_roundtrip_measurements_and_references(case):
         assert {"111001", "111003", "121071", "363698007"} <= names  # algorithm, finding, site
 
 
+def test_sr_carries_the_analysis_notes(case):
+    """Notes go, in order, into the report-level "Qualitative Evaluations" container (TID 1500 row 12) as
+    TEXT "Comment" items; the numbers read back unchanged, and a report without notes has no container."""
+    volume, _, _, seg = case
+    notes = ["recovered 49 ml of dense peripheral tissue (consolidation/effusion at the chest wall) into the lungs",
+             "GGO lower bound -670 HU (aerated lung peaks at -845 HU)"]
+    sr = roundtrip(build_report(volume, seg, scores_3d(), INFNET, notes=notes))
+    assert read_report_notes(sr) == notes
+    (container,) = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"
+                    and i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert {i.ConceptNameCodeSequence[0].CodeValue for i in container.ContentSequence} == {"121106"}
+    assert read_report_measurements(sr) == pytest.approx(
+        read_report_measurements(roundtrip(build_report(volume, seg, scores_3d(), INFNET))))
+    plain = roundtrip(build_report(volume, seg, scores_3d(), INFNET))
+    assert read_report_notes(plain) == [] and not [i for i in plain.ContentSequence
+                                                   if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+
+
 def test_sr_2d_reports_areas_and_partial_coverage():
     volume = make_volume(n=1)
     assert not volume.is_volumetric
@@ -394,7 +413,7 @@ def test_dciodvfy_seg_and_sr_have_no_errors(dciodvfy, tmp_path, case):
     objects = {
         "seg": seg,
         "seg_empty_infection": seg_empty,
-        "sr": build_report(volume, seg, scores_3d(), INFNET),
+        "sr": build_report(volume, seg, scores_3d(), INFNET, notes=["a note", "another note"]),
         "sr_empty_infection": build_report(volume, seg_empty, {
             "volumetric": True, "right_lung_volume_ml": 1.0, "left_lung_volume_ml": 1.0,
             "infection_volume_ml": 0.0, "percent_involved_total": 0.0}, THRESHOLD),

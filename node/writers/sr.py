@@ -49,6 +49,10 @@ Evaluations" row saying which segment the region approximates. The totals, PHO a
 In 2D, ``*_volume_ml`` keys are not written (a single slice has no volume) and every group gets the
 TEXT qualitative evaluation "2D, partial coverage".
 
+The analysis notes (what the lung segmentation recovered or dropped, the GGO threshold an adaptive engine
+settled on, a gantry tilt, ...) are TEXT items (DCM 121106 "Comment") in the report-level "Qualitative
+Evaluations" container of TID 1500 (row 12, TEXT row 14), so that a reader sees how the numbers came about.
+
 Codes (verified against pydicom's PS3.16-generated code dictionary unless stated):
 
 * SCT 169069000 "CT of chest" (procedure reported; CID 100 has no chest CT entry; SNOMED preferred
@@ -127,6 +131,7 @@ REGION_METHODS: dict[str, hd.sr.CodedConcept] = {
 
 PROCEDURE_CT_CHEST = hd.sr.CodedConcept("169069000", "SCT", "CT of chest")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+COMMENT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
 LUNG = hd.sr.CodedConcept.from_code(codes.SCT.Lung)
 RIGHT = hd.sr.CodedConcept.from_code(codes.SCT.Right)
 LEFT = hd.sr.CodedConcept.from_code(codes.SCT.Left)
@@ -396,11 +401,13 @@ def build_report(
     device_serial: str | None = None,
     strict: bool = False,
     other_evidence: Sequence[Dataset] = (),
+    notes: Sequence[str] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report for ``seg`` (built from ``volume``) and ``scores``.
 
     ``other_evidence``: headers of further objects the scores rest on (the lobe SEG that gave the zones),
-    listed in the SR's evidence sequences with the SEG and the source images.
+    listed in the SR's evidence sequences with the SEG and the source images. ``notes``: analysis notes,
+    one TEXT "Comment" each in the report's "Qualitative Evaluations" container.
 
     Keys that no row of :data:`MEASUREMENTS` describes are not reported (logged at debug level), so the
     scorer may carry more than the SR; with ``strict=True`` they raise ``KeyError`` instead (catches
@@ -449,6 +456,14 @@ def build_report(
         procedure_reported=PROCEDURE_CT_CHEST,
         imaging_measurements=groups,
     )
+    if notes:
+        # TID 1500 row 12 (highdicom builds rows 1-11 only); row 14: TEXT, any concept name
+        evaluations = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        evaluations.ContentSequence = hd.sr.ContentSequence([
+            hd.sr.TextContentItem(name=COMMENT, value=note, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+            for note in notes])
+        report[0].ContentSequence.append(evaluations)
     # evidence[0] supplies patient/study attributes: the SEG has them all (highdicom copied them from
     # the source) even when an anonymised source header lacks a Type 2 attribute.
     return hd.sr.Comprehensive3DSR(
@@ -550,6 +565,15 @@ def read_report_measurements(sr_dataset: Dataset) -> dict[str, Any]:
     out = _unflatten(flat)
     out["volumetric"] = 1.0 if volumetric else 0.0
     return out
+
+
+def read_report_notes(sr_dataset: Dataset) -> list[str]:
+    """The analysis notes of a ctnode SR (the TEXT items of its report-level "Qualitative Evaluations")."""
+    notes: list[str] = []
+    for item in _as_sr(sr_dataset).content[0].ContentSequence:
+        if item.ValueType == "CONTAINER" and _same_code(item.ConceptNameCodeSequence[0], QUALITATIVE_EVALUATIONS):
+            notes.extend(str(child.TextValue) for child in item.ContentSequence if child.ValueType == "TEXT")
+    return notes
 
 
 def read_report_segment_references(sr_dataset: Dataset) -> dict[str, tuple[str, int]]:
