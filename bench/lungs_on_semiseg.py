@@ -16,7 +16,14 @@ therefore approximate (the real chest wall and its ribs are cut off in many crop
 variant, so they compare the lung steps: none of the dense-disease recovery, step 6 (chest-wall rays) and
 6 + 6a (air bronchograms; the default). Step 6b needs neighbouring slices and does nothing here.
 
+With ``--infection`` it also measures what this costs the node's result: the shipped Inf-Net engine
+(``models.engine``, as the node runs it) inside the node's lung mask, against the same engine with the whole
+crop as "lung" (close to how the network is evaluated in docs/results.md), both against the expert infection
+masks (Dice at the engine's threshold, pooled over all pixels and the per-slice mean). Needs torch and the
+shipped weights; a few minutes on a CPU.
+
     python bench/lungs_on_semiseg.py [--data ../shared/data/covid-semiseg] [--spacing 0.75] [--png DIR]
+    python bench/lungs_on_semiseg.py --infection
 """
 from __future__ import annotations
 
@@ -118,11 +125,47 @@ def measure(data: Path, spacing: float = 0.75, variants: tuple[str, ...] = tuple
     return inside, truth, per_slice
 
 
+def infection_dice(data: Path, spacing: float = 0.75) -> dict[str, tuple[float, float]]:
+    """{"inside the node's lung mask" | "whole crop": (pooled Dice, per-slice mean Dice)} of the shipped
+    Inf-Net engine against the expert infection masks of the test slices."""
+    from PIL import Image
+
+    from models.engine import InfNetEngine
+    from node.pipeline.lungs import segment_lungs
+    from node.pipeline.types import LungMasks
+
+    engine = InfNetEngine(device="cpu")
+    test = data / "TestingSet" / "MultiClassInfection-Test"
+    counts = {name: np.zeros(3) for name in ("inside the node's lung mask", "whole crop")}
+    per_slice: dict[str, list[float]] = {name: [] for name in counts}
+    for path in sorted((test / "Imgs").glob("*.jpg"), key=lambda p: int(p.stem)):
+        image8 = np.asarray(Image.open(path).convert("L"))
+        truth = ((np.asarray(Image.open(test / "GT-1" / f"{path.stem}.png")) > 0)
+                 | (np.asarray(Image.open(test / "GT-2" / f"{path.stem}.png")) > 0))
+        hu, pad = as_ct(image8, spacing)
+        volume = volume_of(hu, AXIAL, spacing)
+        lungs = segment_lungs(volume)
+        if lungs_across_rows(lungs.lungs[0]):
+            volume = volume_of(hu, ROTATED, spacing)
+            lungs = segment_lungs(volume)
+        whole = np.zeros((1,) + hu.shape, np.uint8)
+        whole[0, pad:-pad, pad:-pad] = LungMasks.RIGHT
+        for name, mask in (("inside the node's lung mask", lungs), ("whole crop", LungMasks(labels=whole))):
+            found = engine.segment(volume, mask).infection[0][pad:-pad, pad:-pad]
+            tp, fp, fn = (found & truth).sum(), (found & ~truth).sum(), (~found & truth).sum()
+            counts[name] += (tp, fp, fn)
+            per_slice[name].append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {name: (2 * c[0] / (2 * c[0] + c[1] + c[2]), float(np.mean(per_slice[name])))
+            for name, c in counts.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "covid-semiseg")
     ap.add_argument("--spacing", type=float, default=0.75, help="assumed pixel size (mm)")
     ap.add_argument("--png", type=Path, help="write one overlay per slice (default variant) here")
+    ap.add_argument("--infection", action="store_true",
+                    help="also the Inf-Net engine's Dice inside the node's lung mask and on the whole crop")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     inside, truth, per_slice = measure(args.data, args.spacing, png=args.png)
@@ -139,6 +182,11 @@ def main() -> None:
     per_slice.sort()
     print("slices with the least infection inside (default): "
           + ", ".join(f"{stem} ({share:.2f})" for share, stem in per_slice[:5]))
+    if args.infection:
+        print("| Inf-Net engine (shipped weights, flip TTA) | infection Dice, pooled | per-slice mean |")
+        print("|---|---|---|")
+        for name, (pooled, mean) in infection_dice(args.data, args.spacing).items():
+            print(f"| {name} | {pooled:.3f} | {mean:.3f} |")
 
 
 def overlay(image8: np.ndarray, mask: np.ndarray, first: np.ndarray, infection: np.ndarray, path: Path) -> None:
