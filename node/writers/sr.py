@@ -51,7 +51,7 @@ TEXT qualitative evaluation "2D, partial coverage".
 
 The analysis notes (what the lung segmentation recovered or dropped, the GGO threshold an adaptive engine
 settled on, a gantry tilt, ...) are TEXT items (DCM 121106 "Comment") in the report-level "Qualitative
-Evaluations" container of TID 1500 (row 12, TEXT row 14), so that a reader sees how the numbers came about.
+Evaluations" container of TID 1500, so that a reader sees how the numbers came about.
 
 Codes (verified against pydicom's PS3.16-generated code dictionary unless stated):
 
@@ -457,7 +457,8 @@ def build_report(
         imaging_measurements=groups,
     )
     if notes:
-        # TID 1500 row 12 (highdicom builds rows 1-11 only); row 14: TEXT, any concept name
+        # TID 1500's report-level container of TEXT (any concept name) and CODE evaluations; highdicom's
+        # MeasurementReport has no parameter for it
         evaluations = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
                                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
         evaluations.ContentSequence = hd.sr.ContentSequence([
