@@ -321,7 +321,7 @@ def test_sr_roundtrip_measurements_and_references(case):
 
 
 def test_sr_carries_the_analysis_notes(case):
-    """Notes go, in order, into the report-level "Qualitative Evaluations" container (TID 1500 row 12) as
+    """Notes go, in order, into the report-level "Qualitative Evaluations" container of TID 1500 as
     TEXT "Comment" items; the numbers read back unchanged, and a report without notes has no container."""
     volume, _, _, seg = case
     notes = ["recovered 49 ml of dense peripheral tissue (consolidation/effusion at the chest wall) into the lungs",
