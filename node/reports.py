@@ -122,15 +122,15 @@ def result_text(session: Session, job_id: int) -> str | None:
                          + (f", weights sha256 {res.weights_sha256[:16]}..." if res.weights_sha256 else ""))
         if res.decisions.get("lobe_map"):
             lines.append(f"  zones: the lobes of SEG {res.decisions['lobe_map']}")
+        for d in res.decisions.get("series", []):
+            verdict = "used" if d.get("series_uid") == res.series_instance_uid else ("ok" if d.get("accepted") else "skipped")
+            lines.append(f"    series {d.get('series_uid', '?')}: {verdict}: {d.get('reason', '')}")
         # what the analysis says about itself: tissue recovered into the lungs, thresholds chosen, coverage,
         # approximations; results recorded before notes were kept have the lobe-map notes only
         notes = res.decisions.get("notes", res.decisions.get("lobe_map_notes", []))
         if notes:
             lines.append("  notes:")
             lines.extend(f"    {note}" for note in notes)
-        for d in res.decisions.get("series", []):
-            verdict = "used" if d.get("series_uid") == res.series_instance_uid else ("ok" if d.get("accepted") else "skipped")
-            lines.append(f"    series {d.get('series_uid', '?')}: {verdict}: {d.get('reason', '')}")
         if res.scores:
             lines.append("  scores:")
             lines.extend(f"    {k:32s} {_fmt(v)}" for k, v in res.scores.items() if not isinstance(v, (dict, list)))
