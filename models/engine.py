@@ -4,7 +4,8 @@ Preprocessing makes DICOM slices look like the COVID-SemiSeg training images (se
 "Lung window"): HU -> lung window -> [0, 1]; crop to the bounding box of the lung mask on that slice (plus a
 margin, as the training crops are cropped to the lungs); resize the crop to the model size (352); predict;
 resize the probability map back to the crop's exact size and paste it at the crop's exact position, so the
-result is on the source voxel grid; infection is kept only inside the lungs. Only slices that contain lung are
+result is on the source voxel grid; infection is kept only inside the lungs (the probability map is returned
+over the whole lung box, for the node's under-segmentation note). Only slices that contain lung are
 run, in batches. CUDA half precision when available, else CPU fp32.
 
 Imports numpy, torch and ``node.pipeline.types`` only (no pydicom).
@@ -142,8 +143,7 @@ class InfNetEngine:
                 prob[k, r0:r1, c0:c1] = probs[j]
                 if labels is not None:
                     cons[k, r0:r1, c0:c1] = labels[j] == 2
-        prob *= lung
-        infection = (prob >= self.threshold) & lung
+        infection = (prob >= self.threshold) & lung  # prob stays unmasked: see InfectionResult.probability
         ggo = consolidation = None
         if cons is not None:
             consolidation = infection & cons

@@ -121,3 +121,23 @@ def test_air_bronchograms_bring_back_dependent_consolidation(real_slices, monkey
     for name in ("ny-sbu/A048383/axial/19001231-30.dcm", "ny-sbu/A048383/axial/19010410-30.dcm",
                  "ny-sbu/A056642/axial/19010107-111.dcm", "lungmask-slices/0.dcm"):
         assert gains[name][0] <= 0.01, (name, gains[name])
+
+
+def test_under_segmentation_note_on_real_slices(real_slices):
+    """With the shipped Inf-Net engine, the slices whose lung mask leaves out dense disease next to the lungs
+    (A046441: consolidation filling the dependent lungs; measured 10 % and 30 % of the lung) get the
+    under-segmentation note; slices without dense disease at the lung edge (A048383, 0-1 %) do not."""
+    from node.pipeline.run import run_pipeline
+    from node.processing import resolve_engine
+
+    engine = resolve_engine("infnet")  # registers the engine of models/
+
+    def notes(name: str) -> list[str]:
+        result = run_pipeline([SHARED_DATA / "dicom" / name], engine)
+        assert result.status == "done", result.reason
+        return [n for n in result.notes if "under-segmentation" in n]
+
+    for name in ("ny-sbu/A046441/axial/19001111-045.dcm", "ny-sbu/A046441/axial/19010101-23.dcm"):
+        assert notes(name), name
+    for name in ("ny-sbu/A048383/axial/19001231-30.dcm", "ny-sbu/A048383/axial/19010410-30.dcm"):
+        assert not notes(name), name

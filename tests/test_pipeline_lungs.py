@@ -312,3 +312,46 @@ def test_partial_coverage_names_the_cut_end():
     assert base_cut.partial_coverage and any("base not fully" in n and "apex" not in n for n in base_cut.notes)
     apex_cut = segment_lungs(synthetic_chest(lung_slices=(3, 15), trachea=False).volume)
     assert apex_cut.partial_coverage and any("apex not fully" in n and "base" not in n for n in apex_cut.notes)
+
+
+def _slice_with_dense_tissue():
+    """One 1 mm slice: a lung (label 1) with dense tissue (30 HU) touching it on one side, a dense block
+    away from it, and a second touching block, each with its own infection probability."""
+    from node.pipeline.types import Volume
+
+    hu = np.full((1, 80, 80), 40.0, np.float32)       # soft tissue everywhere
+    labels = np.zeros(hu.shape, np.uint8)
+    hu[0, 10:40, 10:30], labels[0, 10:40, 10:30] = -850.0, LungMasks.RIGHT
+    hu[0, 10:40, 30:40] = 30.0                         # touching the lung: probability 0.9
+    hu[0, 55:70, 50:70] = 30.0                         # away from it: probability 0.9
+    hu[0, 40:50, 10:30] = 30.0                         # touching the lung: probability 0.2
+    prob = np.zeros(hu.shape, np.float32)
+    prob[0, 10:40, 30:40] = prob[0, 55:70, 50:70] = 0.9
+    prob[0, 40:50, 10:30] = 0.2
+    volume = Volume(hu=hu, positions=np.zeros((1, 3)), orientation=np.array([1.0, 0, 0, 0, 1.0, 0]),
+                    pixel_spacing=(1.0, 1.0), slice_spacing=0.0, sop_instance_uids=["1"], series_instance_uid="1",
+                    study_instance_uid="1")
+    return volume, LungMasks(labels=labels), prob
+
+
+def test_dense_tissue_the_engine_calls_infection_outside_the_lung_mask_is_reported():
+    """Only dense tissue that touches the lung and that the engine's map calls infection counts; the lung mask
+    itself is not changed; the note comes from MISSED_DENSE_SHARE of the lung up, with the amount."""
+    from node.pipeline.lungs import MISSED_DENSE_SHARE, dense_infection_outside, missed_dense_note
+
+    volume, lungs, prob = _slice_with_dense_tissue()
+    before = lungs.labels.copy()
+    outside = dense_infection_outside(lungs.labels, volume.hu, prob, volume.pixel_spacing)[0]
+    assert outside[10:40, 30:40].mean() > 0.9                         # touching, called infection
+    assert not outside[55:70, 50:70].any() and not outside[40:50, 10:30].any()  # away / not infection
+    assert not (outside & (lungs.labels[0] > 0)).any()
+    note = missed_dense_note(volume, lungs, prob)
+    assert note is not None and "possible lung under-segmentation" in note and "cm2" in note, note
+    assert (lungs.labels == before).all()
+    # below the share: no note; no map (threshold engine): no note
+    small = prob.copy()
+    small[0, 10:40, 30:40] = 0.0
+    small[0, 20:24, 30:36] = 0.9      # 24 px, under MISSED_DENSE_SHARE of the 600 px lung once opened
+    assert (small >= 0.5).sum() - 300 < MISSED_DENSE_SHARE * 600
+    assert missed_dense_note(volume, lungs, small) is None
+    assert missed_dense_note(volume, lungs, None) is None

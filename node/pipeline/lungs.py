@@ -90,6 +90,8 @@ PERIPHERAL_RAY_MM = 80.0        # step 6a: no lung may lie this far towards the 
 MIN_2D_PIECE_FRACTION = 0.1     # on one slice, lung pieces smaller than this share of the largest are dropped
 RIM_MM = 2.5                    # opening radius (at least one pixel): drops rims of extrapleural fat and
                                 # partial volume thinner than about twice this
+MISSED_DENSE_SHARE = 0.05       # missed_dense_note: report from this share of the lung (the first band of the
+                                # zone score: less would not move a zone score by more than one band)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -742,6 +744,50 @@ def one_component_per_lung(labels: np.ndarray, volumetric: bool = True) -> int:
         labels[extra] = 0
         dropped += int(extra.sum())
     return dropped
+
+
+def dense_infection_outside(labels: np.ndarray, hu: np.ndarray, probability: np.ndarray,
+                            spacing_rc: tuple[float, float], threshold: float = 0.5) -> np.ndarray:
+    """Dense tissue touching the lungs that an engine's infection map calls infection, outside the lung mask.
+
+    Per slice: pixels outside the mask, of :func:`dense_tissue` density, where ``probability`` >=
+    ``threshold``, after the rim opening of step 6, in pieces that touch a lung (8-connected). This is not
+    taken into the lungs: on whole-chest slices the same map also marks chest wall, hilum and pericardium
+    (bench/lungs_on_semiseg.py, README), so it only measures how much dense disease the mask may have missed.
+    """
+    out = np.zeros(labels.shape, bool)
+    rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)[0]
+    for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
+        lung = labels[k] > 0
+        cand = opened_in_box((probability[k] >= threshold) & ~lung & dense_tissue(hu[k]), rim)
+        if not cand.any():
+            continue
+        lab, _ = ndi.label(cand | lung, structure=np.ones((3, 3), bool))
+        out[k] = cand & np.isin(lab, np.unique(lab[lung]))
+    return out
+
+
+def missed_dense_note(volume: Volume, lungs: LungMasks, probability: np.ndarray | None,
+                      threshold: float = 0.5) -> str | None:
+    """A warning when :func:`dense_infection_outside` is at least ``MISSED_DENSE_SHARE`` of the lung.
+
+    On the 48 COVID-SemiSeg test slices (bench/lungs_on_semiseg.py --infection) this share follows the share
+    of expert-marked infection that the lung mask leaves out; see the bench for how well.
+    """
+    lung = lungs.labels > 0
+    if probability is None or not lung.any():
+        return None
+    outside = int(dense_infection_outside(lungs.labels, volume.hu, probability, volume.pixel_spacing,
+                                          threshold).sum())
+    share = outside / int(lung.sum())
+    if share < MISSED_DENSE_SHARE:
+        return None
+    area_px = volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    amount = (f"{outside * area_px * volume.slice_spacing / 1000.0:.0f} ml" if volume.is_volumetric
+              else f"{outside * area_px / 100.0:.1f} cm2")
+    return (f"possible lung under-segmentation: {amount} of dense tissue touching the lungs but outside the lung "
+            f"mask reads as infection to the engine ({100 * share:.0f} % of the lung); percentages and scores may "
+            "be underestimated there (check the SEG overlay)")
 
 
 def coverage_note(labels: np.ndarray, volume: Volume) -> str | None:

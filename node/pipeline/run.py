@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engines import get_engine
-from .lungs import segment_lungs
+from .lungs import missed_dense_note, segment_lungs
 from .regionmap import find_lobe_map
 from .scores import Scores, compute_scores
 from .select import (SeriesDecision, check_lung_in_view, mark_chosen, patient_conflict, rank_candidates,
@@ -126,6 +126,9 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
 
     with clock("infection"):
         result.infection = engine.segment(result.volume, result.lungs)
+        missed = missed_dense_note(result.volume, result.lungs, result.infection.probability)
+        if missed:
+            result.lungs.notes.append(missed)
     with clock("scores"):
         lobe_map, result.lobe_map_notes = find_lobe_map(result.volume, list(lobe_maps)) if lobe_maps else (None, [])
         used = []

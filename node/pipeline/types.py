@@ -84,7 +84,9 @@ class InfectionResult:
     infection: np.ndarray                # (slices, rows, cols) bool, any infection (GGO or consolidation)
     ggo: np.ndarray | None = None        # bool, ground-glass opacity, when the engine separates classes
     consolidation: np.ndarray | None = None
-    probability: np.ndarray | None = None  # float32 0..1, optional
+    # float32 0..1, optional: the engine's map wherever it looked (the Inf-Net engine: each slice's lung box,
+    # also just outside the lung mask, which is how a lung mask that misses dense disease is noticed)
+    probability: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)  # e.g. the thresholds an adaptive engine settled on
 
 
