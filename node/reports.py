@@ -13,6 +13,7 @@ CSV_FIELDS = [
     "job_id", "study_instance_uid", "version", "state", "reason", "series_instance_uid", "engine_name",
     "engine_version", "weights_sha256", "right_lung_volume_ml", "left_lung_volume_ml", "infection_volume_ml",
     "percent_involved_right", "percent_involved_left", "percent_involved_total", "volumetric", "finished_at",
+    "notes",
 ]
 
 
@@ -97,6 +98,7 @@ def result_rows(session: Session) -> list[dict[str, Any]]:
             row.update(series_instance_uid=res.series_instance_uid, engine_name=res.engine_name,
                        engine_version=res.engine_version, weights_sha256=res.weights_sha256)
             row.update({k: scores.get(k) for k in CSV_FIELDS if k in scores})
+            row["notes"] = " | ".join(res.decisions.get("notes", []))
         rows.append(row)
     return rows
 

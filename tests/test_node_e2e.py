@@ -113,5 +113,6 @@ def test_study_in_seg_and_sr_out(tmp_path, phantom_study, monkeypatch, capsys):
         rows = list(csv.DictReader(open(tmp_path / "r.csv")))
         assert len(rows) == 1 and float(rows[0]["percent_involved_total"]) == pytest.approx(
             result.scores["percent_involved_total"])
+        assert rows[0]["notes"].split(" | ") == result.decisions["notes"] and "GGO lower bound" in rows[0]["notes"]
         assert main(["jobs", "list"]) == 0
         assert "pacs:sent" in capsys.readouterr().out
