@@ -61,6 +61,20 @@ def volume_of(hu: np.ndarray, orientation: list[float], spacing: float):
                   series_instance_uid="1", study_instance_uid="1")
 
 
+def ct_slice(image8: np.ndarray, spacing: float):
+    """(volume, lungs with the default steps, pad in pixels) of one 8-bit crop; the volume's orientation has
+    patient x across the gap between the two lungs."""
+    from node.pipeline.lungs import segment_lungs
+
+    hu, pad = as_ct(image8, spacing)
+    volume = volume_of(hu, AXIAL, spacing)
+    lungs = segment_lungs(volume)
+    if lungs_across_rows(lungs.lungs[0]):
+        volume = volume_of(hu, ROTATED, spacing)
+        lungs = segment_lungs(volume)
+    return volume, lungs, pad
+
+
 def lungs_across_rows(mask: np.ndarray) -> bool:
     """True when the two lungs lie above and below each other (fewer lung pixels in the middle rows
     than in the middle columns)."""
@@ -100,20 +114,18 @@ def measure(data: Path, spacing: float = 0.75, variants: tuple[str, ...] = tuple
         cons = np.asarray(Image.open(test / "GT-2" / f"{path.stem}.png")) > 0
         classes = (ggo | cons, ggo, cons)
         truth += [m.sum() for m in classes]
-        hu, pad = as_ct(image8, spacing)
-        orientation = AXIAL
+        volume, default, pad = ct_slice(image8, spacing)
         first = None
         for name in variants:
-            for step in VARIANTS[name]:
-                setattr(lungs_mod, STEPS[step], off)
-            try:
-                mask = lungs_mod.segment_lungs(volume_of(hu, orientation, spacing)).lungs[0]
-                if orientation is AXIAL and lungs_across_rows(mask):
-                    orientation = ROTATED
-                    mask = lungs_mod.segment_lungs(volume_of(hu, orientation, spacing)).lungs[0]
-            finally:
-                for step, fn in saved.items():
-                    setattr(lungs_mod, STEPS[step], fn)
+            mask = default.lungs[0]
+            if VARIANTS[name]:
+                for step in VARIANTS[name]:
+                    setattr(lungs_mod, STEPS[step], off)
+                try:
+                    mask = lungs_mod.segment_lungs(volume).lungs[0]
+                finally:
+                    for step, fn in saved.items():
+                        setattr(lungs_mod, STEPS[step], fn)
             mask = mask[pad:-pad, pad:-pad]
             first = mask if first is None else first
             added = mask & ~first
@@ -133,7 +145,7 @@ def infection_dice(data: Path, spacing: float = 0.75) -> tuple[dict[str, tuple[f
     from PIL import Image
 
     from models.engine import InfNetEngine
-    from node.pipeline.lungs import dense_infection_outside, segment_lungs
+    from node.pipeline.lungs import dense_infection_outside
     from node.pipeline.types import LungMasks
 
     engine = InfNetEngine(device="cpu")
@@ -145,13 +157,8 @@ def infection_dice(data: Path, spacing: float = 0.75) -> tuple[dict[str, tuple[f
         image8 = np.asarray(Image.open(path).convert("L"))
         truth = ((np.asarray(Image.open(test / "GT-1" / f"{path.stem}.png")) > 0)
                  | (np.asarray(Image.open(test / "GT-2" / f"{path.stem}.png")) > 0))
-        hu, pad = as_ct(image8, spacing)
-        volume = volume_of(hu, AXIAL, spacing)
-        lungs = segment_lungs(volume)
-        if lungs_across_rows(lungs.lungs[0]):
-            volume = volume_of(hu, ROTATED, spacing)
-            lungs = segment_lungs(volume)
-        whole = np.zeros((1,) + hu.shape, np.uint8)
+        volume, lungs, pad = ct_slice(image8, spacing)
+        whole = np.zeros(volume.shape, np.uint8)
         whole[0, pad:-pad, pad:-pad] = LungMasks.RIGHT
         for name, mask in (("inside the node's lung mask", lungs), ("whole crop", LungMasks(labels=whole))):
             result = engine.segment(volume, mask)

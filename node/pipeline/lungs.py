@@ -759,7 +759,10 @@ def dense_infection_outside(labels: np.ndarray, hu: np.ndarray, probability: np.
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)[0]
     for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
         lung = labels[k] > 0
-        cand = opened_in_box((probability[k] >= threshold) & ~lung & dense_tissue(hu[k]), rim)
+        cand = (probability[k] >= threshold) & ~lung
+        if not cand.any():  # most slices: the map marks nothing outside the lung
+            continue
+        cand = opened_in_box(cand & dense_tissue(hu[k]), rim)
         if not cand.any():
             continue
         lab, _ = ndi.label(cand | lung, structure=np.ones((3, 3), bool))
@@ -782,12 +785,17 @@ def missed_dense_note(volume: Volume, lungs: LungMasks, probability: np.ndarray 
     share = outside / int(lung.sum())
     if share < MISSED_DENSE_SHARE:
         return None
-    area_px = volume.pixel_spacing[0] * volume.pixel_spacing[1]
-    amount = (f"{outside * area_px * volume.slice_spacing / 1000.0:.0f} ml" if volume.is_volumetric
-              else f"{outside * area_px / 100.0:.1f} cm2")
-    return (f"possible lung under-segmentation: {amount} of dense tissue touching the lungs but outside the lung "
+    return (f"possible lung under-segmentation: {amount_text(outside, volume)} of dense tissue touching the lungs but outside the lung "
             f"mask reads as infection to the engine ({100 * share:.0f} % of the lung); percentages and scores may "
             "be underestimated there (check the SEG overlay)")
+
+
+def amount_text(voxels: int, volume: Volume) -> str:
+    """``voxels`` of ``volume`` for a note: ml for a volume, cm2 for a single slice (no thickness assumed)."""
+    area_px = volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    if volume.is_volumetric:
+        return f"{voxels * area_px * volume.slice_spacing / 1000.0:.0f} ml"
+    return f"{voxels * area_px / 100.0:.1f} cm2"
 
 
 def coverage_note(labels: np.ndarray, volume: Volume) -> str | None:
@@ -829,10 +837,7 @@ def segment_lungs(volume: Volume, *, closing_mm: float | None = None) -> LungMas
     labels = smooth_lungs(labels, spacing_rc, 0.0, hu=hu)
     labels[airways] = 0
     dropped = one_component_per_lung(labels, volumetric=volume.is_volumetric)
-    if volume.is_volumetric:
-        amount = lambda n: f"{n * area_px * volume.slice_spacing / 1000.0:.0f} ml"  # noqa: E731
-    else:
-        amount = lambda n: f"{n * area_px / 100.0:.1f} cm2"  # noqa: E731
+    amount = functools.partial(amount_text, volume=volume)
     if recovered:
         notes.append(f"recovered {amount(recovered)} of dense peripheral tissue (consolidation/effusion at "
                      "the chest wall) into the lungs")
