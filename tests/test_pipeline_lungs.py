@@ -347,6 +347,17 @@ def test_dense_tissue_the_engine_calls_infection_outside_the_lung_mask_is_report
     assert not (outside & (lungs.labels[0] > 0)).any()
     note = missed_dense_note(volume, lungs, prob)
     assert note is not None and "possible lung under-segmentation" in note and "cm2" in note, note
+    assert "percentage of opacity" not in note  # no infection mask given: no bound
+    # With the engine's infection mask: PO as measured, and PO if all that tissue were infected lung
+    lung = lungs.labels > 0
+    infection = np.zeros_like(lung)
+    rows, cols = np.nonzero(lung[0])
+    infection[0, rows[:90], cols[:90]] = True
+    n_out, n_lung = int(outside.sum()), int(lung.sum())
+    note = missed_dense_note(volume, lungs, prob, infection | ~lung)  # infection outside the lung does not count
+    assert (f"percentage of opacity is {100 * (90 + n_out) / (n_lung + n_out):.0f} % instead of "
+            f"{100 * 90 / n_lung:.0f} %") in note, note
+    assert 100 * (90 + n_out) / (n_lung + n_out) > 100 * 90 / n_lung + 1  # the bound says something
     assert (lungs.labels == before).all()
     # below the share: no note; no map (threshold engine): no note
     small = prob.copy()

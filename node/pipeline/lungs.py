@@ -771,23 +771,31 @@ def dense_infection_outside(labels: np.ndarray, hu: np.ndarray, probability: np.
 
 
 def missed_dense_note(volume: Volume, lungs: LungMasks, probability: np.ndarray | None,
-                      threshold: float = 0.5) -> str | None:
+                      infection: np.ndarray | None = None, threshold: float = 0.5) -> str | None:
     """A warning when :func:`dense_infection_outside` is at least ``MISSED_DENSE_SHARE`` of the lung.
 
     On the 48 COVID-SemiSeg test slices (bench/lungs_on_semiseg.py --infection) this share follows the share
-    of expert-marked infection that the lung mask leaves out; see the bench for how well.
+    of expert-marked infection that the lung mask leaves out; see the bench for how well. With the engine's
+    ``infection`` mask the note also gives the percentage of opacity (PO) the tissue would make if all of it
+    were infected lung: what the reader weighs against the SEG overlay.
     """
     lung = lungs.labels > 0
     if probability is None or not lung.any():
         return None
     outside = int(dense_infection_outside(lungs.labels, volume.hu, probability, volume.pixel_spacing,
                                           threshold).sum())
-    share = outside / int(lung.sum())
+    n_lung = int(lung.sum())
+    share = outside / n_lung
     if share < MISSED_DENSE_SHARE:
         return None
+    bound = ""
+    if infection is not None:
+        inside = int((infection & lung).sum())
+        bound = (f"; if all of it is infected lung, the percentage of opacity is {100 * (inside + outside) / (n_lung + outside):.0f} % "
+                 f"instead of {100 * inside / n_lung:.0f} %")
     return (f"possible lung under-segmentation: {amount_text(outside, volume)} of dense tissue touching the lungs but outside the lung "
-            f"mask reads as infection to the engine ({100 * share:.0f} % of the lung); percentages and scores may "
-            "be underestimated there (check the SEG overlay)")
+            f"mask reads as infection to the engine ({100 * share:.0f} % of the lung){bound}; percentages and scores "
+            "may be underestimated there (check the SEG overlay)")
 
 
 def amount_text(voxels: int, volume: Volume) -> str:

@@ -126,7 +126,8 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
 
     with clock("infection"):
         result.infection = engine.segment(result.volume, result.lungs)
-        missed = missed_dense_note(result.volume, result.lungs, result.infection.probability)
+        missed = missed_dense_note(result.volume, result.lungs, result.infection.probability,
+                                   result.infection.infection)
         if missed:
             result.lungs.notes.append(missed)
     with clock("scores"):
