@@ -1,6 +1,8 @@
 """HU-based lung segmentation on synthetic chests with known right and left lungs."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from node.pipeline.lungs import segment_lungs
@@ -253,6 +255,47 @@ def test_lungs_do_not_depend_on_the_in_plane_orientation(diseased_phantom):
     a, b = segment_lungs(v), segment_lungs(rotated)
     back = lambda m: np.rot90(m, -1, axes=(1, 2))  # noqa: E731
     assert dice(a.right, back(b.right)) > 0.995 and dice(a.left, back(b.left)) > 0.995
+
+
+def test_air_around_the_patient_changes_nothing(diseased_phantom):
+    """segment_lungs works in the body's bounding box: the same chest with more air around it (a larger,
+    off-centre field of view; ImagePositionPatient moved so that patient coordinates stay) gives the same
+    masks, voxel for voxel, and the same notes."""
+    v = phantom_volume(diseased_phantom)
+    top, left = 37, 90
+    o = np.asarray(v.orientation, dtype=float)
+    padded = dataclasses.replace(
+        v, hu=np.pad(v.hu, ((0, 0), (top, 11), (left, 5)), constant_values=-1000.0),
+        positions=v.positions - top * v.pixel_spacing[0] * o[3:] - left * v.pixel_spacing[1] * o[:3])
+    a, b = segment_lungs(v), segment_lungs(padded)
+    inner = (slice(None), slice(top, top + v.shape[1]), slice(left, left + v.shape[2]))
+    assert a.lungs.sum() > 1000
+    assert (b.labels[inner] == a.labels).all() and b.labels.sum() == a.labels.sum()
+    assert (b.airways[inner] == a.airways).all() and (b.body[inner] == a.body).all() and b.body.sum() == a.body.sum()
+    assert a.notes == b.notes and a.partial_coverage == b.partial_coverage
+    rows, cols = lungs_mod.body_box(b.body)
+    assert rows.start > top - 10 and cols.start > left - 10  # the box does cut the added air away
+
+
+def test_the_body_box_keeps_every_voxel_at_its_patient_position():
+    """cropped(): voxel (k, r, c) of the box is voxel (k, r + r0, c + c0) of the volume, at the same point in
+    the patient (highdicom's transformer as the reference), for an oblique plane and non-square pixels."""
+    from highdicom.spatial import PixelToReferenceTransformer
+
+    angle = np.deg2rad(25.0)
+    row_cos = np.array([np.cos(angle), np.sin(angle), 0.0])
+    col_cos = np.array([0.0, 0.0, -1.0])  # a coronal-like oblique plane
+    v = Volume(hu=np.zeros((3, 40, 50), np.float32), positions=np.array([[-80.0, 12.5, 40.0 + 2 * k] for k in range(3)]),
+               orientation=np.r_[row_cos, col_cos], pixel_spacing=(0.7, 0.9), slice_spacing=2.0,
+               sop_instance_uids=["1", "2", "3"], series_instance_uid="1.2.3", study_instance_uid="1.2")
+    rows, cols = slice(6, 31), slice(11, 47)
+    box = lungs_mod.cropped(v, rows, cols)
+    assert np.shares_memory(box.hu, v.hu) and box.hu.shape == (3, 25, 36)
+    for k in range(3):
+        whole = PixelToReferenceTransformer(v.positions[k], v.orientation, v.pixel_spacing)
+        part = PixelToReferenceTransformer(box.positions[k], box.orientation, box.pixel_spacing)
+        rc = np.array([[0, 0], [24, 35], [3, 20]])
+        assert np.allclose(part(rc[:, ::-1]), whole((rc + [rows.start, cols.start])[:, ::-1]), atol=1e-9)
 
 
 def test_recovery_is_reported_and_lungs_are_single_components(diseased_phantom):

@@ -45,6 +45,7 @@ reaches the first or last slice; the note then says which end is cut (apex, base
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -90,6 +91,7 @@ PERIPHERAL_RAY_MM = 80.0        # step 6a: no lung may lie this far towards the 
 MIN_2D_PIECE_FRACTION = 0.1     # on one slice, lung pieces smaller than this share of the largest are dropped
 RIM_MM = 2.5                    # opening radius (at least one pixel): drops rims of extrapleural fat and
                                 # partial volume thinner than about twice this
+BOX_MARGIN_PX = 8              # segment_lungs works in the body's bounding box widened by this (air around it)
 MISSED_DENSE_SHARE = 0.05       # missed_dense_note: report from this share of the lung (the first band of the
                                 # zone score: less would not move a zone score by more than one band)
 
@@ -184,9 +186,12 @@ def superior_is_high_k(volume: Volume) -> bool:
 def body_mask(hu: np.ndarray, spacing_rc: tuple[float, float]) -> np.ndarray:
     """Patient body: largest region above ``BODY_HU`` after a per-slice opening, holes filled per slice."""
     m = hu > BODY_HU
-    m = ndi.binary_opening(m, structure=disk(BODY_OPENING_MM, spacing_rc))
-    m = largest_component(m)
-    return per_slice(ndi.binary_fill_holes, m)
+    structure = disk(BODY_OPENING_MM, spacing_rc)
+    rows, cols = body_box(m, margin=max(structure.shape) + 1)  # all air beyond: the same result, sooner
+    body = np.zeros(hu.shape, bool)
+    sub = largest_component(ndi.binary_opening(m[:, rows, cols], structure=structure))
+    body[:, rows, cols] = per_slice(ndi.binary_fill_holes, sub)
+    return body
 
 
 def outside_air_removed(air: np.ndarray) -> np.ndarray:
@@ -816,17 +821,49 @@ def coverage_note(labels: np.ndarray, volume: Volume) -> str | None:
     return f"lung reaches the first or last slice: {cut} not fully in the field of view"
 
 
+def body_box(body: np.ndarray, margin: int = BOX_MARGIN_PX) -> tuple[slice, slice]:
+    """In-plane (rows, columns) bounding box of ``body`` over all slices, ``margin`` pixels wider (clipped)."""
+    rows = np.flatnonzero(body.any(axis=(0, 2)))
+    cols = np.flatnonzero(body.any(axis=(0, 1)))
+    if rows.size == 0:
+        return slice(0, body.shape[1]), slice(0, body.shape[2])
+    return (slice(max(int(rows[0]) - margin, 0), int(rows[-1]) + margin + 1),
+            slice(max(int(cols[0]) - margin, 0), int(cols[-1]) + margin + 1))
+
+
+def cropped(volume: Volume, rows: slice, cols: slice) -> Volume:
+    """``volume`` cut to the in-plane box (a view of its HU), with ImagePositionPatient moved to the box's
+    first pixel so that patient coordinates of every voxel are unchanged."""
+    row_cos, col_cos = volume.orientation[:3], volume.orientation[3:]
+    # one row down moves along the column cosine by the row spacing; one column along the row cosine
+    shift = rows.start * volume.pixel_spacing[0] * col_cos + cols.start * volume.pixel_spacing[1] * row_cos
+    return dataclasses.replace(volume, hu=volume.hu[:, rows, cols], positions=volume.positions + shift)
+
+
 def segment_lungs(volume: Volume, *, closing_mm: float | None = None) -> LungMasks:
     """Segment the right (1) and left (2) lungs of ``volume``; works on one slice (2D) too.
 
     ``closing_mm``: radius of the per-slice outline closing (default ``CLOSING_MM``).
+    After the body mask every step runs inside the body's bounding box (:func:`body_box`): the air around
+    the patient holds no lung, and a CT field of view is often half air.
     """
+    body = body_mask(volume.hu, volume.pixel_spacing)
+    rows, cols = body_box(body)
+    inner = _segment_in_box(cropped(volume, rows, cols), body[:, rows, cols], closing_mm)
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[:, rows, cols] = inner.labels
+    airways = np.zeros(volume.shape, bool)
+    airways[:, rows, cols] = inner.airways
+    return dataclasses.replace(inner, labels=labels, airways=airways, body=body)
+
+
+def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None) -> LungMasks:
+    """Steps 2-7 of the module docstring on ``volume`` with its ``body`` mask (step 1)."""
     hu = volume.hu
     spacing_rc = volume.pixel_spacing
     area_px = spacing_rc[0] * spacing_rc[1]
     notes: list[str] = []
 
-    body = body_mask(hu, spacing_rc)
     midline = Midline(volume, body)
 
     air = outside_air_removed((hu < AIR_HU) & body)

@@ -1,0 +1,90 @@
+"""Lung segmentation time against an earlier revision, side by side, and whether the masks are the same.
+
+Each run is a child process that segments the lungs of the same diseased phantom (512x512, ``--slices``) with
+either this tree's ``node`` or that of ``--baseline-rev`` (a temporary git worktree); the two alternate
+``--repeat`` times. Reported: median seconds of ``segment_lungs`` for each, their ratio, and the number of
+voxels whose label differs between the two (0 for a change meant to keep the masks).
+
+    python bench/lungs_speed.py --baseline-rev HEAD~1 --slices 120 --repeat 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, os.environ.get("CTNODE_BENCH_TREE", str(REPO)))
+
+
+def child(slices: int, out: Path) -> None:
+    import numpy as np
+
+    from node import phantom as ph
+    from node.pipeline.lungs import segment_lungs
+    from node.pipeline.types import Volume
+
+    p = ph.make_phantom(rows=512, cols=512, slices=slices, seed=0, burden={"right_lower": 0.8, "left_upper": 0.3})
+    volume = Volume(hu=p.hu, positions=p.positions, orientation=p.orientation, pixel_spacing=p.pixel_spacing,
+                    slice_spacing=p.slice_spacing, sop_instance_uids=[str(i) for i in range(p.shape[0])],
+                    series_instance_uid="1.2.3", study_instance_uid="1.2")
+    t0 = time.perf_counter()
+    labels = segment_lungs(volume).labels
+    seconds = time.perf_counter() - t0
+    np.save(out, labels)
+    print(json.dumps({"seconds": seconds}))
+
+
+def run(tree: Path, slices: int, out: Path) -> float:
+    env = dict(os.environ, CTNODE_BENCH_TREE=str(tree))
+    done = subprocess.run([sys.executable, __file__, "--child", "--slices", str(slices), "--out", str(out)],
+                          env=env, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline-rev", required=True)
+    ap.add_argument("--slices", type=int, default=120)
+    ap.add_argument("--repeat", type=int, default=4)
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if args.child:
+        child(args.slices, args.out)
+        return
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="lungs-speed-") as tmp:
+        work = Path(tmp)
+        baseline = work / "baseline-tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(baseline), args.baseline_rev],
+                       check=True)
+        try:
+            times: dict[str, list[float]] = {"this tree": [], "baseline": []}
+            for _ in range(args.repeat):
+                times["baseline"].append(run(baseline, args.slices, work / "baseline.npy"))
+                times["this tree"].append(run(REPO, args.slices, work / "this.npy"))
+            differing = int((np.load(work / "baseline.npy") != np.load(work / "this.npy")).sum())
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], check=False)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "phantom": f"512x512x{args.slices}", "baseline_rev": args.baseline_rev,
+        "median_s": {k: round(v, 2) for k, v in medians.items()},
+        "ratio_this_over_baseline": round(medians["this tree"] / medians["baseline"], 2),
+        "voxels_with_another_label": differing,
+        "runs": {k: [round(x, 2) for x in v] for k, v in times.items()},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
