@@ -51,7 +51,7 @@ def run(tree: Path, slices: int, out: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--baseline-rev", required=True)
+    ap.add_argument("--baseline-rev", help="the revision to compare with (required)")
     ap.add_argument("--slices", type=int, default=120)
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--child", action="store_true")
@@ -60,6 +60,8 @@ def main() -> None:
     if args.child:
         child(args.slices, args.out)
         return
+    if not args.baseline_rev:
+        ap.error("--baseline-rev is required")
     import numpy as np
 
     with tempfile.TemporaryDirectory(prefix="lungs-speed-") as tmp:
