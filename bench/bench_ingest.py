@@ -7,6 +7,7 @@ Reported: median wall time of storescu for each, their ratio, and the peak RSS o
 
     python bench/bench_ingest.py --slices 300 --size 512 --repeat 3
     python bench/bench_ingest.py --repeat 7 --baseline-rev 7627eca   # a change against an earlier commit
+    python bench/bench_ingest.py --repeat 7 --decompose --no-fsync-diagnostic   # what each part costs
 """
 from __future__ import annotations
 
@@ -41,12 +42,42 @@ def serve_minimal(port: int, folder: Path) -> None:
     ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
 
-def serve_node(port: int, folder: Path, fsync: bool = True) -> None:
+def cut_node(stage: str) -> None:
+    """Diagnostic only (--decompose): make the node's C-STORE handler stop after ``stage``, so that the
+    cost of each part shows against the same minimal SCP: "empty" answers at once; "checks" parses,
+    validates and hashes, then answers (no file, no row); "row" also records and commits the row (no file)."""
+    from concurrent import futures
+
+    import node.listener
+    from node.spool import Stager, sha256_of
+
+    if stage == "empty":
+        node.listener.Listener.handle_store = lambda self, event: 0x0000
+        return
+
+    def no_write(self, chunks):
+        done = futures.Future()
+        done.set_result(Path("/nonexistent"))  # handle_store's unlink(missing_ok=True) of it is a no-op
+        return done
+
+    Stager.submit = no_write
+    if stage == "checks":
+        def hash_only(self, event, path, study_uid, chunks, staged, record, ct_instance):
+            sha256_of(chunks())
+            return "stored"
+        node.listener.Listener._record = hash_only
+    else:  # "row"
+        node.listener.place = lambda staged, path: None
+
+
+def serve_node(port: int, folder: Path, fsync: bool = True, cut: str = "") -> None:
     import node.spool
     from node.config import load_settings
 
     if not fsync:  # diagnostic only: shows what durability costs on this disk; the node always fsyncs
         node.spool.os.fsync = lambda fd: None
+    if cut:
+        cut_node(cut)
     from node.db import open_database
     from node.listener import Listener
 
@@ -72,7 +103,8 @@ def child(kind: str, port: int, folder: Path) -> None:
     if kind == "minimal":
         serve_minimal(port, folder)
     else:
-        serve_node(port, folder, fsync=(kind != "node-nofsync"))
+        serve_node(port, folder, fsync=(kind != "node-nofsync"),
+                   cut=kind.removeprefix("node-upto-") if kind.startswith("node-upto-") else "")
 
 
 def free_port() -> int:
@@ -127,6 +159,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-fsync-diagnostic", action="store_true",
                     help="also run the node with fsync disabled, to show what durability costs on this disk")
+    ap.add_argument("--decompose", action="store_true",
+                    help="also run the node with its handler cut after each part (diagnostic: empty, checks, row), "
+                    "to show what each part of the handler costs against the same minimal SCP")
     ap.add_argument("--baseline-rev", help="also run the node listener of this git revision (a temporary "
                     "worktree), side by side: how a change moved the ingest time on a noisy machine")
     ap.add_argument("--child")
@@ -143,6 +178,8 @@ def main() -> None:
         files = write_phantom_study(make_phantom(rows=args.size, cols=args.size, slices=args.slices), work / "study")
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         kinds = ["minimal", "node"] + (["node-nofsync"] if args.no_fsync_diagnostic else [])
+        if args.decompose:
+            kinds += ["node-upto-empty", "node-upto-checks", "node-upto-row"]
         baseline_tree = None
         if args.baseline_rev:
             baseline_tree = work / "baseline-tree"
@@ -168,6 +205,8 @@ def main() -> None:
             **({"node_nofsync_s": round(med["node-nofsync"], 2),
                 "ratio_nofsync_over_minimal": round(med["node-nofsync"] / med["minimal"], 2)}
                if "node-nofsync" in med else {}),
+            **({"ratio_over_minimal": {k: round(v / med["minimal"], 2) for k, v in med.items()}}
+               if args.decompose else {}),
             "peak_rss_mb": {k: round(v / 1024) for k, v in rss.items()},
             "runs": {k: [round(x, 2) for x in v] for k, v in times.items()},
         }
