@@ -91,7 +91,7 @@ PERIPHERAL_RAY_MM = 80.0        # step 6a: no lung may lie this far towards the 
 MIN_2D_PIECE_FRACTION = 0.1     # on one slice, lung pieces smaller than this share of the largest are dropped
 RIM_MM = 2.5                    # opening radius (at least one pixel): drops rims of extrapleural fat and
                                 # partial volume thinner than about twice this
-BOX_MARGIN_PX = 8              # segment_lungs works in the body's bounding box widened by this (air around it)
+BOX_MARGIN_PX = 8               # segment_lungs works in the body's bounding box widened by this (air around it)
 MISSED_DENSE_SHARE = 0.05       # missed_dense_note: report from this share of the lung (the first band of the
                                 # zone score: less would not move a zone score by more than one band)
 
@@ -796,11 +796,12 @@ def missed_dense_note(volume: Volume, lungs: LungMasks, probability: np.ndarray 
     bound = ""
     if infection is not None:
         inside = int((infection & lung).sum())
-        bound = (f"; if all of it is infected lung, the percentage of opacity is {100 * (inside + outside) / (n_lung + outside):.0f} % "
-                 f"instead of {100 * inside / n_lung:.0f} %")
-    return (f"possible lung under-segmentation: {amount_text(outside, volume)} of dense tissue touching the lungs but outside the lung "
-            f"mask reads as infection to the engine ({100 * share:.0f} % of the lung){bound}; percentages and scores "
-            "may be underestimated there (check the SEG overlay)")
+        po_if_lung = 100 * (inside + outside) / (n_lung + outside)
+        bound = (f"; if all of it is infected lung, the percentage of opacity is {po_if_lung:.0f} % instead of "
+                 f"{100 * inside / n_lung:.0f} %")
+    return (f"possible lung under-segmentation: {amount_text(outside, volume)} of dense tissue touching the lungs "
+            f"but outside the lung mask reads as infection to the engine ({100 * share:.0f} % of the lung){bound}; "
+            "percentages and scores may be underestimated there (check the SEG overlay)")
 
 
 def amount_text(voxels: int, volume: Volume) -> str:
