@@ -432,12 +432,16 @@ def fill_holes_guarded(mask: np.ndarray, max_open_hole_px: float, hu: np.ndarray
         return filled & ~drop[lab]
     # Judged by median HU, per chain and then per slice of a chain still dropped: a chain can join a lesion
     # to an organ (consolidation resting on a diaphragm dome), and the lesion's slices are still a lesion.
-    med = np.asarray(ndi.median(hu, lab, index=np.arange(n + 1)), dtype=np.float64)
+    # (medians over the hole voxels only: with label 0 scipy would sort the whole volume)
+    med = np.zeros(n + 1)
+    med[1:] = ndi.median(hu[sel], lab[sel], index=np.arange(1, n + 1))
     drop &= ~_lesion_like(med)
+    if not drop.any():
+        return filled
     dropped = drop[lab]
     piece = np.where(dropped, lab * mask.shape[0] + k_idx, 0)
     ids = np.unique(piece[dropped])
-    lesions = ids[_lesion_like(np.asarray(ndi.median(hu, piece, index=ids), dtype=np.float64))]
+    lesions = ids[_lesion_like(np.asarray(ndi.median(hu[dropped], piece[dropped], index=ids), dtype=np.float64))]
     return filled & ~(dropped & ~np.isin(piece, lesions))
 
 
