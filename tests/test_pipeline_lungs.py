@@ -238,6 +238,21 @@ def test_a_lesion_chained_to_an_organ_keeps_its_lesion_slices():
     assert not lungs_mod.fill_holes_guarded(mask, max_open_hole_px=50)[2, 14:24, 14:24].any()  # no HU: organ rule
 
 
+def test_a_lesion_chain_is_judged_as_a_whole_first():
+    """A consolidation chained over three slices that opens onto non-lung tissue on the next slice is filled
+    on every slice when the chain's median HU is a lesion's, also on the slice whose own median is not (its
+    edge, mixed with aerated lung: -100 HU); slice by slice, that slice alone would stay out."""
+    mask = np.zeros((5, 40, 40), bool)
+    mask[:4, 5:35, 5:35] = True                  # lung on slices 0-3, none on slice 4
+    mask[1:4, 10:30, 10:30] = False              # 400 px hole on slices 1-3, open onto slice 4
+    hu = np.full(mask.shape, -850.0, np.float32)
+    hu[1:3, 10:30, 10:30] = 0.0                  # consolidation
+    hu[3, 10:30, 10:30] = -100.0                 # its partial-volume edge
+    filled = lungs_mod.fill_holes_guarded(mask, max_open_hole_px=100, hu=hu)
+    assert filled[1:4, 10:30, 10:30].all()
+    assert not lungs_mod.fill_holes_guarded(mask, max_open_hole_px=100)[1:4, 10:30, 10:30].any()  # organ rule
+
+
 def test_lungs_do_not_depend_on_the_in_plane_orientation(diseased_phantom):
     """The same chest stored rotated by 90 degrees in-plane (pixels and ImageOrientationPatient/Position
     rotated together) gives the same lungs, rotated: sides, midline and chest-wall directions follow the header."""
