@@ -84,7 +84,7 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
     scores = result.scores.as_dict()
     sr = build_report(result.volume, seg, scores, result.engine, series_number=sr_series_number,
                       other_evidence=[result.lobe_map_header] if result.lobe_map_header is not None else [],
-                      notes=[*result.volume.notes, *result.lungs.notes, *result.infection.notes])
+                      notes=result.segmentation_notes)
     timings["sr"] = time.perf_counter() - t0
     scs = []
     if key_images > 0:

@@ -588,9 +588,7 @@ def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray
             keep = between_lung_and_wall(lung, r1, c1, skin, spacing_rc)
             taken = np.zeros_like(lung)
             taken[r1[keep], c1[keep]] = True
-            taken = opened_in_box(taken, rim) & (out[k] == 0)
-            lab, _ = ndi.label(taken | lung, structure=np.ones((3, 3), bool))
-            taken &= np.isin(lab, np.unique(lab[lung]))
+            taken = touching_lung(opened_in_box(taken, rim) & (out[k] == 0), lung)
             out[k][taken] = value
             recovered += int(taken.sum())
     return out, recovered
@@ -659,8 +657,7 @@ def recover_bronchograms(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, a
             inside = hull.find_simplex(np.stack([r1, c1], axis=1)) >= 0
             cand = np.zeros_like(lung)
             cand[r1[inside], c1[inside]] = True
-            lab, _ = ndi.label(cand | lung, structure=np.ones((3, 3), bool))
-            taken = cand & np.isin(lab, np.unique(lab[lung])) & (out[k] == 0)
+            taken = touching_lung(cand, lung) & (out[k] == 0)
             out[k][taken] = value
             recovered += int(taken.sum())
     return out, recovered
@@ -731,6 +728,12 @@ def opened_in_box(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     return out
 
 
+def touching_lung(cand: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """The pieces of the 2D mask ``cand`` that touch ``lung`` (8-connected)."""
+    lab, _ = ndi.label(cand | lung, structure=np.ones((3, 3), bool))
+    return cand & np.isin(lab, np.unique(lab[lung]))
+
+
 def one_component_per_lung(labels: np.ndarray, volumetric: bool = True) -> int:
     """Keep only the largest connected piece of each lung, in place; returns the voxels dropped.
 
@@ -774,8 +777,7 @@ def dense_infection_outside(labels: np.ndarray, hu: np.ndarray, probability: np.
         cand = opened_in_box(cand & dense_tissue(hu[k]), rim)
         if not cand.any():
             continue
-        lab, _ = ndi.label(cand | lung, structure=np.ones((3, 3), bool))
-        out[k] = cand & np.isin(lab, np.unique(lab[lung]))
+        out[k] = touching_lung(cand, lung)
     return out
 
 

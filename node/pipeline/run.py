@@ -45,6 +45,13 @@ class PipelineResult:
     lobe_map_header: Any = None      # its identifying attributes (evidence for the SR)
     lobe_map_notes: list[str] = field(default_factory=list)  # lobe SEGs that were not used, and why
 
+    @property
+    def segmentation_notes(self) -> list[str]:
+        """The notes of the volume, lung and infection steps: what the SR carries as comments (the scores'
+        and the lobe map's own notes are said there by the measurement groups and their method names)."""
+        return [*(self.volume.notes if self.volume else []), *(self.lungs.notes if self.lungs else []),
+                *(self.infection.notes if self.infection else [])]
+
 
 class _Clock:
     """Adds the wall time of each ``with clock(stage):`` block to ``timings[stage]``."""
@@ -140,6 +147,5 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
                                        region_map=lobe_map.labels if lobe_map is not None else None)
     result.status = "done"
     result.reason = next(d.reason for d in decisions if d.chosen)
-    result.notes = [*result.volume.notes, *result.lungs.notes, *result.infection.notes, *used, *result.lobe_map_notes,
-                    *result.scores.notes]
+    result.notes = [*result.segmentation_notes, *used, *result.lobe_map_notes, *result.scores.notes]
     return result
