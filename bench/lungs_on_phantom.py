@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node import phantom as ph  # noqa: E402
 from node.pipeline import lungs as lungs_mod  # noqa: E402
-from node.pipeline.types import Volume  # noqa: E402
 
 CASES = {
     "right lower lobe 80 %, 5 mm": dict(rows=160, cols=160, slices=60, pixel_spacing=2.2, slice_spacing=5.0,
@@ -57,9 +56,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, kw in CASES.items():
         p = ph.make_phantom(**kw)
-        volume = Volume(hu=p.hu, positions=p.positions, orientation=p.orientation, pixel_spacing=p.pixel_spacing,
-                        slice_spacing=p.slice_spacing, sop_instance_uids=[str(i) for i in range(p.shape[0])],
-                        series_instance_uid="1.2.3", study_instance_uid="1.2")
+        volume = p.as_volume()
         for label, fns in steps.items():
             for n, fn in zip(names, fns):
                 setattr(lungs_mod, n, fn)

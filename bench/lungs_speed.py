@@ -29,12 +29,9 @@ def child(slices: int, out: Path) -> None:
 
     from node import phantom as ph
     from node.pipeline.lungs import segment_lungs
-    from node.pipeline.types import Volume
 
     p = ph.make_phantom(rows=512, cols=512, slices=slices, seed=0, burden={"right_lower": 0.8, "left_upper": 0.3})
-    volume = Volume(hu=p.hu, positions=p.positions, orientation=p.orientation, pixel_spacing=p.pixel_spacing,
-                    slice_spacing=p.slice_spacing, sop_instance_uids=[str(i) for i in range(p.shape[0])],
-                    series_instance_uid="1.2.3", study_instance_uid="1.2")
+    volume = p.as_volume()
     t0 = time.perf_counter()
     labels = segment_lungs(volume).labels
     seconds = time.perf_counter() - t0

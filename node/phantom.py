@@ -33,12 +33,15 @@ import json
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from node.pipeline.types import Volume
 
 ZONES: tuple[str, ...] = ("right_upper", "right_middle", "right_lower", "left_upper", "left_lower")
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -86,6 +89,16 @@ class Phantom:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.hu.shape)  # type: ignore[return-value]
+
+    def as_volume(self) -> Volume:
+        """The phantom as a :class:`node.pipeline.types.Volume` (its HU as they are, placeholder UIDs), for
+        running pipeline steps on it without writing DICOM files."""
+        from node.pipeline.types import Volume
+
+        return Volume(hu=self.hu, positions=self.positions, orientation=self.orientation,
+                      pixel_spacing=self.pixel_spacing, slice_spacing=self.slice_spacing,
+                      sop_instance_uids=[str(i) for i in range(self.shape[0])], series_instance_uid="1.2.3",
+                      study_instance_uid="1.2")
 
     @property
     def lung_labels(self) -> np.ndarray:

@@ -91,9 +91,7 @@ from node.pipeline.types import Volume  # noqa: E402
 
 
 def phantom_volume(p: ph.Phantom) -> Volume:
-    return Volume(hu=p.hu, positions=p.positions, orientation=p.orientation, pixel_spacing=p.pixel_spacing,
-                  slice_spacing=p.slice_spacing, sop_instance_uids=[str(i) for i in range(p.shape[0])],
-                  series_instance_uid="1.2.3", study_instance_uid="1.2")
+    return p.as_volume()
 
 
 def lung_metrics(p: ph.Phantom, lungs: LungMasks) -> dict[str, float]:
