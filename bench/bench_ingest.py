@@ -71,8 +71,14 @@ def cut_node(stage: str) -> None:
 
 
 def serve_node(port: int, folder: Path, fsync: bool = True, cut: str = "") -> None:
+    import logging
+
     import node.spool
     from node.config import load_settings
+
+    # Logging as `ctnode serve` sets it up (node/cli.py main), to a file here instead of the journal
+    logging.basicConfig(level=logging.INFO, filename=folder / "node.log",
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if not fsync:  # diagnostic only: shows what durability costs on this disk; the node always fsyncs
         node.spool.os.fsync = lambda fd: None

@@ -1,12 +1,13 @@
 """The listener over real associations (pynetdicom SCU on loopback)."""
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
 from pydicom import dcmread
 from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
@@ -15,6 +16,7 @@ from node.db.schema import Event, Instance, Job
 from node.listener import Listener
 from tests.conftest import make_settings
 from tests.factory import ct_slice
+from tests.util import captured_logs
 
 
 @pytest.fixture
@@ -216,3 +218,28 @@ def test_transfer_syntax_the_node_cannot_decode_is_not_negotiated(listener):
         assoc.release()
     with listener.sessions() as s:
         assert s.scalars(select(Instance)).all() == []
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+def test_pynetdicom_describes_each_message_only_at_debug(tmp_path, level):
+    """pynetdicom's per-message log handlers (a line per instance, a copy of each data set) run only when
+    its DEBUG output is wanted (``ctnode -v``); the audit table records every instance either way."""
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    old_level, old_handlers = pynetdicom_log.level, pynetdicom_config.LOG_HANDLER_LEVEL
+    pynetdicom_log.setLevel(level)
+    try:
+        settings = make_settings(tmp_path, node={"allowed_calling_aets": ["SENDER"]})
+        lst = Listener(settings, open_database(settings.storage.database_url))
+        lst.start()
+        try:
+            with captured_logs(level) as logs:
+                [status] = send(lst, ct_slice())
+        finally:
+            lst.stop()
+    finally:
+        pynetdicom_log.setLevel(old_level)
+        pynetdicom_config.LOG_HANDLER_LEVEL = old_handlers  # process-wide: leave it as found
+    assert status.Status == 0x0000
+    described = "Received Store Request" in logs.text()
+    assert described == (level == logging.DEBUG), logs.text()[-2000:]
+    assert len(events(lst, "association_accepted")) == 1
