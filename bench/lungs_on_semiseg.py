@@ -31,6 +31,8 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -82,36 +84,59 @@ def lungs_across_rows(mask: np.ndarray) -> bool:
     return mask[int(0.45 * h):int(0.55 * h)].mean() < mask[:, int(0.45 * w):int(0.55 * w)].mean()
 
 
+def labelled_slices(data: Path, split: str) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(name, 8-bit image, GGO mask, consolidation mask) of each slice of ``split``: "test" (the 48 test
+    slices, GGO and consolidation in GT-1 and GT-2; the figures reported) or "train" (the 50 multi-class
+    training slices, one label image: 1 GGO, 2 consolidation; where lung rules are worked out, so that the
+    test slices stay unseen)."""
+    from PIL import Image
+
+    folder = data / ("TestingSet/MultiClassInfection-Test" if split == "test" else "TrainingSet/MultiClassInfection-Train")
+    images = sorted((folder / "Imgs").glob("*.jpg"), key=lambda p: int(p.stem))
+    if not images:
+        raise FileNotFoundError(f"no {split} images under {folder}")
+    for path in images:
+        image8 = np.asarray(Image.open(path).convert("L"))
+        if split == "test":
+            ggo = np.asarray(Image.open(folder / "GT-1" / f"{path.stem}.png")) > 0
+            cons = np.asarray(Image.open(folder / "GT-2" / f"{path.stem}.png")) > 0
+        else:
+            label = np.asarray(Image.open(folder / "GT" / f"{path.stem}.png"))
+            ggo, cons = label == 1, label == 2
+        yield path.stem, image8, ggo, cons
+
+
+class SliceResult(NamedTuple):
+    """One slice with expert infection, default lung steps."""
+
+    share_inside: float            # of its expert infection
+    stem: str
+    consolidation: int             # expert consolidation pixels
+    consolidation_inside: int
+    consolidation_median_hu: float  # through the assumed window; nan without consolidation
+
+
 VARIANTS = {"no recovery": ("6", "6a"), "step 6": ("6a",), "6 + 6a (default)": ()}  # steps switched off
 STEPS = {"6": "recover_dense_periphery", "6a": "recover_bronchograms"}
 
 
 def measure(data: Path, spacing: float = 0.75, variants: tuple[str, ...] = tuple(VARIANTS),
-            png: Path | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[float, str]]]:
-    """Segment the lungs of every test slice with each variant of ``VARIANTS``.
+            png: Path | None = None, split: str = "test") -> tuple[dict[str, np.ndarray], np.ndarray, list[SliceResult]]:
+    """Segment the lungs of every slice of ``split`` with each variant of ``VARIANTS``.
 
     Returns, per variant, the expert pixels inside the lung mask (infection, GGO, consolidation) and, against
     the first variant, the pixels it adds and how many of those are expert infection; the expert pixels in
-    all; and (share inside, slice) per slice with infection for the last variant;
+    all; and a :class:`SliceResult` per slice with infection for the last variant;
     ``png``: overlays of the last variant.
     """
-    from PIL import Image
-
     from node.pipeline import lungs as lungs_mod
 
-    test = data / "TestingSet" / "MultiClassInfection-Test"
-    images = sorted((test / "Imgs").glob("*.jpg"), key=lambda p: int(p.stem))
-    if not images:
-        raise FileNotFoundError(f"no test images under {test}")
     saved = {step: getattr(lungs_mod, fn) for step, fn in STEPS.items()}
     off = lambda labels, *a, **k: (labels.copy(), 0)  # noqa: E731
     inside = {v: np.zeros(5) for v in variants}
     truth = np.zeros(3)
-    per_slice: list[tuple[float, str]] = []
-    for path in images:
-        image8 = np.asarray(Image.open(path).convert("L"))
-        ggo = np.asarray(Image.open(test / "GT-1" / f"{path.stem}.png")) > 0
-        cons = np.asarray(Image.open(test / "GT-2" / f"{path.stem}.png")) > 0
+    per_slice: list[SliceResult] = []
+    for stem, image8, ggo, cons in labelled_slices(data, split):
         classes = (ggo | cons, ggo, cons)
         truth += [m.sum() for m in classes]
         volume, default, pad = ct_slice(image8, spacing)
@@ -131,32 +156,30 @@ def measure(data: Path, spacing: float = 0.75, variants: tuple[str, ...] = tuple
             added = mask & ~first
             inside[name] += [*((m & mask).sum() for m in classes), added.sum(), (added & classes[0]).sum()]
         if classes[0].any():
-            per_slice.append(((classes[0] & mask).sum() / classes[0].sum(), path.stem))
+            hu = volume.hu[0][pad:-pad, pad:-pad]
+            per_slice.append(SliceResult((classes[0] & mask).sum() / classes[0].sum(), stem, int(cons.sum()),
+                                         int((cons & mask).sum()),
+                                         float(np.median(hu[cons])) if cons.any() else float("nan")))
         if png:
-            overlay(image8, mask, first, classes[0], png / f"{path.stem}.png")
+            overlay(image8, mask, first, classes[0], png / f"{stem}.png")
     return inside, truth, per_slice
 
 
-def infection_dice(data: Path, spacing: float = 0.75) -> tuple[dict[str, tuple[float, float]], np.ndarray]:
+def infection_dice(data: Path, spacing: float = 0.75, split: str = "test") -> tuple[dict[str, tuple[float, float]], np.ndarray]:
     """{"inside the node's lung mask" | "whole crop": (pooled Dice, per-slice mean Dice)} of the shipped
     Inf-Net engine against the expert infection masks of the test slices; and per slice (share of the lung
     that :func:`node.pipeline.lungs.dense_infection_outside` finds, share of the lung that the expert
     infection outside the lung mask amounts to), the two sides of the node's under-segmentation note."""
-    from PIL import Image
-
     from models.engine import InfNetEngine
     from node.pipeline.lungs import dense_infection_outside
     from node.pipeline.types import LungMasks
 
     engine = InfNetEngine(device="cpu")
-    test = data / "TestingSet" / "MultiClassInfection-Test"
     counts = {name: np.zeros(3) for name in ("inside the node's lung mask", "whole crop")}
     per_slice: dict[str, list[float]] = {name: [] for name in counts}
     flagged: list[tuple[float, float]] = []
-    for path in sorted((test / "Imgs").glob("*.jpg"), key=lambda p: int(p.stem)):
-        image8 = np.asarray(Image.open(path).convert("L"))
-        truth = ((np.asarray(Image.open(test / "GT-1" / f"{path.stem}.png")) > 0)
-                 | (np.asarray(Image.open(test / "GT-2" / f"{path.stem}.png")) > 0))
+    for _, image8, ggo, cons in labelled_slices(data, split):
+        truth = ggo | cons
         volume, lungs, pad = ct_slice(image8, spacing)
         whole = np.zeros(volume.shape, np.uint8)
         whole[0, pad:-pad, pad:-pad] = LungMasks.RIGHT
@@ -179,14 +202,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "covid-semiseg")
     ap.add_argument("--spacing", type=float, default=0.75, help="assumed pixel size (mm)")
+    ap.add_argument("--split", choices=("test", "train"), default="test",
+                    help="test: the 48 test slices (the reported figures); train: the 50 multi-class training "
+                    "slices, for working out lung rules without looking at the test slices")
     ap.add_argument("--png", type=Path, help="write one overlay per slice (default variant) here")
     ap.add_argument("--infection", action="store_true",
                     help="also the Inf-Net engine's Dice inside the node's lung mask and on the whole crop")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
-    inside, truth, per_slice = measure(args.data, args.spacing, png=args.png)
+    inside, truth, per_slice = measure(args.data, args.spacing, png=args.png, split=args.split)
     print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_semiseg.py --spacing {args.spacing:g}  "
-          f"({len(per_slice)} test slices with infection; {int(truth[0])} infection pixels, "
+          f"--split {args.split}  ({len(per_slice)} slices with infection; {int(truth[0])} infection pixels, "
           f"{int(truth[2])} of them consolidation)")
     print("| lung steps | share of expert infection inside the lung mask | GGO | consolidation "
           "| pixels added to the lung mask | of which expert infection |")
@@ -197,11 +223,22 @@ def main() -> None:
         print(f"| {name} | {share[0]:.3f} | {share[1]:.3f} | {share[2]:.3f} | {added} |")
     per_slice.sort()
     print("slices with the least infection inside (default): "
-          + ", ".join(f"{stem} ({share:.2f})" for share, stem in per_slice[:5]))
+          + ", ".join(f"{r.stem} ({r.share_inside:.2f})" for r in per_slice[:5]))
+    # Consolidation that reads denser than DENSE_HU allows through the assumed window (another display
+    # window, or contrast) is out of reach of the density range by construction of this bench's HU.
+    from node.pipeline.lungs import DENSE_HU
+
+    for label, pick in ((f"<= {DENSE_HU[1]:g} HU", lambda r: r.consolidation_median_hu <= DENSE_HU[1]),
+                        (f"> {DENSE_HU[1]:g} HU", lambda r: r.consolidation_median_hu > DENSE_HU[1])):
+        rows = [r for r in per_slice if r.consolidation and pick(r)]
+        total = sum(r.consolidation for r in rows)
+        print(f"slices whose expert consolidation reads at a median {label}: {len(rows)}, "
+              f"{total} consolidation pixels, {sum(r.consolidation_inside for r in rows) / max(total, 1):.3f} "
+              "inside the lung mask (default)")
     if args.infection:
         print("| Inf-Net engine (shipped weights, flip TTA) | infection Dice, pooled | per-slice mean |")
         print("|---|---|---|")
-        dice, flagged = infection_dice(args.data, args.spacing)
+        dice, flagged = infection_dice(args.data, args.spacing, args.split)
         for name, (pooled, mean) in dice.items():
             print(f"| {name} | {pooled:.3f} | {mean:.3f} |")
         from node.pipeline.lungs import MISSED_DENSE_SHARE as share
