@@ -3,11 +3,14 @@
 Both SCPs run in child Python processes; DCMTK ``storescu`` (with TCP_NODELAY=1) sends the same phantom study
 to each, alternately, ``--repeat`` times. The minimal SCP only writes ``event.encoded_dataset()`` to a file;
 the node also validates, writes atomically with fsync and records each instance in SQLite before answering.
-Reported: median wall time of storescu for each, their ratio, and the peak RSS of each SCP process.
+Reported: median wall time of storescu for each, their ratio, the CPU time each SCP process used meanwhile
+(all threads; steadier than wall time on a shared machine) and the peak RSS of each SCP process.
 
     python bench/bench_ingest.py --slices 300 --size 512 --repeat 3
     python bench/bench_ingest.py --repeat 7 --baseline-rev 7627eca   # a change against an earlier commit
     python bench/bench_ingest.py --repeat 7 --decompose --no-fsync-diagnostic   # what each part costs
+    python bench/bench_ingest.py --repeat 7 --like-for-like   # also a minimal SCP with pynetdicom's log
+                                                              # handlers off, as in the node
 """
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.environ.get("CTNODE_BENCH_TREE", str(REPO)))
 
 
-def serve_minimal(port: int, folder: Path) -> None:
-    from pynetdicom import AE, evt
+def serve_minimal(port: int, folder: Path, tuned: bool = False) -> None:
+    """The minimal SCP; ``tuned`` turns pynetdicom's per-message log handlers off as the node does (unless
+    ``ctnode -v``), so that the node's ratio to it is what the node's own work costs (--like-for-like)."""
+    from pynetdicom import AE, _config, evt
     from pynetdicom.sop_class import CTImageStorage
 
     def on_store(event):
@@ -37,6 +42,8 @@ def serve_minimal(port: int, folder: Path) -> None:
             fh.write(event.encoded_dataset())
         return 0x0000
 
+    if tuned:
+        _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title="CTNODE")
     ae.add_supported_context(CTImageStorage)
     ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, on_store)])
@@ -106,8 +113,8 @@ def child(kind: str, port: int, folder: Path) -> None:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, report)
-    if kind == "minimal":
-        serve_minimal(port, folder)
+    if kind in ("minimal", "minimal-tuned"):
+        serve_minimal(port, folder, tuned=kind == "minimal-tuned")
     else:
         serve_node(port, folder, fsync=(kind != "node-nofsync"),
                    cut=kind.removeprefix("node-upto-") if kind.startswith("node-upto-") else "")
@@ -133,7 +140,14 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"SCP on port {port} did not start")
 
 
-def run_once(kind: str, study: Path, work: Path, baseline_tree: Path | None = None) -> tuple[float, int]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_once(kind: str, study: Path, work: Path, baseline_tree: Path | None = None) -> tuple[float, int, float]:
+    """(storescu's wall time, the SCP's peak RSS in KB, the SCP's CPU seconds while storescu ran)."""
     folder = work / f"{kind}-{time.monotonic_ns()}"
     folder.mkdir()
     port = free_port()
@@ -146,16 +160,16 @@ def run_once(kind: str, study: Path, work: Path, baseline_tree: Path | None = No
         wait_port(port)
         storescu = shutil.which("storescu", path="/usr/bin") or "storescu"
         env = dict(os.environ, TCP_NODELAY="1")
-        t0 = time.perf_counter()
+        cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
         subprocess.run([storescu, "-aec", "CTNODE", "+sd", "+r", "127.0.0.1", str(port), str(study)],
                        check=True, env=env, stdout=subprocess.DEVNULL)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, cpu_seconds(proc.pid) - cpu0
     finally:
         proc.terminate()
         proc.wait(30)
     rss = int((folder / "rss_kb").read_text()) if (folder / "rss_kb").exists() else -1
     shutil.rmtree(folder)
-    return elapsed, rss
+    return elapsed, rss, cpu
 
 
 def main() -> None:
@@ -168,6 +182,9 @@ def main() -> None:
     ap.add_argument("--decompose", action="store_true",
                     help="also run the node with its handler cut after each part (diagnostic: empty, checks, row), "
                     "to show what each part of the handler costs against the same minimal SCP")
+    ap.add_argument("--like-for-like", action="store_true",
+                    help="also run the minimal SCP with pynetdicom's log handlers off, as the node runs: the "
+                    "node's ratio to it is what the node's own work costs")
     ap.add_argument("--baseline-rev", help="also run the node listener of this git revision (a temporary "
                     "worktree), side by side: how a change moved the ingest time on a noisy machine")
     ap.add_argument("--child")
@@ -186,6 +203,8 @@ def main() -> None:
         kinds = ["minimal", "node"] + (["node-nofsync"] if args.no_fsync_diagnostic else [])
         if args.decompose:
             kinds += ["node-upto-empty", "node-upto-checks", "node-upto-row"]
+        if args.like_for_like:
+            kinds.append("minimal-tuned")
         baseline_tree = None
         if args.baseline_rev:
             baseline_tree = work / "baseline-tree"
@@ -193,13 +212,16 @@ def main() -> None:
                             args.baseline_rev], check=True)
             kinds.append("baseline")
         times: dict[str, list[float]] = {k: [] for k in kinds}
+        cpu: dict[str, list[float]] = {k: [] for k in kinds}
         rss: dict[str, int] = {}
         for _ in range(args.repeat):
             for kind in kinds:
-                t, r = run_once(kind, work / "study", work, baseline_tree)
+                t, r, c = run_once(kind, work / "study", work, baseline_tree)
                 times[kind].append(t)
+                cpu[kind].append(c)
                 rss[kind] = max(rss.get(kind, 0), r)
         med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         result = {
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} CPUs",
             "study": f"{len(files)} instances {args.size}x{args.size}, {size_mb:.0f} MB",
@@ -211,8 +233,13 @@ def main() -> None:
             **({"node_nofsync_s": round(med["node-nofsync"], 2),
                 "ratio_nofsync_over_minimal": round(med["node-nofsync"] / med["minimal"], 2)}
                if "node-nofsync" in med else {}),
+            **({"minimal_tuned_s": round(med["minimal-tuned"], 2),
+                "ratio_node_over_minimal_tuned": round(med["node"] / med["minimal-tuned"], 2)}
+               if args.like_for_like else {}),
             **({"ratio_over_minimal": {k: round(v / med["minimal"], 2) for k, v in med.items()}}
                if args.decompose else {}),
+            # CPU seconds of each SCP process while storescu ran (less noisy than wall time on a shared VM)
+            "cpu_s": {k: round(v, 2) for k, v in med_cpu.items()},
             "peak_rss_mb": {k: round(v / 1024) for k, v in rss.items()},
             "runs": {k: [round(x, 2) for x in v] for k, v in times.items()},
         }
