@@ -422,3 +422,37 @@ def test_dense_tissue_the_engine_calls_infection_outside_the_lung_mask_is_report
     assert (small >= 0.5).sum() - 300 < MISSED_DENSE_SHARE * 600
     assert missed_dense_note(volume, lungs, small) is None
     assert missed_dense_note(volume, lungs, None) is None
+
+
+def _columns(v: Volume, c0: int, c1: int) -> Volume:
+    """``v`` reconstructed with a narrower field of view: columns c0..c1-1 only, patient positions kept."""
+    return dataclasses.replace(v, hu=v.hu[:, :, c0:c1].copy(),
+                               positions=v.positions + c0 * v.pixel_spacing[1] * np.asarray(v.orientation)[:3])
+
+
+def test_a_field_of_view_that_cuts_the_lungs_skips_the_series(diseased_phantom):
+    """Lungs that reach the image edge are not holes of the body outline, so no lung step sees them: the
+    node must say so and not score the rest. A field of view that cuts only the chest wall (a large
+    patient) is fine."""
+    from node.pipeline.select import check_lung_in_view
+
+    v = phantom_volume(diseased_phantom)
+    truth = diseased_phantom.masks["right_lung"] | diseased_phantom.masks["left_lung"]
+    lung_cols = np.flatnonzero(truth.any(axis=(0, 1)))
+    body_cols = np.flatnonzero((v.hu > -500).any(axis=(0, 1)))
+    full = segment_lungs(v)
+    assert full.fov_cut_cm2 == 0 and check_lung_in_view(v, full) is None
+
+    wall_cut = _columns(v, (body_cols[0] + lung_cols[0]) // 2, (body_cols[-1] + lung_cols[-1]) // 2 + 1)
+    assert (wall_cut.hu[:, :, [0, -1]] > -500).any()  # the body does reach both image edges
+    lungs = segment_lungs(wall_cut)
+    assert lungs.fov_cut_cm2 == 0 and check_lung_in_view(wall_cut, lungs) is None
+    assert abs(int(lungs.lungs.sum()) - int(full.lungs.sum())) < 0.02 * full.lungs.sum()
+
+    for c0, c1 in ((lung_cols[0] + 4, v.shape[2]), (lung_cols[0] + 12, lung_cols[-1] - 12)):  # one side, both
+        cut = _columns(v, c0, c1)
+        lungs = segment_lungs(cut)
+        assert lungs.fov_cut_cm2 > 10 and lungs.partial_coverage
+        assert any("edge of the reconstructed field of view" in n for n in lungs.notes), lungs.notes
+        reason = check_lung_in_view(cut, lungs)
+        assert reason and reason.startswith("lungs cut by the reconstructed field of view"), reason

@@ -41,7 +41,9 @@ Steps, all on the source voxel grid (no resampling):
    ``LungMasks.notes`` say how much was recovered or dropped.
 
 A single slice goes through the same steps in 2D. ``partial_coverage`` is set for one slice, or when lung
-reaches the first or last slice; the note then says which end is cut (apex, base or both).
+reaches the first or last slice; the note then says which end is cut (apex, base or both). It is also set,
+with ``fov_cut_cm2`` and a note, when lung reaches the in-plane edge of the image (a field of view narrower
+than the chest, :func:`lung_cut_by_fov`): series selection skips such a series.
 """
 from __future__ import annotations
 
@@ -92,6 +94,10 @@ MIN_2D_PIECE_FRACTION = 0.1     # on one slice, lung pieces smaller than this sh
 RIM_MM = 2.5                    # opening radius (at least one pixel): drops rims of extrapleural fat and
                                 # partial volume thinner than about twice this
 BOX_MARGIN_PX = 8               # segment_lungs works in the body's bounding box widened by this (air around it)
+FOV_LUNG_MEDIAN_HU = -950.0     # air outside the body outline with a median above this is lung cut off by the
+                                # image edge (room air reads about -1000 HU, padding far below)
+FOV_LUNG_MIN_CM2 = 1.0          # ... in regions of at least this area on a slice (specks of partial volume at
+                                # the skin of full-field-of-view slices are under 0.2 cm2)
 MISSED_DENSE_SHARE = 0.05       # missed_dense_note: report from this share of the lung (the first band of the
                                 # zone score: less would not move a zone score by more than one band)
 
@@ -828,6 +834,34 @@ def coverage_note(labels: np.ndarray, volume: Volume) -> str | None:
     return f"lung reaches the first or last slice: {cut} not fully in the field of view"
 
 
+def lung_cut_by_fov(hu: np.ndarray, body: np.ndarray, spacing_rc: tuple[float, float]) -> float:
+    """Largest area (cm2) on one slice of lung that the reconstructed field of view cuts: 0.0 when none.
+
+    Where the field of view is narrower than the chest, the lungs reach the image edge; they are then not
+    holes of the body outline but part of the air around it, and no lung step sees them. Such air is told
+    from room air by its density: on slices where the body reaches the image edge, each region of air
+    (below ``AIR_HU``) outside the body outline that reaches the image edge too, has a median above
+    ``FOV_LUNG_MEDIAN_HU`` and an area of at least ``FOV_LUNG_MIN_CM2`` counts. The area is that of the
+    lung lost on that slice: no lung step takes a lung that reaches the image edge.
+    """
+    pixel_cm2 = spacing_rc[0] * spacing_rc[1] / 100.0
+    largest = 0
+    for k in np.flatnonzero(body[:, 0].any(axis=1) | body[:, -1].any(axis=1)
+                            | body[:, :, 0].any(axis=1) | body[:, :, -1].any(axis=1)):
+        lab, n = ndi.label((hu[k] < AIR_HU) & ~body[k])
+        if n == 0:
+            continue
+        size = np.bincount(lab.ravel(), minlength=n + 1)
+        denser = np.bincount(lab[hu[k] > FOV_LUNG_MEDIAN_HU], minlength=n + 1)
+        at_edge = np.zeros(n + 1, bool)
+        at_edge[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])] = True
+        # more than half of a region above the threshold: its median is
+        lung_like = (denser * 2 > size) & (size * pixel_cm2 >= FOV_LUNG_MIN_CM2) & at_edge
+        lung_like[0] = False
+        largest = max(largest, int(size[lung_like].sum()))
+    return largest * pixel_cm2
+
+
 def body_box(body: np.ndarray, margin: int = BOX_MARGIN_PX) -> tuple[slice, slice]:
     """In-plane (rows, columns) bounding box of ``body`` over all slices, ``margin`` pixels wider (clipped)."""
     rows = np.flatnonzero(body.any(axis=(0, 2)))
@@ -861,7 +895,13 @@ def segment_lungs(volume: Volume, *, closing_mm: float | None = None) -> LungMas
     labels[:, rows, cols] = inner.labels
     airways = np.zeros(volume.shape, bool)
     airways[:, rows, cols] = inner.airways
-    return dataclasses.replace(inner, labels=labels, airways=airways, body=body)
+    cut_cm2 = lung_cut_by_fov(volume.hu, body, volume.pixel_spacing)
+    notes = inner.notes
+    if cut_cm2 > 0:
+        notes = [*notes, f"lung reaches the edge of the reconstructed field of view (up to {cut_cm2:.1f} cm2 "
+                         "of lung on one slice not segmented): the field of view is narrower than the chest"]
+    return dataclasses.replace(inner, labels=labels, airways=airways, body=body, fov_cut_cm2=cut_cm2,
+                               partial_coverage=inner.partial_coverage or cut_cm2 > 0, notes=notes)
 
 
 def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None) -> LungMasks:

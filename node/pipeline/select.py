@@ -411,8 +411,18 @@ def check_lung_in_view(volume: Volume, lungs: LungMasks) -> str | None:
     Lung is "in view" when, on its best slice, the segmented lung covers at least ``LUNG_MIN_AREA_CM2``
     and at least ``LUNG_MIN_BODY_FRACTION`` of the body cross-section. Bowel gas of an abdomen slice is
     kept out of the lung mask by :func:`node.pipeline.lungs.segment_lungs` (pure-gas HU, size rules), and
-    what remains is small relative to the body, so abdomen slices are skipped.
+    what remains is small relative to the body, so abdomen slices are skipped. A series whose field of view
+    cuts the lungs (:attr:`~node.pipeline.types.LungMasks.fov_cut_cm2`) is skipped with that reason.
     """
+    if lungs.fov_cut_cm2 > 0:
+        # A lung that reaches the image edge is lost on that slice, and the edge is where COVID-19 opacities
+        # are most common (subpleural): no score of such a series would mean what it says.
+        return (f"lungs cut by the reconstructed field of view (up to {lungs.fov_cut_cm2:.1f} cm2 of lung on one "
+                "slice reaches the image edge): not analysed; send a series reconstructed with a full field of view")
+    return _no_lung_reason(volume, lungs)
+
+
+def _no_lung_reason(volume: Volume, lungs: LungMasks) -> str | None:
     lung = lungs.lungs
     pixel_cm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1] / 100.0
     per_slice = lung.reshape(lung.shape[0], -1).sum(axis=1)
