@@ -449,6 +449,12 @@ def test_a_field_of_view_that_cuts_the_lungs_skips_the_series(diseased_phantom):
     assert lungs.fov_cut_cm2 == 0 and check_lung_in_view(wall_cut, lungs) is None
     assert abs(int(lungs.lungs.sum()) - int(full.lungs.sum())) < 0.02 * full.lungs.sum()
 
+    # a foam pad as dense as lung (-880 HU) fills the air under the patient, out to the image edges
+    padded = dataclasses.replace(wall_cut, hu=wall_cut.hu.copy())
+    below = np.maximum.accumulate(lungs.body, axis=1) & ~lungs.body  # under the body, column by column
+    padded.hu[below & (padded.hu < -900)] = -880.0
+    assert lungs_mod.lung_cut_by_fov(padded.hu, lungs.body, v.pixel_spacing) == 0
+
     for c0, c1 in ((lung_cols[0] + 4, v.shape[2]), (lung_cols[0] + 12, lung_cols[-1] - 12)):  # one side, both
         cut = _columns(v, c0, c1)
         lungs = segment_lungs(cut)

@@ -94,10 +94,12 @@ MIN_2D_PIECE_FRACTION = 0.1     # on one slice, lung pieces smaller than this sh
 RIM_MM = 2.5                    # opening radius (at least one pixel): drops rims of extrapleural fat and
                                 # partial volume thinner than about twice this
 BOX_MARGIN_PX = 8               # segment_lungs works in the body's bounding box widened by this (air around it)
-FOV_LUNG_MEDIAN_HU = -950.0     # air outside the body outline with a median above this is lung cut off by the
-                                # image edge (room air reads about -1000 HU, padding far below)
-FOV_LUNG_MIN_CM2 = 1.0          # ... in regions of at least this area on a slice (specks of partial volume at
-                                # the skin of full-field-of-view slices are under 0.2 cm2)
+FOV_LUNG_MEDIAN_HU = -900.0     # lung_cut_by_fov: air outside the body outline with a median above this is lung
+                                # (aerated lung about -850 HU, room air -1000; not nearer -1000: a pocket of air
+                                # and fabric between arm and chest read -943; a cut emphysematous lung may go unseen)
+FOV_LUNG_MIN_CM2 = 1.0          # ... in a region of at least this area (specks at the skin are under 0.2 cm2)
+FOV_LUNG_WALLED = 0.65          # ... with at least this share of its outline, beyond the cut, against the body
+                                # (foam pads under the patient on the shared real slices: 0.58 at most)
 MISSED_DENSE_SHARE = 0.05       # missed_dense_note: report from this share of the lung (the first band of the
                                 # zone score: less would not move a zone score by more than one band)
 
@@ -835,30 +837,41 @@ def coverage_note(labels: np.ndarray, volume: Volume) -> str | None:
 
 
 def lung_cut_by_fov(hu: np.ndarray, body: np.ndarray, spacing_rc: tuple[float, float]) -> float:
-    """Largest area (cm2) on one slice of lung that the reconstructed field of view cuts: 0.0 when none.
+    """Largest area (cm2) on one slice of lung that the image edge cuts: 0.0 when none.
 
     Where the field of view is narrower than the chest, the lungs reach the image edge; they are then not
-    holes of the body outline but part of the air around it, and no lung step sees them. Such air is told
-    from room air by its density: on slices where the body reaches the image edge, each region of air
-    (below ``AIR_HU``) outside the body outline that reaches the image edge too, has a median above
-    ``FOV_LUNG_MEDIAN_HU`` and an area of at least ``FOV_LUNG_MIN_CM2`` counts. The area is that of the
-    lung lost on that slice: no lung step takes a lung that reaches the image edge.
+    holes of the body outline but part of the air around it, and no lung step sees them. Such lung is told
+    from room air by its density: on slices where the body reaches the image edge, a region of air
+    (below ``AIR_HU``) outside the body outline counts when it reaches the image edge too, its
+    median is above ``FOV_LUNG_MEDIAN_HU``, its area at least ``FOV_LUNG_MIN_CM2`` and at least
+    ``FOV_LUNG_WALLED`` of the rest of its outline lies against the body (the foam pad under the patient is
+    as dense as lung, but lies against the table and room air). The area is that of the lung lost on that
+    slice. Not detected: a lung cut by the edge of the reconstruction circle inside the image (its padding
+    reads as air, -1024 HU, in a :class:`Volume`), which foam pads and air under the arms imitate too closely.
     """
     pixel_cm2 = spacing_rc[0] * spacing_rc[1] / 100.0
+    edge = np.zeros(body.shape[1:], bool)
+    edge[[0, -1], :] = edge[:, [0, -1]] = True
+    cross = ndi.generate_binary_structure(2, 1)
     largest = 0
-    for k in np.flatnonzero(body[:, 0].any(axis=1) | body[:, -1].any(axis=1)
-                            | body[:, :, 0].any(axis=1) | body[:, :, -1].any(axis=1)):
+    for k in np.flatnonzero((body & edge).any(axis=(1, 2))):
         lab, n = ndi.label((hu[k] < AIR_HU) & ~body[k])
         if n == 0:
             continue
         size = np.bincount(lab.ravel(), minlength=n + 1)
         denser = np.bincount(lab[hu[k] > FOV_LUNG_MEDIAN_HU], minlength=n + 1)
         at_edge = np.zeros(n + 1, bool)
-        at_edge[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])] = True
+        at_edge[lab[edge]] = True
         # more than half of a region above the threshold: its median is
         lung_like = (denser * 2 > size) & (size * pixel_cm2 >= FOV_LUNG_MIN_CM2) & at_edge
         lung_like[0] = False
-        largest = max(largest, int(size[lung_like].sum()))
+        if not lung_like.any():
+            continue
+        cand = np.where(lung_like[lab], lab, 0)
+        ring = ndi.grey_dilation(cand, footprint=cross) * ((cand == 0) & ~edge)  # outline, by region
+        walled = (np.bincount(ring[body[k]], minlength=n + 1)
+                  >= FOV_LUNG_WALLED * np.bincount(ring.ravel(), minlength=n + 1))
+        largest = max(largest, int(size[lung_like & walled].sum()))
     return largest * pixel_cm2
 
 
