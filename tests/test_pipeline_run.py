@@ -91,6 +91,18 @@ def test_abdomen_series_with_more_slices_falls_back_to_the_chest_series(tmp_path
     assert any("GGO lower bound" in n for n in r.notes)
 
 
+def test_a_series_whose_field_of_view_cuts_the_lungs_gives_way_to_a_full_one(tmp_path):
+    full = synthetic_chest(ggo=True)
+    narrow = synthetic_chest(slices=24)  # more slices: ranked first
+    write_series(tmp_path / "full", full.volume.hu, BodyPartExamined=None)
+    write_series(tmp_path / "narrow", narrow.volume.hu[:, :, 22:74], BodyPartExamined=None)  # lungs cut
+    r = run_pipeline([tmp_path])
+    assert r.status == "done" and r.volume.shape[0] == 16
+    by_n = {d.n_instances: d for d in r.decisions}
+    assert by_n[24].reason.startswith("lungs cut by the reconstructed field of view") and not by_n[24].accepted
+    assert by_n[16].chosen and r.chosen_series_uid == by_n[16].series_uid
+
+
 def test_undecodable_series_fails_with_a_reason(tmp_path):
     import pydicom
 
