@@ -58,7 +58,7 @@ class LungMasks:
     labels: np.ndarray                   # (slices, rows, cols) uint8
     airways: np.ndarray | None = None    # bool, trachea and main bronchi that were removed
     body: np.ndarray | None = None       # bool
-    partial_coverage: bool = False       # apex or bases not in the field of view
+    partial_coverage: bool = False       # apex, bases or (fov_cut_cm2) a side not in the field of view
     # Largest area (cm2, one slice) of lung that the edge of the reconstructed field of view cuts off
     # (:func:`node.pipeline.lungs.lung_cut_by_fov`); such lung is outside the body outline and not in ``labels``.
     fov_cut_cm2: float = 0.0
