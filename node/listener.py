@@ -298,9 +298,9 @@ class Listener:
             pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom's standard event handlers describe every PDU and DIMSE message (a "Received Store
         # Request" line per instance at INFO, a dump of each message at DEBUG) and copy each data set to do
-        # so (without them 0.95-0.99 of the ingest time, docs/performance.md). The audit table records every instance, so
-        # they run only when pynetdicom's DEBUG output is wanted (``ctnode -v``). Process-wide, read by each
-        # association as it starts (the export's too).
+        # so (without them 0.95-0.99 of the ingest time, docs/performance.md). The audit table records every
+        # instance, so they run only when pynetdicom's DEBUG output is wanted (``ctnode -v``). Process-wide,
+        # read by each association as it starts (the export's too).
         pynetdicom_config.LOG_HANDLER_LEVEL = (
             "standard" if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG) else "none")
         self.ae = self._make_ae()
