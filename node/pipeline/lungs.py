@@ -854,7 +854,8 @@ def lung_cut_by_fov(hu: np.ndarray, body: np.ndarray, spacing_rc: tuple[float, f
     edge[[0, -1], :] = edge[:, [0, -1]] = True
     cross = ndi.generate_binary_structure(2, 1)
     largest = 0
-    for k in np.flatnonzero((body & edge).any(axis=(1, 2))):
+    # slices where the body reaches the image edge (looking at the border rows and columns only)
+    for k in np.flatnonzero(body[:, [0, -1], :].any(axis=(1, 2)) | body[:, :, [0, -1]].any(axis=(1, 2))):
         lab, n = ndi.label((hu[k] < AIR_HU) & ~body[k])
         if n == 0:
             continue
