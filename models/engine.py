@@ -98,7 +98,8 @@ class InfNetEngine:
         if self.multi is not None:
             desc += f"; multi-class {self.multi_meta.get('name')} sha256 {self.multi_meta.get('sha256', '')[:16]}"
         self.identity = EngineIdentity(name="infnet", version=ENGINE_VERSION,
-                                       weights_sha256=meta.get("sha256", ""), description=desc)
+                                       weights_sha256=meta.get("sha256", ""), description=desc,
+                                       device=f"{self.device.type} {str(self.dtype).removeprefix('torch.')}")
 
     # --------------------------------------------------------------------------------------------------
     @torch.no_grad()

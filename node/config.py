@@ -93,7 +93,7 @@ class ProcessingSettings:
     device: str = "auto"          # auto | cpu | cuda
     workers: int = 1
     job_timeout: float = 1800.0   # a worker running longer is killed and its job failed
-    worker_memory_gb: float = 0.0  # address-space cap of each worker process (0 = none)
+    worker_memory_gb: float = 0.0  # memory (data) cap of each worker process (0 = none)
     max_attempts: int = 2         # a job whose worker died is retried this many times in all
     check_interval: float = 1.0   # seconds between scheduler ticks
     seg_series_number: int = 901

@@ -121,7 +121,8 @@ def result_text(session: Session, job_id: int) -> str | None:
         lines.append(f"  series {res.series_instance_uid or '-'}")
         if res.engine_name:
             lines.append(f"  engine {res.engine_name} {res.engine_version}"
-                         + (f", weights sha256 {res.weights_sha256[:16]}..." if res.weights_sha256 else ""))
+                         + (f", weights sha256 {res.weights_sha256[:16]}..." if res.weights_sha256 else "")
+                         + (f", on {res.decisions['engine_device']}" if res.decisions.get("engine_device") else ""))
         if res.decisions.get("lobe_map"):
             lines.append(f"  zones: the lobes of SEG {res.decisions['lobe_map']}")
         for d in res.decisions.get("series", []):

@@ -96,6 +96,7 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
                 weights_sha256=getattr(engine, "weights_sha256", ""),
                 scores=_jsonable(analysis.scores), timings=_jsonable(analysis.timings),
                 decisions={"series": _jsonable(getattr(pipe, "decisions", [])),
+                           "engine_device": getattr(engine, "device", ""),
                            "lobe_map": getattr(pipe, "lobe_map_uid", None),
                            "lobe_map_notes": list(getattr(pipe, "lobe_map_notes", [])),
                            "notes": list(getattr(pipe, "notes", []))},
@@ -128,10 +129,15 @@ def worker_main(settings: Settings, job_id: int, attempt: int) -> None:
 
 
 def limit_memory(gigabytes: float) -> None:
-    """Cap this process's address space (RLIMIT_AS) so that one huge study fails with MemoryError instead of
-    pushing the host into swap or the kernel's OOM killer (which could pick the listener). 0: no cap."""
+    """Cap this process's data memory (RLIMIT_DATA: heap and private writable mappings, which is where numpy and
+    torch allocate) so that one huge study fails with MemoryError instead of pushing the host into swap or the
+    kernel's OOM killer (which could pick the listener). 0: no cap.
+
+    Not the address space (RLIMIT_AS): the CUDA driver reserves far more address space than it uses (18 GB
+    of it on an H200), so under an address-space cap CUDA fails to start and the engine runs on the CPU;
+    reserved address space is not writable and RLIMIT_DATA does not count it (tests/test_gpu.py)."""
     if gigabytes > 0:
         import resource
 
         cap = int(gigabytes * 1024**3)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))

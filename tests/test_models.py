@@ -255,6 +255,7 @@ def test_engine_with_shipped_weights():
     assert res.infection.shape == vol.shape
     assert not (res.infection & ~lungs.lungs).any()
     assert len(eng.identity.weights_sha256) == 64
+    assert eng.identity.device == "cpu float32"
     if res.ggo is not None:
         assert np.array_equal(res.ggo | res.consolidation, res.infection)
         assert not (res.ggo & res.consolidation).any()

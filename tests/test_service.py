@@ -77,7 +77,7 @@ def test_retention_removes_old_reference_segs(tmp_path):
 
 
 def test_study_too_big_for_worker_memory_fails_alone(tmp_path):
-    """A real allocation failure: the worker's address space is capped (processing.worker_memory_gb), a large
+    """A real allocation failure: the worker's data memory is capped (processing.worker_memory_gb), a large
     study fails with "out of memory" (not retried), a small one after it is processed, the listener serves."""
     from node.phantom import make_phantom, write_phantom_study
 
@@ -99,3 +99,24 @@ def test_study_too_big_for_worker_memory_fails_alone(tmp_path):
     finally:
         node.stop()
     assert [(j.state, j.attempts) for j in jobs] == [("failed", 1), ("done", 1)]
+
+
+def test_result_records_where_the_network_ran(tmp_path):
+    """An auditor can tell a result computed on the CPU (fp32) from one computed on a GPU (fp16)."""
+    from node.phantom import make_phantom, write_phantom_study
+    from node.reports import result_text
+
+    study = write_phantom_study(make_phantom(rows=128, cols=128, slices=24, pixel_spacing=2.8, slice_spacing=10.0,
+                                             seed=6), tmp_path / "study")
+    settings = make_settings(tmp_path, processing={"engine": "infnet", "device": "cpu", "stable_after": 0.5})
+    node = Node(settings)
+    node.start()
+    try:
+        assert send_study(study, "127.0.0.1", node.listener.port, "CTNODE", progress=False) == len(study)
+        wait_for(lambda: job_state(node)[0] == "done", 240, "the study to be processed")
+        with node.sessions() as s:
+            job = s.scalars(select(Job)).one()
+            assert job.result.decisions["engine_device"] == "cpu float32"
+            assert "engine infnet" in result_text(s, job.id) and ", on cpu float32" in result_text(s, job.id)
+    finally:
+        node.stop()

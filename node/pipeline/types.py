@@ -101,3 +101,4 @@ class EngineIdentity:
     version: str         # engine code version
     weights_sha256: str  # "" when the engine has no weights
     description: str = ""
+    device: str = ""     # where a network ran and in which precision ("cuda float16", "cpu float32"); "" if none
