@@ -1,9 +1,15 @@
 """Processing time per stage for one phantom study, with the time to read the series from disk beside it.
 
-    python bench/bench_pipeline.py --slices 300 --size 512 --engine threshold
+    python bench/bench_pipeline.py --slices 300 --size 512 --runs threshold infnet
+    python bench/bench_pipeline.py --runs infnet:cuda infnet:cuda infnet:cpu   # on a GPU machine
 
-Reading the files (pydicom, pixels decoded) is the baseline run in the same process: every stage is also
-reported as a ratio to it, so the numbers compare across machines better than seconds do.
+Each run is ``ENGINE[:DEVICE]`` and analyses the same phantom study, one after the other in this process.
+Reading the files (pydicom, pixels decoded) is the baseline measured in the same process: every stage is
+also reported as a ratio to it, so the numbers compare across machines better than seconds do. "setup" is
+the part of the analysis outside the stages (building the engine: loading weights and, on the first CUDA
+run of a process, creating the CUDA context; each node job runs in a fresh worker process, so a job pays
+it every time). Each run's infection mask is compared with the first run of the same engine (Dice and
+voxels that differ), which shows what the GPU's half precision changes against the CPU's fp32.
 """
 from __future__ import annotations
 
@@ -17,22 +23,46 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def agreement(ref, other) -> dict:
+    """How ``other``'s infection (and consolidation) masks differ from ``ref``'s."""
+    out = {"infection_dice": round(dice(ref.infection, other.infection), 5),
+           "infection_voxels_differing": int((ref.infection ^ other.infection).sum()),
+           "infection_voxels": int(ref.infection.sum())}
+    if ref.consolidation is not None and other.consolidation is not None:
+        out["consolidation_dice"] = round(dice(ref.consolidation, other.consolidation), 5)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--engine", default="threshold")
+    ap.add_argument("--runs", nargs="+", default=["threshold"], metavar="ENGINE[:DEVICE]")
+    ap.add_argument("--engine", help="one run of this engine (same as --runs ENGINE)")
     args = ap.parse_args()
+    runs = [args.engine] if args.engine else args.runs
 
+    import torch
     from pydicom import dcmread
 
     from node.phantom import make_phantom, write_phantom_study
     from node.processing import analyse, write_outputs
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.node()}, {os.cpu_count()} CPUs, GPU {gpu}, torch {torch.__version__}",
+              "runs": []}
     try:
         phantom = make_phantom(rows=args.size, cols=args.size, slices=args.slices, slice_spacing=1.0)
         files = write_phantom_study(phantom, work / "study")
@@ -41,22 +71,33 @@ def main() -> None:
         for f in files:
             dcmread(f).pixel_array
         read_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        analysis = analyse(files, engine=args.engine)
-        total_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        write_outputs(analysis, work / "out")
-        analysis.timings["write"] = time.perf_counter() - t0
-        stages = {k: round(v, 2) for k, v in analysis.timings.items()}
-        result = {
-            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} CPUs",
-            "study": f"{len(files)} slices {args.size}x{args.size}", "engine": args.engine,
-            "status": analysis.status,
-            "read_series_s": round(read_s, 2), "analyse_total_s": round(total_s, 2), "stages_s": stages,
-            "stage_over_read": {k: round(v / read_s, 2) for k, v in analysis.timings.items()},
-            "seg_plus_sr_over_read": round((analysis.timings.get("seg", 0) + analysis.timings.get("sr", 0)) / read_s, 2),
-        }
-        print(json.dumps(result, indent=2))
+        report.update(study=f"{len(files)} slices {args.size}x{args.size}", read_series_s=round(read_s, 2))
+        first: dict[str, object] = {}
+        for i, run in enumerate(runs):
+            engine, _, device = run.partition(":")
+            options = {"device": device} if device else {}
+            t0 = time.perf_counter()
+            analysis = analyse(files, engine=engine, engine_options=options)
+            total_s = time.perf_counter() - t0
+            stages = dict(analysis.timings)
+            stages["setup"] = total_s - sum(stages.values())
+            t0 = time.perf_counter()
+            write_outputs(analysis, work / f"out{i}")
+            stages["write"] = time.perf_counter() - t0
+            entry = {"run": run, "status": analysis.status, "analyse_total_s": round(total_s, 2),
+                     "stages_s": {k: round(v, 2) for k, v in stages.items()},
+                     "stage_over_read": {k: round(v / read_s, 2) for k, v in stages.items()},
+                     "percent_involved": {k: v for k, v in analysis.scores.items() if k.startswith("percent_involved")}}
+            infection = analysis.pipeline.infection if analysis.pipeline is not None else None
+            if infection is not None:
+                if engine in first:
+                    entry["against_first_" + engine] = agreement(first[engine], infection)
+                else:
+                    first[engine] = infection
+            report["runs"].append(entry)
+            print(json.dumps(entry), flush=True)
+            del analysis
+        print(json.dumps(report, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
