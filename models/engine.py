@@ -13,6 +13,7 @@ Imports numpy, torch and ``node.pipeline.types`` only (no pydicom).
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -34,16 +35,20 @@ _warned_cpu = False
 
 def choose_device(requested: str | None) -> torch.device:
     """CUDA when asked for or available ("auto"/None), otherwise the CPU; falling back to the CPU without being
-    asked to logs one warning per process, so a missing GPU is seen once, not per slice or per study batch."""
+    asked to logs one warning per process (with CUDA's reason when it has one), so a missing GPU is seen once,
+    not per slice or per study batch."""
     global _warned_cpu
     if requested == "cpu":
         return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+    with warnings.catch_warnings(record=True) as caught:  # torch says why CUDA failed to start as a warning
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
     if not _warned_cpu:
         asked = "processing.device is \"cuda\" but " if requested == "cuda" else ""
-        log.warning("%sno CUDA GPU is available: the Inf-Net engine runs on the CPU in fp32 (slower; set "
-                    "processing.device = \"cpu\" to make this the intended setting)", asked)
+        why = str(caught[0].message).split(" (Triggered internally")[0] if caught else "no CUDA GPU is available"
+        log.warning("%sCUDA cannot be used (%s): the Inf-Net engine runs on the CPU in fp32 (slower; set "
+                    "processing.device = \"cpu\" to make this the intended setting)", asked, why)
         _warned_cpu = True
     return torch.device("cpu")
 

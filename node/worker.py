@@ -50,6 +50,11 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def engine_identity(analysis: Any) -> Any:
+    """The engine identity of ``analysis`` (None when the analysis did not get that far)."""
+    return getattr(getattr(analysis, "pipeline", None), "engine", None)
+
+
 def process_job(settings: Settings, job_id: int, attempt: int) -> str:
     """Process ``job_id`` (already claimed as ``attempt``) and commit its outcome; returns the final state."""
     from node.processing import analyse_with, write_outputs
@@ -88,8 +93,7 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
             log.warning("job %d was released while this worker ran; its result is discarded", job_id)
             return "discarded"
         if analysis is not None and analysis.pipeline is not None:
-            pipe = analysis.pipeline
-            engine = getattr(pipe, "engine", None)
+            pipe, engine = analysis.pipeline, engine_identity(analysis)
             session.add(Result(
                 job_id=job.id, series_instance_uid=getattr(pipe, "chosen_series_uid", None) or "",
                 engine_name=getattr(engine, "name", ""), engine_version=getattr(engine, "version", ""),
@@ -112,6 +116,11 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
                     session.add(Export(job_id=job.id, destination=dest.name, sop_instance_uid=str(ds.SOPInstanceUID),
                                        path=str(out[key])))
         set_job_state(session, job, state, reason)
+        device = getattr(engine_identity(analysis), "device", "")
+        if settings.processing.device == "cuda" and device.startswith("cpu"):
+            add_event(session, "engine_on_cpu", f'processing.device is "cuda" but the engine ran on {device}: '
+                      "CUDA could not be used in the worker process (its log says why)",
+                      study_uid=study_uid, job_id=job.id)
         if tb:
             add_event(session, "job_traceback", tb, study_uid=study_uid, job_id=job.id)
         add_event(session, "job_elapsed", f"{state} in {elapsed:.1f} s", study_uid=study_uid, job_id=job.id,

@@ -274,11 +274,34 @@ def test_cpu_fallback_warns_once(monkeypatch):
         assert engine.choose_device("cuda").type == "cpu"
         assert engine.choose_device(None).type == "cpu"
     warnings = [r.getMessage() for r in logs.records if r.name == "models.engine"]
-    assert len(warnings) == 1 and "no CUDA GPU is available" in warnings[0] and "processing.device" in warnings[0]
+    assert len(warnings) == 1 and "(no CUDA GPU is available)" in warnings[0] and "processing.device" in warnings[0]
     monkeypatch.setattr(engine, "_warned_cpu", False)
     with captured_logs(logging.WARNING) as logs:
         assert engine.choose_device("cpu").type == "cpu"  # asked for: nothing to warn about
     assert not [r for r in logs.records if r.name == "models.engine"]
+
+
+def test_cpu_fallback_names_cudas_reason(monkeypatch):
+    """torch reports why CUDA failed to start as a warning (as under an address-space cap on an H200):
+    the fallback's log line carries it, without torch's source location."""
+    import logging
+    import warnings
+
+    import models.engine as engine
+    from tests.util import captured_logs
+
+    def unavailable() -> bool:
+        warnings.warn("CUDA initialization: Unexpected error from cudaGetDeviceCount(). Error 2: out of memory "
+                      "(Triggered internally at /pytorch/c10/cuda/CUDAFunctions.cpp:119.)", UserWarning)
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", unavailable)
+    monkeypatch.setattr(engine, "_warned_cpu", False)
+    with captured_logs(logging.WARNING) as logs:
+        assert engine.choose_device("cuda").type == "cpu"
+    [message] = [r.getMessage() for r in logs.records if r.name == "models.engine"]
+    assert message.startswith('processing.device is "cuda" but CUDA cannot be used (CUDA initialization: '
+                              "Unexpected error from cudaGetDeviceCount(). Error 2: out of memory): the Inf-Net")
 
 
 def test_flip_tta_is_the_mean_over_the_four_flips():

@@ -1,10 +1,11 @@
 """Scheduler duties: a worker over its time limit is killed and its job failed; retention purges the spool."""
 from __future__ import annotations
 
-
+import pytest
+import torch
 from sqlalchemy import select
 
-from node.db.schema import Instance, Job
+from node.db.schema import Event, Instance, Job
 from node.demo import send_study
 from node.service import Node
 from tests.conftest import make_settings
@@ -101,14 +102,18 @@ def test_study_too_big_for_worker_memory_fails_alone(tmp_path):
     assert [(j.state, j.attempts) for j in jobs] == [("failed", 1), ("done", 1)]
 
 
-def test_result_records_where_the_network_ran(tmp_path):
-    """An auditor can tell a result computed on the CPU (fp32) from one computed on a GPU (fp16)."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_result_records_where_the_network_ran(tmp_path, device):
+    """An auditor can tell a result computed on the CPU (fp32) from one computed on a GPU (fp16); a worker
+    that was configured for CUDA but could not use it says so in the audit log."""
     from node.phantom import make_phantom, write_phantom_study
     from node.reports import result_text
 
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: tests/test_gpu.py covers the worker on the GPU")
     study = write_phantom_study(make_phantom(rows=128, cols=128, slices=24, pixel_spacing=2.8, slice_spacing=10.0,
                                              seed=6), tmp_path / "study")
-    settings = make_settings(tmp_path, processing={"engine": "infnet", "device": "cpu", "stable_after": 0.5})
+    settings = make_settings(tmp_path, processing={"engine": "infnet", "device": device, "stable_after": 0.5})
     node = Node(settings)
     node.start()
     try:
@@ -118,5 +123,11 @@ def test_result_records_where_the_network_ran(tmp_path):
             job = s.scalars(select(Job)).one()
             assert job.result.decisions["engine_device"] == "cpu float32"
             assert "engine infnet" in result_text(s, job.id) and ", on cpu float32" in result_text(s, job.id)
+            warnings = s.scalars(select(Event.detail).where(Event.kind == "engine_on_cpu")).all()
     finally:
         node.stop()
+    if device == "cuda":
+        assert warnings == ['processing.device is "cuda" but the engine ran on cpu float32: CUDA could not be used '
+                            'in the worker process (its log says why)']
+    else:
+        assert warnings == []
