@@ -16,7 +16,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from node.db.schema import Job
+from node.db.schema import Event, Job
 from node.demo import send_study
 from node.phantom import make_phantom, write_phantom_study
 from node.processing import analyse
@@ -104,5 +104,6 @@ def test_node_worker_processes_a_study_on_the_gpu(tmp_path, study):
             job = s.scalars(select(Job)).one()
             assert job.state == "done", job.reason
             assert job.result.decisions["engine_device"] == "cuda float16"
+            assert not s.scalars(select(Event).where(Event.kind == "engine_on_cpu")).all()
     finally:
         node.stop()
