@@ -144,7 +144,8 @@ def limit_memory(gigabytes: float) -> None:
 
     Not the address space (RLIMIT_AS): the CUDA driver reserves far more address space than it uses (18 GB
     of it on an H200), so under an address-space cap CUDA fails to start and the engine runs on the CPU;
-    reserved address space is not writable and RLIMIT_DATA does not count it (tests/test_gpu.py)."""
+    reserved address space is not writable and RLIMIT_DATA does not count it (tests/test_gpu.py). Since Linux
+    4.7 RLIMIT_DATA counts anonymous mappings too, not only the heap."""
     if gigabytes > 0:
         import resource
 
