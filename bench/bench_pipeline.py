@@ -23,24 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
 def agreement(ref, other) -> dict:
-    """How ``other``'s infection (and consolidation) masks differ from ``ref``'s."""
-    out = {"infection_dice": round(dice(ref.infection, other.infection), 5),
+    """How ``other``'s infection (and consolidation) masks differ from ``ref``'s (Dice None: both empty)."""
+    from node.agreement import dice
+
+    out = {"infection_dice": dice(ref.infection, other.infection),
            "infection_voxels_differing": int((ref.infection ^ other.infection).sum()),
            "infection_voxels": int(ref.infection.sum())}
     if ref.consolidation is not None and other.consolidation is not None:
-        out["consolidation_dice"] = round(dice(ref.consolidation, other.consolidation), 5)
-    return out
+        out["consolidation_dice"] = dice(ref.consolidation, other.consolidation)
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def main() -> None:

@@ -50,11 +50,6 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def engine_identity(analysis: Any) -> Any:
-    """The engine identity of ``analysis`` (None when the analysis did not get that far)."""
-    return getattr(getattr(analysis, "pipeline", None), "engine", None)
-
-
 def process_job(settings: Settings, job_id: int, attempt: int) -> str:
     """Process ``job_id`` (already claimed as ``attempt``) and commit its outcome; returns the final state."""
     from node.processing import analyse_with, write_outputs
@@ -86,6 +81,7 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
     else:
         tb = ""
     elapsed = time.perf_counter() - started
+    engine = getattr(getattr(analysis, "pipeline", None), "engine", None)  # None if it did not get that far
 
     with sessions.begin() as session:
         job = session.get(Job, job_id)
@@ -93,7 +89,7 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
             log.warning("job %d was released while this worker ran; its result is discarded", job_id)
             return "discarded"
         if analysis is not None and analysis.pipeline is not None:
-            pipe, engine = analysis.pipeline, engine_identity(analysis)
+            pipe = analysis.pipeline
             session.add(Result(
                 job_id=job.id, series_instance_uid=getattr(pipe, "chosen_series_uid", None) or "",
                 engine_name=getattr(engine, "name", ""), engine_version=getattr(engine, "version", ""),
@@ -116,7 +112,7 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
                     session.add(Export(job_id=job.id, destination=dest.name, sop_instance_uid=str(ds.SOPInstanceUID),
                                        path=str(out[key])))
         set_job_state(session, job, state, reason)
-        device = getattr(engine_identity(analysis), "device", "")
+        device = getattr(engine, "device", "")
         if settings.processing.device == "cuda" and device.startswith("cpu"):
             add_event(session, "engine_on_cpu", f'processing.device is "cuda" but the engine ran on {device}: '
                       "CUDA could not be used in the worker process (its log says why)",

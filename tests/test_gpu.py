@@ -16,6 +16,7 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from node.agreement import dice
 from node.db.schema import Event, Job
 from node.demo import send_study
 from node.phantom import make_phantom, write_phantom_study
@@ -26,10 +27,6 @@ from tests.util import wait_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU on this machine (CI has none): run on a GPU machine")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +45,8 @@ def test_infnet_on_cuda_agrees_with_the_cpu(study):
     assert a.infection.sum() > 1000  # the phantom's lesions are found at all
     assert dice(a.infection, b.infection) >= 0.99
     if a.consolidation is not None:
-        assert dice(a.consolidation, b.consolidation) >= 0.98
+        agreement = dice(a.consolidation, b.consolidation)
+        assert agreement is None or agreement >= 0.98  # None: neither found consolidation
     for key in ("percent_involved_right", "percent_involved_left", "percent_involved_total"):
         assert abs(cpu.scores[key] - gpu.scores[key]) < 0.1, key  # percentage points
 
@@ -57,20 +55,13 @@ def _engine_under_cap(gigabytes: float) -> tuple[str, bool]:
     """In a fresh process, as the worker does: cap the memory, then build and run the engine on CUDA;
     then check the cap still stops an allocation larger than itself."""
     from models.engine import InfNetEngine
-    from node.pipeline.types import LungMasks, Volume
+    from node.pipeline.types import LungMasks
     from node.worker import limit_memory
 
     limit_memory(gigabytes)
     engine = InfNetEngine(device="cuda")
-    hu = np.full((4, 128, 128), -850.0, np.float32)
-    hu[:, 40:60, 40:60] = -500.0
-    labels = np.zeros(hu.shape, np.uint8)
-    labels[:, 16:112, 16:64], labels[:, 16:112, 64:112] = 1, 2
-    volume = Volume(hu=hu, positions=np.array([[0.0, 0.0, 5.0 * k] for k in range(4)]),
-                    orientation=np.array([1.0, 0, 0, 0, 1, 0]), pixel_spacing=(1.0, 1.0), slice_spacing=5.0,
-                    sop_instance_uids=[f"1.2.3.{k}" for k in range(4)], series_instance_uid="1.2.3",
-                    study_instance_uid="1.2")
-    engine.segment(volume, LungMasks(labels=labels))
+    phantom = make_phantom(rows=128, cols=128, slices=8, pixel_spacing=2.8, slice_spacing=10.0, seed=7)
+    engine.segment(phantom.as_volume(), LungMasks(labels=phantom.lung_labels))
     try:
         np.ones(int(gigabytes * 1.5 * 1024**3), np.uint8)
         capped = False
