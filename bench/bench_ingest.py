@@ -11,6 +11,7 @@ Reported: median wall time of storescu for each, their ratio, the CPU time each 
     python bench/bench_ingest.py --repeat 7 --decompose --no-fsync-diagnostic   # what each part costs
     python bench/bench_ingest.py --repeat 7 --like-for-like   # also a minimal SCP with pynetdicom's log
                                                               # handlers off, as in the node
+    python bench/bench_ingest.py --repeat 7 --to-disk        # also the node with node.receive_to_disk = true
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def cut_node(stage: str) -> None:
         node.listener.place = lambda staged, path: None
 
 
-def serve_node(port: int, folder: Path, fsync: bool = True, cut: str = "") -> None:
+def serve_node(port: int, folder: Path, fsync: bool = True, cut: str = "", to_disk: bool = False) -> None:
     import logging
 
     import node.spool
@@ -94,7 +95,7 @@ def serve_node(port: int, folder: Path, fsync: bool = True, cut: str = "") -> No
     from node.db import open_database
     from node.listener import Listener
 
-    settings = load_settings(overrides={"node": {"port": port},
+    settings = load_settings(overrides={"node": {"port": port, "receive_to_disk": to_disk},
                                         "storage": {"spool_dir": str(folder / "spool"),
                                                     "database_url": f"sqlite:///{folder / 'ctnode.db'}"}}, env={})
     listener = Listener(settings, open_database(settings.storage.database_url))
@@ -116,7 +117,7 @@ def child(kind: str, port: int, folder: Path) -> None:
     if kind in ("minimal", "minimal-tuned"):
         serve_minimal(port, folder, tuned=kind == "minimal-tuned")
     else:
-        serve_node(port, folder, fsync=(kind != "node-nofsync"),
+        serve_node(port, folder, fsync=(kind != "node-nofsync"), to_disk=(kind == "node-to-disk"),
                    cut=kind.removeprefix("node-upto-") if kind.startswith("node-upto-") else "")
 
 
@@ -185,6 +186,9 @@ def main() -> None:
     ap.add_argument("--like-for-like", action="store_true",
                     help="also run the minimal SCP with pynetdicom's log handlers off, as the node runs: the "
                     "node's ratio to it is what the node's own work costs")
+    ap.add_argument("--to-disk", action="store_true",
+                    help="also run the node with node.receive_to_disk = true (config/node.production.toml): "
+                    "pynetdicom writes each data set to a temporary file while it arrives")
     ap.add_argument("--baseline-rev", help="also run the node listener of this git revision (a temporary "
                     "worktree), side by side: how a change moved the ingest time on a noisy machine")
     ap.add_argument("--child")
@@ -205,6 +209,8 @@ def main() -> None:
             kinds += ["node-upto-empty", "node-upto-checks", "node-upto-row"]
         if args.like_for_like:
             kinds.append("minimal-tuned")
+        if args.to_disk:
+            kinds.append("node-to-disk")
         baseline_tree = None
         if args.baseline_rev:
             baseline_tree = work / "baseline-tree"
@@ -236,6 +242,9 @@ def main() -> None:
             **({"minimal_tuned_s": round(med["minimal-tuned"], 2),
                 "ratio_node_over_minimal_tuned": round(med["node"] / med["minimal-tuned"], 2)}
                if args.like_for_like else {}),
+            **({"node_to_disk_s": round(med["node-to-disk"], 2),
+                "ratio_to_disk_over_minimal": round(med["node-to-disk"] / med["minimal"], 2)}
+               if args.to_disk else {}),
             **({"ratio_over_minimal": {k: round(v / med["minimal"], 2) for k, v in med.items()}}
                if args.decompose else {}),
             # CPU seconds of each SCP process while storescu ran (less noisy than wall time on a shared VM)
