@@ -3,7 +3,8 @@
 Both SCPs run in child Python processes; DCMTK ``storescu`` (with TCP_NODELAY=1) sends the same phantom study
 to each, alternately, ``--repeat`` times. The minimal SCP only writes ``event.encoded_dataset()`` to a file;
 the node also validates, writes atomically with fsync and records each instance in SQLite before answering.
-Reported: median wall time of storescu for each, their ratio, the CPU time each SCP process used meanwhile
+Reported: median wall time of storescu for each, their ratio (also paired: median and quartiles of the ratio
+within each alternation), the CPU time each SCP process used meanwhile
 (all threads; steadier than wall time on a shared machine) and the peak RSS of each SCP process.
 
     python bench/bench_ingest.py --slices 300 --size 512 --repeat 3
@@ -173,6 +174,13 @@ def run_once(kind: str, study: Path, work: Path, baseline_tree: Path | None = No
     return elapsed, rss, cpu
 
 
+def paired(a: list[float], b: list[float]) -> dict[str, float]:
+    """Median and quartiles of a[i] / b[i]."""
+    ratios = [x / y for x, y in zip(a, b)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return {"median": round(statistics.median(ratios), 2), "q1": round(q1, 2), "q3": round(q3, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slices", type=int, default=300)
@@ -250,6 +258,11 @@ def main() -> None:
             # CPU seconds of each SCP process while storescu ran (less noisy than wall time on a shared VM)
             "cpu_s": {k: round(v, 2) for k, v in med_cpu.items()},
             "peak_rss_mb": {k: round(v / 1024) for k, v in rss.items()},
+            # Each alternation runs every kind once, close in time: the ratio within an alternation is paired,
+            # so the machine's drift cancels. Median and quartiles of those ratios.
+            "paired_ratios": {f"{a}/{b}": paired(times[a], times[b]) for a, b in
+                              [(k, "minimal") for k in kinds if k != "minimal"]
+                              + ([("node", "baseline")] if args.baseline_rev else [])},
             "runs": {k: [round(x, 2) for x in v] for k, v in times.items()},
         }
         print(json.dumps(result, indent=2))
