@@ -115,7 +115,8 @@ def result_text(session: Session, job_id: int) -> str | None:
         return None
     lines = [f"Job {job.id}: study {job.study.study_instance_uid}, version {job.version}, {job.state}"
              + (f" ({job.reason})" if job.reason else ""),
-             f"  received {job.study.first_received_at:%Y-%m-%d %H:%M:%S} UTC, finished {job.finished_at or '-'}"]
+             f"  received {job.study.first_received_at:%Y-%m-%d %H:%M:%S} UTC, finished "
+             + (f"{job.finished_at:%Y-%m-%d %H:%M:%S} UTC" if job.finished_at else "-")]
     res = job.result
     if res:
         lines.append(f"  series {res.series_instance_uid or '-'}")

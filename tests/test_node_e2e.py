@@ -1,6 +1,7 @@
 """The node end to end in one process: phantom study in over DICOM, SEG and SR out, all in the database."""
 from __future__ import annotations
 
+import re
 
 import highdicom as hd
 import numpy as np
@@ -107,6 +108,8 @@ def test_study_in_seg_and_sr_out(tmp_path, phantom_study, monkeypatch, capsys):
         assert main(["results", "show", str(job.id)]) == 0
         shown = capsys.readouterr().out
         assert "percent_involved_total" in shown and str(result.seg_path) in shown and "pacs: sent" in shown
+        assert re.search(r"received \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC, finished \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\n",
+                         shown)
         assert main(["results", "export", "--csv", str(tmp_path / "r.csv")]) == 0
         import csv
 
