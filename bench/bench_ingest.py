@@ -2,7 +2,7 @@
 
 Both SCPs run in child Python processes; DCMTK ``storescu`` (with TCP_NODELAY=1) sends the same phantom study
 to each, alternately, ``--repeat`` times. The minimal SCP only writes ``event.encoded_dataset()`` to a file;
-the node also validates, writes atomically with fsync and records each instance in SQLite before answering.
+the node also validates, writes atomically and durably (O_DSYNC, rename, folder fsync) and records each instance in SQLite before answering.
 Reported: median wall time of storescu for each, their ratio (also paired: median and quartiles of the ratio
 within each alternation), the CPU time each SCP process used meanwhile
 (all threads; steadier than wall time on a shared machine) and the peak RSS of each SCP process.
@@ -89,8 +89,9 @@ def serve_node(port: int, folder: Path, fsync: bool = True, cut: str = "", to_di
     logging.basicConfig(level=logging.INFO, filename=folder / "node.log",
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    if not fsync:  # diagnostic only: shows what durability costs on this disk; the node always fsyncs
+    if not fsync:  # diagnostic only: shows what durability costs on this disk; the node always syncs
         node.spool.os.fsync = lambda fd: None
+        node.spool.os.O_DSYNC = 0  # the staged files' synchronised writes
     if cut:
         cut_node(cut)
     from node.db import open_database

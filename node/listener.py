@@ -550,7 +550,7 @@ class Listener:
             return self._refuse(event, OUT_OF_RESOURCES,
                                 f"instance of {size / 1024**2:.0f} MB above node.max_instance_mb")
         with self._instance_bytes(event, tmp_path) as chunks:
-            # The bytes go to the spool's staging folder (written, fsynced) in a spool thread while this one
+            # The bytes go to the spool's staging folder (written durably) in a spool thread while this one
             # parses, validates, hashes and prepares the row: the wait for the disk overlaps work that does not
             # need it. A refused or unrecorded instance's staged file is removed.
             staged = self._stager.submit(chunks())

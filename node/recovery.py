@@ -1,8 +1,8 @@
 """Start-up recovery of spool files that have no database row.
 
-A file reaches the spool (fsync, rename) before its row is committed. If the node dies in between, the
+A file reaches the spool (synchronised write, rename) before its row is committed. If the node dies in between, the
 instance was never acknowledged and the sender will retry; and with SQLite in WAL mode with
-``synchronous=NORMAL`` a power cut can roll back the last commits while the fsynced files survive. Either way
+``synchronous=NORMAL`` a power cut can roll back the last commits while the synced files survive. Either way
 the bytes are on disk: registering them again at start-up means an acknowledged instance is never lost, and
 a resend of the same bytes is then recognised as a duplicate.
 """

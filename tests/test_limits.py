@@ -255,22 +255,23 @@ def test_a_300_mb_instance_is_spooled_from_disk_with_flat_memory(make_listener, 
 
 
 def test_spool_write_failure_is_refused_a700_and_leaves_nothing(make_listener, monkeypatch):
-    """The disk fills up between the disk guard's check and the write (ENOSPC at fsync, as on a thin-provisioned
-    or network volume): 0xA700 with the reason, audited, no temporary file and no row; the next one is stored."""
+    """The disk fills up between the disk guard's check and the write (ENOSPC at the synchronised write, as on
+    a thin-provisioned or network volume): 0xA700 with the reason, audited, no temporary file and no row; the
+    next one is stored."""
     import errno
     import os
 
     import node.spool
 
     lst = make_listener()
-    real_fsync = os.fsync
+    real_writev = os.writev
 
-    def full(fd):
+    def full(fd, buffers):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(node.spool.os, "fsync", full)
+    monkeypatch.setattr(node.spool.os, "writev", full)
     refused = store(lst.port, ct_slice())[0]
-    monkeypatch.setattr(node.spool.os, "fsync", real_fsync)
+    monkeypatch.setattr(node.spool.os, "writev", real_writev)
     assert refused.Status == 0xA700 and refused.ErrorComment == "cannot write spool: No space left on device"
     assert [e.detail for e in events(lst, "instance_refused")] == ["0xA700 cannot write spool: No space left on device"]
     spool = lst.settings.spool_dir
