@@ -498,34 +498,38 @@ class Listener:
         with request.DataSet.getbuffer() as data_set:
             yield lambda: (header, data_set)
 
-    def _record(self, event: Any, path: Path, study_uid: str, chunks: Callable[[], Iterable[bytes]],
+    def _record(self, event: Any, path: Path, study_uid: str, digest: tuple[int, str],
                 staged: futures.Future[Path], record: Callable[[Session, int, str], str],
                 ct_instance: bool) -> Dataset | str:
-        """Record the instance and move its staged file to ``path``: the outcome of ``record``, or the status
-        to answer. A stored ``ct_instance`` counts toward its study's size (node.max_study_gb).
+        """Record the instance (``digest``: its file's size and SHA-256) and move its staged file to ``path``:
+        the outcome of ``record``, or the status to answer. A stored ``ct_instance`` counts toward its study's
+        size (node.max_study_gb).
 
         The file is placed (and its folder fsynced) inside the transaction, so the row commits only once the
         file is durable under its final name: a committed row always has its file.
         """
+        size, sha256 = digest
         try:
-            size, digest = sha256_of(chunks())
             with self._db_lock:
                 with self.sessions.begin() as session:
-                    outcome = record(session, size, digest)
+                    outcome = record(session, size, sha256)
                     place(staged.result(), path)  # an OSError (also the staging's) rolls the row back
                 if ct_instance and outcome == "stored" and study_uid in self._study_sizes:
                     self._study_sizes[study_uid] += size
             return outcome
-        except OSError as exc:  # the spool write (or, with receive_to_disk, reading the received file)
-            log.error("spool write failed: %s", exc.strerror or type(exc).__name__)
-            return self._refuse(event, OUT_OF_RESOURCES, f"cannot write spool: {exc.strerror}", study_uid)
+        except OSError as exc:  # the spool write
+            return self._spool_failed(event, exc, study_uid)
         except Exception as exc:
             # Not recorded => not acknowledged; the peer will retry. If the file was placed it stays
             # (harmless: a retry overwrites it atomically; start-up recovery registers it otherwise).
             log.error("database error while recording an instance: %s", _db_error(exc))
             return _status(OUT_OF_RESOURCES, "database unavailable, retry later")
 
-    def _store_reference(self, event: Any, ds: Dataset, uids: dict[str, str], chunks: Callable[[], Iterable[bytes]],
+    def _spool_failed(self, event: Any, exc: OSError, study_uid: str = "") -> Dataset:
+        log.error("spool write failed: %s", exc.strerror or type(exc).__name__)
+        return self._refuse(event, OUT_OF_RESOURCES, f"cannot write spool: {exc.strerror}", study_uid)
+
+    def _store_reference(self, event: Any, ds: Dataset, uids: dict[str, str], digest: tuple[int, str],
                          staged: futures.Future[Path]) -> Dataset | int:
         """A reference Segmentation: validate, spool, record; no study, instance or job row is touched."""
         study_uid = uids["StudyInstanceUID"]
@@ -541,7 +545,7 @@ class Listener:
                 sop_instance_uid=uids["SOPInstanceUID"], source_series_uid=referenced_series_uid(ds),
                 path=str(path), size=size, sha256=digest, calling_aet=aet))
 
-        outcome = self._record(event, path, study_uid, chunks, staged, record, ct_instance=False)
+        outcome = self._record(event, path, study_uid, digest, staged, record, ct_instance=False)
         return outcome if isinstance(outcome, Dataset) else SUCCESS
 
     def handle_store(self, event: Any) -> Dataset | int:
@@ -551,17 +555,22 @@ class Listener:
                                 f"instance of {size / 1024**2:.0f} MB above node.max_instance_mb")
         with self._instance_bytes(event, tmp_path) as chunks:
             # The bytes go to the spool's staging folder (written durably) in a spool thread while this one
-            # parses, validates, hashes and prepares the row: the wait for the disk overlaps work that does not
-            # need it. A refused or unrecorded instance's staged file is removed.
+            # hashes, parses, validates and prepares the row: the wait for the disk overlaps work that does not
+            # need it. Hashing first releases the GIL at once (hashlib does), so the spool thread starts its
+            # write then rather than after the parse. A refused or unrecorded instance's staged file is removed.
             staged = self._stager.submit(chunks())
             try:
-                return self._check_and_record(event, size, tmp_path, chunks, staged)
+                try:
+                    digest = sha256_of(chunks())
+                except OSError as exc:  # receive_to_disk: reading the received file
+                    return self._spool_failed(event, exc)
+                return self._check_and_record(event, size, tmp_path, digest, staged)
             finally:
                 futures.wait([staged])  # the chunks must outlive the write
                 if staged.exception() is None:
                     staged.result().unlink(missing_ok=True)  # no-op once placed
 
-    def _check_and_record(self, event: Any, size: int, tmp_path: Path | None, chunks: Callable[[], Iterable[bytes]],
+    def _check_and_record(self, event: Any, size: int, tmp_path: Path | None, digest: tuple[int, str],
                           staged: futures.Future[Path]) -> Dataset | int:
         context = event.context
         try:
@@ -578,7 +587,7 @@ class Listener:
         except Exception as exc:  # undecodable element stream
             return self._refuse(event, CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}")
         if sop_class == SegmentationStorage:
-            return self._store_reference(event, ds, uids, chunks, staged)
+            return self._store_reference(event, ds, uids, digest, staged)
         problem = validate_instance(ds, sop_class, str(context.transfer_syntax))
         if problem is not None:
             return self._refuse(event, problem[0], problem[1], study_uid)
@@ -601,5 +610,5 @@ class Listener:
                 calling_aet=aet, modality=modality, series_description=series_description,
                 patient_id=patient_id, accession_number=accession))
 
-        outcome = self._record(event, path, study_uid, chunks, staged, record, ct_instance=True)
+        outcome = self._record(event, path, study_uid, digest, staged, record, ct_instance=True)
         return outcome if isinstance(outcome, Dataset) else SUCCESS
