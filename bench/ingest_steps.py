@@ -54,6 +54,15 @@ def main() -> None:
         timed(listener_mod, name)
     for name in ("_new_temp", "_write_synced"):
         timed(spool_mod, name)
+    real_submit = spool_mod.Stager.submit
+
+    def submit(self, chunks):
+        """The staged file's future, its result() timed: how long the handler waits for the spool thread."""
+        staged = real_submit(self, chunks)
+        timed(staged, "result")
+        return staged
+
+    spool_mod.Stager.submit = submit
     timed(spool_mod.os, "fsync")
     work = Path(tempfile.mkdtemp(prefix="ingest-steps-"))
     try:
