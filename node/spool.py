@@ -117,11 +117,11 @@ def _write_all(fd: int, views: list[memoryview]) -> None:
     """``os.writev`` until every byte of ``views`` is written (a regular file may take fewer in one call)."""
     while views:
         written = os.writev(fd, views)
+        if written == 0 and any(v.nbytes for v in views):
+            raise OSError(errno.EIO, "write made no progress")
         while views and written >= views[0].nbytes:
             written -= views.pop(0).nbytes
         if views:
-            if written == 0:
-                raise OSError(errno.EIO, "write made no progress")
             views[0] = views[0][written:]
 
 

@@ -81,6 +81,8 @@ def test_staged_files_are_written_synchronously_in_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(node.spool.os, "writev", at_most_1000_bytes)
     assert stage(tmp_path / "a", chunks).read_bytes() == expected and len(calls) == 11
+    # a write that ends exactly where a chunk ends
+    assert stage(tmp_path / "c", [b"a" * 1000, b"b" * 500]).read_bytes() == b"a" * 1000 + b"b" * 500
 
     monkeypatch.setattr(node.spool.os, "writev", lambda fd, buffers: 0)  # no progress: an error, not a loop
     with pytest.raises(OSError, match="no progress"):
