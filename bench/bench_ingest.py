@@ -2,7 +2,8 @@
 
 Both SCPs run in child Python processes; DCMTK ``storescu`` (with TCP_NODELAY=1) sends the same phantom study
 to each, alternately, ``--repeat`` times. The minimal SCP only writes ``event.encoded_dataset()`` to a file;
-the node also validates, writes atomically and durably (O_DSYNC, rename, folder fsync) and records each instance in SQLite before answering.
+the node also validates, writes atomically and durably (O_DSYNC, rename, folder fsync) and records each
+instance in SQLite before answering.
 Reported: median wall time of storescu for each, their ratio (also paired: median and quartiles of the ratio
 within each alternation), the CPU time each SCP process used meanwhile
 (all threads; steadier than wall time on a shared machine) and the peak RSS of each SCP process.

@@ -86,6 +86,7 @@ def _new_temp(folder: Path) -> tuple[int, Path]:
 
 
 _BATCH_BYTES = 8 << 20  # per synchronised write when the chunks are a stream (receive_to_disk: 1 MB chunks)
+_MAX_BUFFERS = 1024  # per write: IOV_MAX on Linux
 
 
 def _write_synced(fd: int, tmp: Path, chunks: Iterable[bytes]) -> Path:
@@ -110,11 +111,9 @@ def _write_synced(fd: int, tmp: Path, chunks: Iterable[bytes]) -> Path:
     return tmp
 
 
-_MAX_BUFFERS = 1024  # IOV_MAX on Linux
-
-
 def _write_all(fd: int, views: list[memoryview]) -> None:
-    """``os.writev`` until every byte of ``views`` is written (a regular file may take fewer in one call)."""
+    """``os.writev`` until every byte of ``views`` is written (a regular file may take fewer in one call);
+    consumes ``views``."""
     while views:
         written = os.writev(fd, views)
         if written == 0 and any(v.nbytes for v in views):
