@@ -34,8 +34,8 @@ def test_plain_axial_chest_series_is_accepted():
 @pytest.mark.parametrize("image_type, expected", [
     (["ORIGINAL", "PRIMARY", "LOCALIZER"], "localizer"),
     (["ORIGINAL", "PRIMARY", "SCOUT"], "localizer"),
-    (["DERIVED", "SECONDARY", "REFORMATTED"], "derived image"),
-    (["DERIVED", "PRIMARY", "MPR"], "derived image"),
+    (["DERIVED", "SECONDARY", "SUBTRACTION"], "derived image"),
+    (["DERIVED", "PRIMARY", "MIP"], "projection or rendering"),
     (["ORIGINAL", "SECONDARY", "AXIAL"], "derived image"),
 ])
 def test_localizers_and_derived_images_are_rejected(image_type, expected):

@@ -16,8 +16,8 @@ from .engines import get_engine
 from .lungs import missed_dense_note, segment_lungs
 from .regionmap import find_lobe_map
 from .scores import Scores, compute_scores
-from .select import (SeriesDecision, check_lung_in_view, mark_chosen, patient_conflict, rank_candidates,
-                     select_series)
+from .select import (SeriesDecision, SeriesKind, check_lung_in_view, mark_chosen, patient_conflict,
+                     rank_candidates, select_series)
 from .types import EngineIdentity, InfectionResult, LungMasks, Volume
 from .volume import VolumeError, assemble_volume
 
@@ -120,6 +120,9 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
             cand.reject(no_lung)
             continue
         mark_chosen(cand, [d for d in candidates if d.accepted])
+        if cand.kind is SeriesKind.REFORMAT:  # said with the result (SR comments, report), not only in the log
+            volume.notes.append(f"analysed series is a derived axial reformat (ImageType {cand.image_type}): no "
+                                "original axial series of the study was usable")
         result.chosen_series_uid = cand.series_uid
         result.volume, result.lungs = volume, lungs
         break

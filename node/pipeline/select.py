@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, ClassVar
 
 import numpy as np
@@ -52,6 +53,28 @@ NON_CHEST_BODY_PARTS = {
     "SHOULDER", "FEMUR", "TIBIA", "HUMERUS", "PANCREAS",
 }
 
+#: ImageType words (each value split at spaces and underscores) of projections, renderings and scouts:
+#: never analysed, whatever else the ImageType says (a MIP/MinIP slab changes the densities, a rendering or a
+#: curved reformat has no slice geometry to score).
+SCOUT_IMAGE_TYPE_WORDS = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SURVIEW"}
+REFUSED_IMAGE_TYPE_WORDS = SCOUT_IMAGE_TYPE_WORDS | {
+    "MIP", "MINIP", "MAXIP", "MAXIMUM", "MINIMUM", "PROJECTION",
+    "VR", "VRT", "RENDERING", "SSD", "SURFACE", "3D", "VP", "CURVED", "CPR",
+}
+#: ImageType words of averaging or multiplanar reformats, which keep the densities of the acquisition
+#: (GE REFORMATTED\AVERAGE, Siemens MPR / CSA MPR, Canon and Philips MPR, resampled stacks).
+REFORMAT_IMAGE_TYPE_WORDS = {"MPR", "CSAMPR", "REFORMATTED", "REFORMAT", "AVERAGE", "AVG", "MEAN", "RESAMPLED",
+                             "CSAPARALLEL", "PARALLEL"}
+
+
+class SeriesKind(str, Enum):
+    """What a series is, by its ImageType: the original acquisition, or a derived axial reformat that
+    keeps its densities (analysed only when no original axial series of the study is usable)."""
+
+    ORIGINAL = "original"
+    REFORMAT = "derived reformat"
+
+
 #: Pixel check: minimum lung area (cm2) in the best slice and minimum lung fraction of the body section there.
 LUNG_MIN_AREA_CM2 = 10.0
 LUNG_MIN_BODY_FRACTION = 0.05
@@ -70,6 +93,8 @@ class SeriesDecision:
     modality: str = ""
     body_part: str = ""
     orientation: str = ""                 # "axial", "coronal", "sagittal", "oblique", "mixed", "unknown"
+    kind: SeriesKind = SeriesKind.ORIGINAL
+    image_type: str = ""                  # the first instance's ImageType, as sent ("" when absent)
     slice_thickness: float | None = None  # mm, from SliceThickness
     slice_spacing: float | None = None    # mm between slice centres, when the stack is consistent
     chosen: bool = False
@@ -91,6 +116,7 @@ class SeriesDecision:
             "series_uid": self.series_uid, "accepted": self.accepted, "chosen": self.chosen,
             "reason": self.reason, "n_instances": self.n_instances, "description": self.description,
             "modality": self.modality, "body_part": self.body_part, "orientation": self.orientation,
+            "kind": self.kind.value, "image_type": self.image_type,
             "slice_thickness": self.slice_thickness, "slice_spacing": self.slice_spacing,
             "problems": list(self.problems), "flags": list(self.flags),
         }
@@ -187,23 +213,43 @@ def _modality_problems(headers: Sequence[Dataset], d: SeriesDecision) -> None:
         d.problems.append("not a CT image (no Modality, no CT SOP class, no HU rescale)")
 
 
+def _words(image_type: list[str]) -> set[str]:
+    return {w for value in image_type for w in value.replace("_", " ").split()}
+
+
 def _image_type_problems(headers: Sequence[Dataset], d: SeriesDecision) -> None:
+    """Original acquisitions are accepted; derived series only as averaging/MPR reformats (ranked after
+    every original series); projections, renderings, curved reformats and scouts never."""
     types = [_image_type(h) for h in headers]
+    d.image_type = "\\".join(types[0]) if types else ""
     if not any(types):
         d.flags.append("ImageType missing: assumed to be original axial images")
         return
-    flat = {v for t in types for v in t}
-    if flat & {"LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM"}:
+    refused = sorted(set().union(*(_words(t) for t in types)) & REFUSED_IMAGE_TYPE_WORDS)
+    if SCOUT_IMAGE_TYPE_WORDS.intersection(refused):
         d.problems.append("localizer (scout) image, not a cross-sectional slice")
         return
-    if any(t and t[0] == "DERIVED" for t in types) or any(len(t) > 1 and t[1] == "SECONDARY" for t in types):
-        example = next(t for t in types if t and (t[0] == "DERIVED" or (len(t) > 1 and t[1] == "SECONDARY")))
+    if refused:
+        example = next(t for t in types if _words(t) & REFUSED_IMAGE_TYPE_WORDS)
         d.problems.append(
-            f"derived image (ImageType {chr(92).join(example)}): a reformat or post-processed copy, "
-            f"not the original acquisition"
+            f"projection or rendering (ImageType {chr(92).join(example)}: {', '.join(refused)}): "
+            "MIP, MinIP, volume/surface renderings, projections and curved reformats are never analysed"
         )
-    elif not all(t and t[0] == "ORIGINAL" for t in types):
-        d.problems.append("ImageType is not ORIGINAL for every image")
+        return
+    derived = [t for t in types if (t and t[0] == "DERIVED") or (len(t) > 1 and t[1] == "SECONDARY")]
+    if not derived:
+        if not all(t and t[0] == "ORIGINAL" for t in types):
+            d.problems.append("ImageType is not ORIGINAL for every image")
+        return
+    if all(_words(t) & REFORMAT_IMAGE_TYPE_WORDS for t in derived):
+        d.kind = SeriesKind.REFORMAT
+        d.flags.append(f"derived reformat (ImageType {chr(92).join(derived[0])}): analysed only when no original "
+                       "axial series of the study is usable")
+        return
+    d.problems.append(
+        f"derived image (ImageType {chr(92).join(derived[0])}): a post-processed copy that is neither the original "
+        "acquisition nor an averaging/MPR reformat"
+    )
 
 
 def _orientation_problems(headers: Sequence[Dataset], d: SeriesDecision) -> bool:
@@ -309,7 +355,8 @@ def evaluate_series(headers: Sequence[Dataset], *, min_slices: int = 1, series_u
 
 
 def _summary(d: SeriesDecision) -> str:
-    s = f"axial original CT, {d.n_instances} slice{'s' if d.n_instances != 1 else ''}"
+    kind = "original" if d.kind is SeriesKind.ORIGINAL else f"derived reformat ({d.image_type})"
+    s = f"axial {kind} CT, {d.n_instances} slice{'s' if d.n_instances != 1 else ''}"
     if d.slice_thickness:
         s += f", {d.slice_thickness:g} mm thick"
     if d.slice_spacing:
@@ -324,9 +371,45 @@ def _thickness(d: SeriesDecision) -> float:
     return d.slice_thickness or d.slice_spacing or float("inf")
 
 
+def _rank_key(d: SeriesDecision) -> tuple:
+    if d.kind is SeriesKind.ORIGINAL:  # the acquisition: most slices, then thinnest
+        return (0, -d.n_instances, _thickness(d), d.series_uid)
+    return (1, _thickness(d), -d.n_instances, d.series_uid)  # reformats: thinnest, then most slices
+
+
 def rank_candidates(decisions: Iterable[SeriesDecision]) -> list[SeriesDecision]:
-    """Accepted series, best first: most slices, then thinnest slices, then series UID (deterministic)."""
-    return sorted((d for d in decisions if d.accepted), key=lambda d: (-d.n_instances, _thickness(d), d.series_uid))
+    """Accepted series, best first: original acquisitions (most slices, then thinnest slices), then derived
+    axial reformats (thinnest, then most slices); series UID last (deterministic)."""
+    return sorted((d for d in decisions if d.accepted), key=_rank_key)
+
+
+def _why_first(chosen: SeriesDecision, nxt: SeriesDecision) -> str:
+    if chosen.kind is SeriesKind.ORIGINAL and nxt.kind is not SeriesKind.ORIGINAL:
+        return "an original acquisition, ranked before derived reformats"
+    if chosen.kind is not SeriesKind.ORIGINAL:
+        if _thickness(chosen) < _thickness(nxt):
+            return f"thinnest reformat ({_thickness(chosen):g} vs {_thickness(nxt):g} mm)"
+        if chosen.n_instances > nxt.n_instances:
+            return f"as thin as the next best and more slices ({chosen.n_instances} vs {nxt.n_instances})"
+    elif chosen.n_instances > nxt.n_instances:
+        return f"most slices ({chosen.n_instances} vs {nxt.n_instances} in the next best)"
+    elif _thickness(chosen) < _thickness(nxt):
+        return (f"as many slices as the next best ({chosen.n_instances}) and thinner slices "
+                f"({_thickness(chosen):g} vs {_thickness(nxt):g} mm)")
+    return "equal to the next best in slice count and thickness; taken first by series UID"
+
+
+def _why_not(d: SeriesDecision, chosen: SeriesDecision) -> str:
+    than = f"than series {chosen.series_uid}"
+    if d.kind is not SeriesKind.ORIGINAL and chosen.kind is SeriesKind.ORIGINAL:
+        return f"a derived reformat, and series {chosen.series_uid} is an original acquisition"
+    if d.kind is SeriesKind.ORIGINAL and d.n_instances < chosen.n_instances:
+        return f"fewer slices ({d.n_instances} vs {chosen.n_instances}) {than}"
+    if _thickness(d) > _thickness(chosen):
+        return f"thicker slices ({_thickness(d):g} vs {_thickness(chosen):g} mm) {than}"
+    if d.n_instances < chosen.n_instances:
+        return f"fewer slices ({d.n_instances} vs {chosen.n_instances}) {than}"
+    return f"series {chosen.series_uid}, an equivalent series, was taken first"
 
 
 def mark_chosen(chosen: SeriesDecision, ranked: Sequence[SeriesDecision]) -> None:
@@ -335,26 +418,16 @@ def mark_chosen(chosen: SeriesDecision, ranked: Sequence[SeriesDecision]) -> Non
     for d in ranked:
         d.chosen = False
     chosen.chosen = True
+    fallback = ""
+    if chosen.kind is not SeriesKind.ORIGINAL:
+        fallback = "no original axial series is usable, so a derived axial reformat is analysed; "
     if not others:
-        chosen.reason = f"chosen: the only acceptable series ({_summary(chosen)})"
+        chosen.reason = f"chosen: {fallback}the only acceptable series ({_summary(chosen)})"
     else:
-        nxt = others[0]
-        if chosen.n_instances > nxt.n_instances:
-            why = f"most slices ({chosen.n_instances} vs {nxt.n_instances} in the next best)"
-        elif _thickness(chosen) < _thickness(nxt):
-            why = (f"as many slices as the next best ({chosen.n_instances}) and thinner slices "
-                   f"({_thickness(chosen):g} vs {_thickness(nxt):g} mm)")
-        else:
-            why = "equal to the next best in slice count and thickness; taken first by series UID"
-        chosen.reason = f"chosen among {len(others) + 1} acceptable series: {why} ({_summary(chosen)})"
+        chosen.reason = (f"chosen among {len(others) + 1} acceptable series: {fallback}"
+                         f"{_why_first(chosen, others[0])} ({_summary(chosen)})")
     for d in others:
-        if d.n_instances < chosen.n_instances:
-            cmp = f"fewer slices ({d.n_instances} vs {chosen.n_instances})"
-        elif _thickness(d) > _thickness(chosen):
-            cmp = f"thicker slices ({_thickness(d):g} vs {_thickness(chosen):g} mm)"
-        else:
-            cmp = "an equivalent series was taken first"
-        d.reason = f"acceptable but not chosen: {cmp} than series {chosen.series_uid} ({_summary(d)})"
+        d.reason = f"acceptable but not chosen: {_why_not(d, chosen)} ({_summary(d)})"
 
 
 def select_series(items: Iterable[Any], *, min_slices: int = 1) -> tuple[SeriesDecision | None, list[SeriesDecision]]:
