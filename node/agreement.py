@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from models.metrics import dice  # None when both masks are empty: stored as undefined
 from node.db.schema import Agreement, Instance, Job, ReferenceSeg, Result, Series, utcnow
 from node.pipeline.regionmap import LEFT, RIGHT, code_of, is_lobe_map
 from node.registry import add_event, reopen_study
@@ -99,12 +100,6 @@ def masks(seg: Any, sops: Sequence[str], numbers: Sequence[int]) -> np.ndarray:
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(sops), segment_numbers=list(numbers),
                                                assert_missing_frames_are_empty=True)
     return (pixels >= 0.5).any(axis=-1)  # BINARY is 0/1; FRACTIONAL is rescaled to 0..1
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Dice coefficient 2|A&B| / (|A| + |B|); None when both masks are empty (undefined)."""
-    total = int(a.sum()) + int(b.sum())
-    return None if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def _seg_voxel_ml(seg: Any) -> float | None:

@@ -16,7 +16,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import SegmentationStorage
 from sqlalchemy import select
 
-from node.agreement import classify_segment, dice
+from models.metrics import dice
+from node.agreement import classify_segment
 from node.db.schema import Agreement, Instance, Job, ReferenceSeg, Result, Study
 from node.demo import send_study
 from node.processing import analyse
