@@ -6,19 +6,18 @@ if the node released the job meanwhile (restart, lease expiry), the stale worker
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 from node.config import Settings
 from node.db import open_database
-from node.db.schema import Export, Job, Result
+from node.db.schema import Export, Job
 from node.registry import add_event, instance_paths_for_job, reference_paths_for_study, set_job_state
+from node.results import result_row
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +33,6 @@ def _exit_with_parent() -> None:
                 os._exit(3)
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if hasattr(obj, "item"):  # numpy scalar
-        return obj.item()
-    return str(obj)
 
 
 def process_job(settings: Settings, job_id: int, attempt: int) -> str:
@@ -89,23 +74,7 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
             log.warning("job %d was released while this worker ran; its result is discarded", job_id)
             return "discarded"
         if analysis is not None and analysis.pipeline is not None:
-            pipe = analysis.pipeline
-            session.add(Result(
-                job_id=job.id, series_instance_uid=getattr(pipe, "chosen_series_uid", None) or "",
-                engine_name=getattr(engine, "name", ""), engine_version=getattr(engine, "version", ""),
-                weights_sha256=getattr(engine, "weights_sha256", ""),
-                scores=_jsonable(analysis.scores), timings=_jsonable(analysis.timings),
-                decisions={"series": _jsonable(getattr(pipe, "decisions", [])),
-                           "engine_device": getattr(engine, "device", ""),
-                           "lobe_map": getattr(pipe, "lobe_map_uid", None),
-                           "lobe_map_notes": list(getattr(pipe, "lobe_map_notes", [])),
-                           "notes": list(getattr(pipe, "notes", []))},
-                seg_sop_instance_uid=str(analysis.seg.SOPInstanceUID) if analysis.seg is not None else "",
-                sr_sop_instance_uid=str(analysis.sr.SOPInstanceUID) if analysis.sr is not None else "",
-                seg_path=str(out.get("seg", "")), sr_path=str(out.get("sr", "")),
-                key_images=[{"sop_instance_uid": str(ds.SOPInstanceUID), "path": str(out[key])}
-                            for key, ds in analysis.objects() if key.startswith("key-")],
-            ))
+            session.add(result_row(job.id, analysis, out))
         if state == "done":
             for dest in settings.destinations:
                 for key, ds in analysis.objects():
