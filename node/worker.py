@@ -16,6 +16,7 @@ from pathlib import Path
 from node.config import Settings
 from node.db import open_database
 from node.db.schema import Export, Job
+from node.db.states import JobState
 from node.registry import add_event, instance_paths_for_job, reference_paths_for_study, set_job_state
 from node.results import result_row
 
@@ -51,16 +52,16 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
         analysis = analyse_with(settings.processing, paths, lobe_maps=lobe_maps)
         if analysis.status == "done":
             out = write_outputs(analysis, settings.results_dir / study_uid / f"v{version}")
-        state, reason = analysis.status, analysis.reason
+        state, reason = JobState(analysis.status), analysis.reason
     except MemoryError:  # a real allocation failure under processing.worker_memory_gb: not retried
         log.exception("job %d ran out of memory", job_id)
-        analysis, state = None, "failed"
+        analysis, state = None, JobState.FAILED
         reason = (f"out of memory: the study needs more than processing.worker_memory_gb = "
                   f"{settings.processing.worker_memory_gb:g} GB")
         tb = traceback.format_exc()
     except Exception as exc:
         log.exception("job %d failed", job_id)
-        analysis, state = None, "failed"
+        analysis, state = None, JobState.FAILED
         reason = f"{type(exc).__name__}: {exc}"
         tb = traceback.format_exc()
     else:
@@ -70,12 +71,12 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
 
     with sessions.begin() as session:
         job = session.get(Job, job_id)
-        if job is None or job.state != "processing" or job.attempts != attempt:
+        if job is None or job.state != JobState.PROCESSING or job.attempts != attempt:
             log.warning("job %d was released while this worker ran; its result is discarded", job_id)
             return "discarded"
         if analysis is not None and analysis.pipeline is not None:
             session.add(result_row(job.id, analysis, out))
-        if state == "done":
+        if state == JobState.DONE:
             for dest in settings.destinations:
                 for key, ds in analysis.objects():
                     session.add(Export(job_id=job.id, destination=dest.name, sop_instance_uid=str(ds.SOPInstanceUID),
