@@ -17,9 +17,9 @@ from pynetdicom.sop_class import SegmentationStorage
 from sqlalchemy import select
 
 from models.metrics import dice
-from node.agreement import classify_segment
 from node.db.schema import Agreement, Instance, Job, ReferenceSeg, Result, Study
 from node.demo import send_study
+from node.pipeline.segments import classify_segment
 from node.processing import analyse
 from node.service import Node
 from tests.conftest import make_settings
