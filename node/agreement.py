@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
@@ -231,6 +230,10 @@ def compute_agreement(session: Session, ref: ReferenceSeg) -> ReferenceState:
     return ref.state
 
 
+#: References waiting to be compared (a done one is compared again only when its series got a newer result).
+_WAITING = (ReferenceState.PENDING, ReferenceState.UNMATCHED)
+
+
 def _outdated(session: Session, ref: ReferenceSeg) -> bool:
     """A compared reference whose series has a newer node result (a new study version): compare again."""
     result = latest_result(session, ref.source_series_uid)
@@ -247,7 +250,7 @@ def compute_pending(sessions: Any, limit: int = 5) -> int:
                            Result.seg_path != "", Result.job_id > ReferenceSeg.job_id).exists())
     with sessions() as session:
         ids = list(session.scalars(
-            select(ReferenceSeg.id).where(or_(ReferenceSeg.state.in_((ReferenceState.PENDING, ReferenceState.UNMATCHED)),
+            select(ReferenceSeg.id).where(or_(ReferenceSeg.state.in_(_WAITING),
                                               and_(ReferenceSeg.state == ReferenceState.DONE, newer_result)))
             .order_by(ReferenceSeg.id)))
     compared = 0

@@ -211,7 +211,8 @@ def mark_stable_studies_ready(session: Session, stable_after: float) -> list[int
 
 def claim_next_job(session: Session, lease_s: float, pid: int | None = None) -> Job | None:
     """ready -> processing for the oldest ready job, guarded so two dispatchers never take the same job."""
-    job = session.scalars(select(Job).where(Job.state == JobState.READY).order_by(Job.last_instance_at).limit(1)).first()
+    job = session.scalars(
+        select(Job).where(Job.state == JobState.READY).order_by(Job.last_instance_at).limit(1)).first()
     if job is None:
         return None
     now = utcnow()

@@ -62,8 +62,8 @@ def _region_lines(scores: dict[str, Any]) -> list[str]:
     return out
 
 
-_SHORT = {SegmentKey.RIGHT_LUNG: "right lung", SegmentKey.LEFT_LUNG: "left lung", SegmentKey.INFECTION: "infection",
-          SegmentKey.GGO: "GGO", SegmentKey.CONSOLIDATION: "consolidation"}
+_SHORT = {SegmentKey.RIGHT_LUNG: "right lung", SegmentKey.LEFT_LUNG: "left lung",
+          SegmentKey.INFECTION: "infection", SegmentKey.GGO: "GGO", SegmentKey.CONSOLIDATION: "consolidation"}
 
 
 def agreement_lines(session: Session, job_id: int) -> list[str]:
@@ -84,7 +84,8 @@ def agreement_lines(session: Session, job_id: int) -> list[str]:
             out.append(f"    {a.node_segment_label} (#{a.node_segment_number}) vs {a.reference_segment_label} "
                        f"(#{a.reference_segment_numbers}): node {a.volume_node_ml:.1f} ml, reference "
                        f"{a.volume_reference_ml:.1f} ml, difference {a.volume_difference_ml:+.1f} ml")
-    failed = session.scalars(select(ReferenceSeg).where(ReferenceSeg.job_id == job_id, ReferenceSeg.state == ReferenceState.FAILED))
+    failed = session.scalars(select(ReferenceSeg).where(ReferenceSeg.job_id == job_id,
+                                                        ReferenceSeg.state == ReferenceState.FAILED))
     out.extend(f"  reference SEG {ref.sop_instance_uid}: not compared: {ref.reason}" for ref in failed)
     return out
 

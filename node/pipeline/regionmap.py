@@ -4,10 +4,11 @@ A lobe SEG (from a lobe segmentation tool, e.g. TotalSegmentator or lungmask exp
 or drawn by hand) is recognised by its segments (:func:`node.pipeline.segments.classify_lobe`), codes first
 (DICOM CID 6170 "Lobe of Lung": SCT 45653009 Upper lobe of lung and SCT 90572001 Lower lobe of lung with a
 Right/Left laterality modifier, SCT 72481006 Middle lobe of right lung), then the label ("right upper lobe",
-"RUL", "lung_upper_lobe_right", ...). It is used when it references the analysed series and shares its frame of reference; it is decoded with highdicom
-per source instance onto the volume's slices (labels 1..5 in :data:`node.pipeline.regions.ZONES` order) and
-handed to :func:`node.pipeline.scores.compute_scores` (``region_map_kind="lobes"``), so the zones are real
-lobes and the CT-SS regions are geometric sub-divisions of real lobes.
+"RUL", "lung_upper_lobe_right", ...). It is used when it references the analysed series and shares its
+frame of reference; it is decoded with highdicom per source instance onto the volume's slices (labels 1..5 in
+:data:`node.pipeline.regions.ZONES` order) and handed to :func:`node.pipeline.scores.compute_scores`
+(``region_map_kind="lobes"``), so the zones are real lobes and the CT-SS regions are geometric sub-divisions
+of real lobes.
 """
 from __future__ import annotations
 
