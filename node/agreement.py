@@ -2,9 +2,10 @@
 
 A reference SEG (``reference_segs``, recorded by the listener) is matched to the node's latest *done*
 result whose series is the SEG's referenced series (ReferencedSeriesSequence). Segments are paired by
-meaning, not by number (:func:`classify_segment`: codes first, then the label), both SEGs are decoded with
-highdicom over the union of the source instances either one references, and for each segment present in
-both, the Dice coefficient and the volumes are stored in ``agreements`` (one row per segment). When the
+meaning, not by number (:func:`node.pipeline.segments.classify_segment`: codes first, then the label),
+both SEGs are decoded with highdicom over the union of the source instances either one references, and for
+each segment present in both, the Dice coefficient (:func:`models.metrics.dice`: undefined, stored as
+NULL, when both masks are empty) and the volumes are stored in ``agreements`` (one row per segment). When the
 series gets a newer result (a new version of the study), the reference is compared again with it; the rows
 of earlier results stay, so the audit trail shows how each version compared.
 
@@ -26,60 +27,23 @@ from typing import Any
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from models.metrics import dice
 from node.db.schema import Agreement, Instance, Job, ReferenceSeg, Result, Series, utcnow
-from node.pipeline.regionmap import LEFT, RIGHT, code_of, is_lobe_map
+from node.db.states import REFERENCE_OPEN, JobState, ReferenceState, transition
+from node.pipeline.regionmap import is_lobe_map
+from node.pipeline.segments import SegmentKey, classify_segment
 from node.registry import add_event, reopen_study
 
 log = logging.getLogger(__name__)
 
-#: Segment keys compared, in report order (the keys of :data:`node.writers.seg.SEGMENT_NUMBERS`).
-KEYS = ("right_lung", "left_lung", "infection", "ggo", "consolidation")
-
-# (coding scheme, code value) -> key; laterality of "Lung" comes from the modifier or the label.
-_CODES = {
-    ("SCT", "3341006"): "right_lung", ("SCT", "44029006"): "left_lung",
-    ("DCM", "112001"): "infection", ("DCM", "112120"): "ggo", ("SCT", "9656002"): "consolidation",
-    ("SCT", "95436008"): "consolidation",
-}
-_LUNG = ("SCT", "39607008")
+#: Segment keys compared, in report order (the node's SEG segments, :data:`node.pipeline.segments.NODE_SEGMENTS`).
+KEYS: tuple[SegmentKey, ...] = tuple(SegmentKey)
 
 
-def classify_segment(segment: Dataset) -> str | None:
-    """The key (right_lung, left_lung, infection, ggo, consolidation) of a SegmentSequence item, or None.
-
-    Codes decide first (Lung + laterality modifier, SCT right/left lung, DCM 112001 Opacity, DCM 112120
-    Ground glass opacity, SCT Consolidation); otherwise the label: "right"/"left" + "lung", "ground
-    glass"/"GGO", "consolidation", then "infection"/"lesion"/"opacity".
-    """
-    label = str(segment.get("SegmentLabel", "")).lower().replace("-", " ")
-    for prop in segment.get("SegmentedPropertyTypeCodeSequence", None) or []:
-        code = code_of(prop)
-        if code in _CODES:
-            return _CODES[code]
-        if code == _LUNG:
-            modifiers = {code_of(m) for m in prop.get("SegmentedPropertyTypeModifierCodeSequence", None) or []}
-            if RIGHT in modifiers or (not modifiers and "right" in label):
-                return "right_lung"
-            if LEFT in modifiers or (not modifiers and "left" in label):
-                return "left_lung"
-    if "lung" in label and "right" in label:
-        return "right_lung"
-    if "lung" in label and "left" in label:
-        return "left_lung"
-    if "ground glass" in label or "ggo" in label.split():
-        return "ggo"
-    if "consolidation" in label:
-        return "consolidation"
-    if any(word in label for word in ("infection", "lesion", "opacity")):
-        return "infection"
-    return None
-
-
-def segment_map(seg: Any) -> dict[str, list[tuple[int, str]]]:
+def segment_map(seg: Any) -> dict[SegmentKey, list[tuple[int, str]]]:
     """key -> [(segment number, label), ...] for a highdicom Segmentation (several segments: their union)."""
     out: dict[str, list[tuple[int, str]]] = {}
     for item in seg.SegmentSequence:
@@ -99,12 +63,6 @@ def masks(seg: Any, sops: Sequence[str], numbers: Sequence[int]) -> np.ndarray:
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(sops), segment_numbers=list(numbers),
                                                assert_missing_frames_are_empty=True)
     return (pixels >= 0.5).any(axis=-1)  # BINARY is 0/1; FRACTIONAL is rescaled to 0..1
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Dice coefficient 2|A&B| / (|A| + |B|); None when both masks are empty (undefined)."""
-    total = int(a.sum()) + int(b.sum())
-    return None if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def _seg_voxel_ml(seg: Any) -> float | None:
@@ -145,7 +103,7 @@ def source_grid(session: Session, series_uid: str) -> SourceGrid:
 
 @dataclass
 class SegmentAgreement:
-    key: str
+    key: SegmentKey
     node_numbers: list[tuple[int, str]]
     reference_numbers: list[tuple[int, str]]
     dice: float | None
@@ -189,39 +147,42 @@ def latest_result(session: Session, series_uid: str) -> Result | None:
     """The node's latest done result for ``series_uid`` with a SEG file."""
     return session.scalars(
         select(Result).join(Job, Result.job_id == Job.id)
-        .where(Result.series_instance_uid == series_uid, Job.state == "done", Result.seg_path != "")
+        .where(Result.series_instance_uid == series_uid, Job.state == JobState.DONE, Result.seg_path != "")
         .order_by(Job.version.desc(), Result.id.desc()).limit(1)).first()
 
 
-def take_lobe_map(session: Session, ref: ReferenceSeg) -> str:
+def take_lobe_map(session: Session, ref: ReferenceSeg) -> ReferenceState:
     """A lobe map (see the module docstring); updates ``ref`` and returns its new state."""
     result = latest_result(session, ref.source_series_uid)
     if result is None:
-        ref.state, ref.reason = "unmatched", f"lobe map: waiting for the node's result for series {ref.source_series_uid}"
+        transition(ref, ReferenceState.UNMATCHED)
+        ref.reason = f"lobe map: waiting for the node's result for series {ref.source_series_uid}"
         return ref.state
     if ref.job_id is not None and result.job_id < ref.job_id:
         return ref.state  # the study is being processed again for this map: wait for that result
     decisions = result.decisions or {}
     if decisions.get("lobe_map") == ref.sop_instance_uid:
-        ref.state, ref.reason, ref.job_id, ref.computed_at = "anatomy", f"lobe map used by job {result.job_id}", \
-            result.job_id, utcnow()
+        transition(ref, ReferenceState.ANATOMY)
+        ref.reason, ref.job_id, ref.computed_at = f"lobe map used by job {result.job_id}", result.job_id, utcnow()
         add_event(session, "lobe_map_used", f"SEG {ref.sop_instance_uid} gave the zones of job {result.job_id}",
                   study_uid=ref.study_instance_uid, job_id=result.job_id)
         return ref.state
     if ref.job_id is not None and result.job_id >= ref.job_id:  # reprocessed for it once already: not usable
         why = "; ".join(decisions.get("lobe_map_notes", []))
-        ref.state, ref.reason, ref.computed_at = "failed", (f"lobe map not used by job {result.job_id}: "
-                                                            f"{why or 'see the job'}")[:4000], utcnow()
+        transition(ref, ReferenceState.FAILED)
+        ref.reason = f"lobe map not used by job {result.job_id}: {why or 'see the job'}"[:4000]
+        ref.computed_at = utcnow()
         add_event(session, "lobe_map_failed", f"SEG {ref.sop_instance_uid}: {ref.reason}",
                   study_uid=ref.study_instance_uid, job_id=result.job_id)
         return ref.state
     job = reopen_study(session, session.get(Job, result.job_id).study_id,
                        f"lobe map SEG {ref.sop_instance_uid} received after job {result.job_id}")
-    ref.state, ref.reason, ref.job_id = "unmatched", f"lobe map: study reprocessed as job {job.id} to use it", job.id
+    transition(ref, ReferenceState.UNMATCHED)
+    ref.reason, ref.job_id = f"lobe map: study reprocessed as job {job.id} to use it", job.id
     return ref.state
 
 
-def compute_agreement(session: Session, ref: ReferenceSeg) -> str:
+def compute_agreement(session: Session, ref: ReferenceSeg) -> ReferenceState:
     """Compare one reference SEG with the node's result; updates ``ref`` and returns its new state."""
     import highdicom as hd
 
@@ -234,17 +195,18 @@ def compute_agreement(session: Session, ref: ReferenceSeg) -> str:
     result = latest_result(session, ref.source_series_uid)
     if result is None:
         reason = f"no node result for series {ref.source_series_uid} yet"
-        if ref.state != "unmatched":
+        if ref.state != ReferenceState.UNMATCHED:
             add_event(session, "reference_unmatched", f"reference SEG {ref.sop_instance_uid}: {reason}",
                       study_uid=ref.study_instance_uid)
-        ref.state, ref.reason = "unmatched", reason
+        transition(ref, ReferenceState.UNMATCHED)
+        ref.reason = reason
         return ref.state
     try:
         node_seg, reference_seg = hd.seg.segread(result.seg_path), hd.seg.segread(ref.path)
         rows, note = compare(node_seg, reference_seg, source_grid(session, ref.source_series_uid))
     except Exception as exc:
-        ref.state, ref.reason, ref.job_id, ref.computed_at = "failed", f"{type(exc).__name__}: {exc}"[:4000], \
-            result.job_id, utcnow()
+        transition(ref, ReferenceState.FAILED)
+        ref.reason, ref.job_id, ref.computed_at = f"{type(exc).__name__}: {exc}"[:4000], result.job_id, utcnow()
         add_event(session, "agreement_failed", f"reference SEG {ref.sop_instance_uid}: {ref.reason}",
                   study_uid=ref.study_instance_uid, job_id=result.job_id)
         return ref.state
@@ -254,17 +216,22 @@ def compute_agreement(session: Session, ref: ReferenceSeg) -> str:
     for r in rows:
         ref.agreements.append(Agreement(
             job_id=result.job_id, reference_sop_instance_uid=ref.sop_instance_uid,
-            reference_series_uid=ref.series_instance_uid, segment_key=r.key,
+            reference_series_uid=ref.series_instance_uid, segment_key=str(r.key),
             node_segment_number=r.node_numbers[0][0], node_segment_label=r.node_numbers[0][1][:64],
             reference_segment_numbers=",".join(str(n) for n, _ in r.reference_numbers)[:64],
             reference_segment_label=" + ".join(label for _, label in r.reference_numbers)[:64],
             dice=r.dice, volume_node_ml=r.volume_node_ml, volume_reference_ml=r.volume_reference_ml,
             volume_difference_ml=r.volume_reference_ml - r.volume_node_ml, computed_at=now, detail=note))
-    ref.state, ref.reason, ref.job_id, ref.computed_at = "done", note, result.job_id, now
+    transition(ref, ReferenceState.DONE)
+    ref.reason, ref.job_id, ref.computed_at = note, result.job_id, now
     summary = ", ".join(f"{r.key} Dice {'-' if r.dice is None else f'{r.dice:.3f}'}" for r in rows)
     add_event(session, "agreement_computed", f"reference SEG {ref.sop_instance_uid}: {summary}",
               study_uid=ref.study_instance_uid, job_id=result.job_id)
     return ref.state
+
+
+#: References waiting to be compared (a done one is compared again only when its series got a newer result).
+_WAITING = (ReferenceState.PENDING, ReferenceState.UNMATCHED)
 
 
 def _outdated(session: Session, ref: ReferenceSeg) -> bool:
@@ -279,24 +246,24 @@ def compute_pending(sessions: Any, limit: int = 5) -> int:
     reference is its own transaction."""
     # a newer result has a larger job id: versions of a study are jobs created one after the other
     newer_result = (select(Result.id).join(Job, Result.job_id == Job.id)
-                    .where(Result.series_instance_uid == ReferenceSeg.source_series_uid, Job.state == "done",
+                    .where(Result.series_instance_uid == ReferenceSeg.source_series_uid, Job.state == JobState.DONE,
                            Result.seg_path != "", Result.job_id > ReferenceSeg.job_id).exists())
     with sessions() as session:
         ids = list(session.scalars(
-            select(ReferenceSeg.id).where(or_(ReferenceSeg.state.in_(("pending", "unmatched")),
-                                              and_(ReferenceSeg.state == "done", newer_result)))
+            select(ReferenceSeg.id).where(or_(ReferenceSeg.state.in_(_WAITING),
+                                              and_(ReferenceSeg.state == ReferenceState.DONE, newer_result)))
             .order_by(ReferenceSeg.id)))
     compared = 0
     for ref_id in ids:
         with sessions.begin() as session:
             ref = session.get(ReferenceSeg, ref_id)
-            if ref is None or ref.state not in ("pending", "unmatched", "done"):
+            if ref is None or ref.state not in REFERENCE_OPEN:
                 continue
-            if ref.state == "unmatched" and latest_result(session, ref.source_series_uid) is None:
+            if ref.state == ReferenceState.UNMATCHED and latest_result(session, ref.source_series_uid) is None:
                 continue  # still nothing to compare with: no write, no event
-            if ref.state == "done" and not _outdated(session, ref):
+            if ref.state == ReferenceState.DONE and not _outdated(session, ref):
                 continue
-            compared += compute_agreement(session, ref) in ("done", "failed")
+            compared += compute_agreement(session, ref) in (ReferenceState.DONE, ReferenceState.FAILED)
         if compared >= limit:
             break
     return compared

@@ -32,6 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_process(args: argparse.Namespace) -> int:
     from node.processing import analyse_with, write_outputs
+    from node.results import process_report
 
     src = Path(args.path)
     paths = sorted(p for p in (src.rglob("*") if src.is_dir() else [src]) if p.is_file())
@@ -40,35 +41,13 @@ def cmd_process(args: argparse.Namespace) -> int:
         return 2
     settings = _settings(args)
     analysis = analyse_with(settings.processing, paths, engine=args.engine, lobe_maps=args.lobe_seg or [])
-    pipe = analysis.pipeline
-    report = {
-        "status": analysis.status,
-        "reason": analysis.reason,
-        "series": [_plain(d) for d in getattr(pipe, "decisions", [])],
-        "chosen_series": getattr(pipe, "chosen_series_uid", None),
-        "lobe_map": getattr(pipe, "lobe_map_uid", None),
-        "lobe_map_notes": list(getattr(pipe, "lobe_map_notes", [])),
-        "notes": list(getattr(pipe, "notes", [])),
-        "scores": analysis.scores,
-        "timings_s": {k: round(v, 3) for k, v in analysis.timings.items()},
-    }
-    if analysis.status == "done":
-        out = write_outputs(analysis, Path(args.out))
-        report["outputs"] = {k: str(v) for k, v in out.items()}
-        report["engine"] = _plain(pipe.engine)
+    out = write_outputs(analysis, Path(args.out)) if analysis.status == "done" else {}
+    report = process_report(analysis, out)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str))
     return 0 if analysis.status in ("done", "skipped") else 1
-
-
-def _plain(obj):
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj):
-        return {k: v for k, v in dataclasses.asdict(obj).items() if isinstance(v, (str, int, float, bool, type(None)))}
-    return obj
 
 
 def cmd_results(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Destination, Settings
 from node.db.schema import Export, utcnow
+from node.db.states import ExportState, transition
 from node.registry import add_event, due_exports
 from node.security import client_tls_args
 
@@ -113,11 +114,13 @@ def run_exports(settings: Settings, sessions: sessionmaker[Session]) -> int:
             for row, outcome in zip(group, outcomes):
                 row.attempts += 1
                 if outcome.ok:
-                    row.state, row.sent_at, row.last_error = "sent", utcnow(), ""
+                    transition(row, ExportState.SENT)
+                    row.sent_at, row.last_error = utcnow(), ""
                     sent += 1
                     add_event(session, "export_sent", f"{row.sop_instance_uid} to {name}", job_id=row.job_id)
                 elif row.attempts >= settings.export.max_attempts:
-                    row.state, row.last_error = "dead", outcome.error
+                    transition(row, ExportState.DEAD)
+                    row.last_error = outcome.error
                     log.error("export %d to %s is dead after %d attempts: %s", row.id, name, row.attempts, outcome.error)
                     add_event(session, "export_dead", f"to {name} after {row.attempts} attempts: {outcome.error}",
                               job_id=row.job_id)

@@ -12,6 +12,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from node.db.schema import Event, Export, Instance, Job, ReferenceSeg, Series, Study, utcnow
+from node.db.states import JOB_FINISHED, ExportState, JobState, ReferenceState, check_transition, transition
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,13 @@ def _open_job(session: Session, study: Study, now: dt.datetime) -> Job:
     """The job that collects new instances of ``study``: the latest one while it is still waiting
     (received/ready), otherwise a new version, so a late instance never mixes into a result already taken."""
     latest = session.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.version.desc()).limit(1)).first()
-    if latest is not None and latest.state in ("received", "ready"):
-        if latest.state == "ready":
-            latest.state = "received"  # more data arrived: wait for the study to be stable again
+    if latest is not None and latest.state in (JobState.RECEIVED, JobState.READY):
+        if latest.state == JobState.READY:
+            transition(latest, JobState.RECEIVED)  # more data arrived: wait for the study to be stable again
         latest.last_instance_at = now
         latest.updated_at = now
         return latest
-    job = Job(study_id=study.id, version=1 if latest is None else latest.version + 1, state="received",
+    job = Job(study_id=study.id, version=1 if latest is None else latest.version + 1, state=JobState.RECEIVED,
               created_at=now, last_instance_at=now, updated_at=now)
     session.add(job)
     session.flush()
@@ -67,8 +68,8 @@ _TOUCH_STUDY = (update(_S).where(_S.c.study_instance_uid == bindparam("p_uid"))
 _FIND_SERIES = select(_SE.c.id).where(_SE.c.series_instance_uid == bindparam("p_uid"))
 _LATEST_JOB = (select(_J.c.id).where(_J.c.study_id == bindparam("p_study"))
                .order_by(_J.c.version.desc()).limit(1).scalar_subquery())
-# The study's latest job, if it is still collecting instances ("received"): touched, else no row.
-_TOUCH_COLLECTING_JOB = (update(_J).where(_J.c.id == _LATEST_JOB, _J.c.state == "received")
+# The study's latest job, if it is still collecting instances (received): touched, else no row.
+_TOUCH_COLLECTING_JOB = (update(_J).where(_J.c.id == _LATEST_JOB, _J.c.state == JobState.RECEIVED)
                          .values(last_instance_at=bindparam("p_now"), updated_at=bindparam("p_now")).returning(_J.c.id))
 _INSERT_INSTANCE = insert(_I)
 
@@ -141,16 +142,17 @@ def record_reference(session: Session, ref: ReceivedReference) -> str:
     if existing is not None and existing.sha256 == ref.sha256:
         return "duplicate"
     if existing is None:
-        existing = ReferenceSeg(sop_instance_uid=ref.sop_instance_uid)
+        existing = ReferenceSeg(sop_instance_uid=ref.sop_instance_uid, state=ReferenceState.PENDING)
         session.add(existing)
         outcome = "stored"
     else:
         existing.agreements.clear()
+        transition(existing, ReferenceState.PENDING)  # other bytes: compared again
         outcome = "replaced"
     existing.study_instance_uid, existing.series_instance_uid = ref.study_instance_uid, ref.series_instance_uid
     existing.source_series_uid, existing.path, existing.size = ref.source_series_uid, ref.path, ref.size
     existing.sha256, existing.calling_aet, existing.received_at = ref.sha256, ref.calling_aet[:16], now
-    existing.state, existing.reason, existing.job_id, existing.computed_at = "pending", "", None, None
+    existing.reason, existing.job_id, existing.computed_at = "", None, None
     add_event(session, "reference_received" if outcome == "stored" else "reference_replaced",
               f"reference SEG {ref.sop_instance_uid} for series {ref.source_series_uid}",
               study_uid=ref.study_instance_uid, calling_aet=ref.calling_aet)
@@ -184,13 +186,15 @@ def reference_paths_for_study(session: Session, study_id: int) -> list[str]:
                                 .order_by(ReferenceSeg.id)))
 
 
-def set_job_state(session: Session, job: Job, state: str, reason: str = "") -> None:
+def set_job_state(session: Session, job: Job, state: JobState, reason: str = "") -> None:
+    """Move ``job`` to ``state`` (raises :class:`node.db.states.TransitionError` for a forbidden move), with
+    its timestamps and a ``job_<state>`` event."""
     now = utcnow()
-    old = job.state
-    job.state, job.reason, job.updated_at = state, reason, now
-    if state == "processing":
+    old = transition(job, state)
+    job.reason, job.updated_at = reason, now
+    if state == JobState.PROCESSING:
         job.started_at = now
-    if state in ("done", "skipped", "failed"):
+    if state in JOB_FINISHED:
         job.finished_at, job.lease_until = now, None
     add_event(session, f"job_{state}", f"{old} -> {state}" + (f": {reason}" if reason else ""),
               study_uid=job.study.study_instance_uid, job_id=job.id)
@@ -199,21 +203,23 @@ def set_job_state(session: Session, job: Job, state: str, reason: str = "") -> N
 def mark_stable_studies_ready(session: Session, stable_after: float) -> list[int]:
     """received -> ready for every job whose last instance is older than ``stable_after`` seconds."""
     cutoff = utcnow() - dt.timedelta(seconds=stable_after)
-    jobs = session.scalars(select(Job).where(Job.state == "received", Job.last_instance_at <= cutoff)).all()
+    jobs = session.scalars(select(Job).where(Job.state == JobState.RECEIVED, Job.last_instance_at <= cutoff)).all()
     for job in jobs:
-        set_job_state(session, job, "ready", f"no new instance for {stable_after:g} s")
+        set_job_state(session, job, JobState.READY, f"no new instance for {stable_after:g} s")
     return [j.id for j in jobs]
 
 
 def claim_next_job(session: Session, lease_s: float, pid: int | None = None) -> Job | None:
     """ready -> processing for the oldest ready job, guarded so two dispatchers never take the same job."""
-    job = session.scalars(select(Job).where(Job.state == "ready").order_by(Job.last_instance_at).limit(1)).first()
+    job = session.scalars(
+        select(Job).where(Job.state == JobState.READY).order_by(Job.last_instance_at).limit(1)).first()
     if job is None:
         return None
     now = utcnow()
+    check_transition(JobState.READY, JobState.PROCESSING)  # one statement that only moves a job still ready
     claimed = session.execute(
-        update(Job).where(Job.id == job.id, Job.state == "ready")
-        .values(state="processing", attempts=Job.attempts + 1, started_at=now, updated_at=now,
+        update(Job).where(Job.id == job.id, Job.state == JobState.READY)
+        .values(state=JobState.PROCESSING, attempts=Job.attempts + 1, started_at=now, updated_at=now,
                 lease_until=now + dt.timedelta(seconds=lease_s), worker_pid=pid)
     ).rowcount
     if claimed != 1:
@@ -227,14 +233,14 @@ def claim_next_job(session: Session, lease_s: float, pid: int | None = None) -> 
 def release_job(session: Session, job: Job, reason: str, max_attempts: int) -> None:
     """A job whose worker died or whose lease expired: retry it, or fail it after ``max_attempts``."""
     if job.attempts < max_attempts:
-        set_job_state(session, job, "ready", f"retry after: {reason}")
+        set_job_state(session, job, JobState.READY, f"retry after: {reason}")
         job.lease_until = None
         job.worker_pid = None
     else:
-        set_job_state(session, job, "failed", reason)
+        set_job_state(session, job, JobState.FAILED, reason)
 
 
 def due_exports(session: Session, limit: int = 50) -> list[Export]:
     return list(session.scalars(
-        select(Export).where(Export.state == "pending", Export.next_attempt_at <= utcnow())
+        select(Export).where(Export.state == ExportState.PENDING, Export.next_attempt_at <= utcnow())
         .order_by(Export.next_attempt_at).limit(limit)))

@@ -7,6 +7,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.db.schema import Agreement, Export, Job, ReferenceSeg, utcnow
+from node.db.states import ExportState, JobState, ReferenceState, transition
+from node.pipeline.segments import SegmentKey
 from node.registry import add_event, set_job_state
 
 CSV_FIELDS = [
@@ -60,8 +62,8 @@ def _region_lines(scores: dict[str, Any]) -> list[str]:
     return out
 
 
-_SHORT = {"right_lung": "right lung", "left_lung": "left lung", "infection": "infection", "ggo": "GGO",
-          "consolidation": "consolidation"}
+_SHORT = {SegmentKey.RIGHT_LUNG: "right lung", SegmentKey.LEFT_LUNG: "left lung",
+          SegmentKey.INFECTION: "infection", SegmentKey.GGO: "GGO", SegmentKey.CONSOLIDATION: "consolidation"}
 
 
 def agreement_lines(session: Session, job_id: int) -> list[str]:
@@ -74,7 +76,7 @@ def agreement_lines(session: Session, job_id: int) -> list[str]:
         rows = [a for a in ref.agreements if a.job_id == job_id]
         dices = ", ".join(f"{_SHORT.get(a.segment_key, a.segment_key)} Dice "
                           + ("n/a (both empty)" if a.dice is None else f"{a.dice:.2f}") for a in rows)
-        main = next((a for a in rows if a.segment_key == "infection"), rows[0])
+        main = next((a for a in rows if a.segment_key == SegmentKey.INFECTION), rows[0])
         out.append(f"  agreement with reference SEG {ref.sop_instance_uid} (received {ref.received_at:%Y-%m-%d %H:%M:%S} "
                    f"UTC): {dices}, {_SHORT.get(main.segment_key, main.segment_key)} volume difference "
                    f"{main.volume_difference_ml:+.1f} ml")
@@ -82,7 +84,8 @@ def agreement_lines(session: Session, job_id: int) -> list[str]:
             out.append(f"    {a.node_segment_label} (#{a.node_segment_number}) vs {a.reference_segment_label} "
                        f"(#{a.reference_segment_numbers}): node {a.volume_node_ml:.1f} ml, reference "
                        f"{a.volume_reference_ml:.1f} ml, difference {a.volume_difference_ml:+.1f} ml")
-    failed = session.scalars(select(ReferenceSeg).where(ReferenceSeg.job_id == job_id, ReferenceSeg.state == "failed"))
+    failed = session.scalars(select(ReferenceSeg).where(ReferenceSeg.job_id == job_id,
+                                                        ReferenceSeg.state == ReferenceState.FAILED))
     out.extend(f"  reference SEG {ref.sop_instance_uid}: not compared: {ref.reason}" for ref in failed)
     return out
 
@@ -165,16 +168,17 @@ def jobs_table(session: Session) -> str:
 def retry(session: Session, job_id: int | None) -> int:
     """Queue a failed job again and/or its dead exports (all dead exports when ``job_id`` is None)."""
     n = 0
-    query = select(Export).where(Export.state == "dead")
+    query = select(Export).where(Export.state == ExportState.DEAD)
     if job_id is not None:
         query = query.where(Export.job_id == job_id)
         job = session.get(Job, job_id)
-        if job is not None and job.state == "failed":
+        if job is not None and job.state == JobState.FAILED:
             job.attempts = 0
-            set_job_state(session, job, "ready", "retry requested by an operator")
+            set_job_state(session, job, JobState.READY, "retry requested by an operator")
             n += 1
     for ex in session.scalars(query):
-        ex.state, ex.attempts, ex.next_attempt_at = "pending", 0, utcnow()
+        transition(ex, ExportState.PENDING)
+        ex.attempts, ex.next_attempt_at = 0, utcnow()
         add_event(session, "export_retry", f"to {ex.destination} requested by an operator", job_id=ex.job_id)
         n += 1
     return n

@@ -24,6 +24,7 @@ from node.config import Settings
 from node.agreement import compute_pending
 from node.db import open_database
 from node.db.schema import Instance, Job, ReferenceSeg, utcnow
+from node.db.states import JOB_UNFINISHED, JobState, ReferenceState, transition
 from node.export import run_exports
 from node.listener import Listener
 from node.recovery import recover_orphans
@@ -83,7 +84,7 @@ class Node:
             recovered = recover_orphans(session, self.settings.spool_dir)
             if recovered:
                 log.warning("registered %d spool file(s) that had no database row", recovered)
-            for job in session.scalars(select(Job).where(Job.state == "processing")):
+            for job in session.scalars(select(Job).where(Job.state == JobState.PROCESSING)):
                 release_job(session, job, "node restarted while the job was processing",
                             self.settings.processing.max_attempts)
 
@@ -104,10 +105,10 @@ class Node:
             del self.running[job_id]
             with self.sessions.begin() as session:
                 job = session.get(Job, job_id)
-                if job is None or job.state != "processing" or job.attempts != run.attempt:
+                if job is None or job.state != JobState.PROCESSING or job.attempts != run.attempt:
                     continue  # the worker committed its outcome
                 if overdue:
-                    set_job_state(session, job, "failed", f"processing took longer than {p.job_timeout:g} s")
+                    set_job_state(session, job, JobState.FAILED, f"processing took longer than {p.job_timeout:g} s")
                 else:
                     code = run.process.exitcode
                     why = f"worker died (exit code {code}" + (", killed: out of memory?" if code == -9 else "") + ")"
@@ -142,21 +143,22 @@ class Node:
             # A study is kept while any of its versions is unfinished or finished recently: later versions
             # process all instances of the study cumulatively.
             recent = select(Job.study_id).where(
-                (Job.state.in_(("received", "ready", "processing"))) | (Job.finished_at >= cutoff))
+                (Job.state.in_(JOB_UNFINISHED)) | (Job.finished_at >= cutoff))
             rows = session.scalars(select(Instance).where(
                 Instance.purged_at.is_(None), Instance.study_id.not_in(recent)).limit(10000))
             for inst in rows:
                 Path(inst.path).unlink(missing_ok=True)
                 inst.purged_at = utcnow()
             # Reference SEGs: the file goes after the same time; the comparison results stay. One that never
-            # found a node result is given up ("expired").
+            # found a node result is given up (expired).
             refs = session.scalars(select(ReferenceSeg).where(
                 ReferenceSeg.path != "", ReferenceSeg.received_at < cutoff).limit(10000))
             for ref in refs:
                 Path(ref.path).unlink(missing_ok=True)
                 ref.path = ""
-                if ref.state in ("pending", "unmatched"):
-                    ref.state, ref.reason = "expired", f"no node result within {self.settings.storage.retention_days:g} days"
+                if ref.state in (ReferenceState.PENDING, ReferenceState.UNMATCHED):
+                    transition(ref, ReferenceState.EXPIRED)
+                    ref.reason = f"no node result within {self.settings.storage.retention_days:g} days"
         for tmp in self.settings.spool_dir.rglob(".*.tmp"):
             if time.time() - tmp.stat().st_mtime > 3600:
                 tmp.unlink(missing_ok=True)

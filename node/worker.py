@@ -6,19 +6,19 @@ if the node released the job meanwhile (restart, lease expiry), the stale worker
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 from node.config import Settings
 from node.db import open_database
-from node.db.schema import Export, Job, Result
+from node.db.schema import Export, Job
+from node.db.states import JobState
 from node.registry import add_event, instance_paths_for_job, reference_paths_for_study, set_job_state
+from node.results import result_row
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +34,6 @@ def _exit_with_parent() -> None:
                 os._exit(3)
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if hasattr(obj, "item"):  # numpy scalar
-        return obj.item()
-    return str(obj)
 
 
 def process_job(settings: Settings, job_id: int, attempt: int) -> str:
@@ -66,16 +52,16 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
         analysis = analyse_with(settings.processing, paths, lobe_maps=lobe_maps)
         if analysis.status == "done":
             out = write_outputs(analysis, settings.results_dir / study_uid / f"v{version}")
-        state, reason = analysis.status, analysis.reason
+        state, reason = JobState(analysis.status), analysis.reason
     except MemoryError:  # a real allocation failure under processing.worker_memory_gb: not retried
         log.exception("job %d ran out of memory", job_id)
-        analysis, state = None, "failed"
+        analysis, state = None, JobState.FAILED
         reason = (f"out of memory: the study needs more than processing.worker_memory_gb = "
                   f"{settings.processing.worker_memory_gb:g} GB")
         tb = traceback.format_exc()
     except Exception as exc:
         log.exception("job %d failed", job_id)
-        analysis, state = None, "failed"
+        analysis, state = None, JobState.FAILED
         reason = f"{type(exc).__name__}: {exc}"
         tb = traceback.format_exc()
     else:
@@ -85,28 +71,12 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
 
     with sessions.begin() as session:
         job = session.get(Job, job_id)
-        if job is None or job.state != "processing" or job.attempts != attempt:
+        if job is None or job.state != JobState.PROCESSING or job.attempts != attempt:
             log.warning("job %d was released while this worker ran; its result is discarded", job_id)
             return "discarded"
         if analysis is not None and analysis.pipeline is not None:
-            pipe = analysis.pipeline
-            session.add(Result(
-                job_id=job.id, series_instance_uid=getattr(pipe, "chosen_series_uid", None) or "",
-                engine_name=getattr(engine, "name", ""), engine_version=getattr(engine, "version", ""),
-                weights_sha256=getattr(engine, "weights_sha256", ""),
-                scores=_jsonable(analysis.scores), timings=_jsonable(analysis.timings),
-                decisions={"series": _jsonable(getattr(pipe, "decisions", [])),
-                           "engine_device": getattr(engine, "device", ""),
-                           "lobe_map": getattr(pipe, "lobe_map_uid", None),
-                           "lobe_map_notes": list(getattr(pipe, "lobe_map_notes", [])),
-                           "notes": list(getattr(pipe, "notes", []))},
-                seg_sop_instance_uid=str(analysis.seg.SOPInstanceUID) if analysis.seg is not None else "",
-                sr_sop_instance_uid=str(analysis.sr.SOPInstanceUID) if analysis.sr is not None else "",
-                seg_path=str(out.get("seg", "")), sr_path=str(out.get("sr", "")),
-                key_images=[{"sop_instance_uid": str(ds.SOPInstanceUID), "path": str(out[key])}
-                            for key, ds in analysis.objects() if key.startswith("key-")],
-            ))
-        if state == "done":
+            session.add(result_row(job.id, analysis, out))
+        if state == JobState.DONE:
             for dest in settings.destinations:
                 for key, ds in analysis.objects():
                     session.add(Export(job_id=job.id, destination=dest.name, sop_instance_uid=str(ds.SOPInstanceUID),

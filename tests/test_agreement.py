@@ -16,9 +16,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import SegmentationStorage
 from sqlalchemy import select
 
-from node.agreement import classify_segment, dice
+from models.metrics import dice
 from node.db.schema import Agreement, Instance, Job, ReferenceSeg, Result, Study
 from node.demo import send_study
+from node.pipeline.segments import classify_segment
 from node.processing import analyse
 from node.service import Node
 from tests.conftest import make_settings

@@ -4,13 +4,16 @@ from __future__ import annotations
 import os
 
 import pytest
+from alembic import command
 from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
-from node.db import make_engine, open_database
-from node.db.schema import Base, Job
+from node.db import alembic_config, make_engine, open_database, upgrade
+from node.db.schema import Base, Export, Job, ReferenceSeg
+from node.db.states import ExportState, JobState, ReferenceState, TransitionError, allowed, transition
 from node.registry import (
-    ReceivedInstance, claim_next_job, instance_paths_for_job, mark_stable_studies_ready, record_instance,
-    release_job,
+    ReceivedInstance, ReceivedReference, claim_next_job, instance_paths_for_job, mark_stable_studies_ready,
+    record_instance, record_reference, release_job,
 )
 from tests.conftest import skip_or_fail
 
@@ -54,6 +57,18 @@ def exercise_state_machine(sessions) -> None:
         assert job.state == "failed" and "again" in job.reason
 
 
+def assert_states_checked(sessions) -> None:
+    """The database itself refuses a state value outside the enums (CHECK constraints of migration 0004)."""
+    with sessions.begin() as s:  # a row in each table
+        job_id = s.scalars(select(Job.id)).first()
+        s.add(Export(job_id=job_id, destination="pacs", sop_instance_uid="9.9", path="/results/9.9.dcm"))
+        record_reference(s, ReceivedReference(study_instance_uid="9", series_instance_uid="9.1", sop_instance_uid="9.8",
+                                              source_series_uid="9.2", path="/spool/9.8.dcm", size=1, sha256="c"))
+    for table in ("jobs", "exports", "reference_segs"):
+        with pytest.raises(IntegrityError, match=f"ck_{table}_state"), sessions.begin() as s:
+            s.execute(text(f"UPDATE {table} SET state = 'bogus'"))  # raw SQL: past the ORM's own checks
+
+
 def test_sqlite_migrations_and_state_machine(tmp_path):
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     sessions = open_database(url)
@@ -61,6 +76,75 @@ def test_sqlite_migrations_and_state_machine(tmp_path):
     with sessions() as s:
         assert s.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     exercise_state_machine(sessions)
+    assert_states_checked(sessions)
+
+
+def test_forbidden_transitions_raise_and_change_nothing():
+    job = Job(state=JobState.DONE)
+    with pytest.raises(TransitionError, match="done -> processing is not allowed"):
+        transition(job, JobState.PROCESSING)  # a finished job is never taken again (late data: a new version)
+    assert job.state == JobState.DONE
+    failed = Job(state=JobState.FAILED)
+    assert transition(failed, JobState.READY) == JobState.FAILED and failed.state == JobState.READY  # jobs retry
+    with pytest.raises(TransitionError):
+        transition(Job(state=JobState.RECEIVED), JobState.PROCESSING)  # only a ready job is claimed
+    with pytest.raises(TransitionError, match="unknown state 'bogus'"):
+        transition(Job(state="bogus"), JobState.READY)
+    with pytest.raises(TransitionError):
+        transition(Export(state=ExportState.SENT), ExportState.PENDING)  # a confirmed send is never repeated
+    assert allowed(ExportState.DEAD, ExportState.PENDING)
+    with pytest.raises(TransitionError):
+        transition(ReferenceSeg(state=ReferenceState.ANATOMY), ReferenceState.DONE)  # a lobe map is not compared
+    assert allowed(ReferenceState.UNMATCHED, ReferenceState.EXPIRED)
+    assert not allowed(ReferenceState.DONE, ReferenceState.EXPIRED)  # only a reference never compared expires
+    assert allowed(ReferenceState.EXPIRED, ReferenceState.PENDING)  # re-sent: compared again
+
+
+def test_the_orm_refuses_a_state_outside_the_enum(tmp_path):
+    sessions = open_database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with sessions.begin() as s:
+        record_instance(s, received())
+    with pytest.raises(Exception, match="'bogus' is not a valid JobState"), sessions.begin() as s:
+        s.scalars(select(Job)).one().state = "bogus"
+    with sessions() as s:
+        assert s.scalars(select(Job.state)).all() == [JobState.RECEIVED]
+
+
+def test_migration_0004_keeps_the_rows_of_an_older_database(tmp_path):
+    """Upgrading a database with data: SQLite copies jobs, exports and reference_segs to add the checks, and
+    every row, index and foreign key survives (the rows referencing jobs included)."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    command.upgrade(alembic_config(url), "0003")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO studies (id, study_instance_uid, patient_id, accession_number, "
+                          "first_received_at, last_received_at) VALUES (1, '1.2', '', '', '2026-01-01', '2026-01-01')"))
+        conn.execute(text("INSERT INTO jobs (id, study_id, version, state, reason, attempts, created_at, "
+                          "last_instance_at, updated_at) VALUES (1, 1, 1, 'done', '', 1, '2026-01-01', "
+                          "'2026-01-01', '2026-01-01')"))
+        conn.execute(text("INSERT INTO exports (id, job_id, destination, sop_instance_uid, path, state, attempts, "
+                          "next_attempt_at, last_error) VALUES (1, 1, 'pacs', '1.3', '/r/1.dcm', 'dead', 3, "
+                          "'2026-01-01', 'refused')"))
+        conn.execute(text("INSERT INTO reference_segs (id, study_instance_uid, series_instance_uid, "
+                          "sop_instance_uid, source_series_uid, path, size, sha256, calling_aet, received_at, state, "
+                          "reason, job_id) VALUES (1, '1.2', '1.4', '1.5', '1.6', '', 1, 'x', '', '2026-01-01', "
+                          "'expired', '', 1)"))
+    engine.dispose()
+    upgrade(url)
+    sessions = open_database(url, migrate=False)
+    with sessions() as s:
+        assert s.scalars(select(Job.state)).all() == [JobState.DONE]
+        assert s.scalars(select(Export.state)).all() == [ExportState.DEAD]
+        assert s.scalars(select(ReferenceSeg.state)).all() == [ReferenceState.EXPIRED]
+        assert s.execute(text("PRAGMA foreign_keys")).scalar() == 1  # the node's connections enforce them again
+    insp = inspect(make_engine(url))
+    assert {c["name"] for c in insp.get_check_constraints("jobs")} == {"ck_jobs_state"}
+    assert "ix_jobs_state" in {i["name"] for i in insp.get_indexes("jobs")}
+    assert [fk["referred_table"] for fk in insp.get_foreign_keys("exports")] == ["jobs"]
+    assert_states_checked(sessions)
+    command.downgrade(alembic_config(url), "0003")
+    assert inspect(make_engine(url)).get_check_constraints("jobs") == []
+    upgrade(url)
 
 
 def test_migrations_match_the_models(tmp_path):
@@ -84,3 +168,4 @@ def test_postgresql():
         conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     sessions = open_database(url)
     exercise_state_machine(sessions)
+    assert_states_checked(sessions)

@@ -13,10 +13,11 @@ from sqlalchemy import select
 
 from node.db.schema import Job, ReferenceSeg, Result
 from node.demo import send_study
-from node.pipeline.regionmap import classify_lobe, is_lobe_map
+from node.pipeline.regionmap import is_lobe_map
 from node.pipeline.regions import ZONES
 from node.pipeline.run import run_pipeline
 from node.pipeline.scores import compute_scores
+from node.pipeline.segments import classify_lobe
 from node.service import Node
 from tests.conftest import make_settings
 from tests.test_agreement import c_store

@@ -9,6 +9,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from models.metrics import dice
 from node.db.schema import Event, Export, Job, Result
 from node.demo import Receiver, send_study
 from node.processing import analyse
@@ -26,10 +27,6 @@ def phantom_study(tmp_path_factory):
     folder = tmp_path_factory.mktemp("phantom")
     phantom = make_phantom(rows=192, cols=192, slices=60, pixel_spacing=2.0, slice_spacing=5.0, seed=1, burden=0.2)
     return phantom, write_phantom_study(phantom, folder / "dicom")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
 def test_study_in_seg_and_sr_out(tmp_path, phantom_study, monkeypatch, capsys):

@@ -13,6 +13,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from models.metrics import dice  # noqa: F401 - the one Dice, for the pipeline tests that import it from here
 from node.pipeline.types import Volume
 from tests.conftest import SHARED_DATA, skip_or_fail
 
@@ -207,10 +208,6 @@ def single_slice(chest: Chest, k: int | None = None) -> Chest:
                  series_instance_uid=v.series_instance_uid, study_instance_uid=v.study_instance_uid)
     cut = lambda m: m[k:k + 1]  # noqa: E731
     return Chest(vol, cut(chest.right), cut(chest.left), cut(chest.ggo), cut(chest.consolidation), cut(chest.vessel))
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.logical_and(a, b).sum() / max(int(a.sum() + b.sum()), 1))
 
 
 # --------------------------------------------------------------------------------------------- builder checks

@@ -29,6 +29,23 @@ def test_dice_sen_spec_hand_computed():
     assert M.dice(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
 
 
+def test_one_dice_with_an_explicit_empty_convention():
+    from models.metrics import dice
+
+    empty = np.zeros((2, 3), bool)
+    a = np.array([[1, 1, 0], [0, 0, 0]], bool)
+    b = np.array([[1, 0, 0], [0, 0, 1]], bool)
+    assert dice(a, b) == pytest.approx(2 * 1 / 4)
+    assert dice(empty, empty) is None                 # undefined unless the caller says how it counts
+    assert dice(empty, empty, empty=1.0) == 1.0
+    assert dice(a, empty, empty=1.0) == 0.0           # one empty mask is a plain miss, not the empty case
+    assert M.dice(b, a) == dice(a, b)                 # training's Dice is the same function...
+    assert M.dice(empty, empty) == 1.0                # ...counting two empty masks as a match (Inf-Net toolbox)
+    assert M.dice(a, np.where(b, 0.7, 0.3)) == dice(a, b)  # ground truth binarised at 0.5
+    with pytest.raises(ValueError, match="shapes"):
+        dice(a, a[:1])
+
+
 def test_mae_hand_computed():
     assert M.mae(np.array([[0.0, 0.5], [1.0, 0.25]]), np.array([[0, 1], [1, 0]])) == pytest.approx((0 + .5 + 0 + .25) / 4)
 

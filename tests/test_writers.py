@@ -19,6 +19,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from node.pipeline.segments import NODE_SEGMENTS, classify_lobe, classify_segment, node_segment_key
 from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
 from node.writers.seg import SEGMENT_LABELS, SEGMENT_NUMBERS, build_segmentation
 from node.writers.sr import (
@@ -180,6 +181,22 @@ def test_seg_segments_codes_and_binary(case):
         assert algo.AlgorithmVersion.startswith("1.2.0") and "0123456789ab" in algo.AlgorithmVersion
         assert INFNET.weights_sha256 in algo.AlgorithmParameters
         assert code(algo.AlgorithmFamilyCodeSequence) == ("DCM", "123110")  # Artificial Intelligence
+
+
+def test_every_reader_classifies_the_node_segments_as_written(case):
+    """One segment table: the SEG is written from it, and the classifiers (agreement pairing, lobe maps, the
+    SR's label matching) read each written segment back as its own key, after a file round trip."""
+    _, _, _, seg = case
+    written = roundtrip(seg).SegmentSequence
+    assert [(int(s.SegmentNumber), str(s.SegmentLabel)) for s in written] == [(n.number, n.label) for n in NODE_SEGMENTS]
+    for item, spec in zip(written, NODE_SEGMENTS):
+        assert classify_segment(item) == spec.key
+        assert node_segment_key(str(item.SegmentLabel)) == spec.key
+        assert classify_lobe(item) is None  # a lung is not a lobe
+        unlabelled = copy.deepcopy(item)
+        unlabelled.SegmentLabel = "segment"
+        assert classify_segment(unlabelled) == spec.key  # the codes alone say it
+    assert node_segment_key("right lung") is None  # the node's own labels are matched exactly
 
 
 def test_seg_header_and_patient_study(case):

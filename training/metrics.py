@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.metrics import dice as _dice
+
 EPS = np.finfo(np.float64).eps
 
 
@@ -28,10 +30,9 @@ def confusion(binary, gt):
 
 
 def dice(binary, gt) -> float:
-    """2TP / (2TP + FP + FN); 1.0 when both are empty."""
-    tp, fp, fn, _ = confusion(binary, gt)
-    den = 2 * tp + fp + fn
-    return 1.0 if den == 0 else 2 * tp / den
+    """2TP / (2TP + FP + FN) (:func:`models.metrics.dice`, ground truth binarised at 0.5); 1.0 when both
+    are empty, as in the Inf-Net toolbox."""
+    return _dice(np.asarray(binary, bool), np.asarray(gt) > 0.5, empty=1.0)
 
 
 def sensitivity(binary, gt) -> float:

@@ -3,27 +3,42 @@
 The database is the only state shared by the listener, the scheduler and the worker processes: every state
 change is one committed write, so a restart resumes from these tables, never from memory.
 
+States are the enums of :mod:`node.db.states`; every change goes through :func:`node.db.states.transition`,
+which allows exactly the moves drawn here, and CHECK constraints keep any other value out of the columns.
+
 Job states (one row per study *version*; a late instance for a study already taken starts a new version)::
 
     received -> ready -> processing -> done | skipped | failed
-                   ^          |
-                   +----------+   (worker died or lease expired: back to ready, attempts + 1)
+        ^         |  ^        |                          |
+        +---------+  +--------+--------------------------+
+      (more instances   (worker died or node restarted: retry, attempts + 1;
+       before a worker   failed -> ready: ``ctnode jobs retry``)
+       took it)
 
-Export states: pending -> sent | dead (after ``export.max_attempts``); ``ctnode jobs retry`` puts a dead
-export back to pending.
+Export states::
+
+    pending -> sent | dead (after ``export.max_attempts``);  dead -> pending: ``ctnode jobs retry``
 
 Reference SEG states (a Segmentation received to audit the node against, :mod:`node.agreement`)::
 
-    pending -> done | unmatched | failed      (unmatched is retried until a node result for its series exists)
-    pending -> anatomy                        (a lobe map: used for the zones, not compared; see node.agreement)
+    pending | unmatched | done -> done | unmatched | failed | anatomy   (compared; done again with a newer result)
+    pending | unmatched -> expired     (no node result within ``storage.retention_days``: given up, file removed)
+    any -> pending                     (re-sent with other bytes: compared again)
+
+``unmatched`` is retried until a node result for its series exists; ``anatomy`` is a lobe map, used for the
+zones of a result and not compared (see :mod:`node.agreement`).
 """
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, CheckConstraint, DateTime, Dialect, Float, ForeignKey, Index, Integer, String, Text,
+                        TypeDecorator, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from node.db.states import ExportState, JobState, ReferenceState
 
 
 def utcnow() -> dt.datetime:
@@ -34,9 +49,30 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON}
 
 
-JOB_STATES = ("received", "ready", "processing", "done", "skipped", "failed")
-EXPORT_STATES = ("pending", "sent", "dead")
-REFERENCE_STATES = ("pending", "done", "unmatched", "failed", "anatomy")  # anatomy: a lobe map, not compared
+class StateType(TypeDecorator[enum.StrEnum]):
+    """A state column: stored as its string value (VARCHAR(16)), read back as the enum member."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def __init__(self, states: type[enum.StrEnum]):
+        super().__init__()
+        self.states = states
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else self.states(value).value  # ValueError for a value not in the enum
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> enum.StrEnum | None:
+        return None if value is None else self.states(value)
+
+
+def state_check(name: str, states: type[enum.StrEnum]) -> CheckConstraint:
+    """CHECK constraint ``ck_<table>_state``: only the values of ``states`` (migration 0004 creates the same)."""
+    return CheckConstraint(state_check_sql(states), name=name)
+
+
+def state_check_sql(states: type[enum.StrEnum]) -> str:
+    return "state IN (" + ", ".join(f"'{s.value}'" for s in states) + ")"
 
 
 class Study(Base):
@@ -80,11 +116,12 @@ class Instance(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("study_id", "version"), Index("ix_jobs_state", "state"))
+    __table_args__ = (UniqueConstraint("study_id", "version"), Index("ix_jobs_state", "state"),
+                      state_check("ck_jobs_state", JobState))
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
     version: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default="received")
+    state: Mapped[JobState] = mapped_column(StateType(JobState), default=JobState.RECEIVED)
     reason: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -122,13 +159,14 @@ class Result(Base):
 
 class Export(Base):
     __tablename__ = "exports"
-    __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid"), Index("ix_exports_state", "state"))
+    __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid"), Index("ix_exports_state", "state"),
+                      state_check("ck_exports_state", ExportState))
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
     destination: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[ExportState] = mapped_column(StateType(ExportState), default=ExportState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_error: Mapped[str] = mapped_column(Text, default="")
@@ -159,7 +197,7 @@ class ReferenceSeg(Base):
     """
 
     __tablename__ = "reference_segs"
-    __table_args__ = (Index("ix_reference_segs_state", "state"),)
+    __table_args__ = (Index("ix_reference_segs_state", "state"), state_check("ck_reference_segs_state", ReferenceState))
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64))
     series_instance_uid: Mapped[str] = mapped_column(String(64))
@@ -170,7 +208,7 @@ class ReferenceSeg(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[ReferenceState] = mapped_column(StateType(ReferenceState), default=ReferenceState.PENDING)
     reason: Mapped[str] = mapped_column(Text, default="")
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)  # the result compared
     computed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

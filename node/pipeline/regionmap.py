@@ -1,17 +1,17 @@
 """External lobe label maps: a DICOM SEG of the lung lobes for the analysed series replaces the geometric zones.
 
 A lobe SEG (from a lobe segmentation tool, e.g. TotalSegmentator or lungmask exported with dcmqi or highdicom,
-or drawn by hand) is recognised by its segments, codes first (DICOM CID 6170 "Lobe of Lung": SCT 45653009
-Upper lobe of lung and SCT 90572001 Lower lobe of lung with a Right/Left laterality modifier, SCT 72481006
-Middle lobe of right lung), then the label ("right upper lobe", "RUL", "lung_upper_lobe_right", ...). It is
-used when it references the analysed series and shares its frame of reference; it is decoded with highdicom
-per source instance onto the volume's slices (labels 1..5 in :data:`node.pipeline.regions.ZONES` order) and
-handed to :func:`node.pipeline.scores.compute_scores` (``region_map_kind="lobes"``), so the zones are real
-lobes and the CT-SS regions are geometric sub-divisions of real lobes.
+or drawn by hand) is recognised by its segments (:func:`node.pipeline.segments.classify_lobe`), codes first
+(DICOM CID 6170 "Lobe of Lung": SCT 45653009 Upper lobe of lung and SCT 90572001 Lower lobe of lung with a
+Right/Left laterality modifier, SCT 72481006 Middle lobe of right lung), then the label ("right upper lobe",
+"RUL", "lung_upper_lobe_right", ...). It is used when it references the analysed series and shares its
+frame of reference; it is decoded with highdicom per source instance onto the volume's slices (labels 1..5 in
+:data:`node.pipeline.regions.ZONES` order) and handed to :func:`node.pipeline.scores.compute_scores`
+(``region_map_kind="lobes"``), so the zones are real lobes and the CT-SS regions are geometric sub-divisions
+of real lobes.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,57 +21,15 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from .regions import ZONES
+from .segments import classify_lobe
 from .types import Volume
 
 # ZONES order: right_upper, right_middle, right_lower, left_upper, left_lower -> label = index + 1
 _LOBE_LABEL = {name: i + 1 for i, name in enumerate(ZONES)}
-_UPPER, _MIDDLE, _LOWER = ("SCT", "45653009"), ("SCT", "72481006"), ("SCT", "90572001")
-#: Laterality modifiers (DICOM CID 244): SCT Right / Left.
-RIGHT, LEFT = ("SCT", "24028007"), ("SCT", "7771000")
-_ABBREVIATIONS = {"rul": "right_upper", "rml": "right_middle", "rll": "right_lower", "lul": "left_upper",
-                  "lll": "left_lower"}
 
 
 class RegionMapError(ValueError):
     """A lobe SEG that cannot be used for this volume (the reason is reported, the zones stay geometric)."""
-
-
-def code_of(item: Dataset) -> tuple[str, str]:
-    """(coding scheme designator, code value) of a code sequence item, the scheme upper-cased."""
-    return str(item.get("CodingSchemeDesignator", "")).upper(), str(item.get("CodeValue", ""))
-
-
-def _side_from_label(label: str) -> str | None:
-    words = set(re.split(r"[^a-z]+", label))
-    if "right" in words:
-        return "right"
-    if "left" in words:
-        return "left"
-    return None
-
-
-def classify_lobe(segment: Dataset) -> str | None:
-    """The lobe (a :data:`ZONES` name) a SegmentSequence item shows, or None when it is not a lobe."""
-    label = str(segment.get("SegmentLabel", "")).lower()
-    for prop in segment.get("SegmentedPropertyTypeCodeSequence", None) or []:
-        code = code_of(prop)
-        if code == _MIDDLE:
-            return "right_middle"
-        if code in (_UPPER, _LOWER):
-            modifiers = {code_of(m) for m in prop.get("SegmentedPropertyTypeModifierCodeSequence", None) or []}
-            side = "right" if RIGHT in modifiers else "left" if LEFT in modifiers else _side_from_label(label)
-            if side is not None:
-                return f"{side}_{'upper' if code == _UPPER else 'lower'}"
-    words = set(re.split(r"[^a-z]+", label))
-    for abbreviation, lobe in _ABBREVIATIONS.items():
-        if abbreviation in words:
-            return lobe
-    side = _side_from_label(label)
-    if "lobe" in words and side is not None:
-        for level in ("upper", "middle", "lower"):
-            if level in words and f"{side}_{level}" in _LOBE_LABEL:
-                return f"{side}_{level}"
-    return None
 
 
 def lobe_segments(ds: Dataset) -> dict[str, list[int]]:

@@ -1,7 +1,8 @@
 """DICOM Segmentation (SEG) writer: lungs and COVID-19 infection as a BINARY multi-segment SEG.
 
 One segment per structure, in a fixed order so that the SR (and anything else) can refer to
-segments by number (:data:`SEGMENT_LABELS`):
+segments by number (:data:`SEGMENT_LABELS`; numbers, keys, labels and codes are
+:data:`node.pipeline.segments.NODE_SEGMENTS`, which every reader of a SEG classifies segments with):
 
 ==  ====================  ==================================  =========================================
 #   label                 segmented property category         segmented property type (+ modifier)
@@ -53,16 +54,14 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 import node
+from node.pipeline.segments import NODE_SEGMENTS, Concept, SegmentKey
 from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
 
 MANUFACTURER = "ctnode"
 SEG_SERIES_DESCRIPTION = "ctnode lungs and infection"
 SEG_CONTENT_LABEL = "CTNODE_LUNG_INF"  # CS, max 16 chars, upper case
 
-# Concepts used below; SCT 9656002 is spelled out because pydicom's PS3.16 dictionary lacks it.
-SCT_CONSOLIDATION = hd.sr.CodedConcept("9656002", "SCT", "Consolidation")
-DCM_OPACITY = codes.DCM.Opacity                       # 112001, CID 6104
-DCM_GROUND_GLASS_OPACITY = codes.DCM.GroundGlassOpacity  # 112120, CID 6104
+# Algorithm families (CID 7162); the segments' own codes are in node.pipeline.segments.NODE_SEGMENTS.
 FAMILY_AI = codes.DCM.ArtificialIntelligence          # 123110, CID 7162
 FAMILY_HISTOGRAM = codes.DCM.HistogramAnalysis        # 123105, CID 7162
 
@@ -72,7 +71,7 @@ class SegmentSpec:
     """Fixed description of one segment of the ctnode SEG."""
 
     number: int
-    key: str                     # stable identifier used by the SR writer and scores
+    key: SegmentKey              # stable identifier used by the SR writer and scores
     label: str                   # SegmentLabel (what most viewers display)
     category: hd.sr.CodedConcept
     property_type: hd.sr.CodedConcept
@@ -81,22 +80,24 @@ class SegmentSpec:
 
 
 def _cc(code) -> hd.sr.CodedConcept:
-    """pydicom ``Code`` -> highdicom ``CodedConcept`` (a Dataset usable in sequences)."""
+    """pydicom ``Code`` or a :class:`node.pipeline.segments.Concept` -> highdicom ``CodedConcept``."""
+    if isinstance(code, Concept):
+        return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
     return code if isinstance(code, hd.sr.CodedConcept) else hd.sr.CodedConcept.from_code(code)
 
 
-SEGMENTS: tuple[SegmentSpec, ...] = (
-    SegmentSpec(1, "right_lung", "Right lung", _cc(codes.SCT.AnatomicalStructure), _cc(codes.SCT.Lung),
-                _cc(codes.SCT.Right), (80, 140, 230)),      # blue
-    SegmentSpec(2, "left_lung", "Left lung", _cc(codes.SCT.AnatomicalStructure), _cc(codes.SCT.Lung),
-                _cc(codes.SCT.Left), (80, 200, 120)),       # green
-    SegmentSpec(3, "infection", "Infection", _cc(codes.SCT.MorphologicallyAbnormalStructure),
-                _cc(DCM_OPACITY), None, (230, 40, 40)),     # red
-    SegmentSpec(4, "ggo", "Ground-glass opacity", _cc(codes.SCT.MorphologicallyAbnormalStructure),
-                _cc(DCM_GROUND_GLASS_OPACITY), None, (250, 220, 40)),  # yellow
-    SegmentSpec(5, "consolidation", "Consolidation", _cc(codes.SCT.MorphologicallyAbnormalStructure),
-                SCT_CONSOLIDATION, None, (250, 140, 20)),   # orange
-)
+#: Recommended display colours.
+_RGB: dict[SegmentKey, tuple[int, int, int]] = {
+    SegmentKey.RIGHT_LUNG: (80, 140, 230),      # blue
+    SegmentKey.LEFT_LUNG: (80, 200, 120),       # green
+    SegmentKey.INFECTION: (230, 40, 40),        # red
+    SegmentKey.GGO: (250, 220, 40),             # yellow
+    SegmentKey.CONSOLIDATION: (250, 140, 20),   # orange
+}
+SEGMENTS: tuple[SegmentSpec, ...] = tuple(
+    SegmentSpec(s.number, s.key, s.label, _cc(s.category), _cc(s.property_type),
+                _cc(s.laterality) if s.laterality is not None else None, _RGB[s.key])
+    for s in NODE_SEGMENTS)
 SEGMENT_BY_KEY: dict[str, SegmentSpec] = {s.key: s for s in SEGMENTS}
 #: Segment number -> SegmentLabel, for every segment ctnode may write (4 and 5 only with classes).
 SEGMENT_LABELS: dict[int, str] = {s.number: s.label for s in SEGMENTS}
@@ -218,13 +219,13 @@ def _stack_masks(volume: Volume, lungs: LungMasks, infection: InfectionResult,
         raise ValueError(f"lung labels shape {lungs.labels.shape} != volume shape {shape}")
     out = np.zeros((len(segments), *shape), dtype=bool)
     for i, spec in enumerate(segments):
-        if spec.key == "right_lung":
+        if spec.key == SegmentKey.RIGHT_LUNG:
             np.equal(lungs.labels, LungMasks.RIGHT, out=out[i])
-        elif spec.key == "left_lung":
+        elif spec.key == SegmentKey.LEFT_LUNG:
             np.equal(lungs.labels, LungMasks.LEFT, out=out[i])
         else:
-            mask = {"infection": infection.infection, "ggo": infection.ggo,
-                    "consolidation": infection.consolidation}[spec.key]
+            mask = {SegmentKey.INFECTION: infection.infection, SegmentKey.GGO: infection.ggo,
+                    SegmentKey.CONSOLIDATION: infection.consolidation}[spec.key]
             if mask is None:
                 continue  # class not produced by the engine: empty segment
             if mask.shape != shape:

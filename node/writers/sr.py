@@ -92,6 +92,7 @@ from pydicom.uid import generate_uid
 
 import node
 from node.pipeline.regions import REGION_NAMES, REGION_ZONE, REGIONS, ZONE_NAMES, ZONES
+from node.pipeline.segments import SegmentKey, node_segment_key
 from node.pipeline.types import EngineIdentity, Volume
 from node.writers.seg import (
     MANUFACTURER,
@@ -292,10 +293,9 @@ def _algorithm_id(engine: EngineIdentity) -> hd.sr.AlgorithmIdentification:
 
 def _seg_segments(seg: Dataset) -> dict[str, int]:
     """SEG segment key -> segment number, matched on SegmentLabel (what ctnode's SEG writes)."""
-    by_label = {spec.label: spec.key for spec in SEGMENTS}
     found: dict[str, int] = {}
     for item in seg.SegmentSequence:
-        key = by_label.get(str(item.SegmentLabel))
+        key = node_segment_key(str(item.SegmentLabel))
         if key is not None:
             found[key] = int(item.SegmentNumber)
     return found
@@ -496,10 +496,10 @@ def _as_sr(sr_dataset: Dataset) -> hd.sr.Comprehensive3DSR:
 
 
 def _ctnode_groups(sr: hd.sr.Comprehensive3DSR):
-    """(segment key, group) for each ctnode measurement group, identified by its tracking identifier."""
-    by_label = {spec.label: spec.key for spec in SEGMENTS}
+    """(segment key, group) for each ctnode measurement group, identified by its tracking identifier (the
+    segment's label)."""
     for group in sr.content.get_volumetric_roi_measurement_groups():
-        segment_key = by_label.get(group.tracking_identifier)
+        segment_key = node_segment_key(group.tracking_identifier)
         if segment_key is not None:
             yield segment_key, group
 
@@ -545,7 +545,7 @@ def read_report_measurements(sr_dataset: Dataset) -> dict[str, Any]:
             key = _match(measurement, segment_key)
             if key is not None:
                 flat[key] = float(measurement.value)
-        if segment_key == "infection":
+        if segment_key == SegmentKey.INFECTION:
             for evaluation in group.get_qualitative_evaluations():
                 if _same_code(evaluation.name, SEVERITY):
                     for label, code in SEVERITY_VALUES.items():
