@@ -4,10 +4,13 @@ A C-STORE is acknowledged with success only after the bytes, exactly as received
 write) and the instance is committed to the database. Anything the node cannot process is refused with a
 DICOM failure status and an ErrorComment, and the refusal is in the audit log.
 
-Association gate (in this order): disk guard (spool filesystem too full: transient rejection), peer-address
-binding (``node.allowed_peers``), then pynetdicom's calling-AE allow-list, called-AE check and association
-limit. Every rejection is an ``association_rejected`` event with the calling AE, the peer address and why.
-Optional DICOM TLS (``[tls]``) wraps every association.
+Connection and association gate (in this order; :mod:`node.dicom.transport`): peer address allowed at
+all, connections per peer address, TLS handshake, then, on the A-ASSOCIATE-RQ's first bytes, calling AE
+allow-list, its address binding (``node.allowed_peers``) and the called AE title; then (here) the disk
+guard (spool filesystem too full: transient rejection) and pynetdicom's association limit. Every rejection
+is an ``association_rejected`` event with the calling AE, the peer address and why; a connection dropped
+before that (size, time, protocol) is a ``connection_dropped`` event. Optional DICOM TLS (``[tls]``) wraps
+every association.
 
 A Segmentation (Modality SEG) is a *reference* to audit the node against (e.g. a radiologist's corrected
 SEG): it is spooled and acknowledged the same way, under ``<spool>/references/``, and recorded in
@@ -42,7 +45,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
 from node.db.schema import Instance, Study
-from node.dicom.access import peer_allowed
 from node.dicom.headers import referenced_series_uid, safe_code, validate_instance, validate_reference
 from node.dicom.part10 import part10_header
 from node.dicom.status import REJECT_REASONS, StoreStatus, status_dataset
@@ -142,22 +144,18 @@ class Listener:
         self._stager = Stager(self.settings.spool_dir / STAGING_DIR, s.max_associations)
         self._server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=handlers,
                                             ssl_context=ssl_context)
-        harden(self._server, s.network_timeout, ServerContexts(self.settings.tls, ssl_context), self._audit_tls_failure)
+        harden(self._server, s, ServerContexts(self.settings.tls, ssl_context), self._audit_connection)
         log.info("listening as %s on %s:%d%s", s.ae_title, s.host, self.port,
                  " (TLS" + (", client certificates required)" if self.settings.tls.require_client_cert else ")")
                  if self.settings.tls.enabled else "")
 
-    def _audit_tls_failure(self, address: Any, exc: Exception) -> None:
-        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-        # e.g. "certificate revoked" (verify_message), "CERTIFICATE_VERIFY_FAILED", "timed out"
-        why = (getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
-               or type(exc).__name__)
-        log.warning("TLS handshake with %s failed: %s", peer, why)
+    def _audit_connection(self, kind: str, detail: str, peer: str, calling_aet: str) -> None:
+        """An audit row about a connection the transport guard refused or dropped (no association yet)."""
         try:
             with self._db_lock, self.sessions.begin() as session:
-                add_event(session, "tls_handshake_failed", str(why), peer=peer)
-        except Exception as db_exc:
-            log.error("could not write audit event tls_handshake_failed: %s", _db_error(db_exc))
+                add_event(session, kind, detail, calling_aet=calling_aet, peer=peer)
+        except Exception as exc:  # the audit log must never take the listener down
+            log.error("could not write audit event %s: %s", kind, _db_error(exc))
 
     @property
     def port(self) -> int:
@@ -198,11 +196,6 @@ class Listener:
         if problem:
             # transient, presentation related, temporary congestion: the sender retries later
             self._reject(event, 0x02, 0x03, 0x01, f"disk guard: {problem}")
-            return
-        aet, _ = _peer(event)
-        address = str(event.assoc.requestor.address)
-        if not peer_allowed(self.settings.node, aet, address):
-            self._reject(event, 0x01, 0x01, 0x03, f"calling AE {aet} not allowed from {address} (node.allowed_peers)")
 
     def _on_rejected(self, event: Any) -> None:
         aet, peer = _peer(event)
