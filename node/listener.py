@@ -294,7 +294,7 @@ class Listener:
                          staged: futures.Future[Path]) -> Dataset | int:
         """A reference Segmentation: validate, spool, record; no study, instance or job row is touched."""
         study_uid = uids["StudyInstanceUID"]
-        problem = validate_reference(ds, str(event.context.abstract_syntax))
+        problem = validate_reference(ds, str(event.context.abstract_syntax), max_decoded=self.max_instance_bytes)
         if problem is not None:
             return self._refuse(event, problem[0], problem[1], study_uid)
         path = spool_path(self.settings.spool_dir / REFERENCES_DIR, *uids.values())
@@ -347,9 +347,13 @@ class Listener:
             patient_id, accession = str(ds.get("PatientID", "")), str(ds.get("AccessionNumber", ""))
         except Exception as exc:  # undecodable element stream
             return self._refuse(event, StoreStatus.CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}")
+        if str(event.request.AffectedSOPInstanceUID) != uids["SOPInstanceUID"]:
+            # the file's meta header is built from the request: both must name the same instance
+            return self._refuse(event, StoreStatus.CANNOT_UNDERSTAND,
+                                "SOPInstanceUID is not the request's Affected SOP Instance UID", study_uid)
         if sop_class == SegmentationStorage:
             return self._store_reference(event, ds, uids, digest, staged)
-        problem = validate_instance(ds, sop_class, str(context.transfer_syntax))
+        problem = validate_instance(ds, sop_class, str(context.transfer_syntax), max_decoded=self.max_instance_bytes)
         if problem is not None:
             return self._refuse(event, problem[0], problem[1], study_uid)
         try:

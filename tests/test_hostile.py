@@ -8,17 +8,19 @@ import struct
 import time
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pynetdicom import AE, _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from node.db import open_database
-from node.db.schema import Event
-from node.dicom.status import DropReason
+from node.db.schema import Event, Instance
+from node.dicom.status import DropReason, StoreStatus
 from node.dicom.transport import AE_TITLES_END, ASSOCIATE_RQ_MAX_LENGTH
 from node.listener import Listener
+from node.spool import DiskGuard, DiskState
 from tests.conftest import make_settings
+from tests.factory import ct_slice
 
 ACSE, NETWORK = 2.0, 3.0
 MB = 1024**2
@@ -270,3 +272,81 @@ def test_peer_that_closes_before_requesting_leaves_no_row(make_listener):
     assert echo_ok(lst.port)
     time.sleep(0.3)
     assert drops(lst) == []
+
+
+# -- hostile data sets ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def raw_files(monkeypatch):
+    """pynetdicom sends a file's data set bytes as they are on disk (not decoded and encoded again)."""
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+def store_file(port: int, path, syntaxes=(ExplicitVRLittleEndian,)) -> tuple[int, str]:
+    ae = requestor()
+    ae.requested_contexts = []
+    ae.add_requested_context(CTImageStorage, list(syntaxes))
+    assoc = ae.associate("127.0.0.1", port, ae_title="CTNODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        return status.Status, str(status.get("ErrorComment", ""))
+    finally:
+        assoc.release()
+
+
+def instance_rows(lst: Listener) -> int:
+    with lst.sessions() as s:
+        return len(s.scalars(select(Instance)).all())
+
+
+def test_pixel_data_cut_short_is_refused_before_success(make_listener, tmp_path, raw_files):
+    """A file cut off inside its Pixel Data, the element's length intact, sent as it is."""
+    lst = make_listener()
+    path = tmp_path / "cut.dcm"
+    ct_slice(size=64).save_as(path, enforce_file_format=True)
+    path.write_bytes(path.read_bytes()[:-1000])
+    status, comment = store_file(lst.port, path)
+    assert status == StoreStatus.CANNOT_UNDERSTAND and comment == "Pixel Data cut short (7192 of 8192 bytes)"
+    assert instance_rows(lst) == 0
+    [row] = wait_drops(lst, 1, "instance_refused")
+    assert "cut short" in row.detail
+
+
+def test_affected_sop_instance_uid_must_be_the_data_sets(make_listener, tmp_path, raw_files):
+    """pynetdicom takes the Affected SOP Instance UID of a file from its meta header: here another UID."""
+    lst = make_listener()
+    ds = ct_slice()
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.preamble = b"\x00" * 128
+    path = tmp_path / "other.dcm"
+    ds.save_as(path)  # as it is: enforce_file_format would copy the data set's UID into the meta header
+    status, comment = store_file(lst.port, path)
+    assert status == StoreStatus.CANNOT_UNDERSTAND and "Affected SOP Instance UID" in comment
+    assert instance_rows(lst) == 0
+    [row] = wait_drops(lst, 1, "instance_refused")
+    assert "Affected SOP Instance UID" in row.detail and row.study_instance_uid == ds.StudyInstanceUID
+
+
+def test_compressed_image_decoding_beyond_the_limit_is_refused(make_listener, tmp_path, raw_files):
+    """A few KB of RLE whose header says 12000 x 12000: ~275 MB once decoded, over max_instance_mb = 64."""
+    lst = make_listener(max_instance_mb=64)
+    ds = ct_slice(size=64)
+    ds.compress(RLELossless)
+    ds.Rows = ds.Columns = 12000
+    path = tmp_path / "bomb.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    status, comment = store_file(lst.port, path, [RLELossless])
+    assert status == StoreStatus.OUT_OF_RESOURCES and comment == "decoded Pixel Data 275 MB above node.max_instance_mb"
+    assert instance_rows(lst) == 0
+    small = ct_slice(size=64)
+    small.compress(RLELossless)
+    small.save_as(path, enforce_file_format=True)
+    assert store_file(lst.port, path, [RLELossless]) == (StoreStatus.SUCCESS, "")
+
+
+@pytest.mark.parametrize(("free", "text"), [(32 * MB, "32 MB free"), (int(1.5 * 1024**3), "1.5 GB free")])
+def test_disk_guard_names_megabytes_under_a_gigabyte(tmp_path, free, text):
+    guard = DiskGuard(tmp_path, min_free_gb=2, max_used_percent=0, probe=lambda _: DiskState(free, 100 * 1024**3))
+    assert text in guard.problem()

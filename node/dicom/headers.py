@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.dicom.status import StoreStatus
@@ -22,6 +23,8 @@ CT_CLASSES = {CT_IMAGE_STORAGE} | ENHANCED_CT_CLASSES
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 #: Transfer syntaxes whose Pixel Data is stored uncompressed (its length is Rows x Columns x ... bytes).
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
 NATIVE_SYNTAXES = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
 
 Refusal = tuple[StoreStatus, str]
@@ -61,18 +64,47 @@ def numbers_of(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
     return np.asarray(values, dtype=np.float64)
 
 
-def pixel_data_length(ds: Dataset) -> int | None:
-    """The Pixel Data element's value length in bytes without reading a deferred value (None: unknown)."""
-    element = ds.get_item("PixelData")  # a raw element knows its length without reading a deferred value
-    length = getattr(element, "length", None)
-    if length is None or length == 0xFFFFFFFF:
-        value = element.value
-        length = len(value) if isinstance(value, (bytes, bytearray)) else None
-    return length
+def decoded_size(ds: Dataset) -> int | None:
+    """Bytes the Pixel Data takes once decoded (Rows x Columns x frames x samples x BitsAllocated / 8), whatever
+    the transfer syntax; None when a value is missing or not a number."""
+    sizes = [int_of(ds, "Rows"), int_of(ds, "Columns"), int_of(ds, "NumberOfFrames", 1),
+             int_of(ds, "SamplesPerPixel", 1), int_of(ds, "BitsAllocated")]
+    if any(v is None or v < 0 for v in sizes):
+        return None
+    rows, cols, frames, samples, bits = sizes  # type: ignore[misc]
+    return (rows * cols * frames * samples * bits + 7) // 8
 
 
-def validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> Refusal | None:
+def _pixel_data_problem(ds: Dataset, transfer_syntax: str, expected: int) -> Refusal | None:
+    """Pixel Data cut short (a file truncated with its element length intact), of the wrong size for the
+    image (uncompressed), or not a valid sequence of fragments (compressed)."""
+    element = ds.get_item("PixelData")
+    declared = getattr(element, "length", None)  # a raw element's declared length
+    value = element.value
+    present = len(value) if isinstance(value, (bytes, bytearray)) else None
+    if present is not None and declared not in (None, UNDEFINED_LENGTH) and present < declared:
+        return StoreStatus.CANNOT_UNDERSTAND, f"Pixel Data cut short ({present} of {declared} bytes)"
+    if transfer_syntax in NATIVE_SYNTAXES:
+        length = present if present is not None else declared
+        if not length:
+            return StoreStatus.CANNOT_UNDERSTAND, "Pixel Data is empty"
+        if length != UNDEFINED_LENGTH and not expected <= length <= expected + 1:
+            word = "shorter" if length < expected else "longer"
+            return StoreStatus.CANNOT_UNDERSTAND, f"Pixel Data {word} than Rows x Columns ({length} vs {expected} bytes)"
+        return None
+    try:
+        fragments = sum(1 for _ in generate_fragments(value))
+    except Exception:
+        fragments = 0
+    if not fragments:
+        return StoreStatus.CANNOT_UNDERSTAND, "compressed Pixel Data is not a valid fragment sequence"
+    return None
+
+
+def validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str, *,
+                      max_decoded: int | None = None) -> Refusal | None:
     """Instance-level checks done before an instance is stored: (status, reason) to refuse it, or None.
+    ``max_decoded``: the largest decoded Pixel Data accepted, in bytes (any transfer syntax).
 
     Only what no series could ever use is refused here (cheap header checks; the listener stays fast).
     Geometry and series consistency (positions, orientation, spacing, tilt, duplicates) are judged later
@@ -80,7 +112,7 @@ def validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> Refu
     header (a malformed value is a refusal, not an exception).
     """
     try:
-        return _validate_instance(ds, sop_class, transfer_syntax)
+        return _validate_instance(ds, sop_class, transfer_syntax, max_decoded)
     except Exception as exc:  # a value pydicom cannot convert: the instance is not understood
         return StoreStatus.CANNOT_UNDERSTAND, f"cannot read header values: {type(exc).__name__}"
 
@@ -102,7 +134,14 @@ def _identity_problem(ds: Dataset, sop_class: str, modality: str) -> Refusal | N
     return None
 
 
-def _validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> Refusal | None:
+def _too_big(ds: Dataset, max_decoded: int | None) -> Refusal | None:
+    size = decoded_size(ds)
+    if max_decoded is not None and size is not None and size > max_decoded:
+        return StoreStatus.OUT_OF_RESOURCES, f"decoded Pixel Data {size / 1024**2:.0f} MB above node.max_instance_mb"
+    return None
+
+
+def _validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str, max_decoded: int | None) -> Refusal | None:
     if sop_class == ENHANCED_CT_STORAGE:
         return StoreStatus.SOP_CLASS_NOT_SUPPORTED, "Enhanced CT not supported: send CT Image Storage"
     problem = _identity_problem(ds, sop_class, "CT")
@@ -126,15 +165,9 @@ def _validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> Ref
     frames = int_of(ds, "NumberOfFrames", 1)
     if frames is None or frames < 1:
         return StoreStatus.CANNOT_UNDERSTAND, "NumberOfFrames is not a positive number"
-    if transfer_syntax in NATIVE_SYNTAXES:
-        length = pixel_data_length(ds)
-        expected = rows * cols * frames * bits // 8
-        if not length:
-            return StoreStatus.CANNOT_UNDERSTAND, "Pixel Data is empty"
-        if length is not None and not expected <= length <= expected + 1:
-            word = "shorter" if length < expected else "longer"
-            return StoreStatus.CANNOT_UNDERSTAND, f"Pixel Data {word} than Rows x Columns ({length} vs {expected} bytes)"
-    return None
+    # the data's own consistency first: uncompressed Pixel Data of the declared size is no larger than the
+    # instance, already bounded; compressed data can decode to far more than was sent
+    return _pixel_data_problem(ds, transfer_syntax, rows * cols * frames * bits // 8) or _too_big(ds, max_decoded)
 
 
 def referenced_series_uid(ds: Dataset) -> str:
@@ -146,10 +179,10 @@ def referenced_series_uid(ds: Dataset) -> str:
     return ""
 
 
-def validate_reference(ds: Dataset, sop_class: str) -> Refusal | None:
+def validate_reference(ds: Dataset, sop_class: str, *, max_decoded: int | None = None) -> Refusal | None:
     """Checks for a reference Segmentation before it is stored: (status, reason) to refuse it, or None."""
     try:
-        problem = _identity_problem(ds, sop_class, "SEG")
+        problem = _identity_problem(ds, sop_class, "SEG") or _too_big(ds, max_decoded)
         if problem is not None:
             return problem
         if not referenced_series_uid(ds):
