@@ -70,5 +70,6 @@ def association_refusal(node: NodeSettings, calling_aet: str, called_aet: str, a
     if not peer_allowed(node, calling_aet, address):
         return Refused(1, 1, 3, f"calling AE {calling_aet} not allowed from {address} (node.allowed_peers)")
     if node.require_called_aet and called_aet != node.ae_title.strip():
-        return Refused(1, 1, 7, f"called AE title {safe_code(called_aet) if called_aet else 'empty'} is not {node.ae_title}")
+        called = safe_code(called_aet) if called_aet else "empty"
+        return Refused(1, 1, 7, f"called AE title {called} is not {node.ae_title}")
     return None

@@ -10,7 +10,8 @@ import re
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian)
 
 from node.dicom.status import StoreStatus
 from node.spool import is_valid_uid
@@ -90,7 +91,8 @@ def _pixel_data_problem(ds: Dataset, transfer_syntax: str, expected: int) -> Ref
             return StoreStatus.CANNOT_UNDERSTAND, "Pixel Data is empty"
         if length != UNDEFINED_LENGTH and not expected <= length <= expected + 1:
             word = "shorter" if length < expected else "longer"
-            return StoreStatus.CANNOT_UNDERSTAND, f"Pixel Data {word} than Rows x Columns ({length} vs {expected} bytes)"
+            return (StoreStatus.CANNOT_UNDERSTAND,
+                    f"Pixel Data {word} than Rows x Columns ({length} vs {expected} bytes)")
         return None
     try:
         fragments = sum(1 for _ in generate_fragments(value))
