@@ -117,7 +117,7 @@ class _Reader:
     def __init__(self, sock: socket.socket, deadline: float):
         self.sock, self.deadline, self.received = sock, deadline, 0
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> bytearray:
         buf = bytearray()
         while len(buf) < n:
             left = self.deadline - time.monotonic()
@@ -134,7 +134,7 @@ class _Reader:
                 raise PeerClosed
             buf += chunk
             self.received += len(chunk)
-        return bytes(buf)
+        return buf
 
 
 def _farewell(sock: socket.socket, reply: bytes, drain: int) -> None:
@@ -231,7 +231,7 @@ def read_associate_rq(sock: socket.socket, node: NodeSettings, ip: str, deadline
             raise Dropped(None, refused.why, reject_pdu(refused.result, refused.source, refused.diagnostic),
                           kind="association_rejected", calling_aet=calling,
                           drain=length + PDU_HEADER_LENGTH - AE_TITLES_END)
-        return fixed + reader.read(length + PDU_HEADER_LENGTH - AE_TITLES_END)
+        return bytes(fixed + reader.read(length + PDU_HEADER_LENGTH - AE_TITLES_END))
     except TimeoutError:
         if reader.received == 0:
             raise Dropped(DropReason.SILENT, "nothing received") from None
@@ -287,7 +287,7 @@ class GuardedSocket(AssociationSocket):
         self._deadline = time.monotonic() + self._limits.network_timeout
         header = _Reader(self.socket, self._deadline).read(nr_bytes)
         if nr_bytes != PDU_HEADER_LENGTH:  # not pynetdicom 3's reading pattern: pass the bytes through
-            return bytearray(header)
+            return header
         pdu_type, _, length = struct.unpack(">BBL", header)
         if pdu_type not in _AFTER_REQUEST:
             known = pdu_type in PduType._value2member_map_
@@ -297,16 +297,16 @@ class GuardedSocket(AssociationSocket):
             raise Dropped(DropReason.PDU_TOO_LONG, f"{length} bytes declared, at most {self._limits.max_pdu_length}",
                           abort_pdu(AbortReason.INVALID_PDU_PARAMETER_VALUE))
         self._body_left, self._pdu_type = length, pdu_type
-        return bytearray(header)
+        return header
 
     def _body(self, nr_bytes: int) -> bytearray:
         body = _Reader(self.socket, self._deadline).read(min(nr_bytes, self._body_left))
         self._body_left -= len(body)
         if self._pdu_type == PduType.P_DATA_TF:
             self._check_contexts(body)
-        return bytearray(body)
+        return body
 
-    def _check_contexts(self, body: bytes) -> None:
+    def _check_contexts(self, body: bytearray) -> None:
         """Every presentation data value item names a negotiated presentation context (PS3.8 9.3.5)."""
         accepted = {cx.context_id for cx in self.assoc.accepted_contexts}
         offset = 0
