@@ -30,6 +30,8 @@ class NodeSettings:
     # Calling AE titles allowed to associate; empty = accept any caller (demo only).
     allowed_calling_aets: list[str] = field(default_factory=list)
     max_associations: int = 10
+    # Connections one peer address may hold at once (associations and connections not yet associated).
+    max_associations_per_peer: int = 10
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -203,6 +205,7 @@ def _validate(s: Settings) -> None:
     for aet in s.node.allowed_calling_aets:
         check(bool(AE_TITLE_RE.match(aet)), "node.allowed_calling_aets", f"invalid AE title {aet!r}")
     check(s.node.max_associations >= 1, "node.max_associations", "must be at least 1")
+    check(s.node.max_associations_per_peer >= 1, "node.max_associations_per_peer", "must be at least 1")
     for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
         check(getattr(s.node, name) > 0, f"node.{name}", "must be positive")
     for item in s.node.allowed_peers:

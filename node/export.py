@@ -23,7 +23,8 @@ from node.config import Destination, Settings
 from node.db.schema import Export, utcnow
 from node.db.states import ExportState, transition
 from node.registry import add_event, due_exports
-from node.security import client_tls_args
+from node.dicom.status import STORED, StoreStatus
+from node.dicom.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def echo(settings: Settings, dest: Destination) -> SendOutcome:
         return SendOutcome(False, "association rejected or peer unreachable" + (" (TLS)" if dest.tls else ""))
     try:
         status = assoc.send_c_echo()
-        ok = bool(status) and status.Status == 0x0000
+        ok = bool(status) and status.Status == StoreStatus.SUCCESS
         return SendOutcome(ok, "" if ok else f"C-ECHO status {getattr(status, 'Status', 'none')}")
     finally:
         assoc.release()
@@ -78,7 +79,7 @@ def send_files(settings: Settings, dest: Destination, paths: list[Path]) -> list
             code = getattr(status, "Status", None)
             if code is None:
                 outcomes.append(SendOutcome(False, "no response (timeout or aborted)"))
-            elif code in (0x0000, 0xB000, 0xB007, 0xB006):  # success or warning: stored
+            elif code in STORED:  # success or warning
                 outcomes.append(SendOutcome(True))
             else:
                 outcomes.append(SendOutcome(False, f"C-STORE status 0x{code:04X} {status.get('ErrorComment', '')}".strip()))

@@ -4,10 +4,13 @@ A C-STORE is acknowledged with success only after the bytes, exactly as received
 write) and the instance is committed to the database. Anything the node cannot process is refused with a
 DICOM failure status and an ErrorComment, and the refusal is in the audit log.
 
-Association gate (in this order): disk guard (spool filesystem too full: transient rejection), peer-address
-binding (``node.allowed_peers``), then pynetdicom's calling-AE allow-list, called-AE check and association
-limit. Every rejection is an ``association_rejected`` event with the calling AE, the peer address and why.
-Optional DICOM TLS (``[tls]``) wraps every association.
+Connection and association gate (in this order; :mod:`node.dicom.transport`): peer address allowed at
+all, connections per peer address, TLS handshake, then, on the A-ASSOCIATE-RQ's first bytes, calling AE
+allow-list, its address binding (``node.allowed_peers``) and the called AE title; then (here) the disk
+guard (spool filesystem too full: transient rejection) and pynetdicom's association limit. Every rejection
+is an ``association_rejected`` event with the calling AE, the peer address and why; a connection dropped
+before that (size, time, protocol) is a ``connection_dropped`` event. Optional DICOM TLS (``[tls]``) wraps
+every association.
 
 A Segmentation (Modality SEG) is a *reference* to audit the node against (e.g. a radiologist's corrected
 SEG): it is spooled and acknowledged the same way, under ``<spool>/references/``, and recorded in
@@ -20,10 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import socket
-import ssl
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
@@ -38,8 +37,7 @@ from pydicom.uid import (
     JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless,
     JPEGLSLossless, JPEGLSNearLossless, RLELossless,
 )
-from pynetdicom import (AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
-                        _config as pynetdicom_config, evt)
+from pynetdicom import AE, _config as pynetdicom_config, evt
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, SegmentationStorage, Verification
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
@@ -47,9 +45,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
 from node.db.schema import Instance, Study
+from node.dicom.headers import referenced_series_uid, safe_code, validate_instance, validate_reference
+from node.dicom.part10 import part10_header
+from node.dicom.status import REJECT_REASONS, StoreStatus, status_dataset
+from node.dicom.tls import ServerContexts, server_ssl_context
+from node.dicom.transport import harden
 from node.registry import ReceivedInstance, ReceivedReference, add_event, record_instance, record_reference
-from node.pipeline.volume import numbers_of
-from node.security import install_log_redaction, peer_allowed, server_ssl_context
+from node.security import install_log_redaction
 from node.spool import STAGING_DIR, DiskGuard, Stager, is_valid_uid, place, sha256_of, spool_path
 
 log = logging.getLogger(__name__)
@@ -60,37 +62,12 @@ TRANSFER_SYNTAXES = [
     RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit,
 ]
 
-# DIMSE C-STORE statuses (PS3.4 B.2.3, PS3.7 C.4.2.1.4)
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-
-
-def _status(code: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[:64]  # LO: 64 characters at most
-    return ds
-
-
 def _peer(event: Any) -> tuple[str, str]:
     req = event.assoc.requestor
     aet = req.ae_title
     if req.primitive is not None and req.primitive.calling_ae_title:  # set before negotiation copies it
         aet = req.primitive.calling_ae_title
     return str(aet).strip(), f"{req.address}:{req.port}"
-
-
-_CS_RE = re.compile(r"^[A-Z0-9_ ]{1,16}$")
-
-
-def _safe_code(value: object) -> str:
-    """A code string (Modality...) for a log line or comment, or "invalid" when it is not a plain CS value:
-    a sender could put anything in a refused element, including a patient's name."""
-    text = str(value).strip()
-    return text if _CS_RE.match(text) else "invalid"
 
 
 def _db_error(exc: Exception) -> str:
@@ -100,180 +77,8 @@ def _db_error(exc: Exception) -> str:
     return type(exc).__name__
 
 
-# A-ASSOCIATE-RJ (result, source, diagnostic) -> why, for the audit log (PS3.8 9.3.4)
-_REJECT_REASONS = {
-    (1, 3): "calling AE title not allowed (node.allowed_calling_aets / node.allowed_peers)",
-    (1, 7): "called AE title is not this node's",
-    (3, 2): "too many associations (node.max_associations)",
-    (3, 1): "temporary congestion",
-    (2, 1): "ACSE: no reason given (user identity?)",
-}
-
 CHUNK = 1 << 20
-PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1
-
-
-def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
-    """One group 0002 element in Explicit VR Little Endian (OB has the long form: 2 reserved bytes, 4-byte length)."""
-    if vr == b"OB":
-        return struct.pack("<HH2s2xI", 2, element, vr, len(value)) + value
-    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
-
-
-def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
-    """Preamble and File Meta Information for a received data set, byte for byte what pynetdicom's
-    ``encode_file_meta(event.file_meta)`` gives (tested), built without a pydicom data set: it runs for every
-    instance while the sender waits, and pydicom's writer costs more than the rest of the header work."""
-    def ui(uid: str) -> bytes:
-        raw = uid.encode("ascii", "replace")  # a peer's Affected SOP Instance UID is not validated here
-        return raw + b"\x00" * (len(raw) % 2)
-
-    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
-    body = b"".join((
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", ui(sop_class)),
-        _meta_element(0x0003, b"UI", ui(sop_instance)),
-        _meta_element(0x0010, b"UI", ui(transfer_syntax)),
-        _meta_element(0x0012, b"UI", ui(PYNETDICOM_IMPLEMENTATION_UID)),
-        _meta_element(0x0013, b"SH", version + b" " * (len(version) % 2)),
-    ))
-    return PREAMBLE + _meta_element(0x0000, b"UL", struct.pack("<I", len(body))) + body
-
-
-NATIVE_SYNTAXES = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
-
-
-def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
-    value = ds.get(keyword, default)
-    try:
-        return int(value) if value is not None and value != "" else default
-    except (TypeError, ValueError):
-        return None
-
-
-def validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> tuple[int, str] | None:
-    """Instance-level checks done before an instance is stored: (status, reason) to refuse it, or None.
-
-    Only what no series could ever use is refused here (cheap header checks; the listener stays fast).
-    Geometry and series consistency (positions, orientation, spacing, tilt, duplicates) are judged later
-    by series selection, where the job ends "skipped" or "failed" with the reason. Raises nothing for any
-    header (a malformed value is a refusal, not an exception).
-    """
-    try:
-        return _validate_instance(ds, sop_class, transfer_syntax)
-    except Exception as exc:  # a value pydicom cannot convert: the instance is not understood
-        return CANNOT_UNDERSTAND, f"cannot read header values: {type(exc).__name__}"
-
-
-def _identity_problem(ds: Dataset, sop_class: str, modality: str) -> tuple[int, str] | None:
-    """Checks every stored object passes (CT and reference SEG alike): SOP class, Modality, UIDs usable
-    for spool paths, Pixel Data present."""
-    if str(ds.get("SOPClassUID", "")) != sop_class:
-        return DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID does not match the context"
-    found = str(ds.get("Modality", ""))
-    if found != modality:
-        return DOES_NOT_MATCH_SOP_CLASS, f"Modality {_safe_code(found) if found else 'missing'}, expected {modality}"
-    for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        if not is_valid_uid(str(ds.get(key, ""))):
-            return CANNOT_UNDERSTAND, f"invalid {key}"
-    if "PixelData" not in ds:
-        return DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data"
-    return None
-
-
-def _validate_instance(ds: Dataset, sop_class: str, transfer_syntax: str) -> tuple[int, str] | None:
-    if sop_class == EnhancedCTImageStorage:
-        return SOP_CLASS_NOT_SUPPORTED, "Enhanced CT not supported: send CT Image Storage"
-    problem = _identity_problem(ds, sop_class, "CT")
-    if problem is not None:
-        return problem
-    samples = _int(ds, "SamplesPerPixel", 1)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        return DOES_NOT_MATCH_SOP_CLASS, (f"not a greyscale image (SamplesPerPixel {samples}, "
-                                          f"{_safe_code(photometric)}); CT must be MONOCHROME")
-    rows, cols, bits = _int(ds, "Rows"), _int(ds, "Columns"), _int(ds, "BitsAllocated")
-    if not rows or not cols or rows < 0 or cols < 0:
-        return CANNOT_UNDERSTAND, "Rows/Columns missing, zero or malformed"
-    if bits not in (8, 16, 32):
-        return CANNOT_UNDERSTAND, f"BitsAllocated {bits} not supported (8, 16 or 32)"
-    for keyword, count in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2)):
-        # Absent or degenerate geometry is a series-level question (the job is skipped with the reason);
-        # a present element that is not `count` finite numbers is a malformed instance.
-        if keyword in ds and ds[keyword].value not in (None, "") and numbers_of(ds, keyword, count) is None:
-            return CANNOT_UNDERSTAND, f"{keyword} is not {count} numbers"
-    frames = _int(ds, "NumberOfFrames", 1)
-    if frames is None or frames < 1:
-        return CANNOT_UNDERSTAND, "NumberOfFrames is not a positive number"
-    if transfer_syntax in NATIVE_SYNTAXES:
-        element = ds.get_item("PixelData")  # a raw element knows its length without reading a deferred value
-        length = getattr(element, "length", None)
-        if length is None or length == 0xFFFFFFFF:
-            value = element.value
-            length = len(value) if isinstance(value, (bytes, bytearray)) else None
-        expected = rows * cols * frames * bits // 8
-        if not length:
-            return CANNOT_UNDERSTAND, "Pixel Data is empty"
-        if length is not None and not expected <= length <= expected + 1:
-            word = "shorter" if length < expected else "longer"
-            return CANNOT_UNDERSTAND, f"Pixel Data {word} than Rows x Columns ({length} vs {expected} bytes)"
-    return None
-
-
 REFERENCES_DIR = "references"  # spool sub-folder for reference SEGs (never a UID, so never a study folder)
-
-
-def referenced_series_uid(ds: Dataset) -> str:
-    """The source series a SEG segments: the first valid SeriesInstanceUID of its ReferencedSeriesSequence."""
-    for item in ds.get("ReferencedSeriesSequence", None) or []:
-        uid = str(item.get("SeriesInstanceUID", ""))
-        if is_valid_uid(uid):
-            return uid
-    return ""
-
-
-def validate_reference(ds: Dataset, sop_class: str) -> tuple[int, str] | None:
-    """Checks for a reference Segmentation before it is stored: (status, reason) to refuse it, or None."""
-    try:
-        problem = _identity_problem(ds, sop_class, "SEG")
-        if problem is not None:
-            return problem
-        if not referenced_series_uid(ds):
-            return CANNOT_UNDERSTAND, "SEG without ReferencedSeriesSequence"
-    except Exception as exc:
-        return CANNOT_UNDERSTAND, f"cannot read header values: {type(exc).__name__}"
-    return None
-
-
-class _TLSContexts:
-    """The listener's TLS context, rebuilt when ``tls.crl_file`` changes on disk (a refreshed revocation
-    list takes effect for the next connection, without a restart). A CRL file that cannot be loaded keeps
-    the previous context and logs an error."""
-
-    def __init__(self, tls: Any, context: ssl.SSLContext | None):
-        self.tls, self.context = tls, context
-        self.stamp = self._stamp()
-
-    def _stamp(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.tls.crl_file)
-            return st.st_mtime_ns, st.st_size
-        except OSError:
-            return None
-
-    def current(self) -> ssl.SSLContext | None:
-        if self.context is None or not self.tls.crl_file:
-            return self.context
-        stamp = self._stamp()
-        if stamp != self.stamp:
-            try:
-                self.context = server_ssl_context(self.tls)
-                log.info("TLS: revocation list %s reloaded", self.tls.crl_file)
-            except (OSError, ssl.SSLError) as exc:
-                log.error("TLS: cannot load the revocation list %s (%s); the previous one stays in force",
-                          self.tls.crl_file, exc)
-            self.stamp = stamp
-        return self.context
 
 
 class Listener:
@@ -339,57 +144,18 @@ class Listener:
         self._stager = Stager(self.settings.spool_dir / STAGING_DIR, s.max_associations)
         self._server = self.ae.start_server((s.host, s.port), block=False, evt_handlers=handlers,
                                             ssl_context=ssl_context)
-        self._harden(self._server, ssl_context)
+        harden(self._server, s, ServerContexts(self.settings.tls, ssl_context), self._audit_connection)
         log.info("listening as %s on %s:%d%s", s.ae_title, s.host, self.port,
                  " (TLS" + (", client certificates required)" if self.settings.tls.require_client_cert else ")")
                  if self.settings.tls.enabled else "")
 
-    def _harden(self, server: Any, ssl_context: ssl.SSLContext | None) -> None:
-        """Make a stalled or hostile peer cost one thread for at most ``node.network_timeout`` seconds.
-
-        pynetdicom accepts connections with blocking sockets and, with TLS, runs the handshake in the
-        accept loop: a peer that stops halfway through a PDU would hold its thread forever, and one that
-        opens a TCP connection to the TLS port and sends nothing would stop the node accepting anyone.
-        Here each accepted socket gets the network timeout, and the TLS handshake moves to the
-        connection's own thread, where a failure is audited ("tls_handshake_failed") and the connection
-        closed.
-        """
-        timeout = self.settings.node.network_timeout
-        original_thread = server.process_request_thread
-        contexts = _TLSContexts(self.settings.tls, ssl_context)
-
-        def get_request() -> tuple[socket.socket, Any]:
-            sock, address = server.socket.accept()
-            sock.settimeout(timeout)
-            context = contexts.current()
-            if context is not None:
-                sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            return sock, address
-
-        def process_request_thread(request: Any, address: Any) -> None:
-            if isinstance(request, ssl.SSLSocket):
-                try:
-                    request.do_handshake()
-                except (OSError, ValueError) as exc:
-                    self._audit_tls_failure(address, exc)
-                    server.shutdown_request(request)
-                    return
-            original_thread(request, address)
-
-        server.get_request = get_request
-        server.process_request_thread = process_request_thread
-
-    def _audit_tls_failure(self, address: Any, exc: Exception) -> None:
-        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-        # e.g. "certificate revoked" (verify_message), "CERTIFICATE_VERIFY_FAILED", "timed out"
-        why = (getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
-               or type(exc).__name__)
-        log.warning("TLS handshake with %s failed: %s", peer, why)
+    def _audit_connection(self, kind: str, detail: str, peer: str, calling_aet: str) -> None:
+        """An audit row about a connection the transport guard refused or dropped (no association yet)."""
         try:
             with self._db_lock, self.sessions.begin() as session:
-                add_event(session, "tls_handshake_failed", str(why), peer=peer)
-        except Exception as db_exc:
-            log.error("could not write audit event tls_handshake_failed: %s", _db_error(db_exc))
+                add_event(session, kind, detail, calling_aet=calling_aet, peer=peer)
+        except Exception as exc:  # the audit log must never take the listener down
+            log.error("could not write audit event %s: %s", kind, _db_error(exc))
 
     @property
     def port(self) -> int:
@@ -430,20 +196,15 @@ class Listener:
         if problem:
             # transient, presentation related, temporary congestion: the sender retries later
             self._reject(event, 0x02, 0x03, 0x01, f"disk guard: {problem}")
-            return
-        aet, _ = _peer(event)
-        address = str(event.assoc.requestor.address)
-        if not peer_allowed(self.settings.node, aet, address):
-            self._reject(event, 0x01, 0x01, 0x03, f"calling AE {aet} not allowed from {address} (node.allowed_peers)")
 
     def _on_rejected(self, event: Any) -> None:
         aet, peer = _peer(event)
         rj = event.assoc.acceptor.primitive
         key = (getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
-        why = _REJECT_REASONS.get(key, f"rejected (source {key[0]}, diagnostic {key[1]})")
+        why = REJECT_REASONS.get(key, f"rejected (source {key[0]}, diagnostic {key[1]})")
         if key == (1, 7):
             called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
-            why = f"called AE title {_safe_code(called) if called else 'empty'} is not {self.settings.node.ae_title}"
+            why = f"called AE title {safe_code(called) if called else 'empty'} is not {self.settings.node.ae_title}"
         log.warning("association rejected: calling AE %s from %s: %s", aet, peer, why)
         self._audit("association_rejected", event, why)
 
@@ -452,12 +213,12 @@ class Listener:
 
     # -- DIMSE ------------------------------------------------------------------------------------------
     def handle_echo(self, event: Any) -> int:
-        return SUCCESS
+        return StoreStatus.SUCCESS
 
     def _refuse(self, event: Any, code: int, reason: str, study_uid: str = "") -> Dataset:
         log.warning("instance refused (0x%04X): %s", code, reason)
         self._audit("instance_refused", event, f"0x{code:04X} {reason}", study_uid if is_valid_uid(study_uid) else "")
-        return _status(code, reason)
+        return status_dataset(code, reason)
 
     def _received_size(self, event: Any) -> tuple[int, Path | None]:
         """(data set bytes received, temporary file when receive_to_disk) without copying the data."""
@@ -523,17 +284,17 @@ class Listener:
             # Not recorded => not acknowledged; the peer will retry. If the file was placed it stays
             # (harmless: a retry overwrites it atomically; start-up recovery registers it otherwise).
             log.error("database error while recording an instance: %s", _db_error(exc))
-            return _status(OUT_OF_RESOURCES, "database unavailable, retry later")
+            return status_dataset(StoreStatus.OUT_OF_RESOURCES, "database unavailable, retry later")
 
     def _spool_failed(self, event: Any, exc: OSError, study_uid: str = "") -> Dataset:
         log.error("spool write failed: %s", exc.strerror or type(exc).__name__)
-        return self._refuse(event, OUT_OF_RESOURCES, f"cannot write spool: {exc.strerror}", study_uid)
+        return self._refuse(event, StoreStatus.OUT_OF_RESOURCES, f"cannot write spool: {exc.strerror}", study_uid)
 
     def _store_reference(self, event: Any, ds: Dataset, uids: dict[str, str], digest: tuple[int, str],
                          staged: futures.Future[Path]) -> Dataset | int:
         """A reference Segmentation: validate, spool, record; no study, instance or job row is touched."""
         study_uid = uids["StudyInstanceUID"]
-        problem = validate_reference(ds, str(event.context.abstract_syntax))
+        problem = validate_reference(ds, str(event.context.abstract_syntax), max_decoded=self.max_instance_bytes)
         if problem is not None:
             return self._refuse(event, problem[0], problem[1], study_uid)
         path = spool_path(self.settings.spool_dir / REFERENCES_DIR, *uids.values())
@@ -546,12 +307,12 @@ class Listener:
                 path=str(path), size=size, sha256=digest, calling_aet=aet))
 
         outcome = self._record(event, path, study_uid, digest, staged, record, ct_instance=False)
-        return outcome if isinstance(outcome, Dataset) else SUCCESS
+        return outcome if isinstance(outcome, Dataset) else StoreStatus.SUCCESS
 
     def handle_store(self, event: Any) -> Dataset | int:
         size, tmp_path = self._received_size(event)
         if size > self.max_instance_bytes:
-            return self._refuse(event, OUT_OF_RESOURCES,
+            return self._refuse(event, StoreStatus.OUT_OF_RESOURCES,
                                 f"instance of {size / 1024**2:.0f} MB above node.max_instance_mb")
         with self._instance_bytes(event, tmp_path) as chunks:
             # The bytes go to the spool's staging folder (written durably) in a spool thread while this one
@@ -585,19 +346,23 @@ class Listener:
             series_description = str(ds.get("SeriesDescription", ""))
             patient_id, accession = str(ds.get("PatientID", "")), str(ds.get("AccessionNumber", ""))
         except Exception as exc:  # undecodable element stream
-            return self._refuse(event, CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}")
+            return self._refuse(event, StoreStatus.CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}")
+        if str(event.request.AffectedSOPInstanceUID) != uids["SOPInstanceUID"]:
+            # the file's meta header is built from the request: both must name the same instance
+            return self._refuse(event, StoreStatus.CANNOT_UNDERSTAND,
+                                "SOPInstanceUID is not the request's Affected SOP Instance UID", study_uid)
         if sop_class == SegmentationStorage:
             return self._store_reference(event, ds, uids, digest, staged)
-        problem = validate_instance(ds, sop_class, str(context.transfer_syntax))
+        problem = validate_instance(ds, sop_class, str(context.transfer_syntax), max_decoded=self.max_instance_bytes)
         if problem is not None:
             return self._refuse(event, problem[0], problem[1], study_uid)
         try:
             study_bytes = self._study_bytes(study_uid)
         except Exception as exc:  # the database is down: the sender must retry, not give up (0xC211)
             log.error("database error while checking the study size: %s", _db_error(exc))
-            return _status(OUT_OF_RESOURCES, "database unavailable, retry later")
+            return status_dataset(StoreStatus.OUT_OF_RESOURCES, "database unavailable, retry later")
         if study_bytes + size > self.max_study_bytes:
-            return self._refuse(event, OUT_OF_RESOURCES, "study above node.max_study_gb", study_uid)
+            return self._refuse(event, StoreStatus.OUT_OF_RESOURCES, "study above node.max_study_gb", study_uid)
 
         path = spool_path(self.settings.spool_dir, *uids.values())
         aet, _ = _peer(event)
@@ -611,4 +376,4 @@ class Listener:
                 patient_id=patient_id, accession_number=accession))
 
         outcome = self._record(event, path, study_uid, digest, staged, record, ct_instance=True)
-        return outcome if isinstance(outcome, Dataset) else SUCCESS
+        return outcome if isinstance(outcome, Dataset) else StoreStatus.SUCCESS

@@ -78,12 +78,17 @@ class Node:
         self.tick_reap()  # record what the stopped workers leave behind
 
     def recover(self) -> None:
-        """After a restart: spool files without a row are registered (:mod:`node.recovery`), and jobs left
-        in ``processing`` lost their worker with the previous node process."""
+        """After a restart: spool files without a row are registered (:mod:`node.recovery`), jobs still
+        collecting instances wait ``stable_after`` from now (their senders were cut off by the restart and
+        may resume: a partly received study is not processed at once), and jobs left in ``processing`` lost
+        their worker with the previous node process."""
         with self.sessions.begin() as session:
             recovered = recover_orphans(session, self.settings.spool_dir)
             if recovered:
                 log.warning("registered %d spool file(s) that had no database row", recovered)
+            now = utcnow()
+            for job in session.scalars(select(Job).where(Job.state == JobState.RECEIVED)):
+                job.last_instance_at = now  # a study still arriving: its sender may resume after the restart
             for job in session.scalars(select(Job).where(Job.state == JobState.PROCESSING)):
                 release_job(session, job, "node restarted while the job was processing",
                             self.settings.processing.max_attempts)

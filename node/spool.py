@@ -224,6 +224,11 @@ def disk_state(path: Path) -> DiskState:
     return DiskState(usage.free, usage.total)
 
 
+def _size_text(n: int) -> str:
+    """A free-space figure an administrator can act on: "32 MB" under 1 GB, "1.5 GB" above."""
+    return f"{n / 1024**2:.0f} MB" if n < 1024**3 else f"{n / 1024**3:.1f} GB"
+
+
 class DiskGuard:
     """Says whether the spool filesystem has room for new associations.
 
@@ -250,7 +255,7 @@ class DiskGuard:
         except OSError as exc:
             return f"cannot check the spool filesystem: {exc.strerror or exc}"
         if self.min_free_bytes and st.free_bytes < self.min_free_bytes:
-            return (f"spool filesystem has {st.free_bytes / 1024**3:.1f} GB free, "
+            return (f"spool filesystem has {_size_text(st.free_bytes)} free, "
                     f"below node.min_free_gb = {self.min_free_bytes / 1024**3:g}")
         if self.max_used_percent and st.used_percent > self.max_used_percent:
             return (f"spool filesystem is {st.used_percent:.1f}% used, "

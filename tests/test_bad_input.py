@@ -19,7 +19,8 @@ from sqlalchemy import select
 
 from node.db import open_database
 from node.db.schema import Event, Instance, Study
-from node.listener import Listener, validate_instance
+from node.dicom.headers import validate_instance
+from node.listener import Listener
 from node.pipeline.run import run_pipeline
 from node.pipeline.select import evaluate_series
 from node.pipeline.volume import VolumeError, assemble_volume

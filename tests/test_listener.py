@@ -70,7 +70,7 @@ def test_part10_header_is_pynetdicoms_file_meta(sop_instance, syntax):
     from pydicom.uid import UID
     from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-    from node.listener import PREAMBLE, part10_header
+    from node.dicom.part10 import PREAMBLE, part10_header
 
     expected = PREAMBLE + encode_file_meta(create_file_meta(
         sop_class_uid=UID(CTImageStorage), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(syntax)))
@@ -82,7 +82,7 @@ def test_spool_file_is_the_received_bytes(listener):
     from pydicom.uid import UID
     from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 
-    from node.listener import PREAMBLE
+    from node.dicom.part10 import PREAMBLE
 
     ds = ct_slice()
     [status] = send(listener, ds)  # the first context offered: Explicit VR Little Endian

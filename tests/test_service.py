@@ -1,11 +1,14 @@
 """Scheduler duties: a worker over its time limit is killed and its job failed; retention purges the spool."""
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 import torch
 from sqlalchemy import select
 
-from node.db.schema import Event, Instance, Job
+from node.db.schema import Event, Instance, Job, utcnow
+from node.registry import ReceivedInstance, mark_stable_studies_ready, record_instance
 from node.demo import send_study
 from node.service import Node
 from tests.conftest import make_settings
@@ -131,3 +134,19 @@ def test_result_records_where_the_network_ran(tmp_path, device):
                             'in the worker process (its log says why)']
     else:
         assert warnings == []
+
+
+def test_a_study_still_arriving_at_a_restart_waits_stable_after_again(tmp_path):
+    """The node stopped while a study arrived (its last instance long ago by the clock): after the restart
+    the study waits stable_after for the sender to resume, instead of being processed at once."""
+    settings = make_settings(tmp_path, processing={"stable_after": 30.0})
+    node = Node(settings)
+    with node.sessions.begin() as s:
+        record_instance(s, ReceivedInstance("1.2.3", "1.2.3.4", "1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.2",
+                                            "1.2.840.10008.1.2.1", str(tmp_path / "x.dcm"), 1, "0" * 64))
+        s.scalars(select(Job)).one().last_instance_at = utcnow() - dt.timedelta(hours=1)
+    node.recover()
+    with node.sessions.begin() as s:
+        assert mark_stable_studies_ready(s, 30.0) == []
+        job = s.scalars(select(Job)).one()
+        assert job.state == "received" and utcnow() - job.last_instance_at < dt.timedelta(seconds=30)

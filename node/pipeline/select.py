@@ -16,6 +16,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from node.dicom.headers import CT_CLASSES, ENHANCED_CT_CLASSES, MEDIA_STORAGE_DIRECTORY
+
 from .types import LungMasks, Volume
 from .volume import (
     VolumeError,
@@ -29,13 +31,6 @@ from .volume import (
 )
 
 log = logging.getLogger(__name__)
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
-ENHANCED_CT_CLASSES = {ENHANCED_CT_STORAGE, LEGACY_ENHANCED_CT_STORAGE}
-CT_CLASSES = {CT_IMAGE_STORAGE} | ENHANCED_CT_CLASSES
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 #: Maximum angle between the slice normal and the patient head-foot axis for an "axial" series.
 AXIAL_MAX_DEG = 10.0

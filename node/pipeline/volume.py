@@ -18,6 +18,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from node.dicom.headers import numbers_of
+
 from .types import Volume
 
 log = logging.getLogger(__name__)
@@ -69,22 +71,6 @@ def strip_pixels(ds: Dataset) -> Dataset:
     if filename:
         out.filename = filename
     return out
-
-
-def numbers_of(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
-    """A multi-valued numeric attribute as ``n`` finite floats, or None when absent or malformed
-    (wrong multiplicity, a single value, text that is not a number): malformed headers are reported as
-    missing geometry by the callers, never as a crash."""
-    value = ds.get(keyword)
-    if isinstance(value, (str, bytes)):  # unconverted text: iterating it would yield characters
-        return None
-    try:
-        values = [float(x) for x in value]  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
-    if len(values) != n or not np.all(np.isfinite(values)):
-        return None
-    return np.asarray(values, dtype=np.float64)
 
 
 def orientation_of(ds: Dataset) -> np.ndarray | None:
