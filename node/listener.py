@@ -49,7 +49,8 @@ from node.config import Settings
 from node.db.schema import Instance, Study
 from node.registry import ReceivedInstance, ReceivedReference, add_event, record_instance, record_reference
 from node.pipeline.volume import numbers_of
-from node.security import install_log_redaction, peer_allowed, server_ssl_context
+from node.logredact import install_log_redaction
+from node.security import peer_allowed, server_ssl_context
 from node.spool import STAGING_DIR, DiskGuard, Stager, is_valid_uid, place, sha256_of, spool_path
 
 log = logging.getLogger(__name__)
