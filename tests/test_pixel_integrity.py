@@ -184,6 +184,17 @@ def test_series_total_is_bounded(tmp_path, monkeypatch):
         assemble_volume(paths, DecodeLimits(instance_mb=0.2, series_mb=0.25))  # 3 x 128 kB = 0.375 MB
 
 
+def test_decoded_size_comes_from_the_header():
+    ds = ct_slice(size=16)
+    ds.NumberOfFrames = None  # present but empty: one frame
+    assert volume_module.decoded_bytes(ds) == 16 * 16 * 2
+    ds.NumberOfFrames, ds.SamplesPerPixel, ds.BitsAllocated = 3, 3, 12
+    assert volume_module.decoded_bytes(ds) == 16 * 16 * 3 * 3 * 2
+    ds.Rows = "many"
+    with pytest.raises(VolumeError, match="Rows 'many' is not a number"):
+        volume_module.decoded_bytes(ds)
+
+
 def test_decode_limit_defaults_and_validation(tmp_path):
     settings = make_settings(tmp_path)
     assert (settings.processing.max_decoded_mb, settings.processing.max_decoded_instance_mb) == (

@@ -232,7 +232,9 @@ def rescale_of(ds: Dataset) -> tuple[float, float]:
 
 
 def _positive_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
-    value = ds.get(keyword, default)
+    value = ds.get(keyword)
+    if value is None or value == "":  # absent or empty: the standard's default where it has one
+        value = default
     try:
         number = int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
