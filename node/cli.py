@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from node.config import ConfigError, Settings, load_settings
+from node.logredact import install_log_redaction
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    install_log_redaction()  # warnings into logging; patient values out of every record (node.logredact)
     for noisy in ("apscheduler", "alembic"):  # a line per scheduler tick / per migration plugin otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

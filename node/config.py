@@ -95,7 +95,9 @@ class ProcessingSettings:
     device: str = "auto"          # auto | cpu | cuda
     workers: int = 1
     job_timeout: float = 1800.0   # a worker running longer is killed and its job failed
-    worker_memory_gb: float = 0.0  # memory (data) cap of each worker process (0 = none)
+    worker_memory_gb: float = 8.0  # memory (data) cap of each worker process (0 = none)
+    max_decoded_mb: float = 1024.0  # decoded pixel data a series may declare (checked before decoding)
+    max_decoded_instance_mb: float = 64.0  # the same, per instance
     max_attempts: int = 2         # a job whose worker died is retried this many times in all
     check_interval: float = 1.0   # seconds between scheduler ticks
     seg_series_number: int = 901
@@ -244,6 +246,9 @@ def _validate(s: Settings) -> None:
     check(s.processing.job_timeout > 0, "processing.job_timeout", "must be positive")
     check(s.processing.worker_memory_gb == 0 or s.processing.worker_memory_gb >= 1, "processing.worker_memory_gb",
           "must be 0 (no cap) or at least 1 GB (a worker needs about 1 GB before it reads a study)")
+    check(s.processing.max_decoded_mb > 0, "processing.max_decoded_mb", "must be positive (MB)")
+    check(0 < s.processing.max_decoded_instance_mb <= s.processing.max_decoded_mb,
+          "processing.max_decoded_instance_mb", "must be positive (MB) and not above processing.max_decoded_mb")
     check(s.processing.max_attempts >= 1, "processing.max_attempts", "must be at least 1")
     check(s.processing.check_interval > 0, "processing.check_interval", "must be positive")
     check(0 <= s.processing.key_images <= 50, "processing.key_images", "must be between 0 (none) and 50")

@@ -51,7 +51,7 @@ from node.dicom.status import REJECT_REASONS, StoreStatus, status_dataset
 from node.dicom.tls import ServerContexts, server_ssl_context
 from node.dicom.transport import harden
 from node.registry import ReceivedInstance, ReceivedReference, add_event, record_instance, record_reference
-from node.security import install_log_redaction
+from node.logredact import install_log_redaction
 from node.spool import STAGING_DIR, DiskGuard, Stager, is_valid_uid, place, sha256_of, spool_path
 
 log = logging.getLogger(__name__)

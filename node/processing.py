@@ -9,7 +9,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from node.pipeline.volume import DecodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +64,21 @@ def resolve_engine(name: str) -> str:
 def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 1,
             seg_series_number: int = 901, sr_series_number: int = 902, key_images: int = 0,
             key_images_series_number: int = 903, engine_options: dict[str, Any] | None = None,
-            lobe_maps: list[str | Path] = ()) -> Analysis:
+            lobe_maps: list[str | Path] = (), decode_limits: DecodeLimits | None = None) -> Analysis:
     """Select a series among ``paths``, segment and score it, and build the SEG, the SR and (``key_images``
     > 0) up to that many Secondary Capture key images in memory. ``lobe_maps``: SEG files that may hold the
-    lobes of the chosen series (see :mod:`node.pipeline.regionmap`)."""
+    lobes of the chosen series (see :mod:`node.pipeline.regionmap`). ``decode_limits``: the largest decoded
+    pixel data a series may declare (:class:`node.pipeline.volume.DecodeLimits`; None: its defaults)."""
     from node.pipeline.run import run_pipeline
+    from node.pipeline.volume import DecodeLimits
     from node.writers.keyimages import build_key_images
     from node.writers.seg import build_segmentation
     from node.writers.sr import build_report
 
     options = {k: v for k, v in (engine_options or {}).items() if not (k == "device" and v == "auto")}
     result = run_pipeline([str(p) for p in paths], resolve_engine(engine), min_slices=min_slices,
-                          engine_options=options, lobe_maps=lobe_maps)
+                          engine_options=options, lobe_maps=lobe_maps,
+                          decode_limits=decode_limits or DecodeLimits())
     timings = dict(result.timings)
     if result.status != "done":
         return Analysis(status=result.status, reason=result.reason, pipeline=result, timings=timings)
@@ -99,10 +105,14 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
 def analyse_with(settings: Any, paths: list[str | Path], *, engine: str | None = None,
                  lobe_maps: list[str | Path] = ()) -> Analysis:
     """:func:`analyse` with the options of a ``[processing]`` section (``node.config.ProcessingSettings``)."""
+    from node.pipeline.volume import DecodeLimits
+
     return analyse(paths, engine=engine or settings.engine, min_slices=settings.min_slices,
                    seg_series_number=settings.seg_series_number, sr_series_number=settings.sr_series_number,
                    key_images=settings.key_images, key_images_series_number=settings.key_images_series_number,
-                   engine_options={"device": settings.device}, lobe_maps=lobe_maps)
+                   engine_options={"device": settings.device}, lobe_maps=lobe_maps,
+                   decode_limits=DecodeLimits(instance_mb=settings.max_decoded_instance_mb,
+                                              series_mb=settings.max_decoded_mb))
 
 
 def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, Path]:

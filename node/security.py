@@ -1,5 +1,6 @@
-"""Security helpers: PHI-safe log values and database file permissions (TLS contexts and peer checks are
-in :mod:`node.dicom.tls` and :mod:`node.dicom.access`).
+"""Security helpers: PHI-safe UID references for log lines and database file permissions (TLS contexts
+and peer checks are in :mod:`node.dicom.tls` and :mod:`node.dicom.access`, log redaction in
+:mod:`node.logredact`).
 
 Nothing here logs a patient identifier. UIDs, where a log line needs to tell two objects apart, are
 written as a short hash (:func:`uid_ref`): enough to correlate with the database (which holds the UID),
@@ -8,9 +9,7 @@ useless to someone who only reads the log.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import re
 from pathlib import Path
 
 
@@ -29,32 +28,3 @@ def restrict_sqlite_files(database_url: str) -> None:
             os.chmod(path, 0o600)
         except FileNotFoundError:
             pass
-
-
-_VALUE_RE = re.compile(r"(Invalid value for VR \w+: )(['\"]).*?\2", re.S)
-
-
-class RedactValues(logging.Filter):
-    """Removes element values from pydicom's validation messages ("Invalid value for VR PN: 'Doe^Jane'"):
-    pydicom logs them at WARNING while it decodes what a peer sent."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:
-            return True
-        redacted = _VALUE_RE.sub(r"\1<value redacted>", message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
-
-_redaction_installed = False
-
-
-def install_log_redaction() -> None:
-    """Attach :class:`RedactValues` to the ``pydicom`` logger (once per process)."""
-    global _redaction_installed
-    if not _redaction_installed:
-        logging.getLogger("pydicom").addFilter(RedactValues())
-        _redaction_installed = True

@@ -127,7 +127,8 @@ class Node:
                 if job is None:
                     return
                 job_id, attempt = job.id, job.attempts
-            proc = self._mp.Process(target=worker_main, args=(self.settings, job_id, attempt),
+            proc = self._mp.Process(target=worker_main, args=(self.settings, job_id, attempt,
+                                                              logging.getLogger().getEffectiveLevel()),
                                     name=f"ctnode-worker-{job_id}", daemon=True)
             proc.start()
             self.running[job_id] = _Running(proc, attempt, time.monotonic())

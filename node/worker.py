@@ -17,6 +17,7 @@ from node.config import Settings
 from node.db import open_database
 from node.db.schema import Export, Job
 from node.db.states import JobState
+from node.logredact import install_log_redaction
 from node.registry import add_event, instance_paths_for_job, reference_paths_for_study, set_job_state
 from node.results import result_row
 
@@ -94,9 +95,11 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
     return state
 
 
-def worker_main(settings: Settings, job_id: int, attempt: int) -> None:
-    """Entry point of the worker process."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+def worker_main(settings: Settings, job_id: int, attempt: int, log_level: int = logging.INFO) -> None:
+    """Entry point of the worker process; ``log_level``: the node's (``ctnode -v``: DEBUG), at least INFO."""
+    logging.basicConfig(level=min(log_level, logging.INFO),
+                        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    install_log_redaction()  # warnings into logging; patient values out of every record (node.logredact)
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every module it copies at INFO
     _exit_with_parent()
     limit_memory(settings.processing.worker_memory_gb)

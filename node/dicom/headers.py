@@ -65,15 +65,30 @@ def numbers_of(ds: Dataset, keyword: str, n: int) -> np.ndarray | None:
     return np.asarray(values, dtype=np.float64)
 
 
+#: The header attributes that give the decoded size, with the standard's default where it has one.
+DECODED_SIZE_ATTRIBUTES = (("Rows", None), ("Columns", None), ("NumberOfFrames", 1), ("SamplesPerPixel", 1),
+                           ("BitsAllocated", None))
+
+
+def decoded_size_problem(ds: Dataset) -> str | None:
+    """Why the decoded size of ``ds`` cannot be computed from its header, or None."""
+    for keyword, default in DECODED_SIZE_ATTRIBUTES:
+        value = int_of(ds, keyword, default)
+        if value is None:
+            return f"{keyword} {ds.get(keyword)!r} is missing or not a number: the decoded size is unknown"
+        if value < 1:
+            return f"{keyword} {value} is not positive: the decoded size is unknown"
+    return None
+
+
 def decoded_size(ds: Dataset) -> int | None:
-    """Bytes the Pixel Data takes once decoded (Rows x Columns x frames x samples x BitsAllocated / 8), whatever
-    the transfer syntax; None when a value is missing or not a number."""
-    sizes = [int_of(ds, "Rows"), int_of(ds, "Columns"), int_of(ds, "NumberOfFrames", 1),
-             int_of(ds, "SamplesPerPixel", 1), int_of(ds, "BitsAllocated")]
-    if any(v is None or v < 0 for v in sizes):
+    """Bytes the Pixel Data takes once decoded (Rows x Columns x frames x samples x bytes per sample, with
+    BitsAllocated rounded up to whole bytes as decoders return it), whatever the transfer syntax; None when
+    a value is missing, not a number or not positive (:func:`decoded_size_problem` says which)."""
+    if decoded_size_problem(ds) is not None:
         return None
-    rows, cols, frames, samples, bits = sizes  # type: ignore[misc]
-    return (rows * cols * frames * samples * bits + 7) // 8
+    rows, cols, frames, samples, bits = (int_of(ds, k, d) for k, d in DECODED_SIZE_ATTRIBUTES)
+    return rows * cols * frames * samples * ((bits + 7) // 8)  # type: ignore[operator]
 
 
 def _pixel_data_problem(ds: Dataset, transfer_syntax: str, expected: int) -> Refusal | None:

@@ -19,7 +19,7 @@ from .scores import Scores, compute_scores
 from .select import (SeriesDecision, SeriesKind, check_lung_in_view, mark_chosen, patient_conflict,
                      rank_candidates, select_series)
 from .types import EngineIdentity, InfectionResult, LungMasks, Volume
-from .volume import VolumeError, assemble_volume
+from .volume import DecodeLimits, VolumeError, assemble_volume
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,13 @@ def _nothing_reason(decisions: list[SeriesDecision]) -> str:
 
 
 def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_slices: int = 1,
-                 engine_options: dict[str, Any] | None = None, lobe_maps: Sequence[Any] = ()) -> PipelineResult:
+                 engine_options: dict[str, Any] | None = None, lobe_maps: Sequence[Any] = (),
+                 decode_limits: DecodeLimits = DecodeLimits()) -> PipelineResult:
     """Run the pipeline on the instances ``paths`` (files, folders or datasets) of one study.
 
     ``lobe_maps``: SEG files that may hold the lung lobes of the chosen series (:mod:`.regionmap`); the
     newest usable one replaces the geometric zones, the others are reported in the notes.
+    ``decode_limits``: the largest decoded pixel data a series may declare (a larger one is not decoded).
 
     Raises ValueError only for an unknown engine (a configuration error); everything about the data is
     reported in the result.
@@ -107,7 +109,7 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
     for cand in candidates:
         with clock("assemble"):
             try:
-                volume = assemble_volume(cand.headers)
+                volume = assemble_volume(cand.headers, decode_limits)
             except VolumeError as exc:
                 cand.reject(f"cannot be assembled: {exc}")
                 failures.append(f"{cand.description or cand.series_uid}: {exc}")

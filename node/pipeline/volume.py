@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -16,9 +18,11 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.tag import Tag
+from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, RLELossless
 
-from node.dicom.headers import numbers_of
+from node.dicom.headers import decoded_size, decoded_size_problem, int_of, numbers_of
 
 from .types import Volume
 
@@ -42,6 +46,28 @@ TILT_MAX_DEG = 30.0
 ORIENTATION_TOL_DEG = 0.5
 
 Source = str | PathLike | Dataset
+
+#: The marker that ends every JPEG, JPEG-LS (EOI) and JPEG 2000 (EOC) frame.
+END_MARKER = b"\xff\xd9"
+_END_MARKER_SYNTAXES = frozenset([*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes])
+#: RLE Lossless frame header (PS3.5 G.5): the number of segments, then 15 segment offsets.
+_RLE_HEADER = struct.Struct("<16I")
+_RLE_HEADER_BYTES = _RLE_HEADER.size
+#: Decoder warnings that mean the pixel data are corrupt (they fail the slice); others are passed on.
+CORRUPTION_WARNINGS = ("non-conformant padding", "truncat", "corrupt", "premature", "end of the data",
+                       "incomplete")
+_MB = 1024**2
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Largest decoded pixel data accepted (MB), per instance and per series; checked from the headers
+    (Rows x Columns x NumberOfFrames x SamplesPerPixel x bytes per sample) BEFORE anything is decoded,
+    whatever the transfer syntax: a few kB of RLE can declare gigabytes. Defaults: those of
+    ``[processing] max_decoded_instance_mb`` and ``max_decoded_mb`` (node.config)."""
+
+    instance_mb: float = 64.0
+    series_mb: float = 1024.0
 
 
 class VolumeError(ValueError):
@@ -188,6 +214,103 @@ def rescale_of(ds: Dataset) -> tuple[float, float]:
     return values[0], values[1]
 
 
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def decoded_bytes(ds: Dataset) -> int:
+    """Size of the decoded pixel data of ``ds`` from its header alone (:func:`node.dicom.headers.decoded_size`);
+    VolumeError when the header does not give it."""
+    size = decoded_size(ds)
+    if size is None:
+        raise VolumeError(decoded_size_problem(ds) or "the decoded size is unknown")
+    return size
+
+
+def check_decoded_size(headers: Sequence[Dataset], names: Sequence[str], limits: DecodeLimits) -> int:
+    """Refuse a series whose decoded pixel data would exceed ``limits`` (per instance or in all), before
+    anything is decoded; returns the total in bytes. Raises :class:`VolumeError` naming the limit."""
+    total = 0
+    for ds, name in zip(headers, names):
+        size = decoded_bytes(ds)
+        if size > limits.instance_mb * _MB:
+            raise VolumeError(f"{name}: its header declares {size / _MB:.0f} MB of decoded pixel data, above "
+                              f"processing.max_decoded_instance_mb = {limits.instance_mb:g} MB (not decoded)")
+        total += size
+    if total > limits.series_mb * _MB:
+        raise VolumeError(f"the headers of the series declare {total / _MB:.0f} MB of decoded pixel data, above "
+                          f"processing.max_decoded_mb = {limits.series_mb:g} MB (not decoded)")
+    return total
+
+
+def _rle_frame_problem(frame: bytes, ds: Dataset) -> str | None:
+    """What is wrong with the header of an RLE Lossless frame (PS3.5 Annex G), or None."""
+    if len(frame) <= _RLE_HEADER_BYTES:
+        return f"RLE frame of {len(frame)} bytes has no segment data"
+    count, *offsets = _RLE_HEADER.unpack_from(frame)
+    problem = decoded_size_problem(ds)
+    if problem is not None:
+        return problem
+    expected = int_of(ds, "SamplesPerPixel", 1) * ((int_of(ds, "BitsAllocated") + 7) // 8)  # type: ignore[operator]
+    if count != expected:
+        return f"RLE header declares {count} segments where the image needs {expected}"
+    used = offsets[:count]
+    if used[0] != _RLE_HEADER_BYTES or any(b <= a for a, b in zip(used, used[1:])) or used[-1] >= len(frame):
+        return f"RLE segment offsets {used} are inconsistent with a frame of {len(frame)} bytes"
+    return None
+
+
+def frame_problem(frame: bytes, transfer_syntax: str, ds: Dataset) -> str | None:
+    """Why the encapsulated ``frame`` cannot be complete, or None: a JPEG, JPEG-LS or JPEG 2000 frame must end
+    with the FFD9 marker (EOI / EOC; the fragment's trailing padding ignored), an RLE frame needs a consistent
+    header. Corruption inside a frame that keeps its structure is left to the decoder."""
+    if transfer_syntax in _END_MARKER_SYNTAXES:
+        if not frame.rstrip(b"\x00").endswith(END_MARKER):
+            return "the codestream does not end with the FFD9 end marker: truncated or corrupt"
+        return None
+    if transfer_syntax == RLELossless:
+        return _rle_frame_problem(frame, ds)
+    return None
+
+
+_passed_on: dict[Any, Any] = {}  # warnings.warn_explicit's registry: each decoder warning is shown once
+
+
+def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
+    """The pixel array of ``ds``, verified: encapsulated frames must be complete (:func:`frame_problem`), the
+    decoder must neither fail (an exception, or a panic of a decoder written in Rust) nor warn about corrupt
+    data (:data:`CORRUPTION_WARNINGS`); other decoder warnings are passed on. Raises :class:`VolumeError`
+    naming ``name``; a MemoryError propagates (it is the worker's memory cap, not corrupt data)."""
+    transfer_syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if transfer_syntax in _END_MARKER_SYNTAXES or transfer_syntax == RLELossless:
+        frames = int(ds.NumberOfFrames) if is_multiframe(ds) else 1
+        try:
+            problems = [frame_problem(frame, transfer_syntax, ds)
+                        for frame in generate_frames(ds.PixelData, number_of_frames=frames)]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise VolumeError(f"{name}: encapsulated pixel data cannot be read ({exc})") from exc
+        for index, problem in enumerate(problems):
+            if problem:
+                raise VolumeError(f"{name}: pixel data corrupt (frame {index + 1}): {problem}")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            arr = ds.pixel_array
+    except MemoryError:
+        raise
+    except Exception as exc:  # no decoder, or the decoder failed on corrupt data
+        raise VolumeError(f"{name}: pixel data cannot be decoded ({exc})") from exc
+    except BaseException as exc:  # pyo3's PanicException (pylibjpeg-rle on corrupt data) is a BaseException
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise VolumeError(f"{name}: pixel data cannot be decoded (the decoder failed: {exc})") from exc
+    for w in caught:
+        text = str(w.message)
+        if any(marker in text.lower() for marker in CORRUPTION_WARNINGS):
+            raise VolumeError(f"{name}: pixel data corrupt: the decoder reports: {text}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=_passed_on)
+    return arr
+
+
 # --------------------------------------------------------------------------------------------- assembly
 
 
@@ -274,7 +397,7 @@ def series_geometry(headers: Sequence[Dataset], names: Sequence[str] | None = No
                           size=size, slice_spacing=slice_spacing, tilt_deg=tilt, notes=notes)
 
 
-def assemble_volume(items: Iterable[Source]) -> Volume:
+def assemble_volume(items: Iterable[Source], limits: DecodeLimits = DecodeLimits()) -> Volume:
     """Decode, rescale to HU and stack the instances of ONE series, sorted along the slice normal.
 
     ``items`` are file paths or pydicom datasets (full, or headers read with ``stop_before_pixels`` that
@@ -282,8 +405,9 @@ def assemble_volume(items: Iterable[Source]) -> Volume:
     array, so memory stays at about one float32 copy of the series. Per-slice RescaleSlope/Intercept are
     honoured; values below -1024 HU (padding outside the reconstruction circle) are raised to -1024.
 
-    Raises :class:`VolumeError` with an explanation for inconsistent input: mixed orientations, sizes or
-    pixel spacings, missing geometry, duplicate slice positions, missing slices, irregular spacing,
+    Raises :class:`VolumeError` with an explanation for pixel data above ``limits`` (checked from the headers
+    before anything is decoded), pixel data that are incomplete, corrupt or do not decode to the declared
+    size (:func:`decode_pixels`), and for inconsistent input: mixed orientations, sizes or pixel spacings, missing geometry, duplicate slice positions, missing slices, irregular spacing,
     multi-frame images, or a gantry tilt above ``TILT_MAX_DEG``. A tilt below it is accepted: the volume
     keeps the real (sheared) positions, which the voxel-to-patient mapping of :class:`Volume` honours, and
     the spacing is measured along the normal, so volumes stay correct; a note says so.
@@ -292,7 +416,9 @@ def assemble_volume(items: Iterable[Source]) -> Volume:
     if not items:
         raise VolumeError("no instances to assemble")
     names = [_describe(it) for it in items]
-    geo = series_geometry([read_header(it) for it in items], names)
+    headers = [read_header(it) for it in items]
+    geo = series_geometry(headers, names)
+    check_decoded_size(headers, names, limits)
     rows, cols = geo.size
     order = geo.order
 
@@ -300,10 +426,7 @@ def assemble_volume(items: Iterable[Source]) -> Volume:
     kept: list[Dataset] = []
     for k, idx in enumerate(order):
         ds = _load_full(items[idx])
-        try:
-            arr = ds.pixel_array
-        except Exception as exc:  # decoder missing or corrupt data: say which file
-            raise VolumeError(f"{names[idx]}: pixel data cannot be decoded ({exc})") from exc
+        arr = decode_pixels(ds, names[idx])
         if arr.shape != (rows, cols):
             raise VolumeError(f"{names[idx]}: decoded pixel array has shape {arr.shape}, expected {(rows, cols)}")
         slope, intercept = rescale_of(ds)
