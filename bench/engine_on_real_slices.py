@@ -25,10 +25,9 @@ def main() -> None:
     ap.add_argument("--engine", default="infnet")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
-    from node.processing import resolve_engine
     from node.pipeline.run import run_pipeline
 
-    engine = resolve_engine(args.engine)
+    engine = args.engine
     print(f"engine {engine}; slices under {args.data}")
     print("| slice | lung marked % | mean HU marked | mean HU rest of lung | GGO % of marked | consolidation % of marked |")
     print("|---|---|---|---|---|---|")

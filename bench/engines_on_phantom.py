@@ -31,7 +31,6 @@ def main() -> None:
     logging.disable(logging.WARNING)
     from node.phantom import make_phantom, write_phantom_study
     from node.pipeline.run import run_pipeline
-    from node.processing import resolve_engine
 
     print(f"phantom {args.size}x{args.size}x{args.slices}, {time.strftime('%Y-%m-%d')}")
     print("| seed | engine | Dice vs truth | % of lung found | % true | infection stage s |")
@@ -44,7 +43,7 @@ def main() -> None:
             files = write_phantom_study(phantom, Path(tmp) / f"s{seed}")
             slice_of = {tuple(np.round(p, 3)): k for k, p in enumerate(phantom.positions)}
             for name in args.engines:
-                result = run_pipeline(files, resolve_engine(name))
+                result = run_pipeline(files, name)
                 order = [slice_of[tuple(np.round(p, 3))] for p in result.volume.positions]
                 truth = phantom.masks["infection"][order]
                 lung = (phantom.masks["right_lung"] | phantom.masks["left_lung"])[order]

@@ -7,7 +7,7 @@ the share of those pixels inside the lung mask measures that loss on real diseas
 (drawn lesions) nor the NY-SBU slices (no masks) can.
 
 The slices are 8-bit lung-window crops around the lungs, not DICOM, so each one is made into a CT slice
-first: the 8-bit values are mapped back to HU through the training images' window (``models.engine``:
+first: the 8-bit values are mapped back to HU through the training images' window (``models.predict``:
 centre -400, width 1300; values outside it are clipped, so bone reads as +250 HU), the crop is padded with a
 24 mm soft-tissue wall (+30 HU) and air, so that the body and outside-air steps have something to find, and
 the pixel size is taken as 0.75 mm (not recorded in the data set; ``--spacing``). Many crops are rotated by
@@ -17,10 +17,10 @@ variant, so they compare the lung steps: none of the dense-disease recovery, ste
 6 + 6a (air bronchograms; the default). Step 6b needs neighbouring slices and does nothing here.
 
 With ``--infection`` it also measures what this costs the node's result: the shipped Inf-Net engine
-(``models.engine``, as the node runs it) inside the node's lung mask, against the same engine with the whole
-crop as "lung" (close to how the network is evaluated in docs/results.md), both against the expert infection
-masks (Dice at the engine's threshold, pooled over all pixels and the per-slice mean). Needs torch and the
-shipped weights; a few minutes on a CPU.
+(``node.pipeline.engines.infnet``, as the node runs it) inside the node's lung mask, against the same engine
+with the whole crop as "lung" (close to how the network is evaluated in docs/results.md), both against the
+expert infection masks (Dice at the engine's threshold, pooled over all pixels and the per-slice mean). Needs
+torch and the shipped weights; a few minutes on a CPU.
 
     python bench/lungs_on_semiseg.py [--data ../shared/data/covid-semiseg] [--spacing 0.75] [--png DIR]
     python bench/lungs_on_semiseg.py --infection
@@ -40,7 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-WINDOW = (-400.0, 1300.0)  # models.engine.DEFAULT_WINDOW, repeated so that the bench does not import torch
+WINDOW = (-400.0, 1300.0)  # models.predict.DEFAULT_WINDOW, repeated so that the bench does not import torch
 WALL_MM, AIR_MM, WALL_HU = 24.0, 30.0, 30.0
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]     # columns run along patient x
 ROTATED = [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]   # rows run along patient x (crop rotated by 90 degrees)
@@ -170,7 +170,7 @@ def infection_dice(data: Path, spacing: float = 0.75, split: str = "test") -> tu
     Inf-Net engine against the expert infection masks of the test slices; and per slice (share of the lung
     that :func:`node.pipeline.lungs.dense_infection_outside` finds, share of the lung that the expert
     infection outside the lung mask amounts to), the two sides of the node's under-segmentation note."""
-    from models.engine import InfNetEngine
+    from node.pipeline.engines.infnet import InfNetEngine
     from node.pipeline.lungs import dense_infection_outside
     from node.pipeline.types import LungMasks
 

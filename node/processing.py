@@ -5,7 +5,6 @@ identical objects from identical input.
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from node.pipeline.volume import DecodeLimits
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,31 +31,13 @@ class Analysis:
         return [("seg", self.seg), ("sr", self.sr)] + [(f"key-{i}", sc) for i, sc in enumerate(self.key_images, 1)]
 
     @property
+    def engine_fallback(self) -> str:
+        """Why engine "auto" fell back to the threshold engine ("" when it did not or never got that far)."""
+        return self.pipeline.engine_fallback if self.pipeline is not None else ""
+
+    @property
     def scores(self) -> dict[str, Any]:
         return self.pipeline.scores.as_dict() if self.pipeline is not None and self.pipeline.scores else {}
-
-
-def resolve_engine(name: str) -> str:
-    """Turn the configured engine name into a registered one; "auto" prefers Inf-Net when its weights load."""
-    from node.pipeline import engines
-
-    try:  # the Inf-Net engine lives in models/ and registers itself when importable
-        from models.engine import register
-
-        register()
-    except Exception as exc:  # missing weights or torch: the threshold engine remains
-        log.debug("infnet engine unavailable: %s", exc)
-    if name == "auto":
-        try:
-            from models.registry import available
-
-            shipped = bool(available())
-        except Exception:
-            shipped = False
-        return "infnet" if shipped and "infnet" in engines.available_engines() else "threshold"
-    if name not in engines.available_engines():
-        raise ValueError(f"processing.engine: unknown engine {name!r} (available: {', '.join(engines.available_engines())})")
-    return name
 
 
 def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 1,
@@ -67,8 +46,10 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
             lobe_maps: list[str | Path] = (), decode_limits: DecodeLimits | None = None) -> Analysis:
     """Select a series among ``paths``, segment and score it, and build the SEG, the SR and (``key_images``
     > 0) up to that many Secondary Capture key images in memory. ``lobe_maps``: SEG files that may hold the
-    lobes of the chosen series (see :mod:`node.pipeline.regionmap`). ``decode_limits``: the largest decoded
-    pixel data a series may declare (:class:`node.pipeline.volume.DecodeLimits`; None: its defaults)."""
+    lobes of the chosen series (see :mod:`node.pipeline.regionmap`). ``engine`` "auto": the Inf-Net engine
+    when it loads, else the threshold engine (:attr:`Analysis.engine_fallback` says why). ``decode_limits``:
+    the largest decoded pixel data a series may declare (:class:`node.pipeline.volume.DecodeLimits`; None: its
+    defaults)."""
     from node.pipeline.run import run_pipeline
     from node.pipeline.volume import DecodeLimits
     from node.writers.keyimages import build_key_images
@@ -76,7 +57,7 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
     from node.writers.sr import build_report
 
     options = {k: v for k, v in (engine_options or {}).items() if not (k == "device" and v == "auto")}
-    result = run_pipeline([str(p) for p in paths], resolve_engine(engine), min_slices=min_slices,
+    result = run_pipeline([str(p) for p in paths], engine, min_slices=min_slices,
                           engine_options=options, lobe_maps=lobe_maps,
                           decode_limits=decode_limits or DecodeLimits())
     timings = dict(result.timings)

@@ -88,6 +88,8 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
             add_event(session, "engine_on_cpu", f'processing.device is "cuda" but the engine ran on {device}: '
                       "CUDA could not be used in the worker process (its log says why)",
                       study_uid=study_uid, job_id=job.id)
+        if analysis is not None and analysis.engine_fallback:
+            add_event(session, "engine_fallback", analysis.engine_fallback, study_uid=study_uid, job_id=job.id)
         if tb:
             add_event(session, "job_traceback", tb, study_uid=study_uid, job_id=job.id)
         add_event(session, "job_elapsed", f"{state} in {elapsed:.1f} s", study_uid=study_uid, job_id=job.id,

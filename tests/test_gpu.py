@@ -54,7 +54,7 @@ def test_infnet_on_cuda_agrees_with_the_cpu(study):
 def _engine_under_cap(gigabytes: float) -> tuple[str, bool]:
     """In a fresh process, as the worker does: cap the memory, then build and run the engine on CUDA;
     then check the cap still stops an allocation larger than itself."""
-    from models.engine import InfNetEngine
+    from node.pipeline.engines.infnet import InfNetEngine
     from node.pipeline.types import LungMasks
     from node.worker import limit_memory
 

@@ -131,12 +131,9 @@ def test_under_segmentation_note_on_real_slices(real_slices):
     (A046441: consolidation filling the dependent lungs; measured 10 % and 30 % of the lung) get the
     under-segmentation note; slices without dense disease at the lung edge (A048383, 0-1 %) do not."""
     from node.pipeline.run import run_pipeline
-    from node.processing import resolve_engine
-
-    engine = resolve_engine("infnet")  # registers the engine of models/
 
     def notes(name: str) -> list[str]:
-        result = run_pipeline([SHARED_DATA / "dicom" / name], engine)
+        result = run_pipeline([SHARED_DATA / "dicom" / name], "infnet")
         assert result.status == "done", result.reason
         return [n for n in result.notes if "under-segmentation" in n]
 

@@ -25,10 +25,24 @@ def test_models_import_without_dicom_stack():
 
     code = ("import sys\n"
             "for m in ('pydicom','highdicom','pynetdicom','scipy','safetensors','tqdm'): sys.modules[m] = None\n"
-            "import models, models.engine, models.registry, models.factory\n"
+            "import models, models.predict, models.registry, models.factory\n"
             "import training, training.loops, training.cli, training.schedule, training.metrics\n"
             "from training.loops import tqdm\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_models_import_nothing_of_the_node():
+    """models/ is a torch layer: importing it and every module in it loads no module of ``node``."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    modules = sorted(f"models.{p.stem}" for p in (root / "models").glob("*.py") if p.stem != "__init__")
+    assert "models.predict" in modules and "models.registry" in modules
+    code = (f"import sys\nimport models, {', '.join(modules)}\n"
+            "node = sorted(m for m in sys.modules if m == 'node' or m.startswith('node.'))\n"
+            "assert not node, node\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
 
 
 @pytest.mark.parametrize("arch,size", [("infnet-res2net50", 64), ("infnet-compact", 64), ("infnet-compact", 96)])
@@ -213,7 +227,7 @@ def _synthetic_volume():
 
 
 def test_engine_maps_back_to_source_grid():
-    from models.engine import InfNetEngine
+    from node.pipeline.engines.infnet import InfNetEngine
 
     vol, lungs, lesion = _synthetic_volume()
     eng = InfNetEngine(model=_BrightStub(), meta={"name": "stub", "sha256": "", "arch": "stub"}, multiclass=None,
@@ -231,7 +245,7 @@ def test_engine_maps_back_to_source_grid():
 
 def test_engine_crop_paste_is_exact():
     """A model that says 'infection everywhere' must give exactly the lung mask back."""
-    from models.engine import InfNetEngine
+    from node.pipeline.engines.infnet import InfNetEngine
 
     class _All(torch.nn.Module):
         def forward(self, x):
@@ -246,11 +260,12 @@ def test_engine_crop_paste_is_exact():
 def test_engine_with_shipped_weights():
     if "infnet-compact" not in _shipped():
         pytest.skip("infnet-compact weights not shipped yet")
-    from models.engine import InfNetEngine
+    from node.pipeline.engines.infnet import InfNetEngine
 
     vol, lungs, _ = _synthetic_volume()
     eng = InfNetEngine(device="cpu", size=64)
-    assert eng.multi is None or eng.multi_size == eng.multi_meta["input"]["size"] != 64  # each at its own size
+    p = eng.predictor
+    assert p.multi is None or p.multi_size == p.multi_meta["input"]["size"] != 64  # each at its own size
     res = eng.segment(vol, lungs)
     assert res.infection.shape == vol.shape
     assert not (res.infection & ~lungs.lungs).any()
@@ -264,21 +279,21 @@ def test_engine_with_shipped_weights():
 def test_cpu_fallback_warns_once(monkeypatch):
     import logging
 
-    import models.engine as engine
+    import models.predict as predict
     from tests.util import captured_logs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(engine, "_warned_cpu", False)
+    monkeypatch.setattr(predict, "_warned_cpu", False)
     with captured_logs(logging.WARNING) as logs:
-        assert engine.choose_device(None).type == "cpu"
-        assert engine.choose_device("cuda").type == "cpu"
-        assert engine.choose_device(None).type == "cpu"
-    warnings = [r.getMessage() for r in logs.records if r.name == "models.engine"]
+        assert predict.choose_device(None).type == "cpu"
+        assert predict.choose_device("cuda").type == "cpu"
+        assert predict.choose_device(None).type == "cpu"
+    warnings = [r.getMessage() for r in logs.records if r.name == "models.predict"]
     assert len(warnings) == 1 and "(no CUDA GPU is available)" in warnings[0] and "processing.device" in warnings[0]
-    monkeypatch.setattr(engine, "_warned_cpu", False)
+    monkeypatch.setattr(predict, "_warned_cpu", False)
     with captured_logs(logging.WARNING) as logs:
-        assert engine.choose_device("cpu").type == "cpu"  # asked for: nothing to warn about
-    assert not [r for r in logs.records if r.name == "models.engine"]
+        assert predict.choose_device("cpu").type == "cpu"  # asked for: nothing to warn about
+    assert not [r for r in logs.records if r.name == "models.predict"]
 
 
 def test_cpu_fallback_names_cudas_reason(monkeypatch):
@@ -287,7 +302,7 @@ def test_cpu_fallback_names_cudas_reason(monkeypatch):
     import logging
     import warnings
 
-    import models.engine as engine
+    import models.predict as predict
     from tests.util import captured_logs
 
     def unavailable() -> bool:
@@ -296,10 +311,10 @@ def test_cpu_fallback_names_cudas_reason(monkeypatch):
         return False
 
     monkeypatch.setattr(torch.cuda, "is_available", unavailable)
-    monkeypatch.setattr(engine, "_warned_cpu", False)
+    monkeypatch.setattr(predict, "_warned_cpu", False)
     with captured_logs(logging.WARNING) as logs:
-        assert engine.choose_device("cuda").type == "cpu"
-    [message] = [r.getMessage() for r in logs.records if r.name == "models.engine"]
+        assert predict.choose_device("cuda").type == "cpu"
+    [message] = [r.getMessage() for r in logs.records if r.name == "models.predict"]
     assert message.startswith('processing.device is "cuda" but CUDA cannot be used (CUDA initialization: '
                               "Unexpected error from cudaGetDeviceCount(). Error 2: out of memory): the Inf-Net")
 
@@ -324,20 +339,8 @@ def test_flip_tta_is_the_mean_over_the_four_flips():
 
 
 def test_engine_applies_the_tta_its_weights_were_chosen_with():
-    from models.engine import InfNetEngine
+    from node.pipeline.engines.infnet import InfNetEngine
 
     engine = InfNetEngine(device="cpu")
-    assert engine.tta and "flip TTA" in engine.identity.description
-    assert not InfNetEngine(device="cpu", tta=False).tta
-
-
-def test_auto_engine_is_infnet_when_the_weights_load_and_threshold_otherwise(monkeypatch):
-    """The node's default engine ("auto"): the shipped Inf-Net, or the HU threshold engine without weights."""
-    import models.registry
-    from node.config import ProcessingSettings
-    from node.processing import resolve_engine
-
-    assert ProcessingSettings().engine == "auto"
-    assert resolve_engine("auto") == "infnet"
-    monkeypatch.setattr(models.registry, "available", lambda *a, **k: [])
-    assert resolve_engine("auto") == "threshold"
+    assert engine.predictor.tta and "flip TTA" in engine.identity.description
+    assert not InfNetEngine(device="cpu", tta=False).predictor.tta

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from node.pipeline import engines
-from node.pipeline.engines import InfectionEngine, ThresholdEngine, aerated_peak, get_engine, register_engine
+from node.pipeline.engines import InfectionEngine, ThresholdEngine, aerated_peak, base, get_engine, register_engine
 from node.pipeline.lungs import segment_lungs
 from node.pipeline.types import EngineIdentity, InfectionResult
 from tests.test_pipeline_helpers import dice, single_slice, synthetic_chest
@@ -31,7 +31,7 @@ def test_register_engine_adds_a_factory(monkeypatch):
         def segment(self, volume, lungs):
             return InfectionResult(infection=np.zeros(volume.shape, bool))
 
-    monkeypatch.setattr(engines, "_REGISTRY", dict(engines._REGISTRY))
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
     register_engine("dummy", lambda **options: Dummy())
     assert "dummy" in engines.available_engines() and get_engine("dummy").identity.name == "dummy"
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .paths import semiseg_root
+
 PRESETS = {
     # reduced CPU configuration: compact model, 160 px, single scale, few epochs
     "cpu-small": dict(arch="infnet-compact", size=160, scales=[1.0], batch=8, epochs=40, lr=1e-3,
@@ -24,7 +26,7 @@ class RunConfig:
     command: str = "train"
     preset: str = "cpu-small"
     arch: str = "infnet-compact"
-    data: str = "/work/shared/data/covid-semiseg"
+    data: str = field(default_factory=lambda: str(semiseg_root()))  # --data; see training/paths.py
     run_dir: str = "runs/default"
     seed: int = 0
     split_seed: int = 0

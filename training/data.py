@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-DEFAULT_ROOT = os.environ.get("CTNODE_SEMISEG", "/work/shared/data/covid-semiseg")
+from .paths import DATA_ENV, semiseg_root
 
 # image normalisation used by every network (the slices are already lung-windowed to 8 bit)
 IMG_MEAN = 0.5
@@ -63,10 +63,12 @@ def _read(path: Path, mode: str | None = "L") -> np.ndarray:
 _CACHE: dict = {}
 
 
-def load_split(split: str, root: str | os.PathLike = DEFAULT_ROOT, limit: int | None = None,
+def load_split(split: str, root: str | os.PathLike | None = None, limit: int | None = None,
                seed: int = 0) -> SliceSet:
-    """Load one split into memory (decoded once per process, cached). ``limit`` takes a fixed random subset
-    (seeded) of that many slices."""
+    """Load one split into memory (decoded once per process, cached). ``root``: the COVID-SemiSeg folder
+    (default :func:`training.paths.semiseg_root`). ``limit`` takes a fixed random subset (seeded) of that many
+    slices."""
+    root = semiseg_root() if root is None else root
     key = (split, str(root), limit, seed)
     if key not in _CACHE:
         _CACHE[key] = _load_split(split, root, limit, seed)
@@ -77,7 +79,7 @@ def _load_split(split, root, limit, seed) -> SliceSet:
     base, img_dir, gt_dir, edge_dir, prior_dir = SPLITS[split]
     base = Path(root) / base
     if not (base / img_dir).is_dir():
-        raise FileNotFoundError(f"{base / img_dir} not found (set --data or CTNODE_SEMISEG)")
+        raise FileNotFoundError(f"{base / img_dir} not found (set --data, or {DATA_ENV} to the shared data folder)")
     names = sorted(os.listdir(base / img_dir), key=_sort_key)
     if limit is not None and limit < len(names):
         rng = np.random.default_rng(seed)

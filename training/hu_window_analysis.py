@@ -4,7 +4,7 @@ Method (results in docs/results.md, "Lung window"):
 1. Training images (8-bit, already windowed): pooled histogram of the 50 doctor-labelled slices; find the two
    modes -- aerated lung parenchyma (dark mode, searched in 10..120) and soft tissue (bright mode, searched
    in 150..245; 248..255 is the saturated bone/contrast pile-up).
-2. Real axial slices (/work/shared/data/dicom/ny-sbu/*/axial/*.dcm, HU = stored * slope + intercept): body =
+2. Real axial slices (../shared/data/dicom/ny-sbu/*/axial/*.dcm, HU = stored * slope + intercept): body =
    largest connected component of HU > -500, holes filled; lung = HU < -500 inside the filled body; pooled
    histograms give the parenchyma mode (in -1000..-600 HU) and the soft-tissue mode (in -100..150 HU).
    (muscle mode searched in 0..150 HU: fat dominates the body outside the lungs and is not the target.)
@@ -16,7 +16,7 @@ Method (results in docs/results.md, "Lung window"):
    the DICOM lung-box crops and of the training images; the rms error of candidate windows is printed.
 
 Imports pydicom lazily (only this script needs it); the node and training packages never do.
-Usage: python -m training.hu_window_analysis [--dicom /work/shared/data/dicom/ny-sbu]
+Usage: python -m training.hu_window_analysis [--dicom DIR (default $CTNODE_DATA/dicom/ny-sbu)] [--data DIR]
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import json
 import numpy as np
 from scipy import ndimage
 
-from .data import DEFAULT_ROOT, load_split
+from .data import load_split
+from .paths import data_root, semiseg_root
 
 
 def smooth_mode(hist: np.ndarray, lo: int, hi: int, sigma: float = 2.0) -> int:
@@ -35,7 +36,7 @@ def smooth_mode(hist: np.ndarray, lo: int, hi: int, sigma: float = 2.0) -> int:
     return lo + int(np.argmax(h[lo:hi]))
 
 
-def training_modes(root=DEFAULT_ROOT):
+def training_modes(root=None):
     d = load_split("doctor", root)
     v = np.concatenate([a.ravel() for a in d.images])
     hist = np.bincount(v, minlength=256)
@@ -92,8 +93,8 @@ def quantile_fit(train_hist, crop_hu):
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--dicom", default="/work/shared/data/dicom/ny-sbu")
-    p.add_argument("--data", default=DEFAULT_ROOT)
+    p.add_argument("--dicom", default=str(data_root() / "dicom" / "ny-sbu"))
+    p.add_argument("--data", default=str(semiseg_root()))
     a = p.parse_args(argv)
     v_lung, v_st, hist = training_modes(a.data)
     hu_lung, hu_st, used, crop_hu = dicom_modes(f"{a.dicom}/*/axial/*.dcm")

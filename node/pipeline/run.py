@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engines import get_engine
+from .engines import build_engine
 from .lungs import missed_dense_note, segment_lungs
 from .regionmap import find_lobe_map
 from .scores import Scores, compute_scores
@@ -39,6 +39,7 @@ class PipelineResult:
     infection: InfectionResult | None = None
     scores: Scores | None = None
     engine: EngineIdentity | None = None
+    engine_fallback: str = ""        # why engine "auto" fell back to the threshold engine; "" when it did not
     timings: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     notes: list[str] = field(default_factory=list)
     lobe_map_uid: str | None = None  # SOP Instance UID of the lobe SEG that gave the zones, if one did
@@ -50,6 +51,7 @@ class PipelineResult:
         """The notes of the volume, lung and infection steps: what the SR carries as comments (the scores'
         and the lobe map's own notes are said there by the measurement groups and their method names)."""
         return [*(self.volume.notes if self.volume else []), *(self.lungs.notes if self.lungs else []),
+                *([self.engine_fallback] if self.engine_fallback else []),
                 *(self.infection.notes if self.infection else [])]
 
 
@@ -89,11 +91,16 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
     newest usable one replaces the geometric zones, the others are reported in the notes.
     ``decode_limits``: the largest decoded pixel data a series may declare (a larger one is not decoded).
 
-    Raises ValueError only for an unknown engine (a configuration error); everything about the data is
-    reported in the result.
+    ``engine_name`` "auto": the Inf-Net engine when it loads, else the threshold engine, the reason in
+    ``engine_fallback`` and in the notes (:func:`.engines.build_engine`).
+
+    Raises ValueError for an unknown engine (a configuration error) and
+    :class:`.engines.EngineUnavailable` for an engine asked for by name that cannot be built; everything
+    about the data is reported in the result.
     """
-    engine = get_engine(engine_name, **(engine_options or {}))
-    result = PipelineResult(status="skipped", engine=engine.identity)
+    choice = build_engine(engine_name, **(engine_options or {}))
+    engine = choice.engine
+    result = PipelineResult(status="skipped", engine=engine.identity, engine_fallback=choice.fallback)
     clock = _Clock(result.timings)
 
     with clock("select"):

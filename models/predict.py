@@ -1,33 +1,34 @@
-"""Inf-Net infection engine for the node: ``segment(volume, lungs) -> InfectionResult``.
+"""Inf-Net prediction on a CT volume: HU volume + lung mask in, probability map (and consolidation) out.
 
 Preprocessing makes DICOM slices look like the COVID-SemiSeg training images (see docs/results.md,
 "Lung window"): HU -> lung window -> [0, 1]; crop to the bounding box of the lung mask on that slice (plus a
 margin, as the training crops are cropped to the lungs); resize the crop to the model size (352); predict;
 resize the probability map back to the crop's exact size and paste it at the crop's exact position, so the
-result is on the source voxel grid; infection is kept only inside the lungs (the probability map is returned
-over the whole lung box, for the node's under-segmentation note). Only slices that contain lung are
-run, in batches. CUDA half precision when available, else CPU fp32.
+result is on the source voxel grid. The probability map covers each slice's whole lung box (not only the
+lung mask). Only slices that contain lung are run, in batches. CUDA half precision when available, else CPU
+fp32.
 
-Imports numpy, torch and ``node.pipeline.types`` only (no pydicom).
+Imports numpy and torch only: the node wraps :class:`InfNetPredictor` into its engine interface
+(``node.pipeline.engines.infnet``).
 """
 from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
-
 from .registry import load_shipped
 from .tta import final_probability
 
-ENGINE_VERSION = "0.1.0"
+VERSION = "0.1.0"  # of this prediction code: the node records it as the engine version
 # Lung window measured against the training images (training/hu_window_analysis.py, docs/results.md).
 DEFAULT_WINDOW = (-400.0, 1300.0)  # (centre, width) in HU: maps air -1000 -> 10, lung -822 -> 45, muscle 30 -> 211 (8-bit)
 IMG_MEAN, IMG_STD = 0.5, 0.25
+CONSOLIDATION_LABEL = 2  # multi-class network output: 0 background, 1 GGO, 2 consolidation
 
 log = logging.getLogger(__name__)
 _warned_cpu = False
@@ -69,7 +70,15 @@ def lung_bbox(mask2d: np.ndarray, margin: float = 0.05, min_margin: int = 4):
     return max(0, r0 - mr), min(h, r1 + mr), max(0, c0 - mc), min(w, c1 + mc)
 
 
-class InfNetEngine:
+@dataclass
+class Prediction:
+    """What :meth:`InfNetPredictor.predict` returns, on the input's voxel grid."""
+
+    probability: np.ndarray             # float32 0..1 over each slice's lung box, 0 elsewhere
+    consolidation: np.ndarray | None    # bool, where the multi-class network says consolidation; None without it
+
+
+class InfNetPredictor:
     """Options: ``weights`` (shipped name), ``multiclass`` (shipped name or None/"" to disable), ``device``
     ("cuda"/"cpu"/None=auto), ``batch``, ``threshold``, ``window`` (centre, width), ``size`` (model input),
     ``tta`` (average the map over four flips, :mod:`models.tta`; None = as the weights' sidecar says)."""
@@ -99,12 +108,20 @@ class InfNetEngine:
         self.batch = batch
         self.threshold = threshold
         self.window = tuple(window)
+
+    @property
+    def description(self) -> str:
+        """The networks, their weights and the TTA, in one line."""
+        meta = self.meta
         desc = f"Inf-Net ({meta.get('arch', '?')}, weights {meta.get('name', '?')}{', flip TTA' if self.tta else ''})"
         if self.multi is not None:
             desc += f"; multi-class {self.multi_meta.get('name')} sha256 {self.multi_meta.get('sha256', '')[:16]}"
-        self.identity = EngineIdentity(name="infnet", version=ENGINE_VERSION,
-                                       weights_sha256=meta.get("sha256", ""), description=desc,
-                                       device=f"{self.device.type} {str(self.dtype).removeprefix('torch.')}")
+        return desc
+
+    @property
+    def device_label(self) -> str:
+        """Where the networks run and in which precision: "cuda float16" or "cpu float32"."""
+        return f"{self.device.type} {str(self.dtype).removeprefix('torch.')}"
 
     # --------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -132,9 +149,8 @@ class InfNetEngine:
                 labels.append(lg.argmax(1)[0].cpu().numpy().astype(np.uint8))
         return probs, (labels if labels_s is not None else None)
 
-    def segment(self, volume: Volume, lungs: LungMasks) -> InfectionResult:
-        hu = volume.hu
-        lung = lungs.labels > 0
+    def predict(self, hu: np.ndarray, lung: np.ndarray) -> Prediction:
+        """``hu`` (slices, rows, cols) in HU and the boolean ``lung`` mask of the same shape -> :class:`Prediction`."""
         if lung.shape != hu.shape:
             raise ValueError(f"lung mask {lung.shape} does not match volume {hu.shape}")
         prob = np.zeros(hu.shape, np.float32)
@@ -148,17 +164,5 @@ class InfNetEngine:
             for j, (k, (r0, r1, c0, c1)) in enumerate(zip(chunk, boxes)):
                 prob[k, r0:r1, c0:c1] = probs[j]
                 if labels is not None:
-                    cons[k, r0:r1, c0:c1] = labels[j] == 2
-        infection = (prob >= self.threshold) & lung  # prob stays unmasked: see InfectionResult.probability
-        ggo = consolidation = None
-        if cons is not None:
-            consolidation = infection & cons
-            ggo = infection & ~consolidation
-        return InfectionResult(infection=infection, ggo=ggo, consolidation=consolidation, probability=prob)
-
-
-def register():
-    """Hook for the node: registers this engine under "infnet"."""
-    from node.pipeline.engines import register_engine
-
-    register_engine("infnet", InfNetEngine)
+                    cons[k, r0:r1, c0:c1] = labels[j] == CONSOLIDATION_LABEL
+        return Prediction(probability=prob, consolidation=cons)

@@ -1,56 +1,16 @@
-"""Infection segmentation engines: the interface, a registry, and the HU-threshold baseline.
+"""The HU-threshold infection engine (:class:`ThresholdEngine`) and the per-slice morphology it uses.
 
-An engine takes the assembled :class:`Volume` and its :class:`LungMasks` and returns an
-:class:`InfectionResult` on the same voxel grid. Engines are registered by name with a factory::
-
-    register_engine("infnet", lambda **options: InfNetEngine(**options))
-    engine = get_engine("infnet", device="cuda")
-
-The Inf-Net engine registers itself from ``models/engine.py``; this module only knows ``threshold``.
+No network and no weights: GGO and consolidation are HU ranges inside the (eroded) lung mask, with thin
+vessels removed; see :class:`ThresholdEngine` for the numbers and their sources.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from .types import EngineIdentity, InfectionResult, LungMasks, Volume
-
-
-@runtime_checkable
-class InfectionEngine(Protocol):
-    """What the pipeline needs from an infection segmentation engine."""
-
-    identity: EngineIdentity
-
-    def segment(self, volume: Volume, lungs: LungMasks) -> InfectionResult: ...
-
-
-EngineFactory = Callable[..., InfectionEngine]
-_REGISTRY: dict[str, EngineFactory] = {}
-
-
-def register_engine(name: str, factory: EngineFactory) -> None:
-    """Register (or replace) the factory that builds engine ``name`` from keyword options."""
-    if not name or not callable(factory):
-        raise ValueError("register_engine needs a name and a callable factory")
-    _REGISTRY[name] = factory
-
-
-def available_engines() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_engine(name: str, **options: Any) -> InfectionEngine:
-    """Build engine ``name`` with ``options``; ValueError names the available engines when unknown."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown infection engine {name!r} (available: {', '.join(available_engines())})") from None
-    return factory(**options)
+from ..types import EngineIdentity, InfectionResult, LungMasks, Volume
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -264,5 +224,3 @@ class ThresholdEngine:
             return max(int(np.ceil(self.min_lesion_mm3 / (area * volume.slice_spacing))), 1)
         return max(int(np.ceil(self.min_lesion_mm2 / area)), 1)
 
-
-register_engine(ThresholdEngine.NAME, lambda **options: ThresholdEngine(**options))
