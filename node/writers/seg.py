@@ -1,21 +1,26 @@
 """DICOM Segmentation (SEG) writer: lungs and COVID-19 infection as a BINARY multi-segment SEG.
 
-One segment per structure, in a fixed order so that the SR (and anything else) can refer to
-segments by number (:data:`SEGMENT_LABELS`):
+The segments do not overlap (SegmentsOverlap NO: each voxel is in at most one segment, like a label
+map), because viewers such as OHIF before 3.10 refuse or flatten overlapping segments. They are taken
+from this fixed list, in this order (:data:`SEGMENTS`); a segment with no voxel is not written (an
+empty segment hangs some viewers), so segment *numbers* depend on what was found: match segments by
+label (:func:`segment_numbers`), never by number.
 
-==  ====================  ==================================  =========================================
-#   label                 segmented property category         segmented property type (+ modifier)
-==  ====================  ==================================  =========================================
-1   Right lung            SCT 91723000 Anatomical Structure   SCT 39607008 Lung + SCT 24028007 Right
-2   Left lung             SCT 91723000 Anatomical Structure   SCT 39607008 Lung + SCT 7771000 Left
-3   Infection             SCT 49755003 Morph. Abnormal Str.   DCM 112001 Opacity
-4   Ground-glass opacity  SCT 49755003 Morph. Abnormal Str.   DCM 112120 Ground glass opacity
-5   Consolidation         SCT 49755003 Morph. Abnormal Str.   SCT 9656002 Consolidation
-==  ====================  ==================================  =========================================
+==================  ====================  ===================================  ============================
+key                 label                 voxels                               property type (+ modifier)
+==================  ====================  ===================================  ============================
+right_lung          Right lung            right lung not in any segment below  SCT 39607008 Lung + Right
+left_lung           Left lung             left lung not in any segment below   SCT 39607008 Lung + Left
+infection           Infection             infection not in a class below       DCM 112001 Opacity
+ggo                 Ground-glass opacity  GGO that is not consolidation        DCM 112120 Ground glass opacity
+consolidation       Consolidation         consolidation                        SCT 9656002 Consolidation
+==================  ====================  ===================================  ============================
 
-Segments 4 and 5 exist only when the engine separates classes (``InfectionResult.ggo`` or
-``.consolidation`` is set); if only one of the two is given the other is written empty, so that the
-numbers never shift.
+So the whole right lung is "Right lung" plus the infection segments' voxels on that side. An engine
+without classes gives only "Infection"; one with classes gives GGO and consolidation (and "Infection"
+only for infection voxels in neither class). The lung segments name the HU lung method as their
+algorithm, the infection segments the infection engine (:func:`lung_algorithm_identification`,
+:func:`algorithm_identification`).
 
 Code sources:
 
@@ -33,8 +38,19 @@ Code sources:
   "right lung consolidation"; DICOM has no consolidation code in CID 6102/6104. SCT 95436008
   "Lung consolidation" is a *disorder* and therefore unsuitable as a segmented structure;
 * algorithm families: CID 7162 "Surface Processing Algorithm Families": DCM 123110 "Artificial
-  Intelligence" (not 113037, which is "Rejected for Patient Safety Reasons") and DCM 123105
-  "Histogram Analysis" for the HU-threshold engine (CID 7162 has no "thresholding" concept).
+  Intelligence" (not 113037, which is "Rejected for Patient Safety Reasons"), DCM 123105
+  "Histogram Analysis" for the HU-threshold engine (CID 7162 has no "thresholding" concept) and
+  DCM 123104 "Morphological Operations" for the lung method (thresholds, connected components,
+  closing).
+
+Laterality: the SEG covers both lungs, so the series has no Laterality (0020,0060) (Type 2C; R and L are
+its only values) and the shared Frame Anatomy Sequence says Lung, Frame Laterality "B" (both). PixelMed
+requires one of Laterality / Frame Laterality, dciodvfy rejects an empty Laterality; Frame Anatomy is
+not among the Segmentation IOD's functional groups for dciodvfy, which therefore warns (Standard
+Extended) but reports no error. SpacingBetweenSlices is the source series'
+slice spacing, and absent for a single slice. The Contributing Equipment Sequence names the source
+CT's equipment (Acquisition Equipment) and the infection engine (IHE AIR "Processing Algorithm",
+:mod:`node.writers.equipment`).
 
 Highdicom derives plane positions, orientation, pixel spacing, the ReferencedSeriesSequence and the
 per-frame DerivationImageSequence from the source headers alone: PixelData is not needed.
@@ -54,8 +70,8 @@ from pydicom.uid import generate_uid
 
 import node
 from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
+from node.writers.equipment import MANUFACTURER, processing_algorithm
 
-MANUFACTURER = "ctnode"
 SEG_SERIES_DESCRIPTION = "ctnode lungs and infection"
 SEG_CONTENT_LABEL = "CTNODE_LUNG_INF"  # CS, max 16 chars, upper case
 
@@ -65,6 +81,10 @@ DCM_OPACITY = codes.DCM.Opacity                       # 112001, CID 6104
 DCM_GROUND_GLASS_OPACITY = codes.DCM.GroundGlassOpacity  # 112120, CID 6104
 FAMILY_AI = codes.DCM.ArtificialIntelligence          # 123110, CID 7162
 FAMILY_HISTOGRAM = codes.DCM.HistogramAnalysis        # 123105, CID 7162
+FAMILY_MORPHOLOGY = codes.DCM.MorphologicalOperations  # 123104, CID 7162
+FRAME_LATERALITY_BOTH = "B"
+#: The HU lung segmentation (node.pipeline.lungs): every SEG's lung segments come from it.
+LUNG_ALGORITHM_NAME = "ctnode HU lung segmentation"
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,11 @@ class SegmentSpec:
     property_type: hd.sr.CodedConcept
     laterality: hd.sr.CodedConcept | None
     rgb: tuple[int, int, int]    # recommended display colour, converted to CIELab
+
+    @property
+    def is_lung(self) -> bool:
+        """Made by the lung method (else by the infection engine)."""
+        return self.key in ("right_lung", "left_lung")
 
 
 def _cc(code) -> hd.sr.CodedConcept:
@@ -98,10 +123,8 @@ SEGMENTS: tuple[SegmentSpec, ...] = (
                 SCT_CONSOLIDATION, None, (250, 140, 20)),   # orange
 )
 SEGMENT_BY_KEY: dict[str, SegmentSpec] = {s.key: s for s in SEGMENTS}
-#: Segment number -> SegmentLabel, for every segment ctnode may write (4 and 5 only with classes).
-SEGMENT_LABELS: dict[int, str] = {s.number: s.label for s in SEGMENTS}
-#: Segment number for each stable key (``"right_lung"`` -> 1, ...).
-SEGMENT_NUMBERS: dict[str, int] = {s.key: s.number for s in SEGMENTS}
+#: Stable key -> SegmentLabel, for every segment ctnode may write.
+SEGMENT_LABELS: dict[str, str] = {s.key: s.label for s in SEGMENTS}
 
 # Type 2 patient/study attributes highdicom reads unconditionally from the first source header.
 _REQUIRED_SOURCE_ATTRIBUTES = (
@@ -157,17 +180,32 @@ def algorithm_identification(engine: EngineIdentity) -> hd.AlgorithmIdentificati
     )
 
 
-def active_segments(infection: InfectionResult) -> tuple[SegmentSpec, ...]:
-    """Segments written for this result: 1-3 always, 4-5 when the engine separates classes."""
-    if infection.ggo is None and infection.consolidation is None:
-        return SEGMENTS[:3]
-    return SEGMENTS
+def lung_algorithm_version() -> str:
+    return f"ctnode {node.__version__}"
 
 
-def _segment_description(spec: SegmentSpec,
+def lung_algorithm_identification() -> hd.AlgorithmIdentificationSequence:
+    """Algorithm of the lung segments: the HU lung method, whatever the infection engine."""
+    return hd.AlgorithmIdentificationSequence(
+        name=LUNG_ALGORITHM_NAME, family=_cc(FAMILY_MORPHOLOGY), version=lung_algorithm_version(),
+        source=MANUFACTURER)
+
+
+def segment_numbers(seg: Dataset) -> dict[str, int]:
+    """Segment key -> segment number in a ctnode SEG (matched on SegmentLabel, which ctnode writes)."""
+    by_label = {spec.label: spec.key for spec in SEGMENTS}
+    found: dict[str, int] = {}
+    for item in seg.SegmentSequence:
+        key = by_label.get(str(item.SegmentLabel))
+        if key is not None:
+            found[key] = int(item.SegmentNumber)
+    return found
+
+
+def _segment_description(spec: SegmentSpec, number: int,
                          algo: hd.AlgorithmIdentificationSequence) -> hd.seg.SegmentDescription:
     desc = hd.seg.SegmentDescription(
-        segment_number=spec.number,
+        segment_number=number,
         segment_label=spec.label,
         segmented_property_category=spec.category,
         # a copy: the modifier below is added to this item and must not leak into SEGMENTS
@@ -186,7 +224,7 @@ def _segment_description(spec: SegmentSpec,
     return desc
 
 
-def _source_images(volume: Volume) -> list[Dataset]:
+def source_headers(volume: Volume) -> list[Dataset]:
     """Source headers in volume order; fills missing Type 2 patient/study attributes on a copy."""
     datasets = list(volume.datasets)
     if len(datasets) != volume.shape[0]:
@@ -206,31 +244,45 @@ def _source_images(volume: Volume) -> list[Dataset]:
     return datasets
 
 
-def _stack_masks(volume: Volume, lungs: LungMasks, infection: InfectionResult,
-                 segments: Sequence[SegmentSpec]) -> np.ndarray:
-    """Masks as highdicom's stacked form ``(slices, rows, cols, segments)``, in ``volume.datasets`` order.
+def disjoint_masks(lungs: LungMasks, infection: InfectionResult) -> dict[str, np.ndarray]:
+    """The voxels of every segment key (:data:`SEGMENTS` order), disjoint: a voxel belongs to the first
+    of consolidation, GGO, infection, lung that contains it (see the module table). Empty masks included."""
+    shape = lungs.labels.shape
+    for key, mask in (("infection", infection.infection), ("ggo", infection.ggo),
+                      ("consolidation", infection.consolidation)):
+        if mask is not None and mask.shape != shape:
+            raise ValueError(f"{key} mask shape {mask.shape} != lung labels shape {shape}")
+    consolidation = (infection.consolidation.astype(bool, copy=True) if infection.consolidation is not None
+                     else np.zeros(shape, dtype=bool))
+    ggo = (infection.ggo & ~consolidation if infection.ggo is not None else np.zeros(shape, dtype=bool))
+    classified = ggo | consolidation
+    rest = infection.infection & ~classified
+    any_infection = classified | rest
+    return {
+        "right_lung": (lungs.labels == LungMasks.RIGHT) & ~any_infection,
+        "left_lung": (lungs.labels == LungMasks.LEFT) & ~any_infection,
+        "infection": rest,
+        "ggo": ggo,
+        "consolidation": consolidation,
+    }
+
+
+def _stack_masks(volume: Volume, lungs: LungMasks,
+                 infection: InfectionResult) -> tuple[tuple[SegmentSpec, ...], np.ndarray]:
+    """The non-empty segments and their masks as highdicom's stacked form ``(slices, rows, cols, segments)``,
+    in ``volume.datasets`` order.
 
     Stored segment-first and returned as a ``moveaxis`` view: each (slice, segment) frame highdicom
     extracts is then a contiguous 2D block (about 10x faster per frame than a segment-last array).
     """
-    shape = volume.shape
-    if lungs.labels.shape != shape:
-        raise ValueError(f"lung labels shape {lungs.labels.shape} != volume shape {shape}")
-    out = np.zeros((len(segments), *shape), dtype=bool)
-    for i, spec in enumerate(segments):
-        if spec.key == "right_lung":
-            np.equal(lungs.labels, LungMasks.RIGHT, out=out[i])
-        elif spec.key == "left_lung":
-            np.equal(lungs.labels, LungMasks.LEFT, out=out[i])
-        else:
-            mask = {"infection": infection.infection, "ggo": infection.ggo,
-                    "consolidation": infection.consolidation}[spec.key]
-            if mask is None:
-                continue  # class not produced by the engine: empty segment
-            if mask.shape != shape:
-                raise ValueError(f"{spec.key} mask shape {mask.shape} != volume shape {shape}")
-            out[i] = mask
-    return np.moveaxis(out, 0, -1)
+    if lungs.labels.shape != volume.shape:
+        raise ValueError(f"lung labels shape {lungs.labels.shape} != volume shape {volume.shape}")
+    masks = disjoint_masks(lungs, infection)
+    segments = tuple(spec for spec in SEGMENTS if masks[spec.key].any())
+    if not segments:
+        raise ValueError("nothing to write: no lung and no infection voxel")
+    out = np.stack([masks[spec.key] for spec in segments])
+    return segments, np.moveaxis(out, 0, -1)
 
 
 def _segments_overlap(stacked: np.ndarray) -> bool:
@@ -242,6 +294,24 @@ def _segments_overlap(stacked: np.ndarray) -> bool:
             return True
         seen |= channel
     return False
+
+
+def _set_frame_anatomy(seg: hd.seg.Segmentation) -> None:
+    """Frame Anatomy (shared): Lung, Frame Laterality B (both), instead of a series Laterality (see the
+    module doc)."""
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = [_cc(codes.SCT.Lung)]
+    anatomy.FrameLaterality = FRAME_LATERALITY_BOTH
+    seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
+
+
+def _set_pixel_measures(seg: hd.seg.Segmentation, volume: Volume) -> None:
+    """SpacingBetweenSlices from the source series (highdicom writes a default for a single slice)."""
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    if volume.is_volumetric:
+        measures.SpacingBetweenSlices = round(float(volume.slice_spacing), 6)
+    elif "SpacingBetweenSlices" in measures:
+        del measures.SpacingBetweenSlices
 
 
 class _Segmentation(hd.seg.Segmentation):
@@ -285,26 +355,25 @@ def build_segmentation(
 
     Frames are taken in ``volume.datasets`` order, so highdicom copies each source slice's
     ImagePositionPatient into the matching SEG frame and references it in the frame's
-    DerivationImageSequence. Empty frames are omitted (``omit_empty_frames=True``); a segment that is
-    empty everywhere (e.g. no infection) stays in the SegmentSequence with zero frames, which
-    the standard allows and highdicom reads back as an all-zero mask. If *every* segment is empty,
-    highdicom keeps all frames (all zero) because a SEG needs at least one frame.
+    DerivationImageSequence. Empty frames are omitted (``omit_empty_frames=True``) and so are empty
+    segments (no infection: no infection segment), so the segments are numbered 1..n in
+    :data:`SEGMENTS` order over those present. Raises ``ValueError`` when every segment is empty.
 
     ``workers`` is passed to highdicom, which only uses it for compressed transfer syntaxes; with the
     uncompressed 1-bit BINARY encoding used here (the one every viewer reads) it has no effect.
     """
     if not volume.datasets:
         raise ValueError("volume.datasets is empty: the SEG needs the source headers")
-    source_images = _source_images(volume)
-    segments = active_segments(infection)
-    algo = algorithm_identification(engine)
-    pixel_array = _stack_masks(volume, lungs, infection, segments)
+    source_images = source_headers(volume)
+    segments, pixel_array = _stack_masks(volume, lungs, infection)
+    engine_algo, lung_algo = algorithm_identification(engine), lung_algorithm_identification()
 
     seg = _Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment_description(s, algo) for s in segments],
+        segment_descriptions=[_segment_description(s, n, lung_algo if s.is_lung else engine_algo)
+                              for n, s in enumerate(segments, 1)],
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid or generate_uid(),
@@ -318,5 +387,8 @@ def build_segmentation(
         series_description=SEG_SERIES_DESCRIPTION,
         omit_empty_frames=True,
         workers=workers,
+        contributing_equipment=[processing_algorithm(engine)],
     )
+    _set_frame_anatomy(seg)
+    _set_pixel_measures(seg, volume)
     return seg
