@@ -2,7 +2,9 @@
 
 A reference SEG (``reference_segs``, recorded by the listener) is matched to the node's latest *done*
 result whose series is the SEG's referenced series (ReferencedSeriesSequence). Segments are paired by
-meaning, not by number (:func:`classify_segment`: codes first, then the label), both SEGs are decoded with
+meaning, not by number (:func:`classify_segment`: codes first, then the label; in a label-map SEG such as
+the node's, a lung is its lung segment plus the lesion segments in it, :func:`whole_structure_map`), both
+SEGs are decoded with
 highdicom over the union of the source instances either one references, and for each segment present in
 both, the Dice coefficient and the volumes are stored in ``agreements`` (one row per segment). When the
 series gets a newer result (a new version of the study), the reference is compared again with it; the rows
@@ -89,6 +91,42 @@ def segment_map(seg: Any) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
+#: Lesion keys that are parts of the infection.
+_INFECTION_PARTS = ("ggo", "consolidation")
+
+
+def _lesion_side(segment: Dataset) -> str | None:
+    """"right_lung"/"left_lung" when a lesion segment says which lung it is in (Anatomic Region Sequence
+    Lung + laterality modifier, as the node's SEG writes it), else None."""
+    for region in segment.get("AnatomicRegionSequence", None) or []:
+        if code_of(region) != _LUNG:
+            continue
+        modifiers = {code_of(m) for m in region.get("AnatomicRegionModifierSequence", None) or []}
+        if RIGHT in modifiers:
+            return "right_lung"
+        if LEFT in modifiers:
+            return "left_lung"
+    return None
+
+
+def whole_structure_map(seg: Any) -> dict[str, list[tuple[int, str]]]:
+    """:func:`segment_map` completed for label-map SEGs (the node's, SegmentsOverlap NO), where each voxel
+    is in one segment: a lung is its lung segment plus the lesion segments in that lung, the infection all
+    lesion segments (GGO, consolidation). For a SEG whose lungs already contain the lesions the union
+    changes nothing."""
+    out = {key: list(items) for key, items in segment_map(seg).items()}
+    for item in seg.SegmentSequence:
+        key = classify_segment(item)
+        entry = (int(item.SegmentNumber), str(item.get("SegmentLabel", "")))
+        if key in ("infection", *_INFECTION_PARTS):
+            side = _lesion_side(item)
+            if side is not None and side in out and entry not in out[side]:
+                out[side].append(entry)
+        if key in _INFECTION_PARTS and entry not in out.setdefault("infection", []):
+            out["infection"].append(entry)
+    return out
+
+
 def source_sop_uids(seg: Any) -> list[str]:
     """SOP Instance UIDs of the source images a SEG references (ReferencedSeriesSequence), in file order."""
     return [str(sop) for _, _, sop in seg.get_source_image_uids()]
@@ -156,7 +194,7 @@ class SegmentAgreement:
 def compare(node_seg: Any, reference_seg: Any, grid: SourceGrid) -> tuple[list[SegmentAgreement], str]:
     """Dice and volumes for every segment key both SEGs have; returns them and a note (voxel size origin,
     segments only one side has)."""
-    node_map, ref_map = segment_map(node_seg), segment_map(reference_seg)
+    node_map, ref_map = whole_structure_map(node_seg), whole_structure_map(reference_seg)
     keys = [k for k in KEYS if k in node_map and k in ref_map]
     if not keys:
         raise ValueError("no segment of the reference SEG matches a node segment (labels: "

@@ -115,15 +115,17 @@ def make_masks(volume: Volume, *, classes: bool = True, infection: bool = True,
 
 def expected_segments(lungs: LungMasks, infection: InfectionResult) -> dict[str, np.ndarray]:
     """The non-empty disjoint segments, in SEG order: consolidation wins over GGO, a class over the
-    unclassified infection, any infection over the lung."""
+    unclassified infection, any infection over the lung; each split by side."""
     none = np.zeros_like(lungs.right)
     cons = infection.consolidation if infection.consolidation is not None else none
     ggo = (infection.ggo if infection.ggo is not None else none) & ~cons
     rest = infection.infection & ~ggo & ~cons
-    sick = cons | ggo | rest
-    masks = {"right_lung": lungs.right & ~sick, "left_lung": lungs.left & ~sick, "infection": rest,
-             "ggo": ggo, "consolidation": cons}
-    return {key: mask for key, mask in masks.items() if mask.any()}
+    kinds = {"lung": ~(cons | ggo | rest), "infection": rest, "ggo": ggo, "consolidation": cons}
+    masks = {f"{side}_{kind}": mask & (lungs.right if side == "right" else lungs.left)
+             for kind, mask in kinds.items() for side in ("right", "left")}
+    order = ["right_lung", "left_lung", "right_infection", "left_infection", "right_ggo", "left_ggo",
+             "right_consolidation", "left_consolidation"]
+    return {key: masks[key] for key in order if masks[key].any()}
 
 
 def expected_stack(lungs: LungMasks, infection: InfectionResult) -> np.ndarray:
@@ -166,10 +168,12 @@ def test_seg_segments_codes_and_binary(case):
     assert "SegmentationFractionalType" not in seg
     assert seg.SegmentsOverlap == "NO"
     items = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
-    # every infection voxel is GGO or consolidation: no (empty) "Infection" segment
+    # every infection voxel is GGO or consolidation: no (empty) "Infection" segments; no consolidation left
     assert {n: str(s.SegmentLabel) for n, s in items.items()} == {
-        1: "Right lung", 2: "Left lung", 3: "Ground-glass opacity", 4: "Consolidation"}
-    assert segment_numbers(seg) == {"right_lung": 1, "left_lung": 2, "ggo": 3, "consolidation": 4}
+        1: "Right lung", 2: "Left lung", 3: "Ground-glass opacity, right lung",
+        4: "Ground-glass opacity, left lung", 5: "Consolidation, right lung"}
+    assert segment_numbers(seg) == {"right_lung": 1, "left_lung": 2, "right_ggo": 3, "left_ggo": 4,
+                                    "right_consolidation": 5}
 
     def code(seq):
         return (seq[0].CodingSchemeDesignator, seq[0].CodeValue)
@@ -180,13 +184,17 @@ def test_seg_segments_codes_and_binary(case):
         assert code(item.SegmentedPropertyTypeCodeSequence) == ("SCT", "39607008")
         modifier = item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence
         assert code(modifier) == laterality
-    for number, expected in ((3, ("DCM", "112120")), (4, ("SCT", "9656002"))):
+    for number, expected, side in ((3, ("DCM", "112120"), ("SCT", "24028007")),
+                                   (4, ("DCM", "112120"), ("SCT", "7771000")),
+                                   (5, ("SCT", "9656002"), ("SCT", "24028007"))):
         item = items[number]
         assert code(item.SegmentedPropertyCategoryCodeSequence) == ("SCT", "49755003")
         assert code(item.SegmentedPropertyTypeCodeSequence) == expected
         assert "SegmentedPropertyTypeModifierCodeSequence" not in item.SegmentedPropertyTypeCodeSequence[0]
+        (region,) = item.AnatomicRegionSequence   # in which lung
+        assert code([region]) == ("SCT", "39607008") and code(region.AnatomicRegionModifierSequence) == side
     colours = {tuple(s.RecommendedDisplayCIELabValue) for s in items.values()}
-    assert len(colours) == 4
+    assert len(colours) == 4   # a colour per kind: right lung, left lung, GGO, consolidation
     for item in items.values():
         assert item.SegmentAlgorithmType == "AUTOMATIC"
         assert item.TrackingID == item.SegmentLabel and item.TrackingUID
@@ -264,11 +272,13 @@ def test_seg_masks_roundtrip_voxel_for_voxel(case):
     volume, lungs, infection, seg = case
     reread = hd.seg.segread(io.BytesIO(_bytes(seg)))
     decoded = reread.get_pixels_by_source_instance(
-        volume.sop_instance_uids, segment_numbers=[1, 2, 3, 4], assert_missing_frames_are_empty=True)
+        volume.sop_instance_uids, segment_numbers=[1, 2, 3, 4, 5], assert_missing_frames_are_empty=True)
     np.testing.assert_array_equal(decoded.astype(bool), expected_stack(lungs, infection))
-    # a label map: each lung segment plus the infection on its side is the whole lung
-    whole = decoded.astype(bool)[..., 0] | (decoded.astype(bool)[..., 2:].any(axis=-1) & lungs.right)
-    np.testing.assert_array_equal(whole, lungs.right)
+    # a label map: the segments of one side make the whole lung, the lesion segments the whole infection
+    labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    right = [i for i, label in enumerate(labels) if "right" in label.lower()]
+    np.testing.assert_array_equal(decoded.astype(bool)[..., right].any(axis=-1), lungs.right)
+    np.testing.assert_array_equal(decoded.astype(bool)[..., 2:].any(axis=-1), infection.infection)
 
 
 def test_seg_empty_infection_omits_the_segment():
@@ -290,7 +300,7 @@ def test_seg_engine_without_classes_writes_one_infection_segment():
     volume = make_volume()
     lungs, infection = make_masks(volume, classes=False)
     seg = build_segmentation(volume, lungs, infection, THRESHOLD)
-    assert segment_numbers(seg) == {"right_lung": 1, "left_lung": 2, "infection": 3}
+    assert segment_numbers(seg) == {"right_lung": 1, "left_lung": 2, "right_infection": 3, "left_infection": 4}
     algo = seg.SegmentSequence[2].SegmentationAlgorithmIdentificationSequence[0]
     assert algo.AlgorithmFamilyCodeSequence[0].CodeValue == "123105"  # Histogram Analysis
 
@@ -301,9 +311,9 @@ def test_seg_single_class_keeps_the_unclassified_infection():
     infection.consolidation = None  # GGO only: the rest of the infection is "Infection"
     seg = build_segmentation(volume, lungs, infection, INFNET)
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == [
-        SEGMENT_LABELS[k] for k in ("right_lung", "left_lung", "infection", "ggo")]
+        SEGMENT_LABELS[k] for k in ("right_lung", "left_lung", "right_infection", "right_ggo", "left_ggo")]
     decoded = hd.seg.segread(io.BytesIO(_bytes(seg))).get_pixels_by_source_instance(
-        volume.sop_instance_uids, segment_numbers=[1, 2, 3, 4], assert_missing_frames_are_empty=True)
+        volume.sop_instance_uids, segment_numbers=[1, 2, 3, 4, 5], assert_missing_frames_are_empty=True)
     np.testing.assert_array_equal(decoded.astype(bool), expected_stack(lungs, infection))
 
 
@@ -347,9 +357,10 @@ def test_sr_roundtrip_measurements_and_references(case):
 
     refs = read_report_segment_references(sr)
     numbers = segment_numbers(seg)
-    # the infection totals are on the first infection class: the SEG has no "Infection" segment
-    assert refs == {key: (seg.SOPInstanceUID, numbers[key if key != "infection" else "ggo"])
-                    for key in ("right_lung", "left_lung", "infection", "ggo", "consolidation")}
+    # the infection totals and the class totals are on the first segment of theirs in SEG order
+    anchors = {"right_lung": "right_lung", "left_lung": "left_lung", "infection": "right_ggo",
+               "ggo": "right_ggo", "consolidation": "right_consolidation"}
+    assert refs == {key: (seg.SOPInstanceUID, numbers[anchor]) for key, anchor in anchors.items()}
 
     for keyword, value in PATIENT_STUDY.items():
         assert str(sr.get(keyword)) == value, keyword

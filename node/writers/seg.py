@@ -6,21 +6,27 @@ from this fixed list, in this order (:data:`SEGMENTS`); a segment with no voxel 
 empty segment hangs some viewers), so segment *numbers* depend on what was found: match segments by
 label (:func:`segment_numbers`), never by number.
 
-==================  ====================  ===================================  ============================
-key                 label                 voxels                               property type (+ modifier)
-==================  ====================  ===================================  ============================
-right_lung          Right lung            right lung not in any segment below  SCT 39607008 Lung + Right
-left_lung           Left lung             left lung not in any segment below   SCT 39607008 Lung + Left
-infection           Infection             infection not in a class below       DCM 112001 Opacity
-ggo                 Ground-glass opacity  GGO that is not consolidation        DCM 112120 Ground glass opacity
-consolidation       Consolidation         consolidation                        SCT 9656002 Consolidation
-==================  ====================  ===================================  ============================
+=====================  ================================  ====================================  =========================
+key                    label                             voxels                                property type
+=====================  ================================  ====================================  =========================
+right_lung             Right lung                        right lung in no segment below        SCT 39607008 Lung + Right
+left_lung              Left lung                         left lung in no segment below         SCT 39607008 Lung + Left
+right_infection        Infection, right lung             right lung infection in no class      DCM 112001 Opacity
+left_infection         Infection, left lung              (the same, left)                      DCM 112001 Opacity
+right_ggo              Ground-glass opacity, right lung  right lung GGO, not consolidation     DCM 112120 Ground glass opacity
+left_ggo               Ground-glass opacity, left lung   (the same, left)                      DCM 112120 Ground glass opacity
+right_consolidation    Consolidation, right lung         right lung consolidation              SCT 9656002 Consolidation
+left_consolidation     Consolidation, left lung          (the same, left)                      SCT 9656002 Consolidation
+=====================  ================================  ====================================  =========================
 
-So the whole right lung is "Right lung" plus the infection segments' voxels on that side. An engine
-without classes gives only "Infection"; one with classes gives GGO and consolidation (and "Infection"
-only for infection voxels in neither class). The lung segments name the HU lung method as their
-algorithm, the infection segments the infection engine (:func:`lung_algorithm_identification`,
-:func:`algorithm_identification`).
+So the whole right lung is the union of the segments whose key starts with ``right_``, and the whole
+infection the union of the non-lung segments. The infection segments are split by side so that each
+lung can be rebuilt exactly (agreement with a reference SEG, per-lung measurements); their Anatomic Region
+Sequence says Lung + laterality. Infection outside both lung masks is not written (the engines keep the
+infection inside the lungs). An engine without classes gives only "Infection" segments; one with classes
+gives GGO and consolidation (and "Infection" only for infection voxels in neither class). The lung
+segments name the HU lung method as their algorithm, the infection segments the infection engine
+(:func:`lung_algorithm_identification`, :func:`algorithm_identification`).
 
 Code sources:
 
@@ -91,18 +97,20 @@ LUNG_ALGORITHM_NAME = "ctnode HU lung segmentation"
 class SegmentSpec:
     """Fixed description of one segment of the ctnode SEG."""
 
-    number: int
-    key: str                     # stable identifier used by the SR writer and scores
+    key: str                     # stable identifier used by the SR writer: "<side>_<kind>"
+    kind: str                    # "lung", "infection", "ggo" or "consolidation"
+    side: str                    # "right" or "left"
     label: str                   # SegmentLabel (what most viewers display)
     category: hd.sr.CodedConcept
     property_type: hd.sr.CodedConcept
-    laterality: hd.sr.CodedConcept | None
+    laterality: hd.sr.CodedConcept  # of the lung: modifier of the property type (lungs) or of the
+                                    # anatomic region Lung (the infection segments)
     rgb: tuple[int, int, int]    # recommended display colour, converted to CIELab
 
     @property
     def is_lung(self) -> bool:
         """Made by the lung method (else by the infection engine)."""
-        return self.key in ("right_lung", "left_lung")
+        return self.kind == "lung"
 
 
 def _cc(code) -> hd.sr.CodedConcept:
@@ -110,17 +118,27 @@ def _cc(code) -> hd.sr.CodedConcept:
     return code if isinstance(code, hd.sr.CodedConcept) else hd.sr.CodedConcept.from_code(code)
 
 
+#: Display colours (RGB) of the lungs and of each kind of infection (the same on both sides); the key
+#: images use them too.
+DISPLAY_COLOURS: dict[str, tuple[int, int, int]] = {
+    "right_lung": (80, 140, 230),     # blue
+    "left_lung": (80, 200, 120),      # green
+    "infection": (230, 40, 40),       # red
+    "ggo": (250, 220, 40),            # yellow
+    "consolidation": (250, 140, 20),  # orange
+}
+_SIDES = {"right": _cc(codes.SCT.Right), "left": _cc(codes.SCT.Left)}
+_LESIONS = (  # kind, label, property type
+    ("infection", "Infection", _cc(DCM_OPACITY)),
+    ("ggo", "Ground-glass opacity", _cc(DCM_GROUND_GLASS_OPACITY)),
+    ("consolidation", "Consolidation", SCT_CONSOLIDATION),
+)
 SEGMENTS: tuple[SegmentSpec, ...] = (
-    SegmentSpec(1, "right_lung", "Right lung", _cc(codes.SCT.AnatomicalStructure), _cc(codes.SCT.Lung),
-                _cc(codes.SCT.Right), (80, 140, 230)),      # blue
-    SegmentSpec(2, "left_lung", "Left lung", _cc(codes.SCT.AnatomicalStructure), _cc(codes.SCT.Lung),
-                _cc(codes.SCT.Left), (80, 200, 120)),       # green
-    SegmentSpec(3, "infection", "Infection", _cc(codes.SCT.MorphologicallyAbnormalStructure),
-                _cc(DCM_OPACITY), None, (230, 40, 40)),     # red
-    SegmentSpec(4, "ggo", "Ground-glass opacity", _cc(codes.SCT.MorphologicallyAbnormalStructure),
-                _cc(DCM_GROUND_GLASS_OPACITY), None, (250, 220, 40)),  # yellow
-    SegmentSpec(5, "consolidation", "Consolidation", _cc(codes.SCT.MorphologicallyAbnormalStructure),
-                SCT_CONSOLIDATION, None, (250, 140, 20)),   # orange
+    *(SegmentSpec(f"{side}_lung", "lung", side, f"{side.capitalize()} lung", _cc(codes.SCT.AnatomicalStructure),
+                  _cc(codes.SCT.Lung), code, DISPLAY_COLOURS[f"{side}_lung"]) for side, code in _SIDES.items()),
+    *(SegmentSpec(f"{side}_{kind}", kind, side, f"{label}, {side} lung",
+                  _cc(codes.SCT.MorphologicallyAbnormalStructure), prop, code, DISPLAY_COLOURS[kind])
+      for kind, label, prop in _LESIONS for side, code in _SIDES.items()),
 )
 SEGMENT_BY_KEY: dict[str, SegmentSpec] = {s.key: s for s in SEGMENTS}
 #: Stable key -> SegmentLabel, for every segment ctnode may write.
@@ -216,11 +234,16 @@ def _segment_description(spec: SegmentSpec, number: int,
         tracking_id=spec.label,
         display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
     )
-    if spec.laterality is not None:
+    if spec.is_lung:
         # Segmented Property Type Modifier Code Sequence (0062,0011), CID 244 Laterality, nested in
         # the Segmented Property Type Code Sequence item (PS3.3 Table 10-31); highdicom has no argument.
         desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
             spec.laterality]
+    else:
+        # where the lesion is: Anatomic Region Sequence (0008,2218) Lung with its laterality modifier
+        region = _cc(codes.SCT.Lung)
+        region.AnatomicRegionModifierSequence = [spec.laterality]
+        desc.AnatomicRegionSequence = [region]
     return desc
 
 
@@ -245,8 +268,9 @@ def source_headers(volume: Volume) -> list[Dataset]:
 
 
 def disjoint_masks(lungs: LungMasks, infection: InfectionResult) -> dict[str, np.ndarray]:
-    """The voxels of every segment key (:data:`SEGMENTS` order), disjoint: a voxel belongs to the first
-    of consolidation, GGO, infection, lung that contains it (see the module table). Empty masks included."""
+    """The voxels of every segment key (:data:`SEGMENTS` order), disjoint: a voxel of a lung belongs to the
+    first of consolidation, GGO, infection, lung that contains it, on the lung's side (see the module
+    table). Empty masks included."""
     shape = lungs.labels.shape
     for key, mask in (("infection", infection.infection), ("ggo", infection.ggo),
                       ("consolidation", infection.consolidation)):
@@ -258,13 +282,9 @@ def disjoint_masks(lungs: LungMasks, infection: InfectionResult) -> dict[str, np
     classified = ggo | consolidation
     rest = infection.infection & ~classified
     any_infection = classified | rest
-    return {
-        "right_lung": (lungs.labels == LungMasks.RIGHT) & ~any_infection,
-        "left_lung": (lungs.labels == LungMasks.LEFT) & ~any_infection,
-        "infection": rest,
-        "ggo": ggo,
-        "consolidation": consolidation,
-    }
+    by_kind = {"lung": ~any_infection, "infection": rest, "ggo": ggo, "consolidation": consolidation}
+    sides = {"right": lungs.labels == LungMasks.RIGHT, "left": lungs.labels == LungMasks.LEFT}
+    return {spec.key: by_kind[spec.kind] & sides[spec.side] for spec in SEGMENTS}
 
 
 def _stack_masks(volume: Volume, lungs: LungMasks,

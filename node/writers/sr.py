@@ -13,17 +13,21 @@ a private code if no standard one fits). The groups:
   (PHO); these carry the infection engine as their own TID 4019 algorithm (HAS CONCEPT MOD), because
   the engine, not the lung method, found the infection;
 * "Infection": the lung involvement of both lungs: total infection volume (area), PO, PHO, mean HU,
-  CT-SS total and zone score total; algorithm = the infection engine. It references the "Infection"
-  segment, or, for an engine that separates classes (whose SEG has no "Infection" segment unless some
-  infection is in neither class), the first of "Ground-glass opacity", "Consolidation": TID 1411 needs
-  one segment and the infection is their union. With no infection segment at all (nothing found) the
-  group is not written and a report-level statement says so;
-* "Ground-glass opacity" / "Consolidation": the volume (area) of the class;
+  CT-SS total and zone score total; algorithm = the infection engine;
+* "Ground-glass opacity" / "Consolidation": the volume (area) of the class in both lungs.
+
+  The SEG splits the infection by side and class (:mod:`node.writers.seg`), so these three findings are
+  unions of segments, while TID 1411 references one: each references the first of its segments present
+  (:data:`_ANCHORS`: the infection group the first infection segment in SEG order, a class group its
+  right-lung segment, else its left-lung one), and its finding type, finding site (Lung, no laterality)
+  and tracking identifier say what it covers. A finding with no segment at all (no infection found) has
+  no group, and a report-level statement says so;
 * "CT-SS region <name>" (20) and "Zone <name>" (5): the lung segment of the region's side, finding site
   the lobe (CID 6170) + laterality, measurement method the partition method (private code), percent
   involved and the region's score.
 
-A group that describes exactly one SEG segment has that segment's Tracking ID and Tracking UID.
+The lung groups, which describe exactly one SEG segment, have that segment's Tracking ID and Tracking UID;
+the others have their own.
 
 Report-level "Qualitative Evaluations" container (TID 1500 row 12): the severity (CODE: SCT 246112005
 "Severity" = Mild/Moderate/Severe), the analysis notes (TEXT, DCM 121106 "Comment": what the lung
@@ -172,6 +176,7 @@ UNIT_PERCENT = hd.sr.CodedConcept.from_code(codes.UCUM.Percent)
 UNIT_HU = hd.sr.CodedConcept.from_code(codes.UCUM.HounsfieldUnit)
 UNIT_SCORE = hd.sr.CodedConcept("1", "UCUM", "no units")
 OPACITY = hd.sr.CodedConcept.from_code(codes.DCM.Opacity)
+_MORPHOLOGIC = hd.sr.CodedConcept.from_code(codes.SCT.MorphologicallyAbnormalStructure)
 SEVERITY = hd.sr.CodedConcept("246112005", "SCT", "Severity")
 SEVERITY_VALUES: dict[str, hd.sr.CodedConcept] = {
     "mild": hd.sr.CodedConcept("255604002", "SCT", "Mild"),
@@ -189,8 +194,16 @@ _MEANINGS = {("121232", "DCM"): "Source series for segmentation"}
 DECIMALS: dict[str, int] = {"cm3": 1, "cm2": 2, "%": 2, "[hnsf'U]": 1, "1": 0}
 #: Non-numeric score keys the writer understands.
 TEXT_KEYS = frozenset({"volumetric", "partial_coverage", "severity", "region_method"})
-#: Infection segments that may carry the "Infection" group, in order of preference.
-_INFECTION_ANCHORS = ("infection", "ggo", "consolidation")
+#: The groups of the infection totals and of each class, and the SEG segments each may reference, in
+#: order of preference (TID 1411 takes one segment; these findings are unions of several).
+_ANCHORS: dict[str, tuple[str, ...]] = {
+    "infection": tuple(spec.key for spec in SEGMENTS if not spec.is_lung),
+    "ggo": ("right_ggo", "left_ggo"),
+    "consolidation": ("right_consolidation", "left_consolidation"),
+}
+#: Finding type of the lesion groups.
+_LESION_TYPES = {"infection": OPACITY, "ggo": SEGMENT_BY_KEY["right_ggo"].property_type,
+                 "consolidation": SEGMENT_BY_KEY["right_consolidation"].property_type}
 
 
 @dataclass(frozen=True)
@@ -281,7 +294,8 @@ REGION_GROUPS: tuple[RegionGroupDef, ...] = (
 )
 REGION_GROUP_BY_LABEL: dict[str, RegionGroupDef] = {g.label: g for g in REGION_GROUPS}
 #: Tracking identifier of the group of each SEG segment key.
-GROUP_LABELS: dict[str, str] = {spec.key: spec.label for spec in SEGMENTS}
+GROUP_LABELS: dict[str, str] = {"right_lung": "Right lung", "left_lung": "Left lung", "infection": "Infection",
+                                "ggo": "Ground-glass opacity", "consolidation": "Consolidation"}
 
 
 def _approximation_text(method: str) -> str | None:
@@ -390,22 +404,25 @@ def _segment_group(ctx: _Context, key: str, number: int, *, own: bool
                    ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
     """Group ``key`` on segment ``number``; ``own``: the group describes exactly that segment (shares its
     tracking identifier and UID). None when it has no measurement."""
-    is_lung = key in ("right_lung", "left_lung")
-    algorithm = ctx.lung_algorithm if is_lung else ctx.engine_algorithm
     measurements = ctx.measurements(key, None)
     if not measurements:
         return None
     item = _segment_item(ctx.seg, number)
     tracking = (hd.sr.TrackingIdentifier(uid=str(item.TrackingUID), identifier=str(item.TrackingID)) if own
                 else hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=GROUP_LABELS[key]))
-    group_spec = SEGMENT_BY_KEY[key]
+    if key in SEGMENT_BY_KEY:   # a lung
+        spec = SEGMENT_BY_KEY[key]
+        category, finding, laterality, algorithm = spec.category, spec.property_type, spec.laterality, ctx.lung_algorithm
+    else:
+        category, finding, laterality = _MORPHOLOGIC, _LESION_TYPES[key], None
+        algorithm = ctx.engine_algorithm
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         referenced_segment=ctx.segment_ref(number),
-        finding_category=group_spec.category,
-        finding_type=group_spec.property_type,
+        finding_category=category,
+        finding_type=finding,
         algorithm_id=algorithm,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG, laterality=group_spec.laterality)],
+        finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG, laterality=laterality)],
         measurements=measurements,
     )
 
@@ -433,14 +450,14 @@ def _region_group(ctx: _Context, gdef: RegionGroupDef, number: int
     return group
 
 
-def _expected(key: str, scores: Mapping[str, Any], numbers: Mapping[str, int]) -> bool:
-    """Whether segment ``key`` would be in the SEG had it any voxel: the lungs always, "Infection" when
-    no class segment stands for the infection, a class when the scores give its size."""
-    if key == "infection":
-        return not any(k in numbers for k in _INFECTION_ANCHORS)
-    if key in ("ggo", "consolidation"):
-        return any(k in scores for k in (f"{key}_volume_ml", f"{key}_area_cm2"))
-    return True
+def _missing(scores: Mapping[str, Any], numbers: Mapping[str, int]) -> list[str]:
+    """What the SEG lacks for want of voxels: a lung, all infection, a class the scores give a size of."""
+    missing = [GROUP_LABELS[k] for k in ("right_lung", "left_lung") if k not in numbers]
+    for key, anchors in _ANCHORS.items():
+        wanted = key == "infection" or any(k in scores for k in (f"{key}_volume_ml", f"{key}_area_cm2"))
+        if wanted and not any(k in numbers for k in anchors):
+            missing.append(GROUP_LABELS[key])
+    return missing
 
 
 def _statements(scores: Mapping[str, Any], volumetric: bool, numbers: Mapping[str, int],
@@ -451,7 +468,7 @@ def _statements(scores: Mapping[str, Any], volumetric: bool, numbers: Mapping[st
         out.append(PARTIAL_COVERAGE_TEXT)
     elif scores.get("partial_coverage"):
         out.append(PARTIAL_SCAN_TEXT)
-    missing = [spec.label for spec in SEGMENTS if spec.key not in numbers and _expected(spec.key, scores, numbers)]
+    missing = _missing(scores, numbers)
     if missing:
         out.append("not in the SEG (no voxel): " + ", ".join(missing))
     if groups_left_out:
@@ -527,17 +544,17 @@ def build_report(
     volumetric = bool(scores.get("volumetric", volume.is_volumetric))
     numbers = segment_numbers(seg)
     for key in ("ggo", "consolidation"):
-        if key not in numbers and (_value(scores, f"{key}_volume_ml") or _value(scores, f"{key}_area_cm2")):
+        if (not any(k in numbers for k in _ANCHORS[key])
+                and (_value(scores, f"{key}_volume_ml") or _value(scores, f"{key}_area_cm2"))):
             raise ValueError(f"scores give a {key} size but the SEG has no {key} segment")
 
     ctx = _Context(seg, volume, scores, volumetric, _algorithm_id(engine), _lung_algorithm_id(),
                    _algorithm_id(engine, manufacturer=False))
     groups: list[Dataset] = []
     left_out: list[str] = []
-    anchor = next((k for k in _INFECTION_ANCHORS if k in numbers), None)
-    for key in ("right_lung", "left_lung", "infection", "ggo", "consolidation"):
-        segment = anchor if key == "infection" else key
-        if segment not in numbers:
+    for key in GROUP_LABELS:
+        segment = next((k for k in _ANCHORS.get(key, (key,)) if k in numbers), None)
+        if segment is None:
             if ctx.measurements(key, None):
                 left_out.append(GROUP_LABELS[key])
             continue
