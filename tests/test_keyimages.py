@@ -56,6 +56,7 @@ def test_key_images_are_derived_secondary_captures_of_the_chosen_slices(classes)
         assert "DERIVED" in sc.SeriesDescription and "not for primary diagnosis" in sc.ImageComments
         assert sc.StudyInstanceUID == volume.study_instance_uid and sc.SeriesInstanceUID != volume.series_instance_uid
         assert sc.PatientID == source_header.PatientID and sc.AccessionNumber == source_header.AccessionNumber
+        assert sc.StudyDescription == source_header.StudyDescription == "CT CHEST"   # the whole study module
         assert [float(v) for v in sc.PixelSpacing] == list(volume.pixel_spacing)
         assert list(sc.PatientOrientation) == ["L", "P"]
         assert sc.SeriesNumber == 903 and sc.PhotometricInterpretation == "RGB"

@@ -121,6 +121,8 @@ def build_key_images(volume: Volume, lungs: LungMasks, infection: InfectionResul
             patient_orientation=patient_orientation(volume.orientation),
             transfer_syntax_uid="1.2.840.10008.1.2.1",
         )
+        # every Patient, General Study and Patient Study attribute of the source (from_ref_dataset copies a few)
+        sc.copy_patient_and_study_information(source)
         sc.SeriesDescription = KEY_IMAGES_SERIES_DESCRIPTION
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.ConversionType = "WSD"  # rendered by a workstation (software), not captured from a video interface
