@@ -38,7 +38,7 @@ from node.registry import add_event, reopen_study
 
 log = logging.getLogger(__name__)
 
-#: Segment keys compared, in report order (the keys of :data:`node.writers.seg.SEGMENT_NUMBERS`).
+#: Structure keys compared, in report order (lungs by side, the whole infection and its classes).
 KEYS = ("right_lung", "left_lung", "infection", "ggo", "consolidation")
 
 # (coding scheme, code value) -> key; laterality of "Lung" comes from the modifier or the label.

@@ -1,7 +1,9 @@
 """PixelMed's validators (the ones used at IHE Connectathons) accept the node's SR and SEG: no errors.
 
 Three analyses by the threshold engine, as ``ctnode process`` makes them: a 256 x 256 x 80 phantom with
-infection, the same phantom without infection (``burden=0``) and one real axial slice (2D). Each SR goes
+infection, the same phantom without infection (``burden=0``; the threshold engine still finds some) and
+one real axial slice (2D); and a SEG and SR written for lungs without any infection voxel (no infection
+segment, no infection group). Each SR goes
 through ``DicomSRValidator`` (IOD and TID 1500 templates), each SEG through ``DicomInstanceValidator``.
 PixelMed still warns about content items that its (2022) TID 1411 does not list but current PS3.16 does;
 this test pins those kinds (:data:`KNOWN_SR_WARNING_CONCEPTS`) so that any other warning is noticed.
@@ -39,9 +41,29 @@ def _analyse(paths: list[Path], out: Path) -> dict[str, Path]:
     return write_outputs(analysis, out)
 
 
-@pytest.fixture(scope="module", params=["phantom", "phantom-no-infection", "real-slice"])
+def _no_infection(out: Path) -> dict[str, Path]:
+    from node.writers.seg import build_segmentation
+    from node.writers.sr import build_report
+    from tests.test_writers import THRESHOLD, make_masks, make_volume
+
+    volume = make_volume()
+    seg = build_segmentation(volume, *make_masks(volume, classes=False, infection=False), THRESHOLD)
+    sr = build_report(volume, seg, {"volumetric": True, "right_lung_volume_ml": 1500.0, "left_lung_volume_ml": 1400.0,
+                                    "percent_involved_right": 0.0, "percent_involved_left": 0.0,
+                                    "percent_involved_total": 0.0, "infection_volume_ml": 0.0, "severity": "none"},
+                      THRESHOLD)
+    out.mkdir()
+    paths = {"seg": out / "seg.dcm", "sr": out / "sr.dcm"}
+    seg.save_as(paths["seg"], enforce_file_format=True)
+    sr.save_as(paths["sr"], enforce_file_format=True)
+    return paths
+
+
+@pytest.fixture(scope="module", params=["phantom", "phantom-no-infection", "real-slice", "no-infection-segment"])
 def outputs(request, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp(request.param)
+    if request.param == "no-infection-segment":
+        return _no_infection(tmp / "out")
     if request.param == "real-slice":
         if not (SHARED_DATA / REAL_SLICE).is_file():
             skip_or_fail(f"shared data file {SHARED_DATA / REAL_SLICE} is absent")
