@@ -25,8 +25,8 @@ partitioned and scored as if it were whole):
 * ``severity``, :func:`severity_category`: "severe" when CT-SS >= 19.5 (Yang 2020: the cut-off for
   clinically severe disease, sensitivity 83.3 %, specificity 94 %) or PO >= 50 %; otherwise
   "moderate" when PO >= 25 %, "mild" when PO >= :data:`MIN_SEVERITY_PERCENT` (0.1 %), "none" below.
-  The PO bands are those of the Moscow "CT 0-4" scale (Morozov S.P. et al., 2020: CT-1 < 25 %, CT-2 25-50 %, CT-3 50-75 %,
-  CT-4 > 75 %): mild = CT-1, moderate = CT-2, severe = CT-3/CT-4.
+  The PO bands are those of the Moscow "CT 0-4" scale (Morozov S.P. et al., 2020: CT-1 < 25 %,
+  CT-2 25-50 %, CT-3 50-75 %, CT-4 > 75 %): mild = CT-1, moderate = CT-2, severe = CT-3/CT-4.
 
 Regions come from :func:`node.pipeline.regions.partition`: a documented geometric approximation of
 the segmental anatomy unless an external lobe or segment label map is given.

@@ -6,18 +6,21 @@ from this fixed list, in this order (:data:`SEGMENTS`); a segment with no voxel 
 empty segment hangs some viewers), so segment *numbers* depend on what was found: match segments by
 label (:func:`segment_numbers`), never by number.
 
-=====================  ================================  ====================================  =========================
-key                    label                             voxels                                property type
-=====================  ================================  ====================================  =========================
-right_lung             Right lung                        right lung in no segment below        SCT 39607008 Lung + Right
-left_lung              Left lung                         left lung in no segment below         SCT 39607008 Lung + Left
-right_infection        Infection, right lung             right lung infection in no class      DCM 112001 Opacity
-left_infection         Infection, left lung              (the same, left)                      DCM 112001 Opacity
-right_ggo              Ground-glass opacity, right lung  right lung GGO, not consolidation     DCM 112120 Ground glass opacity
-left_ggo               Ground-glass opacity, left lung   (the same, left)                      DCM 112120 Ground glass opacity
-right_consolidation    Consolidation, right lung         right lung consolidation              SCT 9656002 Consolidation
-left_consolidation     Consolidation, left lung          (the same, left)                      SCT 9656002 Consolidation
-=====================  ================================  ====================================  =========================
+===================  ================================  ====================================  =================
+key                  label                             voxels                                property type
+===================  ================================  ====================================  =================
+right_lung           Right lung                        right lung in no segment below        SCT 39607008 Lung
+left_lung            Left lung                         left lung in no segment below         SCT 39607008 Lung
+right_infection      Infection, right lung             right lung infection in no class      DCM 112001
+left_infection       Infection, left lung              (the same, left)                      DCM 112001
+right_ggo            Ground-glass opacity, right lung  right lung GGO, not consolidation     DCM 112120
+left_ggo             Ground-glass opacity, left lung   (the same, left)                      DCM 112120
+right_consolidation  Consolidation, right lung         right lung consolidation              SCT 9656002
+left_consolidation   Consolidation, left lung          (the same, left)                      SCT 9656002
+===================  ================================  ====================================  =================
+
+The lungs' property type has a laterality modifier (Right / Left); DCM 112001 is "Opacity", DCM 112120
+"Ground glass opacity", SCT 9656002 "Consolidation".
 
 So the whole right lung is the union of the segments whose key starts with ``right_``, and the whole
 infection the union of the non-lung segments. The infection segments are split by side so that each
@@ -65,7 +68,6 @@ from __future__ import annotations
 
 import copy
 import socket
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd

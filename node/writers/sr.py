@@ -412,7 +412,8 @@ def _segment_group(ctx: _Context, key: str, number: int, *, own: bool
                 else hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=GROUP_LABELS[key]))
     if key in SEGMENT_BY_KEY:   # a lung
         spec = SEGMENT_BY_KEY[key]
-        category, finding, laterality, algorithm = spec.category, spec.property_type, spec.laterality, ctx.lung_algorithm
+        category, finding, laterality = spec.category, spec.property_type, spec.laterality
+        algorithm = ctx.lung_algorithm
     else:
         category, finding, laterality = _MORPHOLOGIC, _LESION_TYPES[key], None
         algorithm = ctx.engine_algorithm
