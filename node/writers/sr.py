@@ -377,7 +377,9 @@ class _Context:
     lung_algorithm: hd.sr.AlgorithmIdentification
     measurement_algorithm: hd.sr.AlgorithmIdentification  # the engine, on measurements of lung groups
 
-    def measurements(self, group: str, algorithm: hd.sr.AlgorithmIdentification | None) -> list[hd.sr.Measurement]:
+    def measurements(self, group: str) -> list[hd.sr.Measurement]:
+        """The measurements of ``group`` that have a value; those of the infection engine in a lung group
+        carry its TID 4019 (the group's own algorithm covers the rest)."""
         out = []
         for mdef in MEASUREMENTS:
             if mdef.group != group or not mdef.applies(self.volumetric):
@@ -387,7 +389,7 @@ class _Context:
                 continue
             out.append(hd.sr.Measurement(
                 name=mdef.name, value=rounded(value, mdef.unit), unit=mdef.unit, derivation=mdef.derivation,
-                method=mdef.method, algorithm_id=self.measurement_algorithm if mdef.by_engine else algorithm))
+                method=mdef.method, algorithm_id=self.measurement_algorithm if mdef.by_engine else None))
         return out
 
     def segment_ref(self, number: int) -> hd.sr.ReferencedSegment:
@@ -404,7 +406,7 @@ def _segment_group(ctx: _Context, key: str, number: int, *, own: bool
                    ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
     """Group ``key`` on segment ``number``; ``own``: the group describes exactly that segment (shares its
     tracking identifier and UID). None when it has no measurement."""
-    measurements = ctx.measurements(key, None)
+    measurements = ctx.measurements(key)
     if not measurements:
         return None
     item = _segment_item(ctx.seg, number)
@@ -431,7 +433,7 @@ def _segment_group(ctx: _Context, key: str, number: int, *, own: bool
 def _region_group(ctx: _Context, gdef: RegionGroupDef, number: int
                   ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | None:
     """Group of one CT-SS region or zone on its side's lung segment; None when it has no value."""
-    measurements = ctx.measurements(gdef.key, None)
+    measurements = ctx.measurements(gdef.key)
     if not measurements:
         return None
     method_name = str(ctx.scores.get("region_method", "geometric"))
@@ -556,7 +558,7 @@ def build_report(
     for key in GROUP_LABELS:
         segment = next((k for k in _ANCHORS.get(key, (key,)) if k in numbers), None)
         if segment is None:
-            if ctx.measurements(key, None):
+            if ctx.measurements(key):
                 left_out.append(GROUP_LABELS[key])
             continue
         group = _segment_group(ctx, key, numbers[segment], own=segment == key)
@@ -568,7 +570,7 @@ def build_report(
                 group = _region_group(ctx, gdef, numbers[gdef.segment])
                 if group is not None:
                     groups.append(group)
-            elif ctx.measurements(gdef.key, None):
+            elif ctx.measurements(gdef.key):
                 left_out.append(gdef.label)
 
     serial = device_serial or device_serial_number()
