@@ -2,10 +2,12 @@
 
 A reference SEG (``reference_segs``, recorded by the listener) is matched to the node's latest *done*
 result whose series is the SEG's referenced series (ReferencedSeriesSequence). Segments are paired by
-meaning, not by number (:func:`node.pipeline.segments.classify_segment`: codes first, then the label),
-both SEGs are decoded with highdicom over the union of the source instances either one references, and for
-each segment present in both, the Dice coefficient (:func:`models.metrics.dice`: undefined, stored as
-NULL, when both masks are empty) and the volumes are stored in ``agreements`` (one row per segment). When the
+meaning, not by number (:func:`node.pipeline.segments.classify_segment`: codes first, then the label; in
+a label-map SEG such as the node's, a lung is its lung segment plus the lesion segments in it,
+:func:`whole_structure_map`), both SEGs are decoded with highdicom over the union of the source instances
+either one references, and for each structure present in both, the Dice coefficient
+(:func:`models.metrics.dice`: undefined, stored as NULL, when both masks are empty) and the volumes are
+stored in ``agreements`` (one row per structure). When the
 series gets a newer result (a new version of the study), the reference is compared again with it; the rows
 of earlier results stay, so the audit trail shows how each version compared.
 
@@ -34,12 +36,12 @@ from models.metrics import dice
 from node.db.schema import Agreement, Instance, Job, ReferenceSeg, Result, Series, utcnow
 from node.db.states import REFERENCE_OPEN, JobState, ReferenceState, transition
 from node.pipeline.regionmap import is_lobe_map
-from node.pipeline.segments import SegmentKey, classify_segment
+from node.pipeline.segments import SegmentKey, classify_segment, lesion_side
 from node.registry import add_event, reopen_study
 
 log = logging.getLogger(__name__)
 
-#: Segment keys compared, in report order (the node's SEG segments, :data:`node.pipeline.segments.NODE_SEGMENTS`).
+#: Structure keys compared, in report order (lungs by side, the whole infection and its classes).
 KEYS: tuple[SegmentKey, ...] = tuple(SegmentKey)
 
 
@@ -50,6 +52,28 @@ def segment_map(seg: Any) -> dict[SegmentKey, list[tuple[int, str]]]:
         key = classify_segment(item)
         if key is not None:
             out.setdefault(key, []).append((int(item.SegmentNumber), str(item.get("SegmentLabel", ""))))
+    return out
+
+
+#: Lesion keys that are parts of the infection.
+_INFECTION_PARTS = (SegmentKey.GGO, SegmentKey.CONSOLIDATION)
+
+
+def whole_structure_map(seg: Any) -> dict[SegmentKey, list[tuple[int, str]]]:
+    """:func:`segment_map` completed for label-map SEGs (the node's, SegmentsOverlap NO), where each voxel
+    is in one segment: a lung is its lung segment plus the lesion segments in that lung, the infection all
+    lesion segments (GGO, consolidation). For a SEG whose lungs already contain the lesions the union
+    changes nothing."""
+    out = {key: list(items) for key, items in segment_map(seg).items()}
+    for item in seg.SegmentSequence:
+        key = classify_segment(item)
+        entry = (int(item.SegmentNumber), str(item.get("SegmentLabel", "")))
+        if key in (SegmentKey.INFECTION, *_INFECTION_PARTS):
+            side = lesion_side(item)
+            if side is not None and side in out and entry not in out[side]:
+                out[side].append(entry)
+        if key in _INFECTION_PARTS and entry not in out.setdefault(SegmentKey.INFECTION, []):
+            out[SegmentKey.INFECTION].append(entry)
     return out
 
 
@@ -114,7 +138,7 @@ class SegmentAgreement:
 def compare(node_seg: Any, reference_seg: Any, grid: SourceGrid) -> tuple[list[SegmentAgreement], str]:
     """Dice and volumes for every segment key both SEGs have; returns them and a note (voxel size origin,
     segments only one side has)."""
-    node_map, ref_map = segment_map(node_seg), segment_map(reference_seg)
+    node_map, ref_map = whole_structure_map(node_seg), whole_structure_map(reference_seg)
     keys = [k for k in KEYS if k in node_map and k in ref_map]
     if not keys:
         raise ValueError("no segment of the reference SEG matches a node segment (labels: "

@@ -94,14 +94,16 @@ def write_preview(seg_path: Path, ct_files: list[Path], out_png: Path) -> Path:
     seg = hd.seg.segread(seg_path)
     by_uid = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in ct_files}
     numbers = {s.SegmentLabel: s.SegmentNumber for s in seg.SegmentSequence}
-    infection_no = next((n for label, n in numbers.items() if label.lower().startswith("infection")), None)
+    # the infection segments (by side and class: "Infection, right lung", "Ground-glass opacity, left lung", ...)
+    lesions = [i for i, label in enumerate(numbers)
+               if label.lower().startswith(("infection", "ground", "consolidation"))]
     uids = [u for u in seg.get_source_image_uids() if u[2] in by_uid]
     best, best_count, best_masks = None, -1, None
     step = max(1, len(uids) // 60)
     for _, _, sop_uid in uids[::step]:
         masks = seg.get_pixels_by_source_instance(source_sop_instance_uids=[sop_uid], assert_missing_frames_are_empty=True,
                                                   segment_numbers=list(numbers.values()))[0]
-        count = int(masks[..., list(numbers.values()).index(infection_no)].sum()) if infection_no else 0
+        count = int(masks[..., lesions].sum())
         if count > best_count:
             best, best_count, best_masks = sop_uid, count, masks
     ds = dcmread(by_uid[best])

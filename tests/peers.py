@@ -1,4 +1,4 @@
-"""Real external DICOM peers for tests: DCMTK, Orthanc and dciodvfy.
+"""Real external DICOM peers for tests: DCMTK, Orthanc, dciodvfy and PixelMed's validators.
 
 Plain functions and context managers; ``conftest.py`` wraps them into fixtures.
 
@@ -625,6 +625,45 @@ def dciodvfy(path: StrPath, *, timeout: float = 60) -> tuple[list[str], list[str
         elif line.startswith("Warning - "):
             warnings.append(line.removeprefix("Warning - "))
     return errors, warnings
+
+
+# --------------------------------------------------------------------------- PixelMed
+
+#: Debian's pixelmed-apps / libpixelmed-java put the jars here.
+PIXELMED_JAR_DIR = Path("/usr/share/java")
+#: PixelMed's validators evaluate large XPath expressions; the JDK's default XPath limits reject them.
+_PIXELMED_JVM_OPTIONS = ("-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0",
+                         "-Djdk.xml.xpathTotalOpLimit=0")
+PIXELMED_SR_VALIDATOR = "com.pixelmed.validate.DicomSRValidator"
+PIXELMED_IOD_VALIDATOR = "com.pixelmed.validate.DicomInstanceValidator"
+
+
+@functools.cache
+def _pixelmed_command() -> tuple[str, str] | None:
+    """(java, classpath) when a JVM and pixelmed.jar are installed, else None."""
+    java = next(iter(_candidates("java")), None)
+    if java is None or not (PIXELMED_JAR_DIR / "pixelmed.jar").is_file():
+        return None
+    return java, os.pathsep.join(str(p) for p in sorted(PIXELMED_JAR_DIR.glob("*.jar")))
+
+
+def pixelmed_validate(path: StrPath, validator: str, *, timeout: float = 900) -> tuple[list[str], list[str]]:
+    """Validate a file with PixelMed (``validator``: :data:`PIXELMED_SR_VALIDATOR` for SR content and
+    templates, :data:`PIXELMED_IOD_VALIDATOR` for an IOD). Returns ``(errors, warnings)``: the
+    ``Error: ...``/``Warning: ...`` lines. Skips (fails under ``CI=true``) without java or pixelmed."""
+    command = _pixelmed_command()
+    if command is None:
+        _peer_missing("PixelMed not installed (apt-get install pixelmed-apps default-jre-headless)")
+    java, classpath = command
+    proc = subprocess.run([java, *_PIXELMED_JVM_OPTIONS, "-cp", classpath, validator, str(path)],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                          timeout=timeout)
+    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+    if proc.returncode != 0 or not any("validation complete" in line.lower() for line in lines):
+        raise RuntimeError(f"PixelMed {validator} did not complete (exit {proc.returncode}):\n"
+                           + "\n".join(lines[-40:]))
+    return ([line for line in lines if line.startswith("Error")],
+            [line for line in lines if line.startswith("Warning")])
 
 
 # --------------------------------------------------------------------------- test data

@@ -25,10 +25,10 @@ import pytest
 from node.pipeline.regions import REGIONS, ZONES
 from node.pipeline.scores import compute_scores
 from node.pipeline.types import LungMasks
-from node.writers.seg import SEGMENT_NUMBERS, build_segmentation
-from node.writers.sr import build_report, flatten_scores, read_report_measurements
+from node.writers.seg import build_segmentation, segment_numbers
+from node.writers.sr import DECIMALS, MEASUREMENTS, build_report, flatten_scores, read_report_measurements
 from tests import peers
-from tests.test_writers import INFNET, OBLIQUE, make_masks, make_volume
+from tests.test_writers import INFNET, OBLIQUE, expected_segments, make_masks, make_volume
 
 
 def _case(orientation=None, *, region_map=None, kind="lobes"):
@@ -66,26 +66,31 @@ def test_sr_every_number_reads_back_with_highdicom(case):
     flat_out = {k: v for k, v in flatten_scores(back).items()
                 if k not in ("volumetric", "severity", "region_method")}
     assert set(flat_out) == set(flat_in)
-    for key, value in flat_in.items():
-        assert flat_out[key] == pytest.approx(float(value), rel=1e-9, abs=1e-12), key
+    units = {m.key: m.unit.value for m in MEASUREMENTS}
+    for key, value in flat_in.items():   # rounded to the precision of the unit (DECIMALS)
+        assert flat_out[key] == round(float(value), DECIMALS[units[key]]), key
     assert back["severity"] == d["severity"] and back["region_method"] == "geometric"
     assert set(back["regions"]) == set(REGIONS) and set(back["zones"]) == set(ZONES)
 
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
-    groups = report.content.get_image_measurement_groups()
+    numbers = segment_numbers(seg)
+    groups = [g for g in report.content.get_volumetric_roi_measurement_groups()
+              if g.tracking_identifier.startswith(("CT-SS region", "Zone"))]
     assert len(groups) == len(REGIONS) + len(ZONES)
     for group in groups:
         (site,) = group.finding_sites
         assert site.value.CodeValue in ("45653009", "72481006", "90572001")  # CID 6170 lobes
         assert site.laterality.value in ("24028007", "7771000")
         assert group.method.scheme_designator == "99CTNODE"
-        texts = [i.TextValue for i in group[0].ContentSequence if i.ValueType == "TEXT"]
-        assert any("approximation" in t for t in texts)                    # geometric partition
-    (infection,) = [g for g in report.content.get_volumetric_roi_measurement_groups()
-                    if g.tracking_identifier == "Infection"]
-    (evaluation,) = [e for e in infection.get_qualitative_evaluations() if e.name.value == "246112005"]
-    assert evaluation.value.value == {"mild": "255604002", "moderate": "6736007",
-                                      "severe": "24484000"}[d["severity"]]
+        # on the lung segment of the region's side
+        side = "right_lung" if site.laterality.value == "24028007" else "left_lung"
+        assert group.referenced_segment.referenced_segment_numbers == [numbers[side]]
+    statements = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "TEXT"]
+    assert any("geometric approximations" in t for t in statements)     # geometric partition, said once
+    (severity,) = [i for i in sr.ContentSequence[-1].ContentSequence if i.ValueType == "CODE"]
+    assert severity.ConceptNameCodeSequence[0].CodeValue == "246112005"
+    assert severity.ConceptCodeSequence[0].CodeValue == {"mild": "255604002", "moderate": "6736007",
+                                                         "severe": "24484000"}[d["severity"]]
 
 
 def test_sr_lobe_map_method_is_recorded(case):
@@ -182,9 +187,8 @@ def test_dcmqi_seg_roundtrip_matches_masks_in_patient_space(tmp_path, orientatio
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((out / "meta.json").read_text())
     labels = {item["labelID"]: item["SegmentLabel"] for group in meta["segmentAttributes"] for item in group}
-    expected = {SEGMENT_NUMBERS["right_lung"]: lungs.right, SEGMENT_NUMBERS["left_lung"]: lungs.left,
-                SEGMENT_NUMBERS["infection"]: infection.infection, SEGMENT_NUMBERS["ggo"]: infection.ggo,
-                SEGMENT_NUMBERS["consolidation"]: infection.consolidation}
+    numbers = segment_numbers(seg)
+    expected = {numbers[key]: mask for key, mask in expected_segments(lungs, infection).items()}
     files = {int(p.stem): p for p in out.glob("*.nrrd")}
     assert set(files) == set(expected) == set(labels)
     for number, mask in expected.items():

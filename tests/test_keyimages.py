@@ -7,7 +7,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from node.pipeline.types import InfectionResult
 from node.writers.keyimages import ALPHA, BANNER_HEIGHT, build_key_images, choose_slices, patient_orientation
-from node.writers.seg import SEGMENT_BY_KEY
+from node.writers.seg import DISPLAY_COLOURS
 from tests import peers
 from tests.test_writers import INFNET, OBLIQUE, THRESHOLD, make_masks, make_volume, roundtrip
 
@@ -56,6 +56,7 @@ def test_key_images_are_derived_secondary_captures_of_the_chosen_slices(classes)
         assert "DERIVED" in sc.SeriesDescription and "not for primary diagnosis" in sc.ImageComments
         assert sc.StudyInstanceUID == volume.study_instance_uid and sc.SeriesInstanceUID != volume.series_instance_uid
         assert sc.PatientID == source_header.PatientID and sc.AccessionNumber == source_header.AccessionNumber
+        assert sc.StudyDescription == source_header.StudyDescription == "CT CHEST"   # the whole study module
         assert [float(v) for v in sc.PixelSpacing] == list(volume.pixel_spacing)
         assert list(sc.PatientOrientation) == ["L", "P"]
         assert sc.SeriesNumber == 903 and sc.PhotometricInterpretation == "RGB"
@@ -74,7 +75,7 @@ def test_key_images_are_derived_secondary_captures_of_the_chosen_slices(classes)
             inner &= infection.ggo[index]
         key = "ggo" if classes else "infection"
         grey = np.clip((-400.0 + 1350.0) / 1500.0, 0, 1) * 255.0
-        expected = (1 - ALPHA) * grey + ALPHA * np.asarray(SEGMENT_BY_KEY[key].rgb, float)
+        expected = (1 - ALPHA) * grey + ALPHA * np.asarray(DISPLAY_COLOURS[key], float)
         assert inner.any()
         assert np.allclose(pixels[inner], expected, atol=1.0)
         banner = pixels[:BANNER_HEIGHT]

@@ -170,6 +170,8 @@ def test_score_bands():
     assert severity_category(19.5, 10.0) == "severe" and severity_category(19, 10.0) == "mild"
     assert severity_category(0, 50.0) == "severe" and severity_category(10, 25.0) == "moderate"
     assert severity_category(0, 0.0) == "none" and severity_category(None, None) is None
+    # below the minimum involvement (false-positive voxels on a clear scan) no category is given
+    assert severity_category(0, 0.045) == "none" and severity_category(0, 0.1) == "mild"
 
 
 @given(st.floats(0, 100), st.floats(0, 100))

@@ -19,11 +19,13 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from node.pipeline.segments import NODE_SEGMENTS, classify_lobe, classify_segment, node_segment_key
+from node.pipeline.segments import SegmentKey, classify_lobe, classify_segment, lesion_side
 from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
-from node.writers.seg import SEGMENT_LABELS, SEGMENT_NUMBERS, build_segmentation
+from node.writers.seg import SEGMENT_LABELS, SEGMENTS, build_segmentation, segment_numbers
+from node.writers.equipment import algorithm_device_uid
 from node.writers.sr import (
     PRIVATE_SCHEME,
+    SEVERITY_NONE_TEXT,
     build_report,
     read_report_measurements,
     read_report_notes,
@@ -112,10 +114,23 @@ def make_masks(volume: Volume, *, classes: bool = True, infection: bool = True,
     return LungMasks(labels=labels), InfectionResult(infection=inf, ggo=ggo, consolidation=consolidation)
 
 
-def expected_stack(lungs: LungMasks, infection: InfectionResult, n_segments: int) -> np.ndarray:
-    masks = [lungs.right, lungs.left, infection.infection, infection.ggo, infection.consolidation]
-    return np.stack([m if m is not None else np.zeros_like(lungs.right) for m in masks[:n_segments]],
-                    axis=-1)
+def expected_segments(lungs: LungMasks, infection: InfectionResult) -> dict[str, np.ndarray]:
+    """The non-empty disjoint segments, in SEG order: consolidation wins over GGO, a class over the
+    unclassified infection, any infection over the lung; each split by side."""
+    none = np.zeros_like(lungs.right)
+    cons = infection.consolidation if infection.consolidation is not None else none
+    ggo = (infection.ggo if infection.ggo is not None else none) & ~cons
+    rest = infection.infection & ~ggo & ~cons
+    kinds = {"lung": ~(cons | ggo | rest), "infection": rest, "ggo": ggo, "consolidation": cons}
+    masks = {f"{side}_{kind}": mask & (lungs.right if side == "right" else lungs.left)
+             for kind, mask in kinds.items() for side in ("right", "left")}
+    order = ["right_lung", "left_lung", "right_infection", "left_infection", "right_ggo", "left_ggo",
+             "right_consolidation", "left_consolidation"]
+    return {key: masks[key] for key in order if masks[key].any()}
+
+
+def expected_stack(lungs: LungMasks, infection: InfectionResult) -> np.ndarray:
+    return np.stack(list(expected_segments(lungs, infection).values()), axis=-1)
 
 
 def scores_3d(classes: bool = True) -> dict:
@@ -152,11 +167,14 @@ def test_seg_segments_codes_and_binary(case):
     _, _, _, seg = case
     assert seg.SegmentationType == "BINARY" and seg.BitsAllocated == 1
     assert "SegmentationFractionalType" not in seg
-    assert seg.SegmentsOverlap == "YES"
+    assert seg.SegmentsOverlap == "NO"
     items = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
-    assert {n: str(s.SegmentLabel) for n, s in items.items()} == SEGMENT_LABELS
-    assert SEGMENT_NUMBERS == {"right_lung": 1, "left_lung": 2, "infection": 3, "ggo": 4,
-                               "consolidation": 5}
+    # every infection voxel is GGO or consolidation: no (empty) "Infection" segments; no consolidation left
+    assert {n: str(s.SegmentLabel) for n, s in items.items()} == {
+        1: "Right lung", 2: "Left lung", 3: "Ground-glass opacity, right lung",
+        4: "Ground-glass opacity, left lung", 5: "Consolidation, right lung"}
+    assert segment_numbers(seg) == {"right_lung": 1, "left_lung": 2, "right_ggo": 3, "left_ggo": 4,
+                                    "right_consolidation": 5}
 
     def code(seq):
         return (seq[0].CodingSchemeDesignator, seq[0].CodeValue)
@@ -167,16 +185,25 @@ def test_seg_segments_codes_and_binary(case):
         assert code(item.SegmentedPropertyTypeCodeSequence) == ("SCT", "39607008")
         modifier = item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence
         assert code(modifier) == laterality
-    for number, expected in ((3, ("DCM", "112001")), (4, ("DCM", "112120")), (5, ("SCT", "9656002"))):
+    for number, expected, side in ((3, ("DCM", "112120"), ("SCT", "24028007")),
+                                   (4, ("DCM", "112120"), ("SCT", "7771000")),
+                                   (5, ("SCT", "9656002"), ("SCT", "24028007"))):
         item = items[number]
         assert code(item.SegmentedPropertyCategoryCodeSequence) == ("SCT", "49755003")
         assert code(item.SegmentedPropertyTypeCodeSequence) == expected
         assert "SegmentedPropertyTypeModifierCodeSequence" not in item.SegmentedPropertyTypeCodeSequence[0]
+        (region,) = item.AnatomicRegionSequence   # in which lung
+        assert code([region]) == ("SCT", "39607008") and code(region.AnatomicRegionModifierSequence) == side
     colours = {tuple(s.RecommendedDisplayCIELabValue) for s in items.values()}
-    assert len(colours) == 5
+    assert len(colours) == 4   # a colour per kind: right lung, left lung, GGO, consolidation
     for item in items.values():
         assert item.SegmentAlgorithmType == "AUTOMATIC"
+        assert item.TrackingID == item.SegmentLabel and item.TrackingUID
         algo = item.SegmentationAlgorithmIdentificationSequence[0]
+        if int(item.SegmentNumber) <= 2:   # the lungs come from the HU lung method, whatever the engine
+            assert algo.AlgorithmName == "ctnode HU lung segmentation"
+            assert code(algo.AlgorithmFamilyCodeSequence) == ("DCM", "123104")  # Morphological Operations
+            continue
         assert algo.AlgorithmName == "ctnode infnet"
         assert algo.AlgorithmVersion.startswith("1.2.0") and "0123456789ab" in algo.AlgorithmVersion
         assert INFNET.weights_sha256 in algo.AlgorithmParameters
@@ -184,19 +211,22 @@ def test_seg_segments_codes_and_binary(case):
 
 
 def test_every_reader_classifies_the_node_segments_as_written(case):
-    """One segment table: the SEG is written from it, and the classifiers (agreement pairing, lobe maps, the
-    SR's label matching) read each written segment back as its own key, after a file round trip."""
+    """One classifier: every segment the SEG writer writes is read back, after a file round trip, as its
+    structure (a lung by its side, a lesion by its class and the lung it lies in), by its codes alone."""
     _, _, _, seg = case
     written = roundtrip(seg).SegmentSequence
-    assert [(int(s.SegmentNumber), str(s.SegmentLabel)) for s in written] == [(n.number, n.label) for n in NODE_SEGMENTS]
-    for item, spec in zip(written, NODE_SEGMENTS):
-        assert classify_segment(item) == spec.key
-        assert node_segment_key(str(item.SegmentLabel)) == spec.key
-        assert classify_lobe(item) is None  # a lung is not a lobe
+    specs = {spec.label: spec for spec in SEGMENTS}
+    assert written, "the SEG has segments"
+    for item in written:
+        spec = specs[str(item.SegmentLabel)]
+        side = SegmentKey(f"{spec.side}_lung")
+        expected = side if spec.is_lung else SegmentKey(spec.kind)
         unlabelled = copy.deepcopy(item)
         unlabelled.SegmentLabel = "segment"
-        assert classify_segment(unlabelled) == spec.key  # the codes alone say it
-    assert node_segment_key("right lung") is None  # the node's own labels are matched exactly
+        for candidate in (item, unlabelled):  # the codes alone say it
+            assert classify_segment(candidate) == expected
+            assert classify_lobe(candidate) is None  # a lung is not a lobe
+        assert (lesion_side(item) is None) if spec.is_lung else (lesion_side(item) == side)
 
 
 def test_seg_header_and_patient_study(case):
@@ -211,6 +241,21 @@ def test_seg_header_and_patient_study(case):
     assert seg.SeriesDescription == "ctnode lungs and infection"
     assert seg.Manufacturer == "ctnode" and seg.DeviceSerialNumber and seg.SoftwareVersions
     assert seg.ContentLabel == "CTNODE_LUNG_INF"
+    assert "Laterality" not in seg  # both lungs: Frame Laterality B instead of R or L
+    (anatomy,) = seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence
+    assert anatomy.FrameLaterality == "B" and anatomy.AnatomicRegionSequence[0].CodeValue == "39607008"
+    assert float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices) == \
+        pytest.approx(volume.slice_spacing)
+    acquisition, algorithm, library = seg.ContributingEquipmentSequence
+    assert acquisition.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"
+    assert acquisition.Manufacturer == volume.datasets[0].Manufacturer
+    purpose = algorithm.PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == \
+        ("Newcode1", "99IHE", "Processing Algorithm")
+    assert algorithm.Manufacturer == "ctnode" and algorithm.ManufacturerModelName == "ctnode infnet"
+    assert algorithm.DeviceUID == algorithm_device_uid(INFNET) != algorithm_device_uid(
+        EngineIdentity(name="infnet", version="1.2.0", weights_sha256="f" * 64))
+    assert library.ManufacturerModelName == "highdicom"
 
 
 @pytest.mark.parametrize("orientation", [AXIAL, OBLIQUE], ids=["axial", "oblique"])
@@ -232,7 +277,7 @@ def test_seg_references_and_frame_geometry(orientation):
                                volume.pixel_spacing)
 
     position_by_uid = dict(zip(volume.sop_instance_uids, volume.positions))
-    expected = expected_stack(lungs, infection, 5)
+    expected = expected_stack(lungs, infection)
     for frame in seg.PerFrameFunctionalGroupsSequence:
         source_uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
@@ -248,33 +293,54 @@ def test_seg_masks_roundtrip_voxel_for_voxel(case):
     reread = hd.seg.segread(io.BytesIO(_bytes(seg)))
     decoded = reread.get_pixels_by_source_instance(
         volume.sop_instance_uids, segment_numbers=[1, 2, 3, 4, 5], assert_missing_frames_are_empty=True)
-    np.testing.assert_array_equal(decoded.astype(bool), expected_stack(lungs, infection, 5))
+    np.testing.assert_array_equal(decoded.astype(bool), expected_stack(lungs, infection))
+    # a label map: the segments of one side make the whole lung, the lesion segments the whole infection
+    labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    right = [i for i, label in enumerate(labels) if "right" in label.lower()]
+    np.testing.assert_array_equal(decoded.astype(bool)[..., right].any(axis=-1), lungs.right)
+    np.testing.assert_array_equal(decoded.astype(bool)[..., 2:].any(axis=-1), infection.infection)
 
 
-def test_seg_empty_infection_keeps_segment_without_frames():
+def test_seg_empty_infection_omits_the_segment():
     volume = make_volume()
     lungs, infection = make_masks(volume, classes=False, infection=False)
     seg = build_segmentation(volume, lungs, infection, THRESHOLD)
-    assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == [1, 2, 3]
+    assert [(int(s.SegmentNumber), str(s.SegmentLabel)) for s in seg.SegmentSequence] == [
+        (1, "Right lung"), (2, "Left lung")]
     frame_segments = {int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
                       for f in seg.PerFrameFunctionalGroupsSequence}
     assert frame_segments == {1, 2}
     assert seg.SegmentsOverlap == "NO"
-    algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-    assert algo.AlgorithmFamilyCodeSequence[0].CodeValue == "123105"  # Histogram Analysis
     decoded = hd.seg.segread(io.BytesIO(_bytes(seg))).get_pixels_by_source_instance(
-        volume.sop_instance_uids, segment_numbers=[1, 2, 3], assert_missing_frames_are_empty=True)
-    np.testing.assert_array_equal(decoded.astype(bool), expected_stack(lungs, infection, 3))
+        volume.sop_instance_uids, segment_numbers=[1, 2], assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(decoded.astype(bool), expected_stack(lungs, infection))
 
 
-def test_seg_single_class_written_with_empty_partner():
+def test_seg_engine_without_classes_writes_one_infection_segment():
+    volume = make_volume()
+    lungs, infection = make_masks(volume, classes=False)
+    seg = build_segmentation(volume, lungs, infection, THRESHOLD)
+    assert segment_numbers(seg) == {"right_lung": 1, "left_lung": 2, "right_infection": 3, "left_infection": 4}
+    algo = seg.SegmentSequence[2].SegmentationAlgorithmIdentificationSequence[0]
+    assert algo.AlgorithmFamilyCodeSequence[0].CodeValue == "123105"  # Histogram Analysis
+
+
+def test_seg_single_class_keeps_the_unclassified_infection():
     volume = make_volume()
     lungs, infection = make_masks(volume)
-    infection.consolidation = None  # GGO only: consolidation keeps number 5, empty
+    infection.consolidation = None  # GGO only: the rest of the infection is "Infection"
     seg = build_segmentation(volume, lungs, infection, INFNET)
-    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == list(SEGMENT_LABELS.values())
-    assert 5 not in {int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-                     for f in seg.PerFrameFunctionalGroupsSequence}
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == [
+        SEGMENT_LABELS[k] for k in ("right_lung", "left_lung", "right_infection", "right_ggo", "left_ggo")]
+    decoded = hd.seg.segread(io.BytesIO(_bytes(seg))).get_pixels_by_source_instance(
+        volume.sop_instance_uids, segment_numbers=[1, 2, 3, 4, 5], assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(decoded.astype(bool), expected_stack(lungs, infection))
+
+
+def test_seg_single_slice_has_no_spacing_between_slices():
+    volume = make_volume(n=1)
+    seg = build_segmentation(volume, *make_masks(volume, classes=False), THRESHOLD)
+    assert "SpacingBetweenSlices" not in seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
 
 
 def test_seg_source_headers_missing_type2_are_not_mutated():
@@ -305,11 +371,17 @@ def test_sr_roundtrip_measurements_and_references(case):
 
     measured = read_report_measurements(sr)
     assert set(measured) == set(scores)
-    for key, value in scores.items():
-        assert measured[key] == pytest.approx(float(value), rel=1e-9), key
+    for key, value in scores.items():  # rounded to 0.1 ml, 0.01 %, 0.1 HU
+        tolerance = 0.05 if "_ml" in key or "hu" in key else 0.005
+        assert measured[key] == pytest.approx(float(value), abs=tolerance), key
+    assert measured["percent_involved_right"] == 4.61 and measured["mean_hu_infection"] in (-512.7, -512.8)
 
     refs = read_report_segment_references(sr)
-    assert refs == {key: (seg.SOPInstanceUID, number) for key, number in SEGMENT_NUMBERS.items()}
+    numbers = segment_numbers(seg)
+    # the infection totals and the class totals are on the first segment of theirs in SEG order
+    anchors = {"right_lung": "right_lung", "left_lung": "left_lung", "infection": "right_ggo",
+               "ggo": "right_ggo", "consolidation": "right_consolidation"}
+    assert refs == {key: (seg.SOPInstanceUID, numbers[anchor]) for key, anchor in anchors.items()}
 
     for keyword, value in PATIENT_STUDY.items():
         assert str(sr.get(keyword)) == value, keyword
@@ -328,13 +400,38 @@ def test_sr_roundtrip_measurements_and_references(case):
 
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
     (procedure,) = [i for i in report.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
-    assert procedure.ConceptCodeSequence[0].CodeValue == "169069000"
+    assert procedure.ConceptCodeSequence[0].CodeValue == "25045-6"   # CID 100
     device = hd.sr.CodedConcept("121007", "DCM", "Device")
     observer = report.content.get_observer_contexts(observer_type=device)
     assert observer and observer[0].observer_identifying_attributes.name == "ctnode"
+    tracking = {str(i.TrackingID): str(i.TrackingUID) for i in seg.SegmentSequence}
+    algorithms = {}
     for group in report.content.get_volumetric_roi_measurement_groups():
         names = {i.ConceptNameCodeSequence[0].CodeValue for i in group[0].ContentSequence}
         assert {"111001", "111003", "121071", "363698007"} <= names  # algorithm, finding, site
+        algorithms[group.tracking_identifier] = next(
+            i.TextValue for i in group[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111001")
+        if group.tracking_identifier in tracking:   # a segment's own group shares its tracking UID
+            assert group.tracking_uid == tracking[group.tracking_identifier]
+            assert group.tracking_identifier != "Infection"
+        (site,) = group.finding_sites
+        if group.tracking_identifier in ("Right lung", "Left lung"):
+            assert site.laterality.value == ("24028007" if group.tracking_identifier == "Right lung" else "7771000")
+            # the involvement of a lung (volume, PO) names the infection engine on each of its measurements
+            involvement = [m for m in group.get_measurements() if m.name.scheme_designator == PRIVATE_SCHEME]
+            assert len(involvement) == 2
+            for measurement in involvement:
+                assert [i.TextValue for i in measurement[0].ContentSequence
+                        if i.ConceptNameCodeSequence[0].CodeValue == "111001"] == ["ctnode infnet"]
+    assert algorithms == {"Right lung": "ctnode HU lung segmentation", "Left lung": "ctnode HU lung segmentation",
+                          "Infection": "ctnode infnet", "Ground-glass opacity": "ctnode infnet",
+                          "Consolidation": "ctnode infnet"}
+
+    acquisition, algorithm, _ = sr.ContributingEquipmentSequence
+    assert acquisition.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"
+    assert acquisition.Manufacturer == "Synthetic"       # the CT's, not ctnode
+    assert algorithm.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"
+    assert algorithm.DeviceUID == algorithm_device_uid(INFNET)
 
 
 def test_sr_carries_the_analysis_notes(case):
@@ -347,12 +444,41 @@ def test_sr_carries_the_analysis_notes(case):
     assert read_report_notes(sr) == notes
     (container,) = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"
                     and i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
-    assert {i.ConceptNameCodeSequence[0].CodeValue for i in container.ContentSequence} == {"121106"}
+    assert [i.TextValue for i in container.ContentSequence
+            if i.ConceptNameCodeSequence[0].CodeValue == "121106"] == notes
     assert read_report_measurements(sr) == pytest.approx(
         read_report_measurements(roundtrip(build_report(volume, seg, scores_3d(), INFNET))))
     plain = roundtrip(build_report(volume, seg, scores_3d(), INFNET))
     assert read_report_notes(plain) == [] and not [i for i in plain.ContentSequence
                                                    if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+
+
+def test_sr_severity_and_omitted_segments_at_report_level():
+    """Severity is a report-level CODE; below the minimum involvement a statement says why there is none;
+    a segment left out for being empty is named, and the infection numbers it would carry are not written."""
+    volume = make_volume()
+    lungs, infection = make_masks(volume, classes=False, infection=False)
+    seg = build_segmentation(volume, lungs, infection, THRESHOLD)
+    scores = {"volumetric": True, "right_lung_volume_ml": 1500.0, "left_lung_volume_ml": 1400.0,
+              "percent_involved_right": 0.0, "percent_involved_total": 0.0, "severity": "none"}
+    sr = roundtrip(build_report(volume, seg, scores, THRESHOLD))
+    (container,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    texts = [i.TextValue for i in container.ContentSequence if i.ValueType == "TEXT"]
+    assert texts == ["not in the SEG (no voxel): Infection",
+                     "not reported (their segment is not in the SEG): Infection", SEVERITY_NONE_TEXT]
+    assert "0.1 %" in SEVERITY_NONE_TEXT
+    back = read_report_measurements(sr)
+    assert back["severity"] == "none" and back["percent_involved_right"] == 0.0
+    assert "percent_involved_total" not in back
+
+    lungs, infection = make_masks(volume)
+    seg = build_segmentation(volume, lungs, infection, INFNET)
+    sr = roundtrip(build_report(volume, seg, {**scores_3d(), "severity": "moderate"}, INFNET))
+    (container,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    (severity,) = [i for i in container.ContentSequence if i.ValueType == "CODE"]
+    assert (severity.ConceptNameCodeSequence[0].CodeValue, severity.ConceptCodeSequence[0].CodeValue) == \
+        ("246112005", "6736007")
+    assert read_report_measurements(sr)["severity"] == "moderate"
 
 
 def test_sr_2d_reports_areas_and_partial_coverage():
@@ -369,7 +495,7 @@ def test_sr_2d_reports_areas_and_partial_coverage():
     assert measured == pytest.approx(expected)
     text = [i for i in _walk(sr)
             if i.get("ValueType") == "TEXT" and i.get("TextValue") == "2D, partial coverage"]
-    assert len(text) == 3  # one per measurement group
+    assert len(text) == 1  # once, at report level
     units = {i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
              for i in _walk(sr) if i.get("ValueType") == "NUM"}
     assert units == {"cm2", "%"}

@@ -24,9 +24,9 @@ partitioned and scored as if it were whole):
   1 < 5 %, 2 5-25 %, 3 > 25 and < 50 %, 4 50-75 %, 5 > 75 %; total 0-25 (``zone_score_total``);
 * ``severity``, :func:`severity_category`: "severe" when CT-SS >= 19.5 (Yang 2020: the cut-off for
   clinically severe disease, sensitivity 83.3 %, specificity 94 %) or PO >= 50 %; otherwise
-  "moderate" when PO >= 25 %, "mild" when PO > 0, "none" without infection. The PO bands are those
-  of the Moscow "CT 0-4" scale (Morozov S.P. et al., 2020: CT-1 < 25 %, CT-2 25-50 %, CT-3 50-75 %,
-  CT-4 > 75 %): mild = CT-1, moderate = CT-2, severe = CT-3/CT-4.
+  "moderate" when PO >= 25 %, "mild" when PO >= :data:`MIN_SEVERITY_PERCENT` (0.1 %), "none" below.
+  The PO bands are those of the Moscow "CT 0-4" scale (Morozov S.P. et al., 2020: CT-1 < 25 %,
+  CT-2 25-50 %, CT-3 50-75 %, CT-4 > 75 %): mild = CT-1, moderate = CT-2, severe = CT-3/CT-4.
 
 Regions come from :func:`node.pipeline.regions.partition`: a documented geometric approximation of
 the segmental anatomy unless an external lobe or segment label map is given.
@@ -55,8 +55,11 @@ CTSS_SEVERE = 19.5
 #: PO (% of both lungs) bands of the Moscow CT 0-4 scale: >= 50 severe, >= 25 moderate.
 PO_SEVERE = 50.0
 PO_MODERATE = 25.0
+#: PO (% of both lungs) below which no severity category is given ("none"): the scattered false-positive
+#: voxels of automated segmentation on a clear scan stay below it (a phantom without disease: 0.045 %).
+MIN_SEVERITY_PERCENT = 0.1
 SEVERITY_RULE = ("severe if CT-SS >= 19.5 (Yang 2020) or PO >= 50 %; moderate if PO >= 25 %; mild if "
-                 "PO > 0; none otherwise (PO bands: Moscow CT 0-4 scale, Morozov 2020)")
+                 f"PO >= {MIN_SEVERITY_PERCENT:g} %; none otherwise (PO bands: Moscow CT 0-4 scale, Morozov 2020)")
 SEVERITIES = ("none", "mild", "moderate", "severe")
 #: A region or zone with less of its volume involved than this scores 0 (no opacification). Automated
 #: segmentation leaves scattered false-positive voxels everywhere; without a floor every region would score
@@ -182,7 +185,7 @@ def severity_category(ctss_total: float | None, po_total: float | None) -> str |
         return "severe"
     if po_total >= PO_MODERATE:
         return "moderate"
-    return "mild" if po_total > 0 else "none"
+    return "mild" if po_total >= MIN_SEVERITY_PERCENT else "none"
 
 
 def _region_scores(labels: np.ndarray, inf: np.ndarray, names: tuple[str, ...],

@@ -1,14 +1,12 @@
-"""What the segments of a DICOM SEG are, in the node's terms: one classifier for every reader of a SEG, and
-the table of the segments the node's own SEG has.
+"""What the segments of a DICOM SEG are, in the node's terms: one classifier for every reader of a SEG.
 
 * :func:`classify_segment`: a finding or lung segment of any SEG (a reference drawn by a radiologist, another
   tool's output, the node's own) -> a :class:`SegmentKey`; used to pair segments for agreement
   (:mod:`node.agreement`).
 * :func:`classify_lobe`: a lung lobe segment -> its zone name (:data:`node.pipeline.regions.ZONES`); used to
   recognise and read lobe maps (:mod:`node.pipeline.regionmap`).
-* :data:`NODE_SEGMENTS`: number, key, label and codes of each segment the node writes
-  (:mod:`node.writers.seg` builds its SEG from it); :func:`node_segment_key` finds one by its exact label,
-  as the SR writer and reader do (:mod:`node.writers.sr`).
+* :func:`lesion_side`: the lung a lesion segment lies in, from its Anatomic Region (as the node's label-map
+  SEG says it, :mod:`node.writers.seg`), so that a whole lung can be rebuilt from its segments.
 
 Codes decide first, then the label. Codes are compared as (coding scheme designator, code value) pairs, the
 scheme upper-cased.
@@ -17,7 +15,6 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from pydicom.dataset import Dataset
@@ -40,7 +37,8 @@ class Concept(NamedTuple):
 
 
 class SegmentKey(enum.StrEnum):
-    """The node's segments (and the keys of agreement rows, scores and SR measurement groups)."""
+    """The structures the node reports (the keys of agreement rows, scores and SR measurement groups); in the
+    node's label-map SEG a lung is the union of its side's segments, the infection that of the lesions."""
 
     RIGHT_LUNG = "right_lung"
     LEFT_LUNG = "left_lung"
@@ -76,29 +74,6 @@ _LOBE_ABBREVIATIONS = {"rul": "right_upper", "rml": "right_middle", "rll": "righ
                        "lll": "left_lower"}
 
 
-@dataclass(frozen=True)
-class NodeSegment:
-    """One segment of the node's SEG: fixed number, key, SegmentLabel and codes."""
-
-    number: int
-    key: SegmentKey
-    label: str
-    category: Concept
-    property_type: Concept
-    laterality: Concept | None = None
-
-
-#: The node's SEG segments in number order (4 and 5 only when the engine separates classes).
-NODE_SEGMENTS: tuple[NodeSegment, ...] = (
-    NodeSegment(1, SegmentKey.RIGHT_LUNG, "Right lung", ANATOMICAL_STRUCTURE, LUNG, RIGHT),
-    NodeSegment(2, SegmentKey.LEFT_LUNG, "Left lung", ANATOMICAL_STRUCTURE, LUNG, LEFT),
-    NodeSegment(3, SegmentKey.INFECTION, "Infection", MORPHOLOGICALLY_ABNORMAL_STRUCTURE, OPACITY),
-    NodeSegment(4, SegmentKey.GGO, "Ground-glass opacity", MORPHOLOGICALLY_ABNORMAL_STRUCTURE, GROUND_GLASS_OPACITY),
-    NodeSegment(5, SegmentKey.CONSOLIDATION, "Consolidation", MORPHOLOGICALLY_ABNORMAL_STRUCTURE, CONSOLIDATION),
-)
-_NODE_KEY_BY_LABEL: dict[str, SegmentKey] = {s.label: s.key for s in NODE_SEGMENTS}
-
-
 def code_of(item: Dataset) -> Code:
     """(coding scheme designator, code value) of a code sequence item, the scheme upper-cased."""
     return str(item.get("CodingSchemeDesignator", "")).upper(), str(item.get("CodeValue", ""))
@@ -121,11 +96,6 @@ def _side_from_label(label: str) -> str | None:
     if "left" in words:
         return "left"
     return None
-
-
-def node_segment_key(label: str) -> SegmentKey | None:
-    """The key of the node's segment whose SegmentLabel (or SR tracking identifier) is exactly ``label``."""
-    return _NODE_KEY_BY_LABEL.get(label)
 
 
 def classify_segment(segment: Dataset) -> SegmentKey | None:
@@ -181,4 +151,18 @@ def classify_lobe(segment: Dataset) -> str | None:
         for level in ("upper", "middle", "lower"):
             if level in words and f"{side}_{level}" in ZONES:
                 return f"{side}_{level}"
+    return None
+
+
+def lesion_side(segment: Dataset) -> SegmentKey | None:
+    """The lung (:attr:`SegmentKey.RIGHT_LUNG` / :attr:`SegmentKey.LEFT_LUNG`) a lesion segment says it lies in
+    (Anatomic Region Sequence: Lung with a laterality modifier), else None."""
+    for region in segment.get("AnatomicRegionSequence", None) or []:
+        if code_of(region) != LUNG.code:
+            continue
+        modifiers = {code_of(m) for m in region.get("AnatomicRegionModifierSequence", None) or []}
+        if RIGHT.code in modifiers:
+            return SegmentKey.RIGHT_LUNG
+        if LEFT.code in modifiers:
+            return SegmentKey.LEFT_LUNG
     return None

@@ -1,7 +1,7 @@
 """Key images: Secondary Capture slices with the lung and infection overlay burned in.
 
 For viewers and PACS without SEG support. Each image is a copy of one source CT slice in a lung window
-(W 1500 / L -600) converted to RGB, with the segment colours of the SEG (:data:`node.writers.seg.SEGMENTS`)
+(W 1500 / L -600) converted to RGB, with the colours of the SEG (:data:`node.writers.seg.DISPLAY_COLOURS`)
 blended in and a one-line banner burned into the top of the image. They are *derived* images and say so
 everywhere a viewer or a person looks: ImageType DERIVED\\SECONDARY, BurnedInAnnotation YES,
 ConversionType WSD (workstation), a DerivationDescription, the SourceImageSequence pointing at the CT
@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
-from node.writers.seg import MANUFACTURER, SEGMENT_BY_KEY, algorithm_name, algorithm_version
+from node.writers.seg import DISPLAY_COLOURS, MANUFACTURER, algorithm_name, algorithm_version
 
 KEY_IMAGES_SERIES_DESCRIPTION = "ctnode key images (DERIVED, overlay burned in)"
 WINDOW = (-600.0, 1500.0)   # level, width: the usual lung window
@@ -65,12 +65,12 @@ def render(hu: np.ndarray, labels: np.ndarray, infection: InfectionResult, index
     else:
         layers.append((infection.infection[index], "infection"))
     for mask, key in layers:
-        colour = np.asarray(SEGMENT_BY_KEY[key].rgb, dtype=np.float32)
+        colour = np.asarray(DISPLAY_COLOURS[key], dtype=np.float32)
         rgb[mask] = (1 - ALPHA) * rgb[mask] + ALPHA * colour
     for value, key in ((LungMasks.RIGHT, "right_lung"), (LungMasks.LEFT, "left_lung")):
         lung = labels == value
         outline = lung & ~ndimage.binary_erosion(lung)
-        rgb[outline] = SEGMENT_BY_KEY[key].rgb
+        rgb[outline] = DISPLAY_COLOURS[key]
     image = Image.fromarray(rgb.round().astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(image)
     draw.rectangle((0, 0, image.width, BANNER_HEIGHT), fill=(0, 0, 0))
@@ -121,6 +121,8 @@ def build_key_images(volume: Volume, lungs: LungMasks, infection: InfectionResul
             patient_orientation=patient_orientation(volume.orientation),
             transfer_syntax_uid="1.2.840.10008.1.2.1",
         )
+        # every Patient, General Study and Patient Study attribute of the source (from_ref_dataset copies a few)
+        sc.copy_patient_and_study_information(source)
         sc.SeriesDescription = KEY_IMAGES_SERIES_DESCRIPTION
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.ConversionType = "WSD"  # rendered by a workstation (software), not captured from a video interface

@@ -1,22 +1,35 @@
 """DICOM Segmentation (SEG) writer: lungs and COVID-19 infection as a BINARY multi-segment SEG.
 
-One segment per structure, in a fixed order so that the SR (and anything else) can refer to
-segments by number (:data:`SEGMENT_LABELS`; numbers, keys, labels and codes are
-:data:`node.pipeline.segments.NODE_SEGMENTS`, which every reader of a SEG classifies segments with):
+The segments do not overlap (SegmentsOverlap NO: each voxel is in at most one segment, like a label
+map), because viewers such as OHIF before 3.10 refuse or flatten overlapping segments. They are taken
+from this fixed list, in this order (:data:`SEGMENTS`); a segment with no voxel is not written (an
+empty segment hangs some viewers), so segment *numbers* depend on what was found: match segments by
+label (:func:`segment_numbers`), never by number.
 
-==  ====================  ==================================  =========================================
-#   label                 segmented property category         segmented property type (+ modifier)
-==  ====================  ==================================  =========================================
-1   Right lung            SCT 91723000 Anatomical Structure   SCT 39607008 Lung + SCT 24028007 Right
-2   Left lung             SCT 91723000 Anatomical Structure   SCT 39607008 Lung + SCT 7771000 Left
-3   Infection             SCT 49755003 Morph. Abnormal Str.   DCM 112001 Opacity
-4   Ground-glass opacity  SCT 49755003 Morph. Abnormal Str.   DCM 112120 Ground glass opacity
-5   Consolidation         SCT 49755003 Morph. Abnormal Str.   SCT 9656002 Consolidation
-==  ====================  ==================================  =========================================
+===================  ================================  ====================================  =================
+key                  label                             voxels                                property type
+===================  ================================  ====================================  =================
+right_lung           Right lung                        right lung in no segment below        SCT 39607008 Lung
+left_lung            Left lung                         left lung in no segment below         SCT 39607008 Lung
+right_infection      Infection, right lung             right lung infection in no class      DCM 112001
+left_infection       Infection, left lung              (the same, left)                      DCM 112001
+right_ggo            Ground-glass opacity, right lung  right lung GGO, not consolidation     DCM 112120
+left_ggo             Ground-glass opacity, left lung   (the same, left)                      DCM 112120
+right_consolidation  Consolidation, right lung         right lung consolidation              SCT 9656002
+left_consolidation   Consolidation, left lung          (the same, left)                      SCT 9656002
+===================  ================================  ====================================  =================
 
-Segments 4 and 5 exist only when the engine separates classes (``InfectionResult.ggo`` or
-``.consolidation`` is set); if only one of the two is given the other is written empty, so that the
-numbers never shift.
+The lungs' property type has a laterality modifier (Right / Left); DCM 112001 is "Opacity", DCM 112120
+"Ground glass opacity", SCT 9656002 "Consolidation".
+
+So the whole right lung is the union of the segments whose key starts with ``right_``, and the whole
+infection the union of the non-lung segments. The infection segments are split by side so that each
+lung can be rebuilt exactly (agreement with a reference SEG, per-lung measurements); their Anatomic Region
+Sequence says Lung + laterality. Infection outside both lung masks is not written (the engines keep the
+infection inside the lungs). An engine without classes gives only "Infection" segments; one with classes
+gives GGO and consolidation (and "Infection" only for infection voxels in neither class). The lung
+segments name the HU lung method as their algorithm, the infection segments the infection engine
+(:func:`lung_algorithm_identification`, :func:`algorithm_identification`).
 
 Code sources:
 
@@ -34,8 +47,19 @@ Code sources:
   "right lung consolidation"; DICOM has no consolidation code in CID 6102/6104. SCT 95436008
   "Lung consolidation" is a *disorder* and therefore unsuitable as a segmented structure;
 * algorithm families: CID 7162 "Surface Processing Algorithm Families": DCM 123110 "Artificial
-  Intelligence" (not 113037, which is "Rejected for Patient Safety Reasons") and DCM 123105
-  "Histogram Analysis" for the HU-threshold engine (CID 7162 has no "thresholding" concept).
+  Intelligence" (not 113037, which is "Rejected for Patient Safety Reasons"), DCM 123105
+  "Histogram Analysis" for the HU-threshold engine (CID 7162 has no "thresholding" concept) and
+  DCM 123104 "Morphological Operations" for the lung method (thresholds, connected components,
+  closing).
+
+Laterality: the SEG covers both lungs, so the series has no Laterality (0020,0060) (Type 2C; R and L are
+its only values) and the shared Frame Anatomy Sequence says Lung, Frame Laterality "B" (both). PixelMed
+requires one of Laterality / Frame Laterality, dciodvfy rejects an empty Laterality; Frame Anatomy is
+not among the Segmentation IOD's functional groups for dciodvfy, which therefore warns (Standard
+Extended) but reports no error. SpacingBetweenSlices is the source series'
+slice spacing, and absent for a single slice. The Contributing Equipment Sequence names the source
+CT's equipment (Acquisition Equipment) and the infection engine (IHE AIR "Processing Algorithm",
+:mod:`node.writers.equipment`).
 
 Highdicom derives plane positions, orientation, pixel spacing, the ReferencedSeriesSequence and the
 per-frame DerivationImageSequence from the source headers alone: PixelData is not needed.
@@ -44,7 +68,6 @@ from __future__ import annotations
 
 import copy
 import socket
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -54,55 +77,74 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 import node
-from node.pipeline.segments import NODE_SEGMENTS, Concept, SegmentKey
 from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
+from node.writers.equipment import MANUFACTURER, processing_algorithm
 
-MANUFACTURER = "ctnode"
 SEG_SERIES_DESCRIPTION = "ctnode lungs and infection"
 SEG_CONTENT_LABEL = "CTNODE_LUNG_INF"  # CS, max 16 chars, upper case
 
-# Algorithm families (CID 7162); the segments' own codes are in node.pipeline.segments.NODE_SEGMENTS.
+# Concepts used below; SCT 9656002 is spelled out because pydicom's PS3.16 dictionary lacks it.
+SCT_CONSOLIDATION = hd.sr.CodedConcept("9656002", "SCT", "Consolidation")
+DCM_OPACITY = codes.DCM.Opacity                       # 112001, CID 6104
+DCM_GROUND_GLASS_OPACITY = codes.DCM.GroundGlassOpacity  # 112120, CID 6104
 FAMILY_AI = codes.DCM.ArtificialIntelligence          # 123110, CID 7162
 FAMILY_HISTOGRAM = codes.DCM.HistogramAnalysis        # 123105, CID 7162
+FAMILY_MORPHOLOGY = codes.DCM.MorphologicalOperations  # 123104, CID 7162
+FRAME_LATERALITY_BOTH = "B"
+#: The HU lung segmentation (node.pipeline.lungs): every SEG's lung segments come from it.
+LUNG_ALGORITHM_NAME = "ctnode HU lung segmentation"
 
 
 @dataclass(frozen=True)
 class SegmentSpec:
     """Fixed description of one segment of the ctnode SEG."""
 
-    number: int
-    key: SegmentKey              # stable identifier used by the SR writer and scores
+    key: str                     # stable identifier used by the SR writer: "<side>_<kind>"
+    kind: str                    # "lung", "infection", "ggo" or "consolidation"
+    side: str                    # "right" or "left"
     label: str                   # SegmentLabel (what most viewers display)
     category: hd.sr.CodedConcept
     property_type: hd.sr.CodedConcept
-    laterality: hd.sr.CodedConcept | None
+    laterality: hd.sr.CodedConcept  # of the lung: modifier of the property type (lungs) or of the
+                                    # anatomic region Lung (the infection segments)
     rgb: tuple[int, int, int]    # recommended display colour, converted to CIELab
+
+    @property
+    def is_lung(self) -> bool:
+        """Made by the lung method (else by the infection engine)."""
+        return self.kind == "lung"
 
 
 def _cc(code) -> hd.sr.CodedConcept:
-    """pydicom ``Code`` or a :class:`node.pipeline.segments.Concept` -> highdicom ``CodedConcept``."""
-    if isinstance(code, Concept):
-        return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+    """pydicom ``Code`` -> highdicom ``CodedConcept`` (a Dataset usable in sequences)."""
     return code if isinstance(code, hd.sr.CodedConcept) else hd.sr.CodedConcept.from_code(code)
 
 
-#: Recommended display colours.
-_RGB: dict[SegmentKey, tuple[int, int, int]] = {
-    SegmentKey.RIGHT_LUNG: (80, 140, 230),      # blue
-    SegmentKey.LEFT_LUNG: (80, 200, 120),       # green
-    SegmentKey.INFECTION: (230, 40, 40),        # red
-    SegmentKey.GGO: (250, 220, 40),             # yellow
-    SegmentKey.CONSOLIDATION: (250, 140, 20),   # orange
+#: Display colours (RGB) of the lungs and of each kind of infection (the same on both sides); the key
+#: images use them too.
+DISPLAY_COLOURS: dict[str, tuple[int, int, int]] = {
+    "right_lung": (80, 140, 230),     # blue
+    "left_lung": (80, 200, 120),      # green
+    "infection": (230, 40, 40),       # red
+    "ggo": (250, 220, 40),            # yellow
+    "consolidation": (250, 140, 20),  # orange
 }
-SEGMENTS: tuple[SegmentSpec, ...] = tuple(
-    SegmentSpec(s.number, s.key, s.label, _cc(s.category), _cc(s.property_type),
-                _cc(s.laterality) if s.laterality is not None else None, _RGB[s.key])
-    for s in NODE_SEGMENTS)
+_SIDES = {"right": _cc(codes.SCT.Right), "left": _cc(codes.SCT.Left)}
+_LESIONS = (  # kind, label, property type
+    ("infection", "Infection", _cc(DCM_OPACITY)),
+    ("ggo", "Ground-glass opacity", _cc(DCM_GROUND_GLASS_OPACITY)),
+    ("consolidation", "Consolidation", SCT_CONSOLIDATION),
+)
+SEGMENTS: tuple[SegmentSpec, ...] = (
+    *(SegmentSpec(f"{side}_lung", "lung", side, f"{side.capitalize()} lung", _cc(codes.SCT.AnatomicalStructure),
+                  _cc(codes.SCT.Lung), code, DISPLAY_COLOURS[f"{side}_lung"]) for side, code in _SIDES.items()),
+    *(SegmentSpec(f"{side}_{kind}", kind, side, f"{label}, {side} lung",
+                  _cc(codes.SCT.MorphologicallyAbnormalStructure), prop, code, DISPLAY_COLOURS[kind])
+      for kind, label, prop in _LESIONS for side, code in _SIDES.items()),
+)
 SEGMENT_BY_KEY: dict[str, SegmentSpec] = {s.key: s for s in SEGMENTS}
-#: Segment number -> SegmentLabel, for every segment ctnode may write (4 and 5 only with classes).
-SEGMENT_LABELS: dict[int, str] = {s.number: s.label for s in SEGMENTS}
-#: Segment number for each stable key (``"right_lung"`` -> 1, ...).
-SEGMENT_NUMBERS: dict[str, int] = {s.key: s.number for s in SEGMENTS}
+#: Stable key -> SegmentLabel, for every segment ctnode may write.
+SEGMENT_LABELS: dict[str, str] = {s.key: s.label for s in SEGMENTS}
 
 # Type 2 patient/study attributes highdicom reads unconditionally from the first source header.
 _REQUIRED_SOURCE_ATTRIBUTES = (
@@ -158,17 +200,32 @@ def algorithm_identification(engine: EngineIdentity) -> hd.AlgorithmIdentificati
     )
 
 
-def active_segments(infection: InfectionResult) -> tuple[SegmentSpec, ...]:
-    """Segments written for this result: 1-3 always, 4-5 when the engine separates classes."""
-    if infection.ggo is None and infection.consolidation is None:
-        return SEGMENTS[:3]
-    return SEGMENTS
+def lung_algorithm_version() -> str:
+    return f"ctnode {node.__version__}"
 
 
-def _segment_description(spec: SegmentSpec,
+def lung_algorithm_identification() -> hd.AlgorithmIdentificationSequence:
+    """Algorithm of the lung segments: the HU lung method, whatever the infection engine."""
+    return hd.AlgorithmIdentificationSequence(
+        name=LUNG_ALGORITHM_NAME, family=_cc(FAMILY_MORPHOLOGY), version=lung_algorithm_version(),
+        source=MANUFACTURER)
+
+
+def segment_numbers(seg: Dataset) -> dict[str, int]:
+    """Segment key -> segment number in a ctnode SEG (matched on SegmentLabel, which ctnode writes)."""
+    by_label = {spec.label: spec.key for spec in SEGMENTS}
+    found: dict[str, int] = {}
+    for item in seg.SegmentSequence:
+        key = by_label.get(str(item.SegmentLabel))
+        if key is not None:
+            found[key] = int(item.SegmentNumber)
+    return found
+
+
+def _segment_description(spec: SegmentSpec, number: int,
                          algo: hd.AlgorithmIdentificationSequence) -> hd.seg.SegmentDescription:
     desc = hd.seg.SegmentDescription(
-        segment_number=spec.number,
+        segment_number=number,
         segment_label=spec.label,
         segmented_property_category=spec.category,
         # a copy: the modifier below is added to this item and must not leak into SEGMENTS
@@ -179,15 +236,20 @@ def _segment_description(spec: SegmentSpec,
         tracking_id=spec.label,
         display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
     )
-    if spec.laterality is not None:
+    if spec.is_lung:
         # Segmented Property Type Modifier Code Sequence (0062,0011), CID 244 Laterality, nested in
         # the Segmented Property Type Code Sequence item (PS3.3 Table 10-31); highdicom has no argument.
         desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
             spec.laterality]
+    else:
+        # where the lesion is: Anatomic Region Sequence (0008,2218) Lung with its laterality modifier
+        region = _cc(codes.SCT.Lung)
+        region.AnatomicRegionModifierSequence = [spec.laterality]
+        desc.AnatomicRegionSequence = [region]
     return desc
 
 
-def _source_images(volume: Volume) -> list[Dataset]:
+def source_headers(volume: Volume) -> list[Dataset]:
     """Source headers in volume order; fills missing Type 2 patient/study attributes on a copy."""
     datasets = list(volume.datasets)
     if len(datasets) != volume.shape[0]:
@@ -207,31 +269,42 @@ def _source_images(volume: Volume) -> list[Dataset]:
     return datasets
 
 
-def _stack_masks(volume: Volume, lungs: LungMasks, infection: InfectionResult,
-                 segments: Sequence[SegmentSpec]) -> np.ndarray:
-    """Masks as highdicom's stacked form ``(slices, rows, cols, segments)``, in ``volume.datasets`` order.
+def disjoint_masks(lungs: LungMasks, infection: InfectionResult) -> dict[str, np.ndarray]:
+    """The voxels of every segment key (:data:`SEGMENTS` order), disjoint: a voxel of a lung belongs to the
+    first of consolidation, GGO, infection, lung that contains it, on the lung's side (see the module
+    table). Empty masks included."""
+    shape = lungs.labels.shape
+    for key, mask in (("infection", infection.infection), ("ggo", infection.ggo),
+                      ("consolidation", infection.consolidation)):
+        if mask is not None and mask.shape != shape:
+            raise ValueError(f"{key} mask shape {mask.shape} != lung labels shape {shape}")
+    consolidation = (infection.consolidation.astype(bool, copy=True) if infection.consolidation is not None
+                     else np.zeros(shape, dtype=bool))
+    ggo = (infection.ggo & ~consolidation if infection.ggo is not None else np.zeros(shape, dtype=bool))
+    classified = ggo | consolidation
+    rest = infection.infection & ~classified
+    any_infection = classified | rest
+    by_kind = {"lung": ~any_infection, "infection": rest, "ggo": ggo, "consolidation": consolidation}
+    sides = {"right": lungs.labels == LungMasks.RIGHT, "left": lungs.labels == LungMasks.LEFT}
+    return {spec.key: by_kind[spec.kind] & sides[spec.side] for spec in SEGMENTS}
+
+
+def _stack_masks(volume: Volume, lungs: LungMasks,
+                 infection: InfectionResult) -> tuple[tuple[SegmentSpec, ...], np.ndarray]:
+    """The non-empty segments and their masks as highdicom's stacked form ``(slices, rows, cols, segments)``,
+    in ``volume.datasets`` order.
 
     Stored segment-first and returned as a ``moveaxis`` view: each (slice, segment) frame highdicom
     extracts is then a contiguous 2D block (about 10x faster per frame than a segment-last array).
     """
-    shape = volume.shape
-    if lungs.labels.shape != shape:
-        raise ValueError(f"lung labels shape {lungs.labels.shape} != volume shape {shape}")
-    out = np.zeros((len(segments), *shape), dtype=bool)
-    for i, spec in enumerate(segments):
-        if spec.key == SegmentKey.RIGHT_LUNG:
-            np.equal(lungs.labels, LungMasks.RIGHT, out=out[i])
-        elif spec.key == SegmentKey.LEFT_LUNG:
-            np.equal(lungs.labels, LungMasks.LEFT, out=out[i])
-        else:
-            mask = {SegmentKey.INFECTION: infection.infection, SegmentKey.GGO: infection.ggo,
-                    SegmentKey.CONSOLIDATION: infection.consolidation}[spec.key]
-            if mask is None:
-                continue  # class not produced by the engine: empty segment
-            if mask.shape != shape:
-                raise ValueError(f"{spec.key} mask shape {mask.shape} != volume shape {shape}")
-            out[i] = mask
-    return np.moveaxis(out, 0, -1)
+    if lungs.labels.shape != volume.shape:
+        raise ValueError(f"lung labels shape {lungs.labels.shape} != volume shape {volume.shape}")
+    masks = disjoint_masks(lungs, infection)
+    segments = tuple(spec for spec in SEGMENTS if masks[spec.key].any())
+    if not segments:
+        raise ValueError("nothing to write: no lung and no infection voxel")
+    out = np.stack([masks[spec.key] for spec in segments])
+    return segments, np.moveaxis(out, 0, -1)
 
 
 def _segments_overlap(stacked: np.ndarray) -> bool:
@@ -243,6 +316,24 @@ def _segments_overlap(stacked: np.ndarray) -> bool:
             return True
         seen |= channel
     return False
+
+
+def _set_frame_anatomy(seg: hd.seg.Segmentation) -> None:
+    """Frame Anatomy (shared): Lung, Frame Laterality B (both), instead of a series Laterality (see the
+    module doc)."""
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = [_cc(codes.SCT.Lung)]
+    anatomy.FrameLaterality = FRAME_LATERALITY_BOTH
+    seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
+
+
+def _set_pixel_measures(seg: hd.seg.Segmentation, volume: Volume) -> None:
+    """SpacingBetweenSlices from the source series (highdicom writes a default for a single slice)."""
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    if volume.is_volumetric:
+        measures.SpacingBetweenSlices = round(float(volume.slice_spacing), 6)
+    elif "SpacingBetweenSlices" in measures:
+        del measures.SpacingBetweenSlices
 
 
 class _Segmentation(hd.seg.Segmentation):
@@ -286,26 +377,25 @@ def build_segmentation(
 
     Frames are taken in ``volume.datasets`` order, so highdicom copies each source slice's
     ImagePositionPatient into the matching SEG frame and references it in the frame's
-    DerivationImageSequence. Empty frames are omitted (``omit_empty_frames=True``); a segment that is
-    empty everywhere (e.g. no infection) stays in the SegmentSequence with zero frames, which
-    the standard allows and highdicom reads back as an all-zero mask. If *every* segment is empty,
-    highdicom keeps all frames (all zero) because a SEG needs at least one frame.
+    DerivationImageSequence. Empty frames are omitted (``omit_empty_frames=True``) and so are empty
+    segments (no infection: no infection segment), so the segments are numbered 1..n in
+    :data:`SEGMENTS` order over those present. Raises ``ValueError`` when every segment is empty.
 
     ``workers`` is passed to highdicom, which only uses it for compressed transfer syntaxes; with the
     uncompressed 1-bit BINARY encoding used here (the one every viewer reads) it has no effect.
     """
     if not volume.datasets:
         raise ValueError("volume.datasets is empty: the SEG needs the source headers")
-    source_images = _source_images(volume)
-    segments = active_segments(infection)
-    algo = algorithm_identification(engine)
-    pixel_array = _stack_masks(volume, lungs, infection, segments)
+    source_images = source_headers(volume)
+    segments, pixel_array = _stack_masks(volume, lungs, infection)
+    engine_algo, lung_algo = algorithm_identification(engine), lung_algorithm_identification()
 
     seg = _Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment_description(s, algo) for s in segments],
+        segment_descriptions=[_segment_description(s, n, lung_algo if s.is_lung else engine_algo)
+                              for n, s in enumerate(segments, 1)],
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid or generate_uid(),
@@ -319,5 +409,8 @@ def build_segmentation(
         series_description=SEG_SERIES_DESCRIPTION,
         omit_empty_frames=True,
         workers=workers,
+        contributing_equipment=[processing_algorithm(engine)],
     )
+    _set_frame_anatomy(seg)
+    _set_pixel_measures(seg, volume)
     return seg
