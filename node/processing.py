@@ -61,7 +61,7 @@ def resolve_engine(name: str) -> str:
 def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 1,
             seg_series_number: int = 901, sr_series_number: int = 902, key_images: int = 0,
             key_images_series_number: int = 903, engine_options: dict[str, Any] | None = None,
-            lobe_maps: list[str | Path] = ()) -> Analysis:
+            lobe_maps: list[str | Path] = (), lung_method: str = "auto") -> Analysis:
     """Select a series among ``paths``, segment and score it, and build the SEG, the SR and (``key_images``
     > 0) up to that many Secondary Capture key images in memory. ``lobe_maps``: SEG files that may hold the
     lobes of the chosen series (see :mod:`node.pipeline.regionmap`)."""
@@ -72,7 +72,7 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
 
     options = {k: v for k, v in (engine_options or {}).items() if not (k == "device" and v == "auto")}
     result = run_pipeline([str(p) for p in paths], resolve_engine(engine), min_slices=min_slices,
-                          engine_options=options, lobe_maps=lobe_maps)
+                          engine_options=options, lobe_maps=lobe_maps, lung_method=lung_method)
     timings = dict(result.timings)
     if result.status != "done":
         return Analysis(status=result.status, reason=result.reason, pipeline=result, timings=timings)
@@ -102,7 +102,8 @@ def analyse_with(settings: Any, paths: list[str | Path], *, engine: str | None =
     return analyse(paths, engine=engine or settings.engine, min_slices=settings.min_slices,
                    seg_series_number=settings.seg_series_number, sr_series_number=settings.sr_series_number,
                    key_images=settings.key_images, key_images_series_number=settings.key_images_series_number,
-                   engine_options={"device": settings.device}, lobe_maps=lobe_maps)
+                   engine_options={"device": settings.device}, lobe_maps=lobe_maps,
+                   lung_method=settings.lung_method)
 
 
 def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, Path]:

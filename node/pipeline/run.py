@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engines import get_engine
-from .lungs import missed_dense_note, segment_lungs
+from .lungs import lung_method as resolve_lung_method, missed_dense_note, segment_lungs
 from .regionmap import find_lobe_map
 from .scores import Scores, compute_scores
 from .select import (SeriesDecision, check_lung_in_view, mark_chosen, patient_conflict, rank_candidates,
@@ -81,16 +81,20 @@ def _nothing_reason(decisions: list[SeriesDecision]) -> str:
 
 
 def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_slices: int = 1,
-                 engine_options: dict[str, Any] | None = None, lobe_maps: Sequence[Any] = ()) -> PipelineResult:
+                 engine_options: dict[str, Any] | None = None, lobe_maps: Sequence[Any] = (),
+                 lung_method: str = "auto") -> PipelineResult:
     """Run the pipeline on the instances ``paths`` (files, folders or datasets) of one study.
 
     ``lobe_maps``: SEG files that may hold the lung lobes of the chosen series (:mod:`.regionmap`); the
     newest usable one replaces the geometric zones, the others are reported in the notes.
 
     Raises ValueError only for an unknown engine (a configuration error); everything about the data is
-    reported in the result.
+    reported in the result. ``lung_method``: see :func:`node.pipeline.lungs.lung_method`; the lung network runs
+    on the engine's device (the CPU for an engine without one).
     """
     engine = get_engine(engine_name, **(engine_options or {}))
+    method = resolve_lung_method(lung_method)
+    lung_device = str(getattr(engine, "device", None) or "cpu")
     result = PipelineResult(status="skipped", engine=engine.identity)
     clock = _Clock(result.timings)
 
@@ -114,7 +118,7 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
                 log.warning("series %s: %s", cand.series_uid, exc)
                 continue
         with clock("lungs"):
-            lungs = segment_lungs(volume)
+            lungs = segment_lungs(volume, method=method, device=lung_device)
             no_lung = check_lung_in_view(volume, lungs)
         if no_lung:
             cand.reject(no_lung)
