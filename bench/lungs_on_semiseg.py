@@ -192,12 +192,13 @@ def main() -> None:
     ap.add_argument("--png", type=Path, help="write one overlay per slice (--method) here")
     ap.add_argument("--method", choices=("hu", "net"), default="net",
                     help="the lung method of the per-slice lines and of --infection (default: net)")
+    ap.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), help="only these (default: all)")
     ap.add_argument("--infection", action="store_true",
                     help="also the Inf-Net engine's Dice inside the node's lung mask and on the whole crop")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     last = "lung network" if args.method == "net" else "HU: 6 + 6a"
-    variants = tuple(v for v in VARIANTS if v != last) + (last,)
+    variants = tuple(v for v in (args.variants or VARIANTS) if v != last) + (last,)
     inside, truth, per_slice = measure(args.data, args.spacing, variants, png=args.png, split=args.split)
     print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_semiseg.py --spacing {args.spacing:g}  "
           f"--split {args.split}  ({len(per_slice)} slices with infection; {int(truth[0])} infection pixels, "

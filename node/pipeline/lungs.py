@@ -1,4 +1,9 @@
-"""HU-based lung segmentation (first version, no learned model).
+"""Lung segmentation: HU thresholds and rules, optionally with a learned lung network (:class:`LungMethod`).
+
+Method "net" runs steps 1-4 below, with the lung probability of the network of models/lungnet.py
+(:func:`net_lungs`: all slices of the body box in batches, on the device given) deciding what else is lung:
+dense disease and which air components are lung at all; steps 5-6b do not run (docs/lungs.md). Method "hu"
+runs every step; method "aerated" steps 1-5 and 7.
 
 Steps, all on the source voxel grid (no resampling):
 
@@ -969,17 +974,19 @@ def lung_probability(hu: np.ndarray, device: str = "cpu") -> np.ndarray:
 
 
 def net_lungs(hu: np.ndarray, body: np.ndarray, air: np.ndarray, airways: np.ndarray, right_side: np.ndarray,
-              area_px: float, device: str) -> tuple[np.ndarray, list[str], int]:
+              spacing_rc: tuple[float, float], device: str) -> tuple[np.ndarray, list[str], int]:
     """Lung labels from the air inside the body (step 2) and the lung network's probability (method "net").
 
-    Lung candidates are the air of step 2 and the voxels of the body the network gives at least
-    ``NET_LUNG_PROBABILITY`` (dense disease, vessels), airways removed; a connected candidate whose mean
-    probability is under ``NET_COMPONENT_PROBABILITY`` is not lung (bowel gas, air in the chest wall). The rest
-    go through the component rules and sides of step 4; holes are filled slice by slice. Returns the labels,
-    the notes of step 4 and the number of voxels of dense tissue taken (lung outside the filled aerated lung).
+    Air components (airways removed) whose mean probability is under ``NET_COMPONENT_PROBABILITY`` are not
+    lung (air in the chest wall, bowel gas the network takes for lung); the rest go through the component
+    rules and sides of step 4 (which also drop pure gas). Dense voxels of the body that the network gives at
+    least ``NET_LUNG_PROBABILITY`` join the lungs where they touch them (3D), after an opening of ``RIM_MM``
+    per slice (thin rims at the pleura, the network's blurred edge); they take the side of the body midline.
+    Holes are then filled slice by slice. Returns the labels, the notes of step 4 and the number of dense
+    voxels taken.
     """
     prob = lung_probability(hu, device)
-    cand = ((air | ((prob >= NET_LUNG_PROBABILITY) & body)) & ~airways)
+    cand = air & ~airways
     lab, n = ndi.label(cand)
     if n:
         size = np.bincount(lab.ravel(), minlength=n + 1)
@@ -987,13 +994,20 @@ def net_lungs(hu: np.ndarray, body: np.ndarray, air: np.ndarray, airways: np.nda
         keep = mean_prob >= NET_COMPONENT_PROBABILITY
         keep[0] = False
         cand = keep[lab]
-    labels, notes = assign_sides(cand, hu, right_side, area_px)
+    labels, notes = assign_sides(cand, hu, right_side, spacing_rc[0] * spacing_rc[1])
+    lung = labels > 0
+    rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)
+    dense = ndi.binary_opening((prob >= NET_LUNG_PROBABILITY) & body & ~airways & ~lung & ~air, structure=rim)
+    lab, n = ndi.label(dense | lung)
+    touching = np.zeros(n + 1, bool)
+    touching[np.unique(lab[lung])] = True
+    touching[0] = False
+    dense &= touching[lab]
+    labels[dense] = np.where(right_side[dense], LungMasks.RIGHT, LungMasks.LEFT)
     for value in (LungMasks.RIGHT, LungMasks.LEFT):
         filled = fill_holes_per_slice(labels == value)
         labels[filled & (labels == 0)] = value
-    lung = labels > 0
-    taken = int((lung & ~fill_holes_per_slice(lung & air)).sum())
-    return labels, notes, taken
+    return labels, notes, int(dense.sum())
 
 
 def segment_lungs(volume: Volume, *, closing_mm: float | None = None,
@@ -1039,7 +1053,7 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
 
     recovered = 0
     if method is LungMethod.NET:
-        labels, side_notes, recovered = net_lungs(hu, body, air, airways, right_side, area_px, device)
+        labels, side_notes, recovered = net_lungs(hu, body, air, airways, right_side, spacing_rc, device)
         notes += side_notes
     else:
         labels, side_notes = assign_sides(air & ~airways, hu, right_side, area_px)
