@@ -49,7 +49,7 @@ def resolve_engine(name: str) -> str:
         try:
             from models.registry import available
 
-            shipped = bool(available())
+            shipped = any(w.startswith("infnet") for w in available())  # the lung network is not an engine
         except Exception:
             shipped = False
         return "infnet" if shipped and "infnet" in engines.available_engines() else "threshold"
