@@ -1,11 +1,13 @@
-"""Lung segmentation against the phantom's true lungs, with the dense-disease recovery steps on and off.
+"""Lung segmentation against the phantom's true lungs: the HU method with its dense-disease recovery steps on
+and off, and the lung network.
 
-For each phantom (diseased ones with lower-lobe consolidation, a healthy one, thin slices) it prints Dice of
-both lungs, recall of the true consolidation inside the lung mask, and false-positive lung voxels (share of
-the true lung volume; "heart": those in the heart and great vessels), for: no recovery, step 6 only (chest
-wall rays), 6 + 6a (air bronchograms) and 6 + 6a + 6b (between slices; the default). The phantom has no
-air bronchograms, so step 6a takes nothing here (bench/lungs_on_real_slices.py shows it on real CT).
-See node/pipeline/lungs.py.
+For each phantom (diseased ones with lower-lobe consolidation, with and without a dependent pleural
+effusion, a healthy one, thin slices) it prints Dice of both lungs, recall of the true consolidation inside
+the lung mask, and false-positive lung voxels (share of the true lung volume; "heart": those in the heart and
+great vessels, "effusion": those in the effusion), for: no recovery, step 6 only (chest wall rays), 6 + 6a
+(air bronchograms), 6 + 6a + 6b (between slices; the HU method) and the lung network (method "net"). The
+phantom has no air bronchograms, so step 6a takes nothing here. The phantoms here are not those the network
+was trained or validated on (other seeds, sizes and spacings; training/lungnet.py). See node/pipeline/lungs.py.
 
     python bench/lungs_on_phantom.py
 """
@@ -30,6 +32,11 @@ CASES = {
                                                      burden={"left_lower": 0.8, "right_upper": 0.5}),
     "30 % everywhere, 1.5 mm": dict(rows=112, cols=112, slices=150, pixel_spacing=3.1, slice_spacing=1.5, seed=3,
                                     burden=0.3),
+    "both lower lobes 80 % + effusion, 5 mm": dict(rows=160, cols=160, slices=60, pixel_spacing=2.2,
+                                                   slice_spacing=5.0, seed=5, effusion=0.15,
+                                                   burden={"right_lower": 0.8, "left_lower": 0.8}),
+    "healthy + large effusion, 5 mm": dict(rows=160, cols=160, slices=60, pixel_spacing=2.2, slice_spacing=5.0,
+                                           seed=6, burden=0.0, effusion=0.25),
     "healthy, 7.5 mm": dict(rows=128, cols=128, slices=40, pixel_spacing=2.75, slice_spacing=7.5, seed=1,
                             burden=0.0),
 }
@@ -42,26 +49,29 @@ def metrics(p: ph.Phantom, lungs: np.ndarray) -> dict[str, float]:
     heart = np.isin(p.labels, [ph.TISSUES["heart"], ph.TISSUES["blood"]])
     return {"dice": 2 * (lungs & truth).sum() / (lungs.sum() + truth.sum()),
             "recall": (cons & lungs).sum() / max(cons.sum(), 1),
-            "fp %": 100 * fp.sum() / truth.sum(), "heart %": 100 * (fp & heart).sum() / truth.sum()}
+            "fp %": 100 * fp.sum() / truth.sum(), "heart %": 100 * (fp & heart).sum() / truth.sum(),
+            "effusion %": 100 * (fp & (p.labels == ph.TISSUES["effusion"])).sum() / truth.sum()}
 
 
 def main() -> None:
     off = lambda labels, *a, **k: (labels.copy(), 0)  # noqa: E731
     names = ("recover_dense_periphery", "recover_bronchograms", "recover_between_slices")
     real = tuple(getattr(lungs_mod, n) for n in names)
-    steps = {"no recovery": (off, off, off), "step 6": (real[0], off, off), "steps 6 + 6a": (real[0], real[1], off),
-             "steps 6 + 6a + 6b": real}
+    steps = {"no recovery": ("hu", (off, off, off)), "step 6": ("hu", (real[0], off, off)),
+             "steps 6 + 6a": ("hu", (real[0], real[1], off)), "HU: 6 + 6a + 6b": ("hu", real),
+             "lung network": ("net", real)}
     print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_phantom.py")
-    print("| phantom | steps | Dice | consolidation recall | false positive % | in the heart % |")
-    print("|---|---|---|---|---|---|")
+    print("| phantom | method | Dice | consolidation recall | false positive % | in the heart % | in the effusion % |")
+    print("|---|---|---|---|---|---|---|")
     for name, kw in CASES.items():
         p = ph.make_phantom(**kw)
         volume = p.as_volume()
-        for label, fns in steps.items():
+        for label, (method, fns) in steps.items():
             for n, fn in zip(names, fns):
                 setattr(lungs_mod, n, fn)
-            m = metrics(p, lungs_mod.segment_lungs(volume).lungs)
-            print(f"| {name} | {label} | {m['dice']:.4f} | {m['recall']:.3f} | {m['fp %']:.2f} | {m['heart %']:.3f} |")
+            m = metrics(p, lungs_mod.segment_lungs(volume, method=method).lungs)
+            print(f"| {name} | {label} | {m['dice']:.4f} | {m['recall']:.3f} | {m['fp %']:.2f} | {m['heart %']:.3f} "
+                  f"| {m['effusion %']:.3f} |")
         for n, fn in zip(names, real):
             setattr(lungs_mod, n, fn)
 

@@ -13,8 +13,9 @@ centre -400, width 1300; values outside it are clipped, so bone reads as +250 HU
 the pixel size is taken as 0.75 mm (not recorded in the data set; ``--spacing``). Many crops are rotated by
 90 degrees; the patient's left-right axis is taken across the gap between the two lungs. The figures are
 therefore approximate (the real chest wall and its ribs are cut off in many crops), but the same for every
-variant, so they compare the lung steps: none of the dense-disease recovery, step 6 (chest-wall rays) and
-6 + 6a (air bronchograms; the default). Step 6b needs neighbouring slices and does nothing here.
+variant, so they compare the lung methods: the HU steps without dense-disease recovery, step 6 (chest-wall
+rays), 6 + 6a (air bronchograms; the HU method) and the lung network (``segment_lungs(method="net")``,
+docs/lungs.md). Step 6b needs neighbouring slices and does nothing here.
 
 With ``--infection`` it also measures what this costs the node's result: the shipped Inf-Net engine
 (``node.pipeline.engines.infnet``, as the node runs it) inside the node's lung mask, against the same engine
@@ -40,40 +41,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-WINDOW = (-400.0, 1300.0)  # models.predict.DEFAULT_WINDOW, repeated so that the bench does not import torch
-WALL_MM, AIR_MM, WALL_HU = 24.0, 30.0, 30.0
-AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]     # columns run along patient x
-ROTATED = [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]   # rows run along patient x (crop rotated by 90 degrees)
+from training.semiseg_ct import AXIAL, ROTATED, as_ct, volume_of  # noqa: E402
 
 
-def as_ct(image8: np.ndarray, spacing: float) -> tuple[np.ndarray, int]:
-    """The 8-bit crop as HU, padded with a soft-tissue wall and air; returns (hu, pad in pixels)."""
-    centre, width = WINDOW
-    hu = image8.astype(np.float32) / 255.0 * width + (centre - width / 2)
-    wall, air = int(round(WALL_MM / spacing)), int(round(AIR_MM / spacing))
-    hu = np.pad(np.pad(hu, wall, constant_values=WALL_HU), air, constant_values=-1000.0)
-    return hu, wall + air
-
-
-def volume_of(hu: np.ndarray, orientation: list[float], spacing: float):
-    from node.pipeline.types import Volume
-
-    return Volume(hu=hu[None], positions=np.zeros((1, 3)), orientation=np.array(orientation),
-                  pixel_spacing=(spacing, spacing), slice_spacing=0.0, sop_instance_uids=["1"],
-                  series_instance_uid="1", study_instance_uid="1")
-
-
-def ct_slice(image8: np.ndarray, spacing: float):
-    """(volume, lungs with the default steps, pad in pixels) of one 8-bit crop; the volume's orientation has
-    patient x across the gap between the two lungs."""
+def ct_slice(image8: np.ndarray, spacing: float, method: str = "hu"):
+    """(volume, lungs of ``method``, pad in pixels) of one 8-bit crop; the volume's orientation has patient x
+    across the gap between the two lungs (found with the HU method)."""
     from node.pipeline.lungs import segment_lungs
 
     hu, pad = as_ct(image8, spacing)
     volume = volume_of(hu, AXIAL, spacing)
-    lungs = segment_lungs(volume)
+    lungs = segment_lungs(volume, method="hu")
     if lungs_across_rows(lungs.lungs[0]):
         volume = volume_of(hu, ROTATED, spacing)
-        lungs = segment_lungs(volume)
+        lungs = segment_lungs(volume, method="hu")
+    if method != "hu":
+        lungs = segment_lungs(volume, method=method)
     return volume, lungs, pad
 
 
@@ -107,7 +90,7 @@ def labelled_slices(data: Path, split: str) -> Iterator[tuple[str, np.ndarray, n
 
 
 class SliceResult(NamedTuple):
-    """One slice with expert infection, default lung steps."""
+    """One slice with expert infection, the last variant (``--method``)."""
 
     share_inside: float            # of its expert infection
     stem: str
@@ -116,7 +99,9 @@ class SliceResult(NamedTuple):
     consolidation_median_hu: float  # through the assumed window; nan without consolidation
 
 
-VARIANTS = {"no recovery": ("6", "6a"), "step 6": ("6a",), "6 + 6a (default)": ()}  # steps switched off
+# method of node.pipeline.lungs.segment_lungs and the HU steps switched off
+VARIANTS = {"no recovery": ("aerated", ()), "step 6": ("hu", ("6a",)), "HU: 6 + 6a": ("hu", ()),
+            "lung network": ("net", ())}
 STEPS = {"6": "recover_dense_periphery", "6a": "recover_bronchograms"}
 
 
@@ -139,18 +124,17 @@ def measure(data: Path, spacing: float = 0.75, variants: tuple[str, ...] = tuple
     for stem, image8, ggo, cons in labelled_slices(data, split):
         classes = (ggo | cons, ggo, cons)
         truth += [m.sum() for m in classes]
-        volume, default, pad = ct_slice(image8, spacing)
+        volume, _, pad = ct_slice(image8, spacing)
         first = None
         for name in variants:
-            mask = default.lungs[0]
-            if VARIANTS[name]:
-                for step in VARIANTS[name]:
-                    setattr(lungs_mod, STEPS[step], off)
-                try:
-                    mask = lungs_mod.segment_lungs(volume).lungs[0]
-                finally:
-                    for step, fn in saved.items():
-                        setattr(lungs_mod, STEPS[step], fn)
+            method, steps_off = VARIANTS[name]
+            for step in steps_off:
+                setattr(lungs_mod, STEPS[step], off)
+            try:
+                mask = lungs_mod.segment_lungs(volume, method=method).lungs[0]
+            finally:
+                for step, fn in saved.items():
+                    setattr(lungs_mod, STEPS[step], fn)
             mask = mask[pad:-pad, pad:-pad]
             first = mask if first is None else first
             added = mask & ~first
@@ -165,7 +149,7 @@ def measure(data: Path, spacing: float = 0.75, variants: tuple[str, ...] = tuple
     return inside, truth, per_slice
 
 
-def infection_dice(data: Path, spacing: float = 0.75, split: str = "test") -> tuple[dict[str, tuple[float, float]], np.ndarray]:
+def infection_dice(data: Path, spacing: float = 0.75, split: str = "test", method: str = "hu") -> tuple[dict[str, tuple[float, float]], np.ndarray]:
     """{"inside the node's lung mask" | "whole crop": (pooled Dice, per-slice mean Dice)} of the shipped
     Inf-Net engine against the expert infection masks of the test slices; and per slice (share of the lung
     that :func:`node.pipeline.lungs.dense_infection_outside` finds, share of the lung that the expert
@@ -180,7 +164,7 @@ def infection_dice(data: Path, spacing: float = 0.75, split: str = "test") -> tu
     flagged: list[tuple[float, float]] = []
     for _, image8, ggo, cons in labelled_slices(data, split):
         truth = ggo | cons
-        volume, lungs, pad = ct_slice(image8, spacing)
+        volume, lungs, pad = ct_slice(image8, spacing, method)
         whole = np.zeros(volume.shape, np.uint8)
         whole[0, pad:-pad, pad:-pad] = LungMasks.RIGHT
         for name, mask in (("inside the node's lung mask", lungs), ("whole crop", LungMasks(labels=whole))):
@@ -205,12 +189,17 @@ def main() -> None:
     ap.add_argument("--split", choices=("test", "train"), default="test",
                     help="test: the 48 test slices (the reported figures); train: the 50 multi-class training "
                     "slices, for working out lung rules without looking at the test slices")
-    ap.add_argument("--png", type=Path, help="write one overlay per slice (default variant) here")
+    ap.add_argument("--png", type=Path, help="write one overlay per slice (--method) here")
+    ap.add_argument("--method", choices=("hu", "net"), default="net",
+                    help="the lung method of the per-slice lines and of --infection (default: net)")
+    ap.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), help="only these (default: all)")
     ap.add_argument("--infection", action="store_true",
                     help="also the Inf-Net engine's Dice inside the node's lung mask and on the whole crop")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
-    inside, truth, per_slice = measure(args.data, args.spacing, png=args.png, split=args.split)
+    last = "lung network" if args.method == "net" else "HU: 6 + 6a"
+    variants = tuple(v for v in (args.variants or VARIANTS) if v != last) + (last,)
+    inside, truth, per_slice = measure(args.data, args.spacing, variants, png=args.png, split=args.split)
     print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_semiseg.py --spacing {args.spacing:g}  "
           f"--split {args.split}  ({len(per_slice)} slices with infection; {int(truth[0])} infection pixels, "
           f"{int(truth[2])} of them consolidation)")
@@ -222,7 +211,7 @@ def main() -> None:
         added = f"{int(pixels[3])} | {pixels[4] / pixels[3]:.2f}" if pixels[3] else "- | -"
         print(f"| {name} | {share[0]:.3f} | {share[1]:.3f} | {share[2]:.3f} | {added} |")
     per_slice.sort()
-    print("slices with the least infection inside (default): "
+    print(f"slices with the least infection inside ({last}): "
           + ", ".join(f"{r.stem} ({r.share_inside:.2f})" for r in per_slice[:5]))
     # Consolidation that reads denser than DENSE_HU allows through the assumed window (another display
     # window, or contrast) is out of reach of the density range by construction of this bench's HU.
@@ -234,11 +223,11 @@ def main() -> None:
         total = sum(r.consolidation for r in rows)
         print(f"slices whose expert consolidation reads at a median {label}: {len(rows)}, "
               f"{total} consolidation pixels, {sum(r.consolidation_inside for r in rows) / max(total, 1):.3f} "
-              "inside the lung mask (default)")
+              f"inside the lung mask ({last})")
     if args.infection:
         print("| Inf-Net engine (shipped weights, flip TTA) | infection Dice, pooled | per-slice mean |")
         print("|---|---|---|")
-        dice, flagged = infection_dice(args.data, args.spacing, args.split)
+        dice, flagged = infection_dice(args.data, args.spacing, args.split, args.method)
         for name, (pooled, mean) in dice.items():
             print(f"| {name} | {pooled:.3f} | {mean:.3f} |")
         from node.pipeline.lungs import MISSED_DENSE_SHARE as share

@@ -5,7 +5,10 @@ either this tree's ``node`` or that of ``--baseline-rev`` (a temporary git workt
 ``--repeat`` times. Reported: median seconds of ``segment_lungs`` for each, their ratio, and the number of
 voxels whose label differs between the two (0 for a change meant to keep the masks).
 
-    python bench/lungs_speed.py --baseline-rev HEAD~1 --slices 120 --repeat 4
+    python bench/lungs_speed.py --baseline-rev HEAD~1 --slices 120 --repeat 4 [--method net]
+
+``--method`` (hu | net) is passed to this tree's ``segment_lungs`` only (the baseline runs its default), and
+``--device`` with it (where the lung network runs).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.environ.get("CTNODE_BENCH_TREE", str(REPO)))
 
 
-def child(slices: int, out: Path) -> None:
+def child(slices: int, out: Path, method: str | None = None, device: str = "cpu") -> None:
     import numpy as np
 
     from node import phantom as ph
@@ -32,16 +35,21 @@ def child(slices: int, out: Path) -> None:
 
     p = ph.make_phantom(rows=512, cols=512, slices=slices, seed=0, burden={"right_lower": 0.8, "left_upper": 0.3})
     volume = p.as_volume()
+    kwargs = {"method": method, "device": device} if method else {}
+    if method == "net":  # load the network before the clock starts: a worker loads it once
+        from node.pipeline.lungs import _lung_net
+
+        _lung_net(device)
     t0 = time.perf_counter()
-    labels = segment_lungs(volume).labels
+    labels = segment_lungs(volume, **kwargs).labels
     seconds = time.perf_counter() - t0
     np.save(out, labels)
     print(json.dumps({"seconds": seconds}))
 
 
-def run(tree: Path, slices: int, out: Path) -> float:
+def run(tree: Path, slices: int, out: Path, extra: list[str] = ()) -> float:
     env = dict(os.environ, CTNODE_BENCH_TREE=str(tree))
-    done = subprocess.run([sys.executable, __file__, "--child", "--slices", str(slices), "--out", str(out)],
+    done = subprocess.run([sys.executable, __file__, "--child", "--slices", str(slices), "--out", str(out), *extra],
                           env=env, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
@@ -53,9 +61,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--method", choices=("hu", "net"), help="this tree's lung method (default: its default)")
+    ap.add_argument("--device", default="cpu", help="where the lung network runs (cpu | cuda)")
     args = ap.parse_args()
     if args.child:
-        child(args.slices, args.out)
+        child(args.slices, args.out, args.method, args.device)
         return
     if not args.baseline_rev:
         ap.error("--baseline-rev is required")
@@ -70,7 +80,8 @@ def main() -> None:
             times: dict[str, list[float]] = {"this tree": [], "baseline": []}
             for _ in range(args.repeat):
                 times["baseline"].append(run(baseline, args.slices, work / "baseline.npy"))
-                times["this tree"].append(run(REPO, args.slices, work / "this.npy"))
+                extra = ["--method", args.method, "--device", args.device] if args.method else []
+                times["this tree"].append(run(REPO, args.slices, work / "this.npy", extra))
             differing = int((np.load(work / "baseline.npy") != np.load(work / "this.npy")).sum())
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], check=False)
@@ -78,6 +89,7 @@ def main() -> None:
     print(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "phantom": f"512x512x{args.slices}", "baseline_rev": args.baseline_rev,
+        "method": args.method or "default", "device": args.device,
         "median_s": {k: round(v, 2) for k, v in medians.items()},
         "ratio_this_over_baseline": round(medians["this tree"] / medians["baseline"], 2),
         "voxels_with_another_label": differing,

@@ -5,9 +5,10 @@ from torch import nn
 
 from .coach import CoachNet
 from .infnet import INFNET_CONFIGS, InfNet
+from .lungnet import LungNet
 from .unet import MultiClassInfNet
 
-ARCHS = ("infnet-res2net50", "infnet-compact", "multiclass-unet", "coach")
+ARCHS = ("infnet-res2net50", "infnet-compact", "multiclass-unet", "coach", "lungnet")
 
 
 def build_model(arch: str, config: dict | None = None) -> nn.Module:
@@ -20,6 +21,8 @@ def build_model(arch: str, config: dict | None = None) -> nn.Module:
         return MultiClassInfNet(**config)
     if arch == "coach":
         return CoachNet(**config)
+    if arch == "lungnet":
+        return LungNet(**config)
     raise KeyError(f"unknown architecture {arch!r}; known: {ARCHS}")
 
 

@@ -93,6 +93,7 @@ class ProcessingSettings:
     engine: str = "auto"          # infnet when shipped weights load, else threshold; see config/node.toml
     min_slices: int = 1
     device: str = "auto"          # auto | cpu | cuda
+    lung_method: str = "auto"     # auto (node.pipeline.lungs.DEFAULT_METHOD) | hu | net; see docs/lungs.md
     workers: int = 1
     job_timeout: float = 1800.0   # a worker running longer is killed and its job failed
     worker_memory_gb: float = 8.0  # memory (data) cap of each worker process (0 = none)
@@ -242,6 +243,7 @@ def _validate(s: Settings) -> None:
     check(s.processing.stable_after >= 0, "processing.stable_after", "must be >= 0 seconds")
     check(s.processing.min_slices >= 1, "processing.min_slices", "must be at least 1")
     check(s.processing.device in ("auto", "cpu", "cuda"), "processing.device", "must be auto, cpu or cuda")
+    check(s.processing.lung_method in ("auto", "hu", "net"), "processing.lung_method", "must be auto, hu or net")
     check(s.processing.workers >= 1, "processing.workers", "must be at least 1")
     check(s.processing.job_timeout > 0, "processing.job_timeout", "must be positive")
     check(s.processing.worker_memory_gb == 0 or s.processing.worker_memory_gb >= 1, "processing.worker_memory_gb",

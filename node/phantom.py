@@ -50,12 +50,12 @@ GROUND_TRUTH_FILE = "ground_truth.npz"
 # Tissue labels of Phantom.labels and their nominal HU.
 TISSUES: dict[str, int] = {
     "air": 0, "fat": 1, "muscle": 2, "bone": 3, "marrow": 4, "lung": 5, "heart": 6, "blood": 7,
-    "liver": 8, "soft": 9, "airway": 10, "csf": 11, "table": 12, "disc": 13, "cartilage": 14,
+    "liver": 8, "soft": 9, "airway": 10, "csf": 11, "table": 12, "disc": 13, "cartilage": 14, "effusion": 15,
 }
 TISSUE_HU: dict[str, float] = {
     "air": -1000, "fat": -100, "muscle": 45, "bone": 700, "marrow": 230, "lung": -850, "heart": 40,
     "blood": 40, "liver": 60, "soft": 35, "airway": -1000, "csf": 10, "table": 100, "disc": 85,
-    "cartilage": 120,
+    "cartilage": 120, "effusion": 15,
 }
 _T = TISSUES
 _HU_LUT = np.array([TISSUE_HU[name] for name in TISSUES], dtype=np.float32)
@@ -239,8 +239,21 @@ class _Plane:
         self.esophagus = (x - 0.02) ** 2 + (y - 0.16) ** 2 <= 0.035 ** 2
 
 
-def _slice_labels(p: _Plane, g: _Grid, k: int) -> np.ndarray:
-    """Tissue labels of one axial slice (before the tubes are drawn)."""
+EFFUSION_POSTERIOR_Y = -0.1   # (normalised) the fluid of a supine patient starts behind this and thickens backwards
+EFFUSION_RAMP_Y = 0.5         # ... reaching its full depth this far behind it
+
+
+def _effusion(p: _Plane, w: float, depth: float) -> np.ndarray:
+    """Dependent pleural fluid at height w: the outer shell of the thoracic cavity, ``depth`` (share of the
+    cavity's half-width) thick at the back, thinning to nothing anteriorly (a crescent against the wall)."""
+    c = round(_chest_width(w) * 200) / 200                       # as :meth:`_Plane.cavity`
+    q = (p.x / (0.70 * c * 0.97)) ** 2 + (p.y / (0.50 * (1 - 0.4 * (1 - c)) * 0.97)) ** 2
+    ramp = np.clip((p.y - EFFUSION_POSTERIOR_Y) / EFFUSION_RAMP_Y, 0.0, 1.0)
+    return (ramp > 0) & (np.sqrt(q) >= 1.0 - depth * ramp)
+
+
+def _slice_labels(p: _Plane, g: _Grid, k: int, effusion: float = 0.0) -> np.ndarray:
+    """Tissue labels of one axial slice (before the tubes are drawn); ``effusion``: see make_phantom."""
     w = k / (g.slices - 1)
     zr = w * g.zext / g.R                                         # height in R units
     cavity, inner, rib_idx, rib_drop, rib_cart = p.cavity(w)
@@ -256,6 +269,8 @@ def _slice_labels(p: _Plane, g: _Grid, k: int) -> np.ndarray:
     if s > 0:
         lung = inner & above_diaphragm & (p.q_side <= s * s) & ~p.band & ~p.spine_zone
         lab[lung] = _T["lung"]
+        if effusion > 0:
+            lab[lung & _effusion(p, w, effusion)] = _T["effusion"]
     dw = (w - 0.32) / 0.14
     if abs(dw) < 1.0:
         rr = 1.0 - dw * dw
@@ -555,7 +570,7 @@ def _render_hu(labels: np.ndarray, g: _Grid, idx: np.ndarray, occ: np.ndarray, l
 
 def make_phantom(*, rows: int = 512, cols: int = 512, slices: int = 240, slice_spacing: float = 1.25,
                  pixel_spacing: float = 0.7, seed: int = 0, burden: float | dict[str, float] = 0.15,
-                 noise_hu: float = 15.0) -> Phantom:
+                 noise_hu: float = 15.0, effusion: float = 0.0) -> Phantom:
     """Generate a chest CT phantom.
 
     ``burden``: infected fraction of each zone (a float for all five ZONES, or a dict zone ->
@@ -563,11 +578,15 @@ def make_phantom(*, rows: int = 512, cols: int = 512, slices: int = 240, slice_s
     lesions, without trachea and main bronchi), ggo, consolidation, infection, airways (trachea
     and main bronchi lumen), body (inside the skin, table excluded), vessels (intrapulmonary
     vessels, >= 50 % occupancy).
+    ``effusion``: depth of a bilateral dependent pleural effusion (tissue "effusion", 15 HU, not lung) as a
+    share of the thoracic cavity's half-width at the back (0: none; 0.15 is a moderate one).
     """
     if rows < 32 or cols < 32 or slices < 8:
         raise ValueError("phantom needs at least 32 x 32 pixels and 8 slices")
     if pixel_spacing <= 0 or slice_spacing <= 0:
         raise ValueError("spacings must be positive")
+    if not 0.0 <= effusion < 1.0:
+        raise ValueError("effusion must be in [0, 1)")
     requested = _normalise_burden(burden)
     g = _Grid(slices, rows, cols, float(pixel_spacing), float(slice_spacing))
     rng = np.random.default_rng(seed)
@@ -575,7 +594,7 @@ def make_phantom(*, rows: int = 512, cols: int = 512, slices: int = 240, slice_s
     plane = _Plane(g)
     labels = np.empty(g.shape, np.uint8)
     for k in range(g.slices):
-        labels[k] = _slice_labels(plane, g, k)
+        labels[k] = _slice_labels(plane, g, k, effusion)
     _draw_tubes(labels, g)
 
     lung = labels == _T["lung"]

@@ -43,7 +43,8 @@ class Analysis:
 def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 1,
             seg_series_number: int = 901, sr_series_number: int = 902, key_images: int = 0,
             key_images_series_number: int = 903, engine_options: dict[str, Any] | None = None,
-            lobe_maps: list[str | Path] = (), decode_limits: DecodeLimits | None = None) -> Analysis:
+            lobe_maps: list[str | Path] = (), decode_limits: DecodeLimits | None = None,
+            lung_method: str = "auto") -> Analysis:
     """Select a series among ``paths``, segment and score it, and build the SEG, the SR and (``key_images``
     > 0) up to that many Secondary Capture key images in memory. ``lobe_maps``: SEG files that may hold the
     lobes of the chosen series (see :mod:`node.pipeline.regionmap`). ``engine`` "auto": the Inf-Net engine
@@ -59,7 +60,7 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
     options = {k: v for k, v in (engine_options or {}).items() if not (k == "device" and v == "auto")}
     result = run_pipeline([str(p) for p in paths], engine, min_slices=min_slices,
                           engine_options=options, lobe_maps=lobe_maps,
-                          decode_limits=decode_limits or DecodeLimits())
+                          decode_limits=decode_limits or DecodeLimits(), lung_method=lung_method)
     timings = dict(result.timings)
     if result.status != "done":
         return Analysis(status=result.status, reason=result.reason, pipeline=result, timings=timings)
@@ -93,7 +94,8 @@ def analyse_with(settings: Any, paths: list[str | Path], *, engine: str | None =
                    key_images=settings.key_images, key_images_series_number=settings.key_images_series_number,
                    engine_options={"device": settings.device}, lobe_maps=lobe_maps,
                    decode_limits=DecodeLimits(instance_mb=settings.max_decoded_instance_mb,
-                                              series_mb=settings.max_decoded_mb))
+                                              series_mb=settings.max_decoded_mb),
+                   lung_method=settings.lung_method)
 
 
 def write_outputs(analysis: Analysis, out_dir: Path) -> dict[str, Path]:

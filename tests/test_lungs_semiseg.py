@@ -29,10 +29,10 @@ def test_lung_mask_keeps_expert_consolidation():
     if not (data / "TestingSet" / "MultiClassInfection-Test" / "Imgs").is_dir():
         skip_or_fail(f"COVID-SemiSeg test slices not found under {data}")
     bench = load_bench()
-    inside, truth, per_slice = bench.measure(data, variants=("no recovery", "6 + 6a (default)"))
+    inside, truth, per_slice = bench.measure(data, variants=("no recovery", "HU: 6 + 6a"))
     assert len(per_slice) == 48 and truth[2] > 0
     off = inside["no recovery"][:3] / truth
-    on = inside["6 + 6a (default)"][:3] / truth
+    on = inside["HU: 6 + 6a"][:3] / truth
     assert on[0] >= 0.83 and on[2] >= 0.58, on            # infection, consolidation
     assert on[2] - off[2] >= 0.2, (off, on)               # the recovery steps bring back real consolidation
     assert np.all(on >= off), (off, on)                   # and lose no expert pixels in any class

@@ -154,7 +154,7 @@ def test_shipped_weights_load_and_hash():
     for n in names:
         model, meta = load_shipped(n)
         assert meta["sha256"] and meta["arch"]
-        c = 2 if meta["arch"] == "multiclass-unet" else 1
+        c = 2 if meta["arch"] in ("multiclass-unet", "lungnet") else 1  # lungnet: two HU windows
         with torch.no_grad():
             out = model(torch.zeros(1, c, 64, 64))
         assert out is not None

@@ -263,3 +263,16 @@ def test_default_size(tmp_path):
     parenchyma = lungs(p) & ~p.masks["infection"] & ~p.masks["vessels"]
     assert -870 < np.median(p.hu[parenchyma]) < -830
     assert centroid(p.masks["right_lung"][::4])[2] < 255.5 < centroid(p.masks["left_lung"][::4])[2]
+
+
+def test_effusion_is_dependent_fluid_against_the_wall_and_not_lung():
+    p = make_phantom(**SMALL, seed=7, burden=0.0, effusion=0.2)
+    fluid = p.labels == TISSUES["effusion"]
+    assert fluid.any() and not (fluid & lungs(p)).any()
+    assert abs(np.median(p.hu[fluid]) - 15) < 10
+    # dependent (rows grow posteriorly): behind the centre of the lungs; taken from the lungs of the same phantom
+    assert centroid(fluid)[1] > centroid(lungs(p))[1]
+    healthy = make_phantom(**SMALL, seed=7, burden=0.0)
+    np.testing.assert_array_equal(lungs(healthy), lungs(p) | fluid)
+    with pytest.raises(ValueError):
+        make_phantom(**SMALL, effusion=1.0)

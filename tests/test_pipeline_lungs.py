@@ -114,11 +114,11 @@ def diseased_phantom() -> ph.Phantom:
 
 def test_consolidation_at_the_pleura_is_recovered_into_the_lungs(diseased_phantom, monkeypatch):
     p = diseased_phantom
-    after = lung_metrics(p, segment_lungs(phantom_volume(p)))
+    after = lung_metrics(p, segment_lungs(phantom_volume(p), method="hu"))
     with monkeypatch.context() as m:
         for step in ("recover_dense_periphery", "recover_bronchograms", "recover_between_slices"):
             m.setattr(lungs_mod, step, lambda labels, *a, **k: (labels.copy(), 0))
-        before = lung_metrics(p, segment_lungs(phantom_volume(p)))
+        before = lung_metrics(p, segment_lungs(phantom_volume(p), method="hu"))
     # measured: recall 0.35 -> 0.62, Dice 0.984 -> 0.988, false positives 0.4 % -> 0.8 % (0.04 % in the heart)
     assert after["cons_recall"] >= before["cons_recall"] + 0.25 and after["cons_recall"] > 0.6
     assert after["dice"] >= max(before["dice"], 0.985) and after["right"] > 0.975 and after["left"] > 0.99
@@ -131,10 +131,10 @@ def test_between_slices_step_adds_consolidation_not_heart(seed, burden, monkeypa
     Measured (seed 0 / seed 4): recall 0.585 -> 0.621 / 0.613 -> 0.659, false positives +0.01 % of the lung."""
     p = ph.make_phantom(rows=160, cols=160, slices=60, pixel_spacing=2.2, slice_spacing=5.0, seed=seed,
                        burden=burden)
-    full = lung_metrics(p, segment_lungs(phantom_volume(p)))
+    full = lung_metrics(p, segment_lungs(phantom_volume(p), method="hu"))
     with monkeypatch.context() as m:
         m.setattr(lungs_mod, "recover_between_slices", lambda labels, *a, **k: (labels.copy(), 0))
-        no_6b = lung_metrics(p, segment_lungs(phantom_volume(p)))
+        no_6b = lung_metrics(p, segment_lungs(phantom_volume(p), method="hu"))
     assert full["cons_recall"] >= no_6b["cons_recall"] + 0.03
     assert full["dice"] > no_6b["dice"]
     assert full["fp"] <= no_6b["fp"] + 0.0005 and full["fp_cardiac"] <= no_6b["fp_cardiac"] + 0.0002
@@ -143,7 +143,7 @@ def test_between_slices_step_adds_consolidation_not_heart(seed, burden, monkeypa
 def test_between_slices_step_takes_nothing_from_a_healthy_chest():
     p = ph.make_phantom(rows=128, cols=128, slices=40, pixel_spacing=2.75, slice_spacing=7.5, seed=1, burden=0.0)
     v = phantom_volume(p)
-    labels = segment_lungs(v).labels
+    labels = segment_lungs(v, method="hu").labels
     midline = lungs_mod.Midline(v, lungs_mod.body_mask(v.hu, v.pixel_spacing))
     _, taken = lungs_mod.recover_between_slices(labels, v.hu, lungs_mod.body_mask(v.hu, v.pixel_spacing),
                                                 midline.right_side(), v.pixel_spacing)
@@ -187,11 +187,11 @@ def test_air_bronchograms_bring_back_consolidation_over_a_wide_arc():
     assert taken > 0 and (got & dense).sum() >= 0.7 * dense.sum()
     assert not (got & ~(dense | (labels[0] == LungMasks.RIGHT))).any()  # nothing outside the true lung
     assert (out[0] == LungMasks.LEFT).sum() == (labels[0] == LungMasks.LEFT).sum()
-    full = segment_lungs(vol)
+    full = segment_lungs(vol, method="hu")
     assert (full.right[0] & dense).sum() >= 0.7 * dense.sum()
     with pytest.MonkeyPatch.context() as m:
         m.setattr(lungs_mod, "recover_bronchograms", lambda labels, *a, **k: (labels.copy(), 0))
-        assert (segment_lungs(vol).right[0] & dense).sum() < 0.2 * dense.sum()
+        assert (segment_lungs(vol, method="hu").right[0] & dense).sum() < 0.2 * dense.sum()
 
 
 def test_air_pockets_that_are_not_bronchograms_take_nothing():
@@ -314,7 +314,7 @@ def test_the_body_box_keeps_every_voxel_at_its_patient_position():
 def test_recovery_is_reported_and_lungs_are_single_components(diseased_phantom):
     from scipy import ndimage as ndi
 
-    lungs = segment_lungs(phantom_volume(diseased_phantom))
+    lungs = segment_lungs(phantom_volume(diseased_phantom), method="hu")
     assert any(n.startswith("recovered") and n.split()[2] == "ml" for n in lungs.notes), lungs.notes
     for m in (lungs.right, lungs.left):
         assert ndi.label(m)[1] == 1

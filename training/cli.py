@@ -1,4 +1,4 @@
-"""``python -m training pretrain|train|train-multi|evaluate|export``.
+"""``python -m training pretrain|train|train-multi|evaluate|export|lungnet|lungnet-export``.
 
 Examples (reduced CPU configuration)::
 
@@ -8,6 +8,8 @@ Examples (reduced CPU configuration)::
     python -m training train --preset cpu-small --init runs/pretrain/pretrained.pt --run-dir runs/selfsup
     python -m training evaluate --ckpt runs/sinfnet/best.pt
     python -m training export --ckpt runs/sinfnet/best.pt --name infnet-compact
+    python -m training lungnet --out runs/lungnet                     # lung network (docs/lungs.md)
+    python -m training lungnet-export --ckpt runs/lungnet/last.pt
 """
 from __future__ import annotations
 
@@ -102,7 +104,25 @@ def main(argv=None):
     sp.add_argument("--tta", choices=["none", "flips"], default="none",
                     help="test-time augmentation the node's engine applies with these weights (models.tta)")
 
+    sp = sub.add_parser("lungnet", help="the lung network (models/lungnet.py, training/lungnet.py)")
+    sp.add_argument("--data")
+    sp.add_argument("--out", default="runs/lungnet")
+    sp.add_argument("--epochs", type=int)
+    sp.add_argument("--samples-per-epoch", dest="samples_per_epoch", type=int)
+    sp.add_argument("--batch", type=int)
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--size", type=int)
+    sp.add_argument("--num-threads", dest="num_threads", type=int)
+    sp.add_argument("--max-batches", dest="max_batches", type=int)
+    sp = sub.add_parser("lungnet-export", help="export a lung network checkpoint to models/weights")
+    sp.add_argument("--ckpt", required=True)
+    sp.add_argument("--name", default="lungnet")
+    sp.add_argument("--out-dir", dest="out_dir", default="models/weights")
+
     args = p.parse_args(argv)
+    if args.command in ("lungnet", "lungnet-export"):
+        return _lungnet(args)
     from . import loops
 
     if args.command == "shipped-metrics":
@@ -140,6 +160,24 @@ def main(argv=None):
     fn = {"pretrain": loops.pretrain, "train": loops.train_single, "train-multi": loops.train_multi}[args.command]
     res = fn(cfg, resume=args.resume)
     print(json.dumps(res.get("best_val"), indent=2))
+    return 0
+
+
+def _lungnet(args) -> int:
+    import logging
+
+    from . import lungnet
+
+    if args.command == "lungnet-export":
+        meta = lungnet.export(args.ckpt, args.name, args.out_dir)
+        print(json.dumps({k: meta[k] for k in ("name", "arch", "sha256", "file", "parameters")}, indent=2))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = lungnet.LungNetConfig()
+    for k, v in vars(args).items():
+        if v is not None and hasattr(cfg, k):
+            setattr(cfg, k, v)
+    print(json.dumps(lungnet.train(cfg), indent=2))
     return 0
 
 

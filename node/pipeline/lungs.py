@@ -1,4 +1,9 @@
-"""HU-based lung segmentation (first version, no learned model).
+"""Lung segmentation: HU thresholds and rules, optionally with a learned lung network (:class:`LungMethod`).
+
+Method "net" runs steps 1-4 below, with the lung probability of the network of models/lungnet.py
+(:func:`net_lungs`: all slices of the body box in batches, on the device given) deciding what else is lung:
+dense disease and which air components are lung at all; steps 5-6b do not run (docs/lungs.md). Method "hu"
+runs every step; method "aerated" steps 1-5 and 7.
 
 Steps, all on the source voxel grid (no resampling):
 
@@ -48,6 +53,7 @@ than the chest, :func:`lung_cut_by_fov`): series selection skips such a series.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import logging
 from collections.abc import Callable
@@ -125,12 +131,18 @@ def ball(radius_mm: float, spacing_krc: tuple[float, float, float]) -> np.ndarra
     return d2 <= radius_mm ** 2 + 1e-9
 
 
-def per_slice(fn, mask: np.ndarray) -> np.ndarray:
-    """Apply a 2D boolean function to every slice."""
-    out = np.empty_like(mask, dtype=bool)
-    for k in range(mask.shape[0]):
-        out[k] = fn(mask[k])
-    return out
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Holes of a (k, r, c) mask filled slice by slice (as ``ndi.binary_fill_holes`` of each slice): the
+    background is labelled in one call with in-plane connectivity, and its regions that do not reach the
+    slice's edge are holes."""
+    cross = np.zeros((3, 3, 3), bool)
+    cross[1] = ndi.generate_binary_structure(2, 1)
+    lab, n = ndi.label(~mask, structure=cross)
+    outside = np.zeros(n + 1, bool)
+    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
+        outside[edge] = True
+    outside[0] = False  # label 0: the mask itself
+    return mask | ~outside[lab]
 
 
 def largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
@@ -140,6 +152,23 @@ def largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> 
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     return lab == int(np.argmax(sizes))
+
+
+def largest_per_slice(mask: np.ndarray) -> np.ndarray:
+    """The largest in-plane connected region (4-connected, as :func:`largest_component` of a 2D slice) of
+    every slice of a (k, r, c) mask, labelled in one call; ties go to the first label, as there."""
+    cross = np.zeros((3, 3, 3), bool)
+    cross[1] = ndi.generate_binary_structure(2, 1)
+    lab, n = ndi.label(mask, structure=cross)
+    if n == 0:
+        return np.zeros(mask.shape, bool)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    first_k = np.array([sl[0].start for sl in ndi.find_objects(lab)])
+    order = np.lexsort((np.arange(n), -sizes, first_k))  # per slice: largest first, then lowest label
+    best = order[np.r_[True, first_k[order][1:] != first_k[order][:-1]]]
+    keep = np.zeros(n + 1, bool)
+    keep[best + 1] = True
+    return keep[lab]
 
 
 class Midline:
@@ -159,10 +188,14 @@ class Midline:
                      + (np.arange(cols) * ps_c * row_cos[0])[None, :]).astype(np.float32)
         xk = volume.positions[:, 0]
         mid = np.full(n, np.nan)
-        for k in range(n):
-            trunk = largest_component(body[k])
-            if trunk.any():
-                mid[k] = xk[k] + float(self._xrc[trunk].mean())
+        trunk = largest_per_slice(body)
+        count = trunk.sum(axis=(1, 2))
+        has = count > 0
+        # patient x is linear in row and column: its sum over the trunk needs only the row and column sums
+        rows_sum = trunk.sum(axis=2, dtype=np.int64) @ np.arange(rows)
+        cols_sum = trunk.sum(axis=1, dtype=np.int64) @ np.arange(cols)
+        x_sum = rows_sum * ps_r * col_cos[0] + cols_sum * ps_c * row_cos[0]
+        mid[has] = xk[has] + x_sum[has] / count[has]
         if np.isnan(mid).all():
             mid = xk + float(self._xrc.mean())
         else:
@@ -198,7 +231,7 @@ def body_mask(hu: np.ndarray, spacing_rc: tuple[float, float]) -> np.ndarray:
     rows, cols = body_box(m, margin=max(structure.shape) + 1)  # all air beyond: the same result, sooner
     body = np.zeros(hu.shape, bool)
     sub = largest_component(ndi.binary_opening(m[:, rows, cols], structure=structure))
-    body[:, rows, cols] = per_slice(ndi.binary_fill_holes, sub)
+    body[:, rows, cols] = fill_holes_per_slice(sub)
     return body
 
 
@@ -309,7 +342,7 @@ def is_gas(hu: np.ndarray, comp: np.ndarray) -> bool:
     values = hu3[inner] if inner.any() else hu3[comp3]
     if values.size == 0 or float(np.median(values)) >= GAS_MEDIAN_HU:
         return False
-    filled = per_slice(ndi.binary_fill_holes, comp3)
+    filled = fill_holes_per_slice(comp3)
     holes = filled & ~comp3
     return holes.sum() < GAS_MAX_HOLE_FRACTION * filled.sum()
 
@@ -419,7 +452,7 @@ def fill_holes_guarded(mask: np.ndarray, max_open_hole_px: float, hu: np.ndarray
     consolidation enclosed by lung on one slice often reaches the pleura on the next. A chain that fails
     is judged again slice by slice, so a lesion joined to an organ through a chain keeps its lesion slices.
     """
-    filled = per_slice(ndi.binary_fill_holes, mask)
+    filled = fill_holes_per_slice(mask)
     holes = filled & ~mask
     if mask.shape[0] == 1 or not holes.any():
         return filled
@@ -895,16 +928,101 @@ def cropped(volume: Volume, rows: slice, cols: slice) -> Volume:
     return dataclasses.replace(volume, hu=volume.hu[:, rows, cols], positions=volume.positions + shift)
 
 
-def segment_lungs(volume: Volume, *, closing_mm: float | None = None) -> LungMasks:
+class LungMethod(str, enum.Enum):
+    """How :func:`segment_lungs` decides what is lung."""
+
+    HU = "hu"              # steps 1-7 of the module docstring (HU thresholds and rules only)
+    AERATED = "aerated"    # steps 1-5 and 7: aerated lung only, no dense recovery (also the training labels'
+                           # aerated part, training/lungnet.py)
+    NET = "net"            # steps 1-4 with the learned lung probability (models/lungnet.py) deciding what
+                           # else is lung: dense disease, and which air components are lung at all
+
+
+DEFAULT_METHOD = LungMethod.HU
+NET_WEIGHTS = "lungnet"         # models/weights/<name>.safetensors
+NET_LUNG_PROBABILITY = 0.5      # a pixel is lung for the net from this probability
+NET_COMPONENT_PROBABILITY = 0.3  # an air component whose mean lung probability is lower is not lung (bowel gas,
+                                 # air in the chest wall)
+
+
+def lung_method(name: str) -> LungMethod:
+    """The :class:`LungMethod` of a configuration value: "auto" is ``DEFAULT_METHOD``."""
+    return DEFAULT_METHOD if name == "auto" else LungMethod(name)
+
+
+@functools.lru_cache(maxsize=2)
+def _lung_net(device: str):
+    """The shipped lung network on ``device`` and its input size (loaded once per process and device)."""
+    from models.registry import load_shipped
+
+    model, meta = load_shipped(NET_WEIGHTS, device=device)
+    return model, int(meta["input"]["size"])
+
+
+def lung_probability(hu: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Lung probability (float32) of every voxel of ``hu`` (k, r, c), from the lung network (models/lungnet.py),
+    all slices in batches on ``device``. ``hu`` should be the body box (:func:`body_box`): the network saw
+    slices cropped so."""
+    import torch
+
+    from models.lungnet import lung_probability as net_probability
+
+    model, size = _lung_net(device)
+    with torch.inference_mode():
+        prob = net_probability(model, torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), size)
+    return prob.cpu().numpy()
+
+
+def net_lungs(hu: np.ndarray, body: np.ndarray, air: np.ndarray, airways: np.ndarray, right_side: np.ndarray,
+              spacing_rc: tuple[float, float], device: str) -> tuple[np.ndarray, list[str], int]:
+    """Lung labels from the air inside the body (step 2) and the lung network's probability (method "net").
+
+    Air components (airways removed) whose mean probability is under ``NET_COMPONENT_PROBABILITY`` are not
+    lung (air in the chest wall, bowel gas the network takes for lung); the rest go through the component
+    rules and sides of step 4 (which also drop pure gas). Dense voxels of the body that the network gives at
+    least ``NET_LUNG_PROBABILITY`` join the lungs where they touch them (3D), after an opening of ``RIM_MM``
+    per slice (thin rims at the pleura, the network's blurred edge); they take the side of the body midline.
+    Holes are then filled slice by slice. Returns the labels, the notes of step 4 and the number of dense
+    voxels taken.
+    """
+    prob = lung_probability(hu, device)
+    cand = air & ~airways
+    lab, n = ndi.label(cand)
+    if n:
+        size = np.bincount(lab.ravel(), minlength=n + 1)
+        mean_prob = np.bincount(lab.ravel(), weights=prob.ravel(), minlength=n + 1) / np.maximum(size, 1)
+        keep = mean_prob >= NET_COMPONENT_PROBABILITY
+        keep[0] = False
+        cand = keep[lab]
+    labels, notes = assign_sides(cand, hu, right_side, spacing_rc[0] * spacing_rc[1])
+    lung = labels > 0
+    rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)
+    dense = ndi.binary_opening((prob >= NET_LUNG_PROBABILITY) & body & ~airways & ~lung & ~air, structure=rim)
+    lab, n = ndi.label(dense | lung)
+    touching = np.zeros(n + 1, bool)
+    touching[np.unique(lab[lung])] = True
+    touching[0] = False
+    dense &= touching[lab]
+    labels[dense] = np.where(right_side[dense], LungMasks.RIGHT, LungMasks.LEFT)
+    for value in (LungMasks.RIGHT, LungMasks.LEFT):
+        filled = fill_holes_per_slice(labels == value)
+        labels[filled & (labels == 0)] = value
+    return labels, notes, int(dense.sum())
+
+
+def segment_lungs(volume: Volume, *, closing_mm: float | None = None,
+                  method: LungMethod | str = DEFAULT_METHOD, device: str = "cpu") -> LungMasks:
     """Segment the right (1) and left (2) lungs of ``volume``; works on one slice (2D) too.
 
-    ``closing_mm``: radius of the per-slice outline closing (default ``CLOSING_MM``).
+    ``method``: see :class:`LungMethod`; ``device``: where the lung network runs (method "net"; "cuda" or
+    "cpu"). ``closing_mm``: radius of the per-slice outline closing of the HU methods (default ``CLOSING_MM``).
     After the body mask every step runs inside the body's bounding box (:func:`body_box`): the air around
     the patient holds no lung, and a CT field of view is often half air.
     """
+    method = LungMethod(method)
     body = body_mask(volume.hu, volume.pixel_spacing)
     rows, cols = body_box(body)
-    inner = _segment_in_box(cropped(volume, rows, cols), body[:, rows, cols], closing_mm)
+    inner = _segment_in_box(cropped(volume, rows, cols), body[:, rows, cols], closing_mm, method, device)
     labels = np.zeros(volume.shape, np.uint8)
     labels[:, rows, cols] = inner.labels
     airways = np.zeros(volume.shape, bool)
@@ -918,8 +1036,9 @@ def segment_lungs(volume: Volume, *, closing_mm: float | None = None) -> LungMas
                                partial_coverage=inner.partial_coverage or cut_cm2 > 0, notes=notes)
 
 
-def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None) -> LungMasks:
-    """Steps 2-7 of the module docstring on ``volume`` with its ``body`` mask (step 1)."""
+def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
+                    method: LungMethod = LungMethod.HU, device: str = "cpu") -> LungMasks:
+    """Steps 2-7 of the module docstring on ``volume`` with its ``body`` mask (step 1); see :class:`LungMethod`."""
     hu = volume.hu
     spacing_rc = volume.pixel_spacing
     area_px = spacing_rc[0] * spacing_rc[1]
@@ -932,19 +1051,28 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None) 
     notes += airway_notes
     right_side = midline.right_side()
 
-    labels, side_notes = assign_sides(air & ~airways, hu, right_side, area_px)
-    notes += side_notes
-    labels = smooth_lungs(labels, spacing_rc, CLOSING_MM if closing_mm is None else closing_mm)
-    labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc)
-    labels, bronchograms = recover_bronchograms(labels, hu, body, airways, midline, spacing_rc)
-    labels, between = recover_between_slices(labels, hu, body, right_side, spacing_rc)
-    recovered += bronchograms + between
-    # fill again: the recovered rim may now enclose lesions, which count even when open on the next slice
-    labels = smooth_lungs(labels, spacing_rc, 0.0, hu=hu)
+    recovered = 0
+    if method is LungMethod.NET:
+        labels, side_notes, recovered = net_lungs(hu, body, air, airways, right_side, spacing_rc, device)
+        notes += side_notes
+    else:
+        labels, side_notes = assign_sides(air & ~airways, hu, right_side, area_px)
+        notes += side_notes
+        labels = smooth_lungs(labels, spacing_rc, CLOSING_MM if closing_mm is None else closing_mm)
+    if method is LungMethod.HU:
+        labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc)
+        labels, bronchograms = recover_bronchograms(labels, hu, body, airways, midline, spacing_rc)
+        labels, between = recover_between_slices(labels, hu, body, right_side, spacing_rc)
+        recovered += bronchograms + between
+        # fill again: the recovered rim may now enclose lesions, which count even when open on the next slice
+        labels = smooth_lungs(labels, spacing_rc, 0.0, hu=hu)
     labels[airways] = 0
     dropped = one_component_per_lung(labels, volumetric=volume.is_volumetric)
     amount = functools.partial(amount_text, volume=volume)
-    if recovered:
+    if recovered and method is LungMethod.NET:
+        notes.append(f"the lung network took {amount(recovered)} of dense tissue (consolidation, atelectasis) "
+                     "into the lungs")
+    elif recovered:
         notes.append(f"recovered {amount(recovered)} of dense peripheral tissue (consolidation/effusion at "
                      "the chest wall) into the lungs")
     if dropped * area_px * max(volume.slice_spacing, 1.0) >= 1000.0:  # at least 1 ml (1 cm3)

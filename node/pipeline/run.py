@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engines import build_engine
-from .lungs import missed_dense_note, segment_lungs
+from .lungs import lung_method as resolve_lung_method, missed_dense_note, segment_lungs
 from .regionmap import find_lobe_map
 from .scores import Scores, compute_scores
 from .select import (SeriesDecision, SeriesKind, check_lung_in_view, mark_chosen, patient_conflict,
@@ -84,7 +84,7 @@ def _nothing_reason(decisions: list[SeriesDecision]) -> str:
 
 def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_slices: int = 1,
                  engine_options: dict[str, Any] | None = None, lobe_maps: Sequence[Any] = (),
-                 decode_limits: DecodeLimits = DecodeLimits()) -> PipelineResult:
+                 decode_limits: DecodeLimits = DecodeLimits(), lung_method: str = "auto") -> PipelineResult:
     """Run the pipeline on the instances ``paths`` (files, folders or datasets) of one study.
 
     ``lobe_maps``: SEG files that may hold the lung lobes of the chosen series (:mod:`.regionmap`); the
@@ -92,7 +92,9 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
     ``decode_limits``: the largest decoded pixel data a series may declare (a larger one is not decoded).
 
     ``engine_name`` "auto": the Inf-Net engine when it loads, else the threshold engine, the reason in
-    ``engine_fallback`` and in the notes (:func:`.engines.build_engine`).
+    ``engine_fallback`` and in the notes (:func:`.engines.build_engine`). ``lung_method``: see
+    :func:`node.pipeline.lungs.lung_method`; the lung network runs on the engine's device (the CPU for an
+    engine without one).
 
     Raises ValueError for an unknown engine (a configuration error) and
     :class:`.engines.EngineUnavailable` for an engine asked for by name that cannot be built; everything
@@ -100,6 +102,9 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
     """
     choice = build_engine(engine_name, **(engine_options or {}))
     engine = choice.engine
+    method = resolve_lung_method(lung_method)
+    predictor = getattr(engine, "predictor", None)
+    lung_device = str(getattr(predictor, "device", None) or "cpu")
     result = PipelineResult(status="skipped", engine=engine.identity, engine_fallback=choice.fallback)
     clock = _Clock(result.timings)
 
@@ -123,7 +128,7 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
                 log.warning("series %s: %s", cand.series_uid, exc)
                 continue
         with clock("lungs"):
-            lungs = segment_lungs(volume)
+            lungs = segment_lungs(volume, method=method, device=lung_device)
             no_lung = check_lung_in_view(volume, lungs)
         if no_lung:
             cand.reject(no_lung)

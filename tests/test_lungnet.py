@@ -1,0 +1,92 @@
+"""The lung network: architecture, training loop and export (training/lungnet.py), shipped weights, and
+``segment_lungs(method="net")`` on phantoms it was not trained on (docs/lungs.md)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.lungnet import LungNet, lung_input, lung_probability
+from models.registry import WEIGHTS_DIR, load_shipped
+from node import phantom as ph
+from node.pipeline.lungs import LungMethod, lung_method, segment_lungs
+
+MAX_WEIGHTS_BYTES = 2_000_000
+
+
+def test_network_maps_any_crop_to_a_probability_of_its_own_size():
+    model = LungNet().eval()
+    hu = torch.full((3, 70, 90), -1000.0)
+    assert lung_input(hu, 32).shape == (3, 2, 32, 32)
+    prob = lung_probability(model, hu, size=32)
+    assert prob.shape == (3, 70, 90) and float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
+
+
+def test_training_loop_and_export_round_trip(tmp_path):
+    from training import lungnet
+
+    n, size = 6, 32
+    label = torch.zeros(n, size, size)
+    label[:, 8:24, 4:14] = 1
+    data = {"hu": torch.where(label > 0, -850.0, 40.0).half(), "label": label.half(),
+            "source": torch.tensor([lungnet.SOURCE_DOCTOR, lungnet.SOURCE_PHANTOM] * 3),
+            "val": torch.tensor([False, False, False, False, True, True])}
+    torch.save(data, tmp_path / f"dataset-{lungnet.DATASET_SIZE}.pt")  # any example size works
+    cfg = lungnet.LungNetConfig(out=str(tmp_path), size=16, channels=[4, 8], epochs=2, batch=2, max_batches=2)
+    summary = lungnet.train(cfg)
+    assert summary["final"]["epoch"] == 2 and summary["val_examples"] == 2
+    assert {"semiseg_dice", "phantom_dice"} <= set(summary["final"])
+    meta = lungnet.export(str(tmp_path / "last.pt"), "lungnet-test", str(tmp_path / "weights"))
+    model, loaded = load_shipped("lungnet-test", tmp_path / "weights")
+    assert loaded["sha256"] == meta["sha256"] and loaded["input"]["size"] == 16
+    assert "non-commercial" in loaded["licence"]
+    assert isinstance(model, LungNet)
+
+
+def test_shipped_weights_are_small_and_documented():
+    meta = json.loads((WEIGHTS_DIR / "lungnet.json").read_text())
+    assert (WEIGHTS_DIR / "lungnet.safetensors").stat().st_size < MAX_WEIGHTS_BYTES
+    assert "non-commercial" in meta["licence"] and "covid_semiseg" in meta["training_data"]
+    model, _ = load_shipped("lungnet")
+    assert 100_000 <= sum(p.numel() for p in model.parameters()) <= 300_000
+
+
+def test_lung_method_names():
+    assert lung_method("hu") is LungMethod.HU and lung_method("net") is LungMethod.NET
+    with pytest.raises(ValueError):
+        lung_method("thresholds")
+
+
+@pytest.fixture(scope="module")
+def effusion_phantom() -> ph.Phantom:
+    # not a training or validation phantom of training/lungnet.py (other seed, size and spacing)
+    return ph.make_phantom(rows=144, cols=144, slices=48, pixel_spacing=2.5, slice_spacing=6.0, seed=21,
+                           burden={"right_lower": 0.9, "left_lower": 0.7}, effusion=0.15)
+
+
+def test_net_leaves_out_effusion_and_keeps_sides(effusion_phantom):
+    """Measured (2026-12-04): 0.475 of the consolidation inside the lungs (the HU method: 0.719), false-positive
+    lung 0.47 % of the lung (HU: 2.1 %), 0.03 % in the effusion (HU: 0.09 %), no voxel on the wrong side.
+    The network does not yet keep more consolidation than the HU method on the phantom (docs/lungs.md), so the
+    floor only guards against a collapse."""
+    p = effusion_phantom
+    truth = p.masks["right_lung"] | p.masks["left_lung"]
+    lungs = segment_lungs(p.as_volume(), method="net")
+    fp = lungs.lungs & ~truth
+    cons = p.masks["consolidation"]
+    assert (cons & lungs.lungs).sum() >= 0.4 * cons.sum()
+    assert fp.sum() <= 0.01 * truth.sum()
+    assert (fp & (p.labels == ph.TISSUES["effusion"])).sum() <= 0.001 * truth.sum()
+    assert (lungs.right & p.masks["left_lung"]).sum() == 0 and (lungs.left & p.masks["right_lung"]).sum() == 0
+    assert not (lungs.lungs & lungs.airways).any()
+    assert any("lung network took" in n for n in lungs.notes), lungs.notes
+
+
+def test_net_finds_no_lung_below_the_diaphragm(effusion_phantom):
+    p = effusion_phantom
+    truth = p.masks["right_lung"] | p.masks["left_lung"]
+    below = ~truth.reshape(truth.shape[0], -1).any(axis=1)
+    labels = segment_lungs(p.as_volume(), method="net").labels
+    assert below.any() and not labels[below].any()

@@ -1,0 +1,302 @@
+"""Training data, loop and export of the lung network (models/lungnet.py); protocol in docs/lungs.md.
+
+Labels (no lung masks exist for the data at hand; they are built so):
+
+* COVID-SemiSeg training slices (the 50 doctor-labelled and every ``PSEUDO_EVERY``-th of the 1600
+  pseudo-labelled ones; never the 48 test slices): each crop is made into a padded HU slice
+  (training.semiseg_ct); lung = the node's aerated lung (``segment_lungs(method="aerated")``: HU steps without
+  dense recovery) united with the slice's infection mask (expert or pseudo label; infection is lung by
+  definition), holes filled.
+* phantoms (node.phantom.make_phantom, ``PHANTOMS``): their true lungs; consolidation against the wall, the
+  heart and the diaphragm; dependent effusion (not lung) in some.
+
+Every example is the body box of its slice (volume-wide box for the phantoms, as the node crops), resized to
+the network size. Validation (reported every epoch, no selection: the last epoch is exported): the 10
+doctor-labelled slices of ``training.data.train_val_split`` and the phantom ``VAL_PHANTOM``, never trained on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+
+from models.lungnet import DEFAULT_SIZE, LUNG_WINDOW, SOFT_WINDOW, LungNet, lung_input
+
+DATASET_SIZE = 128         # examples are stored at this size; the network input (``size``) may be smaller: its
+                           # logits are resized to the example for the loss, as the node resizes them to the slice
+
+log = logging.getLogger(__name__)
+
+OUTSIDE_AIR_MEDIAN_HU = -950.0  # aerated lung reads about -850; the crops' outside air at the window floor, -1050
+PSEUDO_EVERY = 4           # 400 of the 1600 pseudo-labelled slices
+DOCTOR_REPEAT = 4          # the expert-labelled training slices count this many times per epoch
+SOURCE_DOCTOR, SOURCE_PSEUDO, SOURCE_PHANTOM = 0, 1, 2
+# (seed, burden, effusion); 40 slices of 128 x 128 at 2.6-3.2 mm, 7.5 mm apart
+PHANTOMS: list[tuple[int, float | dict[str, float], float]] = [
+    (10, {"right_lower": 0.9, "left_lower": 0.9}, 0.0),
+    (11, {"right_lower": 0.8, "right_middle": 0.6}, 0.15),
+    (12, {"left_lower": 0.9, "left_upper": 0.5}, 0.0),
+    (13, 0.5, 0.2),
+    (14, 0.0, 0.25),
+    (15, {"right_upper": 0.8, "left_lower": 0.7}, 0.1),
+    (16, 0.3, 0.0),
+    (17, {"right_lower": 1.0, "left_lower": 1.0, "right_middle": 0.8}, 0.15),
+]
+VAL_PHANTOM = (18, {"right_lower": 0.9, "left_lower": 0.6}, 0.15)
+
+
+@dataclass
+class LungNetConfig:
+    data: str = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-semiseg")
+    out: str = "runs/lungnet"
+    size: int = DEFAULT_SIZE        # network input
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32, 48, 64])
+    epochs: int = 6
+    samples_per_epoch: int = 480  # drawn with replacement, doctor-labelled slices weighted DOCTOR_REPEAT
+    batch: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    num_threads: int = 2
+    max_batches: int | None = None  # per epoch (smoke runs)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _box(hu: np.ndarray, label: np.ndarray, body: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, r, c) HU and label cut to the body box and resized to size x size as the network input is."""
+    from node.pipeline.lungs import body_box
+
+    rows, cols = body_box(body)
+    x = torch.from_numpy(np.ascontiguousarray(hu[:, rows, cols], dtype=np.float32))[:, None]
+    y = torch.from_numpy(np.ascontiguousarray(label[:, rows, cols], dtype=np.float32))[:, None]
+    resize = dict(size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(x, **resize)[:, 0], F.interpolate(y, **resize)[:, 0]
+
+
+def semiseg_example(image8: np.ndarray, infection: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One COVID-SemiSeg crop: (HU, lung label) at the network size; see the module docstring."""
+    from node.pipeline.lungs import LungMethod, fill_holes_per_slice, segment_lungs
+
+    from .semiseg_ct import AXIAL, as_ct, volume_of
+
+    hu, pad = as_ct(image8)
+    lungs = segment_lungs(volume_of(hu, AXIAL), method=LungMethod.AERATED)
+    label = lungs.lungs.copy()
+    # air outside the patient in a corner of the crop is walled in by the padding: pure air, not lung
+    lab, n = ndi.label(label[0])
+    if n:
+        median = np.array(ndi.median(hu, lab, np.arange(1, n + 1)))
+        label[0] &= ~np.isin(lab, 1 + np.flatnonzero(median < OUTSIDE_AIR_MEDIAN_HU))
+    label[0, pad:-pad, pad:-pad] |= infection
+    return _box(hu[None], fill_holes_per_slice(label), lungs.body, size)
+
+
+def phantom_examples(seed: int, burden, effusion: float, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from node import phantom as ph
+    from node.pipeline.lungs import body_mask
+
+    rng = np.random.default_rng(seed)
+    p = ph.make_phantom(rows=128, cols=128, slices=40, pixel_spacing=float(rng.uniform(2.6, 3.2)),
+                        slice_spacing=7.5, seed=seed, burden=burden, effusion=effusion)
+    truth = p.masks["right_lung"] | p.masks["left_lung"]
+    return _box(p.hu, truth, body_mask(p.hu.astype(np.float32), p.pixel_spacing), size)
+
+
+def build_dataset(cfg: LungNetConfig) -> dict[str, torch.Tensor]:
+    """All examples (cached in ``cfg.out``/dataset-<size>.pt): hu, label (n, size, size), source, val (bool)."""
+    cache = Path(cfg.out) / f"dataset-{DATASET_SIZE}.pt"
+    if cache.exists():
+        return torch.load(cache)
+    from PIL import Image
+
+    from .data import train_val_split
+
+    root = Path(cfg.data) / "TrainingSet" / "LungInfection-Train"
+    hus, labels, source, val = [], [], [], []
+
+    def add(x: torch.Tensor, y: torch.Tensor, src: int, is_val: bool) -> None:
+        hus.append(x.half()), labels.append(y.half())
+        source.extend([src] * len(x)), val.extend([is_val] * len(x))
+
+    doctor = sorted((root / "Doctor-label" / "Imgs").glob("*.jpg"), key=lambda p: int(p.stem))
+    _, val_idx = train_val_split(len(doctor))
+    pseudo = sorted((root / "Pseudo-label" / "Imgs").glob("*.jpg"))[::PSEUDO_EVERY]
+    t0 = time.time()
+    for i, path in enumerate(doctor + pseudo):
+        gt = path.parent.parent / "GT" / f"{path.stem}.png"
+        image8 = np.asarray(Image.open(path).convert("L"))
+        infection = np.asarray(Image.open(gt).convert("L")) > 127
+        is_doctor = i < len(doctor)
+        add(*semiseg_example(image8, infection, DATASET_SIZE), SOURCE_DOCTOR if is_doctor else SOURCE_PSEUDO,
+            is_doctor and i in val_idx)
+        if i % 50 == 0:
+            log.info("semiseg %d / %d (%.0f s)", i, len(doctor) + len(pseudo), time.time() - t0)
+    for seed, burden, effusion in PHANTOMS + [VAL_PHANTOM]:
+        add(*phantom_examples(seed, burden, effusion, DATASET_SIZE), SOURCE_PHANTOM, seed == VAL_PHANTOM[0])
+    data = {"hu": torch.cat(hus), "label": torch.cat(labels), "source": torch.tensor(source),
+            "val": torch.tensor(val)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, cache)
+    return data
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def augment(hu: torch.Tensor, label: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips / transposition (the crops come in both orientations), scale 0.85-1.15, shift up to 6 %,
+    HU offset up to 30 and noise of 10 HU; (n, s, s) each."""
+    n = hu.shape[0]
+    r = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    scale = 0.85 + 0.3 * r(n)
+    flip_x = torch.where(r(n) < 0.5, -1.0, 1.0)
+    flip_y = torch.where(r(n) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = scale * flip_x, scale * flip_y
+    theta[:, :, 2] = (r(n, 2) - 0.5) * 0.12
+    swap = r(n) < 0.5
+    theta[swap] = theta[swap][:, [1, 0]]
+    both = torch.stack((hu.float() + 1000.0, label.float()), 1)  # outside the image: air, not lung
+    grid = F.affine_grid(theta, list(both.shape), align_corners=False)
+    out = F.grid_sample(both, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    hu_out = out[:, 0] - 1000.0 + (r(n, 1, 1) - 0.5) * 60.0 + 10.0 * torch.randn(out[:, 0].shape, generator=gen)
+    return hu_out, out[:, 1]
+
+
+def forward(model: LungNet, hu: torch.Tensor, size: int) -> torch.Tensor:
+    """Logits (n, 1, h, w) at the examples' own size (h, w) for a network input of ``size``."""
+    logits = model(lung_input(hu, size))
+    if logits.shape[-2:] != hu.shape[-2:]:
+        logits = F.interpolate(logits, size=hu.shape[-2:], mode="bilinear", align_corners=False)
+    return logits
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice."""
+    prob = torch.sigmoid(logits)
+    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + dice
+
+
+@torch.no_grad()
+def evaluate(model: LungNet, data: dict[str, torch.Tensor], pick: torch.Tensor, size: int) -> dict[str, float]:
+    """Dice of the thresholded map against the labels of ``pick``, and recall of the dense lung (label lung
+    above -320 HU: consolidation, vessels) per source."""
+    model.eval()
+    out: dict[str, float] = {}
+    for name, src in (("semiseg", (SOURCE_DOCTOR,)), ("phantom", (SOURCE_PHANTOM,))):
+        sel = pick & torch.isin(data["source"], torch.tensor(src))
+        if not sel.any():
+            continue
+        hu, label = data["hu"][sel].float(), data["label"][sel].float() >= 0.5
+        pred = torch.cat([forward(model, hu[i:i + 64], size)[:, 0] >= 0
+                          for i in range(0, len(hu), 64)])
+        dense = label & (hu > -320)
+        out[f"{name}_dice"] = float(2 * (pred & label).sum() / (pred.sum() + label.sum()))
+        out[f"{name}_dense_recall"] = float((pred & dense).sum() / max(int(dense.sum()), 1))
+        out[f"{name}_false_positive"] = float((pred & ~label).sum() / label.sum())
+    model.train()
+    return out
+
+
+def train(cfg: LungNetConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_data = time.time()
+    data = build_dataset(cfg)
+    t_data = time.time() - t_data
+    train_idx = torch.nonzero(~data["val"]).flatten()
+    weights = torch.where(data["source"][train_idx] == SOURCE_DOCTOR, float(DOCTOR_REPEAT), 1.0)
+    per_epoch = cfg.samples_per_epoch
+    steps = per_epoch // cfg.batch
+    if cfg.max_batches:
+        steps = min(steps, cfg.max_batches)
+    model = LungNet(channels=cfg.channels)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = steps * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    t0 = time.time()
+    for epoch in range(cfg.epochs):
+        order = train_idx[torch.multinomial(weights, per_epoch, replacement=True, generator=gen)]
+        running = 0.0
+        for b in range(steps):
+            idx = order[b * cfg.batch:(b + 1) * cfg.batch]
+            hu, label = augment(data["hu"][idx], data["label"][idx], gen)
+            loss = loss_fn(forward(model, hu, cfg.size), label[:, None])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.item()
+            if (b + 1) % 10 == 0:
+                log.info("epoch %d step %d / %d loss %.4f (%.0f s)", epoch + 1, b + 1, steps, running / (b + 1),
+                         time.time() - t0)
+        row = {"epoch": epoch + 1, "loss": running / max(steps, 1), "wall_s": round(time.time() - t0, 1),
+               **evaluate(model, data, data["val"], cfg.size)}
+        history.append(row)
+        log.info("%s", row)
+        print(json.dumps(row), flush=True)
+    ckpt = {"arch": "lungnet", "model_config": model.config, "state_dict": model.state_dict(),
+            "run_config": asdict(cfg), "history": history}
+    torch.save(ckpt, out / "last.pt")
+    summary = {"final": history[-1], "train_examples": int(len(train_idx)),
+               "val_examples": int(data["val"].sum()), "dataset_s": round(t_data, 1),
+               "train_s": round(time.time() - t0, 1), "torch": torch.__version__}
+    (out / "metrics.json").write_text(json.dumps({**summary, "history": history}, indent=2))
+    return summary
+
+
+def export(ckpt_path: str, name: str = "lungnet", out_dir: str = "models/weights") -> dict:
+    """fp16 safetensors + sidecar JSON (architecture, input, sha256, training data, licence)."""
+    from safetensors.torch import save_file
+
+    from models.registry import sha256_file
+
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in ckpt["state_dict"].items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    st = out / f"{name}.safetensors"
+    save_file(sd, str(st))
+    os.chmod(st, 0o644)
+    cfg = ckpt["run_config"]
+    meta = {
+        "name": name, "arch": ckpt["arch"], "model_config": ckpt["model_config"], "dtype": "float16",
+        "sha256": sha256_file(st), "file": st.name,
+        "parameters": int(sum(v.numel() for k, v in ckpt["state_dict"].items() if "running" not in k
+                              and "num_batches" not in k)),
+        "input": {"channels": f"HU of the body box of an axial slice in two windows, (centre, width) "
+                              f"{list(LUNG_WINDOW)} and {list(SOFT_WINDOW)}, each scaled to [0, 1] "
+                              "(models.lungnet.lung_input)", "size": cfg["size"]},
+        "output": "one logit per pixel: lung (aerated or dense) against everything else",
+        "training_data": {
+            "covid_semiseg": f"TrainingSet/LungInfection-Train: 40 of the 50 doctor-labelled slices (10 held out "
+                             f"for validation, training.data.train_val_split) and every {PSEUDO_EVERY}th of the "
+                             "1600 pseudo-labelled slices; label = aerated lung of the node's HU steps "
+                             "(segment_lungs method 'aerated') united with the infection mask, holes filled; "
+                             "the 48 test slices were not used",
+            "phantoms": f"node.phantom.make_phantom, seeds {[p[0] for p in PHANTOMS]} (validation: seed "
+                        f"{VAL_PHANTOM[0]}), consolidation and dependent effusion (not lung); true lung labels",
+        },
+        "selection": "none: the last epoch of a fixed schedule (docs/lungs.md)",
+        "run_config": cfg, "history": ckpt["history"],
+        "licence": "weights trained on COVID-SemiSeg (Inf-Net): non-commercial use only",
+    }
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
