@@ -28,7 +28,9 @@ from node.pipeline.types import LungMasks
 from node.writers.seg import SEGMENT_NUMBERS, build_segmentation
 from node.writers.sr import build_report, flatten_scores, read_report_measurements
 from tests import peers
-from tests.test_writers import INFNET, OBLIQUE, make_masks, make_volume
+from tests.builders import INFNET, OBLIQUE, make_masks, make_volume
+
+pytestmark = pytest.mark.unit
 
 
 def _case(orientation=None, *, region_map=None, kind="lobes"):

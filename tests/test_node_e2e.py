@@ -13,10 +13,11 @@ from node.db.schema import Event, Export, Job, Result
 from node.demo import Receiver, send_study
 from node.processing import analyse
 from node.service import Node
-from tests.conftest import make_settings
+from tests.builders import dice
+from tests.nodes import make_settings
 from tests.util import wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,6 @@ def phantom_study(tmp_path_factory):
     folder = tmp_path_factory.mktemp("phantom")
     phantom = make_phantom(rows=192, cols=192, slices=60, pixel_spacing=2.0, slice_spacing=5.0, seed=1, burden=0.2)
     return phantom, write_phantom_study(phantom, folder / "dicom")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
 def test_study_in_seg_and_sr_out(tmp_path, phantom_study, monkeypatch, capsys):

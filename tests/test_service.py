@@ -8,9 +8,11 @@ from sqlalchemy import select
 from node.db.schema import Event, Instance, Job
 from node.demo import send_study
 from node.service import Node
-from tests.conftest import make_settings
+from tests.builders import ct_slice, write
+from tests.nodes import make_settings
 from tests.util import wait_for
-from tests.factory import ct_slice, write
+
+pytestmark = pytest.mark.integration
 
 
 def job_state(node):
