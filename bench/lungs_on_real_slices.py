@@ -19,6 +19,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support import SHARED_DATA  # noqa: E402  ($CTNODE_DATA, else ../shared/data)
+
 
 def overlay(hu: np.ndarray, before: np.ndarray, after: np.ndarray, path: Path) -> None:
     from PIL import Image
@@ -35,7 +37,7 @@ def overlay(hu: np.ndarray, before: np.ndarray, after: np.ndarray, path: Path) -
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "dicom")
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "dicom")
     ap.add_argument("--png", type=Path, help="write one overlay PNG per slice here")
     args = ap.parse_args()
     logging.disable(logging.WARNING)

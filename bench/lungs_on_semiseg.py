@@ -40,6 +40,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support import SHARED_DATA  # noqa: E402  ($CTNODE_DATA, else ../shared/data)
+
 WINDOW = (-400.0, 1300.0)  # models.engine.DEFAULT_WINDOW, repeated so that the bench does not import torch
 WALL_MM, AIR_MM, WALL_HU = 24.0, 30.0, 30.0
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]     # columns run along patient x
@@ -200,7 +202,7 @@ def infection_dice(data: Path, spacing: float = 0.75, split: str = "test") -> tu
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "covid-semiseg")
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "covid-semiseg")
     ap.add_argument("--spacing", type=float, default=0.75, help="assumed pixel size (mm)")
     ap.add_argument("--split", choices=("test", "train"), default="test",
                     help="test: the 48 test slices (the reported figures); train: the 50 multi-class training "
