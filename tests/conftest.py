@@ -44,16 +44,16 @@ if IN_CI:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Give every test exactly one kind marker: its closest one (test, then class, then module)."""
     kinds: dict[pytest.Item, str] = {}
-    missing = []
+    missing: set[str] = set()
     for item in items:
         closest = next((mark.name for mark in item.iter_markers() if mark.name in KINDS), None)
         if closest is None:
-            missing.append(item.nodeid)
+            missing.add(item.nodeid.split("::")[0])
         else:
             kinds[item] = closest
     if missing:
-        raise pytest.UsageError(f"tests without a kind ({', '.join(KINDS)}): add e.g. "
-                                f"`pytestmark = pytest.mark.unit` to the module: {', '.join(missing)}")
+        raise pytest.UsageError(f"tests without a kind ({', '.join(KINDS)}) in {', '.join(sorted(missing))}: "
+                                f"give the module a line such as `pytestmark = pytest.mark.unit`")
     for item in items:  # a module's or class's kind stays on the tests that do not have another one
         for node in item.listchain():
             node.own_markers[:] = [mark for mark in node.own_markers if mark.name not in KINDS]

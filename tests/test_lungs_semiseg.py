@@ -15,7 +15,7 @@ import pytest
 
 from tests.support import SHARED_DATA, skip_or_fail
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.slow]  # the bench measures 48 slices: minutes
 
 
 def load_bench():
