@@ -18,10 +18,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support import SHARED_DATA  # noqa: E402  ($CTNODE_DATA, else ../shared/data)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "dicom" / "ny-sbu")
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "dicom" / "ny-sbu")
     ap.add_argument("--engine", default="infnet")
     args = ap.parse_args()
     logging.disable(logging.WARNING)

@@ -21,6 +21,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support import SHARED_DATA  # noqa: E402  ($CTNODE_DATA, else ../shared/data)
+
 
 def overlay(hu: np.ndarray, hu_mask: np.ndarray, net_mask: np.ndarray, path: Path) -> None:
     from PIL import Image
@@ -37,7 +39,7 @@ def overlay(hu: np.ndarray, hu_mask: np.ndarray, net_mask: np.ndarray, path: Pat
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "dicom")
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "dicom")
     ap.add_argument("--png", type=Path, help="write one overlay PNG per slice here")
     args = ap.parse_args()
     logging.disable(logging.WARNING)

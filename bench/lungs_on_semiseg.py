@@ -41,6 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from training.paths import data_root  # noqa: E402  ($CTNODE_DATA, else ../shared/data)
 from training.semiseg_ct import AXIAL, ROTATED, as_ct, volume_of  # noqa: E402
 
 
@@ -184,7 +185,7 @@ def infection_dice(data: Path, spacing: float = 0.75, split: str = "test", metho
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "covid-semiseg")
+    ap.add_argument("--data", type=Path, default=data_root() / "covid-semiseg")
     ap.add_argument("--spacing", type=float, default=0.75, help="assumed pixel size (mm)")
     ap.add_argument("--split", choices=("test", "train"), default="test",
                     help="test: the 48 test slices (the reported figures); train: the 50 multi-class training "

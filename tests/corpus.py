@@ -19,7 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.factory import ct_slice
+from tests.builders import ct_slice
 
 OK, REFUSED_CLASS, NOT_UNDERSTOOD, NOT_SUPPORTED = 0x0000, 0xA900, 0xC000, 0x0122
 DONE_OR_SKIPPED = {"done", "skipped"}  # tiny synthetic slices may show no lung: "skipped", with that reason

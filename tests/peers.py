@@ -1,6 +1,6 @@
 """Real external DICOM peers for tests: DCMTK, Orthanc, dciodvfy and PixelMed's validators.
 
-Plain functions and context managers; ``conftest.py`` wraps them into fixtures.
+Plain functions and context managers, called by the test modules.
 
 * Every peer runs on loopback with dynamically chosen ports and temporary storage.
 * DCMTK binaries are resolved explicitly: pynetdicom installs Python scripts named

@@ -11,9 +11,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import SegmentationStorage
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from models.metrics import dice
@@ -22,10 +20,10 @@ from node.demo import send_study
 from node.pipeline.segments import classify_segment
 from node.processing import analyse
 from node.service import Node
-from tests.conftest import make_settings
+from tests.nodes import c_store, make_settings
 from tests.util import wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SPACING, SLICE = 2.2, 6.0
 
@@ -65,17 +63,6 @@ def reference_seg(headers: list[Dataset], masks: list[np.ndarray]) -> hd.seg.Seg
         series_instance_uid=generate_uid(), series_number=950, sop_instance_uid=generate_uid(), instance_number=1,
         manufacturer="Radiology", manufacturer_model_name="manual", software_versions="1", device_serial_number="1",
         omit_empty_frames=True)
-
-
-def c_store(port: int, *datasets: Dataset) -> list[int]:
-    ae = AE(ae_title="READER")
-    ae.add_requested_context(SegmentationStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="CTNODE")
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
 
 
 def test_classify_segment_by_code_and_label():

@@ -24,9 +24,11 @@ from node.listener import Listener
 from node.pipeline.run import run_pipeline
 from node.pipeline.select import evaluate_series
 from node.pipeline.volume import VolumeError, assemble_volume
-from tests.conftest import make_settings
+from tests.builders import write
 from tests.corpus import LISTENER_CASES, Case, series
-from tests.factory import write
+from tests.nodes import make_settings
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +194,7 @@ def test_offline_pipeline_reports_malformed_headers_without_raising(tmp_path, ke
     from pydicom.dataelem import RawDataElement
 
     from node.pipeline.run import run_pipeline
-    from tests.factory import ct_slice, write
+    from tests.builders import ct_slice, write
 
     files = []
     for z in range(4):

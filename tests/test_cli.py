@@ -1,5 +1,9 @@
 """Command-line parsing: options before or after the sub-command."""
+import pytest
+
 from node.cli import build_parser
+
+pytestmark = pytest.mark.unit
 
 
 def test_config_before_or_after_the_subcommand():

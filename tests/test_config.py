@@ -4,6 +4,8 @@ import pytest
 
 from node.config import ConfigError, load_settings
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -28,7 +28,9 @@ from node.pipeline.types import LungMasks
 from node.writers.seg import build_segmentation, segment_numbers
 from node.writers.sr import DECIMALS, MEASUREMENTS, build_report, flatten_scores, read_report_measurements
 from tests import peers
-from tests.test_writers import INFNET, OBLIQUE, expected_segments, make_masks, make_volume
+from tests.builders import INFNET, OBLIQUE, expected_segments, make_masks, make_volume
+
+pytestmark = pytest.mark.unit
 
 
 def _case(orientation=None, *, region_map=None, kind="lobes"):

@@ -15,7 +15,9 @@ from node.registry import (
     ReceivedInstance, ReceivedReference, claim_next_job, instance_paths_for_job, mark_stable_studies_ready,
     record_instance, record_reference, release_job,
 )
-from tests.conftest import skip_or_fail
+from tests.support import skip_or_fail
+
+pytestmark = pytest.mark.unit
 
 
 def received(study="1.2.3", series="1.2.3.1", sop="1.2.3.1.1", sha="a"):

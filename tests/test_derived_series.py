@@ -12,7 +12,10 @@ from pydicom.uid import generate_uid
 
 from node.pipeline.run import run_pipeline
 from node.pipeline.select import SeriesKind, evaluate_series, select_series
-from tests.test_pipeline_helpers import ct_series, shared_dicom
+from tests.builders import CORONAL, ct_series
+from tests.support import shared_dicom
+
+pytestmark = pytest.mark.unit
 
 REFORMATS = {
     "GE average": ["DERIVED", "SECONDARY", "REFORMATTED", "AVERAGE"],
@@ -88,8 +91,6 @@ def test_among_reformats_the_thinnest_is_chosen_even_with_fewer_slices():
 
 def test_a_reformat_is_used_when_the_original_series_is_not_usable():
     """The original series is a coronal acquisition here (not axial): the axial reformat is analysed."""
-    from tests.test_pipeline_helpers import CORONAL
-
     coronal = ct_series(40, series_uid="1.9.1", orientation=CORONAL)
     reformat = ct_series(40, series_uid="1.9.2", ImageType=["DERIVED", "SECONDARY", "CSA MPR"])
     chosen, decisions = select_series(coronal + reformat)

@@ -14,6 +14,8 @@ pytest.importorskip("torch")
 from node.pipeline.engines import EngineUnavailable, ThresholdEngine, build_engine  # noqa: E402
 from tests.util import captured_logs  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "weights"
 BROKEN = "infnet-compact"
 
@@ -132,7 +134,7 @@ def test_the_worker_records_the_fallback_or_fails(tmp_path, broken_weights, phan
     from node.db import open_database
     from node.db.schema import Event, Job
     from node.worker import process_job
-    from tests.conftest import make_settings
+    from tests.nodes import make_settings
 
     settings = make_settings(tmp_path, processing={"engine": engine, "device": "cpu"})
     job_id, attempt = _claimed_job(settings, phantom_files)

@@ -3,38 +3,16 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
-from sqlalchemy import select
 
-from node.db import open_database
-from node.db.schema import Export, Job, Study
 from node.demo import Receiver, free_port
 from node.export import backoff, run_exports
 from node.reports import retry
-from tests.conftest import make_settings
-from tests.factory import ct_slice, write
+from tests.nodes import export_row, make_settings, setup_export
 
-
-def setup_export(tmp_path, port, max_attempts=3):
-    settings = make_settings(tmp_path, export={"max_attempts": max_attempts},
-                             destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}])
-    sessions = open_database(settings.storage.database_url)
-    path = write(ct_slice(), tmp_path / "out")
-    with sessions.begin() as s:
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        job = Job(study_id=study.id, version=1, state="done")
-        s.add(job)
-        s.flush()
-        s.add(Export(job_id=job.id, destination="pacs", sop_instance_uid="1.2.3.4", path=str(path)))
-    return settings, sessions
-
-
-def export_row(sessions):
-    with sessions() as s:
-        return s.scalars(select(Export)).one()
+pytestmark = pytest.mark.integration
 
 
 def test_sent_once(tmp_path):

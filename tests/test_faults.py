@@ -26,11 +26,11 @@ from node.db.schema import Event, Export, Instance, Job
 from node.demo import Receiver, free_port, send_study
 from node.export import run_exports
 from node.listener import Listener
-from tests.conftest import make_settings
-from tests.factory import ct_slice, write
-from tests.test_export import export_row, setup_export
-from tests.test_restart import NodeProcess, write_config
+from tests.builders import ct_slice, write
+from tests.nodes import NodeProcess, export_row, make_settings, setup_export, write_config
 from tests.util import captured_logs, wait_for
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

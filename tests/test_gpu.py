@@ -22,11 +22,12 @@ from node.demo import send_study
 from node.phantom import make_phantom, write_phantom_study
 from node.processing import analyse
 from node.service import Node
-from tests.conftest import make_settings
+from tests.nodes import make_settings
 from tests.util import wait_for
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA GPU on this machine (CI has none): run on a GPU machine")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="no CUDA GPU on this machine (CI has none): run on a GPU machine")]
 
 
 @pytest.fixture(scope="module")

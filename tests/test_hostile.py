@@ -19,8 +19,10 @@ from node.dicom.status import DropReason, StoreStatus
 from node.dicom.transport import AE_TITLES_END, ASSOCIATE_RQ_MAX_LENGTH
 from node.listener import Listener
 from node.spool import DiskGuard, DiskState
-from tests.conftest import make_settings
-from tests.factory import ct_slice
+from tests.nodes import make_settings
+from tests.builders import ct_slice
+
+pytestmark = pytest.mark.integration
 
 ACSE, NETWORK = 2.0, 3.0
 MB = 1024**2

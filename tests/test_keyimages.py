@@ -9,7 +9,9 @@ from node.pipeline.types import InfectionResult
 from node.writers.keyimages import ALPHA, BANNER_HEIGHT, build_key_images, choose_slices, patient_orientation
 from node.writers.seg import DISPLAY_COLOURS
 from tests import peers
-from tests.test_writers import INFNET, OBLIQUE, THRESHOLD, make_masks, make_volume, roundtrip
+from tests.builders import INFNET, OBLIQUE, THRESHOLD, make_masks, make_volume, roundtrip
+
+pytestmark = pytest.mark.unit
 
 
 def lung_window_volume():

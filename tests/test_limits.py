@@ -16,8 +16,10 @@ from node.db import open_database
 from node.db.schema import Event, Instance
 from node.listener import Listener
 from node.spool import DiskGuard, DiskState
-from tests.conftest import make_settings
-from tests.factory import ct_slice
+from tests.builders import ct_slice
+from tests.nodes import make_settings
+
+pytestmark = pytest.mark.integration
 
 GB = 1024**3
 
@@ -213,7 +215,7 @@ def test_a_300_mb_instance_is_spooled_from_disk_with_flat_memory(make_listener, 
     big = tmp_path / "big.dcm"
     # written by a child process, so this process (the listener's) never holds the 300 MB
     subprocess.run([sys.executable, "-c", (
-        "import sys; from tests.factory import ct_slice; import numpy as np\n"
+        "import sys; from tests.builders import ct_slice; import numpy as np\n"
         "ds = ct_slice(size=16)\n"
         "ds.Rows = ds.Columns = 12288\n"
         "ds.PixelData = np.full((12288, 12288), 24, np.int16).tobytes()\n"

@@ -14,9 +14,11 @@ from sqlalchemy import select
 from node.db import open_database
 from node.db.schema import Event, Instance, Job
 from node.listener import Listener
-from tests.conftest import make_settings
-from tests.factory import ct_slice
+from tests.builders import ct_slice
+from tests.nodes import make_settings
 from tests.util import captured_logs
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

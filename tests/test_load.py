@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from node.db.schema import Event, Export, Instance, Job, Study
 from node.phantom import make_phantom, write_phantom_study
 from node.service import Node
-from tests.conftest import make_settings
+from tests.nodes import make_settings
 from tests.peers import StoreSCP, peer_env, require_peer
 from tests.util import captured_logs, wait_for
 

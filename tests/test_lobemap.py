@@ -19,9 +19,10 @@ from node.pipeline.run import run_pipeline
 from node.pipeline.scores import compute_scores
 from node.pipeline.segments import classify_lobe
 from node.service import Node
-from tests.conftest import make_settings
-from tests.test_agreement import c_store
+from tests.nodes import c_store, make_settings
 from tests.util import wait_for
+
+pytestmark = pytest.mark.unit
 
 UPPER = hd.sr.CodedConcept("45653009", "SCT", "Upper lobe of lung")      # DICOM CID 6170 "Lobe of Lung"
 MIDDLE = hd.sr.CodedConcept("72481006", "SCT", "Middle lobe of right lung")
@@ -130,6 +131,7 @@ def test_lobe_map_of_another_frame_of_reference_is_not_used(tmp_path, study):
     assert any("not used: its FrameOfReferenceUID differs" in n for n in result.lobe_map_notes)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_node_uses_a_lobe_map_sent_before_or_after_the_study(tmp_path, study):
     """Before: the first result uses it. After: the study is processed again (version 2) with it."""

@@ -13,6 +13,8 @@ from models.registry import WEIGHTS_DIR, load_shipped
 from node import phantom as ph
 from node.pipeline.lungs import LungMethod, lung_method, segment_lungs
 
+pytestmark = pytest.mark.unit
+
 MAX_WEIGHTS_BYTES = 2_000_000
 
 

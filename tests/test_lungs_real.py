@@ -17,12 +17,13 @@ from scipy import ndimage as ndi
 from node.pipeline.lungs import Midline, segment_lungs
 from node.pipeline.types import Volume
 from node.pipeline.volume import assemble_volume
-from tests.conftest import SHARED_DATA, skip_or_fail
+from tests.support import ABDOMEN_AXIAL, SHARED_DATA, skip_or_fail
+
+pytestmark = pytest.mark.unit
 
 NY_SBU = SHARED_DATA / "dicom" / "ny-sbu"
 LUNGMASK = SHARED_DATA / "dicom" / "lungmask-slices"
-ABDOMEN = {"A027284/axial/19000925-116.dcm", "A027284/axial/19001231-131.dcm",
-           "A058062/axial/19001231-084.dcm", "A058062/axial/19010108-078.dcm"}
+ABDOMEN = set(ABDOMEN_AXIAL)
 LUNG_AREA_CM2 = (20.0, 350.0)
 
 

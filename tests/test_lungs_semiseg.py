@@ -11,8 +11,11 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from tests.conftest import SHARED_DATA, skip_or_fail
+from tests.support import SHARED_DATA, skip_or_fail
+
+pytestmark = [pytest.mark.unit, pytest.mark.slow]  # the bench measures 48 slices: minutes
 
 
 def load_bench():

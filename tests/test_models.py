@@ -13,6 +13,8 @@ from models.coach import CoachNet, coach_mask  # noqa: E402
 from models.factory import build_model  # noqa: E402
 from models.infnet import OUTPUT_NAMES  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 torch.set_num_threads(1)
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "weights"
 

@@ -14,10 +14,11 @@ from node.db.schema import Event, Export, Job, Result
 from node.demo import Receiver, send_study
 from node.processing import analyse
 from node.service import Node
-from tests.conftest import make_settings
+from tests.builders import dice
+from tests.nodes import make_settings
 from tests.util import wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from node.db.schema import Instance, Job
 from node.service import Node
 from tests import peers
-from tests.conftest import make_settings
+from tests.nodes import make_settings
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 

@@ -17,6 +17,8 @@ from node.phantom import (
     write_phantom_study,
 )
 
+pytestmark = pytest.mark.unit
+
 # Small but physically sized: 128 x 2.8 mm = 358 mm field of view, 60 x 5 mm = 300 mm scan length.
 SMALL = dict(rows=128, cols=128, slices=60, pixel_spacing=2.8, slice_spacing=5.0)
 

@@ -15,8 +15,10 @@ from node.logredact import MAX_LIBRARY_MESSAGE, REDACTED, install_log_redaction,
 from node.processing import analyse, write_outputs
 from node.security import uid_ref
 from node.service import Node
-from tests.conftest import make_settings
+from tests.nodes import make_settings
 from tests.util import wait_for
+
+pytestmark = pytest.mark.integration
 
 # Identifiable values: a one-component name (highdicom warns about it, quoting it), IDs, a date, UIDs.
 NAME = "Zebracorn Quintessa O'Secretname"

@@ -8,7 +8,9 @@ from node.pipeline import engines
 from node.pipeline.engines import InfectionEngine, ThresholdEngine, aerated_peak, base, get_engine, register_engine
 from node.pipeline.lungs import segment_lungs
 from node.pipeline.types import EngineIdentity, InfectionResult
-from tests.test_pipeline_helpers import dice, single_slice, synthetic_chest
+from tests.builders import dice, single_slice, synthetic_chest
+
+pytestmark = pytest.mark.unit
 
 
 def test_registry_and_threshold_identity():

@@ -4,10 +4,15 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
+from node import phantom as ph
+from node.pipeline import lungs as lungs_mod
 from node.pipeline.lungs import segment_lungs
-from node.pipeline.types import LungMasks
-from tests.test_pipeline_helpers import dice, single_slice, synthetic_chest
+from node.pipeline.types import LungMasks, Volume
+from tests.builders import dice, single_slice, synthetic_chest
+
+pytestmark = pytest.mark.unit
 
 
 def test_right_and_left_lungs_standard_orientation():
@@ -81,13 +86,6 @@ def test_no_lung_in_an_abdomen_like_volume():
 
 
 # --------------------------------------------------------------------------------------------- phantom: dense disease
-
-
-import pytest  # noqa: E402
-
-from node import phantom as ph  # noqa: E402
-from node.pipeline import lungs as lungs_mod  # noqa: E402
-from node.pipeline.types import Volume  # noqa: E402
 
 
 def phantom_volume(p: ph.Phantom) -> Volume:

@@ -6,8 +6,10 @@ import pytest
 
 from node.pipeline.run import STAGES, run_pipeline
 from node.pipeline.select import NO_LUNG_REASON
-from tests.test_pipeline_helpers import dice, shared_dicom, synthetic_chest, write_series
-from tests.test_pipeline_select import ABDOMEN_AXIAL, CHEST_AXIAL
+from tests.builders import dice, synthetic_chest, write_series
+from tests.support import ABDOMEN_AXIAL, CHEST_AXIAL, shared_dicom
+
+pytestmark = pytest.mark.unit
 
 
 # --------------------------------------------------------------------------------------------- real slices

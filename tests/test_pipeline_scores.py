@@ -7,6 +7,8 @@ import pytest
 from node.pipeline.scores import Scores, compute_scores
 from node.pipeline.types import InfectionResult, LungMasks, Volume
 
+pytestmark = pytest.mark.unit
+
 
 def make_volume(slices: int, *, pixel=(0.5, 0.8), step: float = 2.5, hu: float = -800.0) -> Volume:
     return Volume(hu=np.full((slices, 10, 10), hu, np.float32),
@@ -123,10 +125,9 @@ def test_cut_lungs_get_no_region_scores_and_the_sr_says_partial(tmp_path):
     from node.pipeline.lungs import segment_lungs
     from node.writers.seg import build_segmentation
     from node.writers.sr import PARTIAL_SCAN_TEXT, build_report, read_report_measurements
-    from tests.test_pipeline_lungs import phantom_volume
 
     p = ph.make_phantom(rows=128, cols=128, slices=40, pixel_spacing=2.75, slice_spacing=7.5, seed=1, burden=0.2)
-    whole = phantom_volume(p)
+    whole = p.as_volume()
     keep = slice(12, None)  # the first 12 slices (the bases: k ascends in z) are not in the scan
     cut = Volume(hu=whole.hu[keep], positions=whole.positions[keep], orientation=whole.orientation,
                  pixel_spacing=whole.pixel_spacing, slice_spacing=whole.slice_spacing,
@@ -141,7 +142,7 @@ def test_cut_lungs_get_no_region_scores_and_the_sr_says_partial(tmp_path):
     assert any("no CT-SS, zone scores or severity" in n for n in s.notes)
     assert s.as_dict()["partial_coverage"] is True
 
-    from tests.test_writers import INFNET, make_volume  # headers for the writers (the phantom has none)
+    from tests.builders import INFNET, make_volume  # headers for the writers (the phantom has none)
 
     volume = make_volume(n=cut.shape[0], rows=cut.shape[1], cols=cut.shape[2])
     seg = build_segmentation(volume, lungs, infection, INFNET)

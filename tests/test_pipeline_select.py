@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import pydicom
+import pytest
 
 from node.pipeline.select import (
     NO_LUNG_REASON,
@@ -12,7 +12,10 @@ from node.pipeline.select import (
     group_series,
     select_series,
 )
-from tests.test_pipeline_helpers import CORONAL, SAGITTAL, ct_header, ct_series, shared_dicom
+from tests.builders import CORONAL, SAGITTAL, ct_header, ct_series
+from tests.support import ABDOMEN_AXIAL, CHEST_AXIAL, shared_dicom
+
+pytestmark = pytest.mark.unit
 
 
 def tilted(deg: float) -> list[float]:
@@ -157,15 +160,6 @@ def test_select_series_reports_unreadable_files_and_folders(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- real slices
-
-# Found by looking at the images: these ny-sbu axial slices are abdomen (liver/kidneys/bowel, no lung).
-ABDOMEN_AXIAL = ["A027284/axial/19000925-116.dcm", "A027284/axial/19001231-131.dcm",
-                 "A058062/axial/19001231-084.dcm", "A058062/axial/19010108-078.dcm"]
-CHEST_AXIAL = ["A002304/axial/19001231-076.dcm", "A002304/axial/19010112-135.dcm",
-               "A046441/axial/19001111-045.dcm", "A046441/axial/19010101-23.dcm",
-               "A048383/axial/19001231-30.dcm", "A048383/axial/19010410-30.dcm",
-               "A056642/axial/19001229-053.dcm", "A056642/axial/19010107-111.dcm"]
-
 
 def test_real_reformats_are_rejected_by_header():
     folder = shared_dicom() / "ny-sbu"

@@ -6,7 +6,10 @@ import pydicom
 import pytest
 
 from node.pipeline.volume import VolumeError, assemble_volume
-from tests.test_pipeline_helpers import AXIAL, shared_dicom, write_series
+from tests.builders import AXIAL, write_series
+from tests.support import shared_dicom
+
+pytestmark = pytest.mark.unit
 
 
 def slices_with_ids(n: int, size: int = 8) -> np.ndarray:
@@ -137,7 +140,7 @@ def test_malformed_geometry_is_reported_not_raised(tmp_path):
     from pydicom.valuerep import DSfloat
 
     from node.pipeline.run import run_pipeline
-    from tests.factory import ct_slice, write
+    from tests.builders import ct_slice, write
 
     cases = {
         "spacing": lambda ds: setattr(ds, "PixelSpacing", DSfloat(0.7)),

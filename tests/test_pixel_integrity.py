@@ -21,8 +21,10 @@ from node.config import ConfigError, ProcessingSettings
 from node.pipeline import volume as volume_module
 from node.pipeline.volume import DecodeLimits, VolumeError, assemble_volume
 from node.processing import analyse
-from tests.conftest import make_settings
-from tests.factory import ct_slice, write
+from tests.nodes import make_settings
+from tests.builders import ct_slice, write
+
+pytestmark = pytest.mark.unit
 
 SHARED_J2K = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "abdomen-j2k-series"
 SIZE = 64

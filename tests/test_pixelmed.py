@@ -20,7 +20,7 @@ import pytest
 
 from node.processing import analyse, write_outputs
 from tests import peers
-from tests.conftest import SHARED_DATA, skip_or_fail
+from tests.support import SHARED_DATA, skip_or_fail
 
 REAL_SLICE = Path("dicom/ny-sbu/A046441/axial/19010101-23.dcm")
 #: Concepts of the "Content Item not in template" warnings the node's SR is known to give: the measurement
@@ -44,7 +44,7 @@ def _analyse(paths: list[Path], out: Path) -> dict[str, Path]:
 def _no_infection(out: Path) -> dict[str, Path]:
     from node.writers.seg import build_segmentation
     from node.writers.sr import build_report
-    from tests.test_writers import THRESHOLD, make_masks, make_volume
+    from tests.builders import THRESHOLD, make_masks, make_volume
 
     volume = make_volume()
     seg = build_segmentation(volume, *make_masks(volume, classes=False, infection=False), THRESHOLD)

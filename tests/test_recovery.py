@@ -6,8 +6,10 @@ from node.db import open_database
 from node.db.schema import Instance, Job
 from node.recovery import recover_orphans
 from node.spool import atomic_write, spool_path
-from tests.conftest import make_settings
-from tests.factory import ct_slice, write
+from tests.builders import ct_slice, write
+from tests.nodes import make_settings
+
+pytestmark = pytest.mark.unit
 
 
 def test_orphans_are_registered_once(tmp_path):

@@ -1,12 +1,7 @@
 """Restart safety: the node killed with SIGKILL mid-study and mid-processing loses nothing and sends once."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -15,65 +10,10 @@ from sqlalchemy import select
 from node.db import open_database
 from node.db.schema import Export, Instance, Job, Result
 from node.demo import Receiver, free_port, send_study
+from tests.nodes import NodeProcess, write_config
 from tests.util import wait_for
 
-pytestmark = pytest.mark.slow
-
-
-def write_config(tmp_path: Path, port: int, pacs_port: int, *, stable_after: float = 4.0,
-                 export_timeout: float = 30.0) -> Path:
-    """A node configuration in ``tmp_path`` exporting to a peer "PACS" on ``pacs_port``."""
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(f"""
-[node]
-port = {port}
-[storage]
-spool_dir = "{tmp_path / 'spool'}"
-results_dir = "{tmp_path / 'results'}"
-database_url = "sqlite:///{tmp_path / 'ctnode.db'}"
-[processing]
-stable_after = {stable_after}
-check_interval = 0.2
-engine = "threshold"
-[export]
-backoff_base = 0.5
-backoff_max = 1.0
-timeout = {export_timeout}
-[[destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-""")
-    return cfg
-
-
-class NodeProcess:
-    def __init__(self, cfg: Path, port: int):
-        self.cfg, self.port, self.proc = cfg, port, None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(self.cfg), "serve"],
-                                     start_new_session=True)
-        import socket
-
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("node did not start")
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)  # only the node: its worker must notice and end by itself
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(20)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture

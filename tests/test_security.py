@@ -21,16 +21,13 @@ from node.db.schema import Event, Instance
 from node.demo import free_port
 from node.export import echo, send_files
 from node.listener import Listener
-from tests.conftest import make_settings
-from tests.factory import ct_slice, write
-from tests.tls_ca import make_pki
+from tests.builders import ct_slice, write
+from tests.nodes import make_settings
+from tests.tls_ca import client_ctx, tls_node
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def start_listener(tmp_path, **sections):
@@ -140,19 +137,6 @@ def test_production_example_rejects_unknown_callers(tmp_path):
 
 
 # -- TLS -------------------------------------------------------------------------------------------------
-
-def tls_node(pki, mutual=True):
-    return {"enabled": True, "cert_file": str(pki.server_cert), "key_file": str(pki.server_key),
-            "ca_file": str(pki.ca), "require_client_cert": mutual}
-
-
-def client_ctx(pki, cert=True, ca=None, rogue=False):
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca or pki.ca))
-    if cert:
-        ctx.load_cert_chain(*(map(str, (pki.rogue_client_cert, pki.rogue_client_key) if rogue
-                                  else (pki.client_cert, pki.client_key))))
-    return ctx
-
 
 def test_mutual_tls_store_succeeds_with_a_valid_client_certificate(make_listener, pki):
     lst = make_listener(node={"allowed_calling_aets": ["SENDER"]}, tls=tls_node(pki))

@@ -11,9 +11,11 @@ from node.db.schema import Event, Instance, Job, utcnow
 from node.registry import ReceivedInstance, mark_stable_studies_ready, record_instance
 from node.demo import send_study
 from node.service import Node
-from tests.conftest import make_settings
+from tests.builders import ct_slice, write
+from tests.nodes import make_settings
 from tests.util import wait_for
-from tests.factory import ct_slice, write
+
+pytestmark = pytest.mark.integration
 
 
 def job_state(node):

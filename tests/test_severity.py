@@ -22,6 +22,8 @@ from node.pipeline.scores import (
 )
 from node.pipeline.types import InfectionResult, LungMasks, Volume
 
+pytestmark = pytest.mark.unit
+
 BURDEN = {"right_upper": 0.02, "right_middle": 0.15, "right_lower": 0.40, "left_upper": 0.60,
           "left_lower": 0.90}
 EXPECTED_ZONE_SCORES = {"right_upper": 1, "right_middle": 2, "right_lower": 3, "left_upper": 4,

@@ -15,8 +15,10 @@ from sqlalchemy import select
 from node.db import open_database
 from node.db.schema import Event
 from node.listener import Listener
-from tests.conftest import make_settings
-from tests.test_security import client_ctx, pki, tls_node  # noqa: F401 (pki is a fixture)
+from tests.nodes import make_settings
+from tests.tls_ca import client_ctx, tls_node
+
+pytestmark = pytest.mark.integration
 
 ACSE, NETWORK = 1.0, 2.0
 

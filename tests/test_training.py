@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,12 @@ torch = pytest.importorskip("torch")
 from training import metrics as M  # noqa: E402
 from training.augment import AugConfig, augment, cutout  # noqa: E402
 from training.losses import coach_loss, masked_l1, multiclass_loss, seg_loss, structure_loss  # noqa: E402
+from tests.support import SHARED_DATA  # noqa: E402
+
+pytestmark = pytest.mark.unit
 
 torch.set_num_threads(1)
-DATA = Path("/work/shared/data/covid-semiseg")
+DATA = SHARED_DATA / "covid-semiseg"
 needs_data = pytest.mark.skipif(not (DATA / "TestingSet").is_dir(), reason="COVID-SemiSeg not available")
 
 

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 
 from node.pipeline.segments import SegmentKey, classify_lobe, classify_segment, lesion_side
-from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
+from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks
 from node.writers.seg import SEGMENT_LABELS, SEGMENTS, build_segmentation, segment_numbers
 from node.writers.equipment import algorithm_device_uid
 from node.writers.sr import (
@@ -31,103 +29,12 @@ from node.writers.sr import (
     read_report_notes,
     read_report_segment_references,
 )
+from tests.builders import (AXIAL, INFNET, OBLIQUE, PATIENT_STUDY, THRESHOLD, expected_segments, make_masks,
+                            make_volume, roundtrip)
 
-INFNET = EngineIdentity(name="infnet", version="1.2.0", weights_sha256="0123456789abcdef" * 4)
-THRESHOLD = EngineIdentity(name="threshold", version="0.3.0", weights_sha256="")
-
-AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-_c, _s = np.cos(np.radians(30)), np.sin(np.radians(30))
-OBLIQUE = (_c, _s, 0.0, -_s * 0.8, _c * 0.8, 0.6)  # rotated rows, tilted columns (unit, orthogonal)
-
-PATIENT_STUDY = {
-    "PatientName": "Test^Patient", "PatientID": "PID123", "PatientBirthDate": "19600101",
-    "PatientSex": "F", "AccessionNumber": "ACC42", "StudyID": "S1", "StudyDate": "20200401",
-    "StudyTime": "101500", "ReferringPhysicianName": "Ref^Doc", "StudyDescription": "CT CHEST",
-}
-
+pytestmark = pytest.mark.unit
 
 # --------------------------------------------------------------------------- synthetic data
-
-def make_volume(n: int = 12, rows: int = 64, cols: int = 64, orientation=AXIAL,
-                spacing: tuple[float, float] = (0.7, 0.8), dz: float = 2.5) -> Volume:
-    """CT headers (no PixelData) in sorted slice order, as the loader hands them to the writers."""
-    orient = np.asarray(orientation, float)
-    normal = np.cross(orient[:3], orient[3:])
-    origin = np.array([-100.0, -120.0, -300.0])
-    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
-    datasets, positions = [], []
-    for k in range(n):
-        uid = generate_uid()
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
-        for keyword, value in PATIENT_STUDY.items():
-            setattr(ds, keyword, value)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 3, k + 1
-        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_of_reference, ""
-        ds.Manufacturer = "Synthetic"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        position = origin + k * dz * normal
-        ds.ImageOrientationPatient = [round(float(v), 6) for v in orient]
-        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
-        ds.PixelSpacing = list(spacing)
-        ds.SliceThickness = dz
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = np.zeros((rows, cols), np.int16).tobytes()
-        del ds.PixelData  # Volume.datasets holds headers only
-        datasets.append(ds)
-        positions.append([float(v) for v in ds.ImagePositionPatient])
-    return Volume(
-        hu=np.full((n, rows, cols), -1000, np.float32), positions=np.array(positions),
-        orientation=np.array([float(v) for v in datasets[0].ImageOrientationPatient]),
-        pixel_spacing=spacing, slice_spacing=dz if n > 1 else 0.0,
-        sop_instance_uids=[ds.SOPInstanceUID for ds in datasets], series_instance_uid=series,
-        study_instance_uid=study, datasets=datasets)
-
-
-def make_masks(volume: Volume, *, classes: bool = True, infection: bool = True,
-               ) -> tuple[LungMasks, InfectionResult]:
-    """Right/left lungs over inner slices, infection patches inside them (so segments overlap)."""
-    n, rows, cols = volume.shape
-    labels = np.zeros((n, rows, cols), np.uint8)
-    first, last = (1, n - 1) if n > 2 else (0, n)
-    labels[first:last, 10:50, 6:30] = LungMasks.RIGHT   # image left = patient right (axial)
-    labels[first:last, 10:50, 34:58] = LungMasks.LEFT
-    inf = np.zeros((n, rows, cols), bool)
-    if infection:
-        inf[min(3, n - 1):7, 20:30, 10:20] = True
-        inf[min(5, n - 1):9, 30:35, 40:50] = True
-        inf[:, 12, 7] = labels[:, 12, 7] > 0  # a 1-voxel-wide streak through every lung slice
-    ggo = consolidation = None
-    if classes:
-        ggo = inf.copy()
-        ggo[:, 20:30, 10:14] = False
-        consolidation = inf & ~ggo
-    return LungMasks(labels=labels), InfectionResult(infection=inf, ggo=ggo, consolidation=consolidation)
-
-
-def expected_segments(lungs: LungMasks, infection: InfectionResult) -> dict[str, np.ndarray]:
-    """The non-empty disjoint segments, in SEG order: consolidation wins over GGO, a class over the
-    unclassified infection, any infection over the lung; each split by side."""
-    none = np.zeros_like(lungs.right)
-    cons = infection.consolidation if infection.consolidation is not None else none
-    ggo = (infection.ggo if infection.ggo is not None else none) & ~cons
-    rest = infection.infection & ~ggo & ~cons
-    kinds = {"lung": ~(cons | ggo | rest), "infection": rest, "ggo": ggo, "consolidation": cons}
-    masks = {f"{side}_{kind}": mask & (lungs.right if side == "right" else lungs.left)
-             for kind, mask in kinds.items() for side in ("right", "left")}
-    order = ["right_lung", "left_lung", "right_infection", "left_infection", "right_ggo", "left_ggo",
-             "right_consolidation", "left_consolidation"]
-    return {key: masks[key] for key in order if masks[key].any()}
-
 
 def expected_stack(lungs: LungMasks, infection: InfectionResult) -> np.ndarray:
     return np.stack(list(expected_segments(lungs, infection).values()), axis=-1)
@@ -144,13 +51,6 @@ def scores_3d(classes: bool = True) -> dict:
     if classes:
         scores.update(ggo_volume_ml=100.5, consolidation_volume_ml=20.0)
     return scores
-
-
-def roundtrip(ds: Dataset) -> Dataset:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    buffer.seek(0)
-    return pydicom.dcmread(buffer)
 
 
 @pytest.fixture(scope="module")

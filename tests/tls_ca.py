@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +115,20 @@ def write_crl(pki: Pki, revoked: list[Path], path: Path) -> Path:
             .build())
     path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     return path
+
+
+def tls_node(pki: Pki, mutual: bool = True) -> dict[str, object]:
+    """The node's ``[tls]`` settings with the server certificate of ``pki`` (client certificates required
+    when ``mutual``)."""
+    return {"enabled": True, "cert_file": str(pki.server_cert), "key_file": str(pki.server_key),
+            "ca_file": str(pki.ca), "require_client_cert": mutual}
+
+
+def client_ctx(pki: Pki, cert: bool = True, ca: Path | None = None, rogue: bool = False) -> ssl.SSLContext:
+    """A client TLS context trusting ``ca`` (default: the CA of ``pki``), presenting the client certificate
+    (the one from the unrelated CA when ``rogue``) unless ``cert`` is false."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca or pki.ca))
+    if cert:
+        ctx.load_cert_chain(*(map(str, (pki.rogue_client_cert, pki.rogue_client_key) if rogue
+                                  else (pki.client_cert, pki.client_key))))
+    return ctx

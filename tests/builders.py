@@ -1,34 +1,79 @@
-"""Builders shared by the pipeline tests: CT headers, DICOM series on disk and a tiny synthetic chest.
+"""Test data made in code: CT instances, headers and series, the writers' inputs, a small synthetic chest.
 
-Imported by the other ``test_pipeline_*`` modules; the few tests at the bottom check the builders.
+* ``ct_slice`` / ``write``: one small CT instance with pixel data (listener, registry, export, bad input).
+* ``ct_header`` / ``ct_series`` / ``with_pixels`` / ``write_series``: CT headers and series written to disk
+  (series selection, volume assembly, the whole pipeline).
+* ``make_volume`` / ``make_masks`` / ``roundtrip``: a ``Volume`` of headers and overlapping lung / infection
+  masks, as the pipeline hands them to the SEG and SR writers.
+* ``synthetic_chest`` / ``single_slice`` / ``dice``: a chest with known lungs and lesions, and the overlap
+  measure the segmentation tests compare with.
 """
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from models.metrics import dice  # noqa: F401 - the one Dice, for the pipeline tests that import it from here
-from node.pipeline.types import Volume
-from tests.conftest import SHARED_DATA, skip_or_fail
+from models.metrics import dice  # noqa: F401 - the one Dice, re-exported for the tests
+from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
+
+INFNET = EngineIdentity(name="infnet", version="1.2.0", weights_sha256="0123456789abcdef" * 4)
+THRESHOLD = EngineIdentity(name="threshold", version="0.3.0", weights_sha256="")
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+_c, _s = np.cos(np.radians(30)), np.sin(np.radians(30))
+OBLIQUE = (_c, _s, 0.0, -_s * 0.8, _c * 0.8, 0.6)  # rotated rows, tilted columns (unit, orthogonal)
 
 
-def shared_dicom() -> Path:
-    """The shared real-DICOM folder; skips (fails under CI=true) when it is absent."""
-    folder = SHARED_DATA / "dicom"
-    if not folder.is_dir():
-        skip_or_fail(f"shared DICOM folder {folder} is absent")
-    return folder
+# --------------------------------------------------------------------------------------------- CT instances
 
+def ct_slice(*, study_uid: str | None = None, series_uid: str | None = None, sop_uid: str | None = None,
+             z: float = 0.0, size: int = 16, modality: str = "CT", value: int = -800) -> Dataset:
+    """A ``size`` x ``size`` CT instance filled with ``value`` HU, at ``z`` mm on an axial stack."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.FrameOfReferenceUID = "1.2.3.4"
+    ds.Modality = modality
+    ds.PatientName, ds.PatientID = "Test^Patient", "TEST-1"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "120000", "ACC1", "1"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImagePositionPatient = [0.0, 0.0, float(z)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [1.0, 1.0]
+    ds.SliceThickness = 1.0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    ds.PixelData = np.full((size, size), value, dtype=np.int16).tobytes()
+    return ds
+
+
+def write(ds: Dataset, folder: Path, name: str | None = None) -> Path:
+    """Save ``ds`` as a DICOM file in ``folder`` (named by its SOP Instance UID unless ``name`` is given)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (name or f"{ds.SOPInstanceUID}.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- CT series
 
 def ct_header(*, z: float = 0.0, series_uid: str = "1.2.3.1", study_uid: str = "1.2.3", rows: int = 64,
               cols: int = 64, spacing: Sequence[float] = (0.7, 0.7), orientation: Sequence[float] = AXIAL,
@@ -106,6 +151,105 @@ def write_series(folder: Path, hu: np.ndarray, *, spacing: Sequence[float] = (2.
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+# --------------------------------------------------------------------------------------------- writer inputs
+
+PATIENT_STUDY = {
+    "PatientName": "Test^Patient", "PatientID": "PID123", "PatientBirthDate": "19600101",
+    "PatientSex": "F", "AccessionNumber": "ACC42", "StudyID": "S1", "StudyDate": "20200401",
+    "StudyTime": "101500", "ReferringPhysicianName": "Ref^Doc", "StudyDescription": "CT CHEST",
+}
+
+
+
+def make_volume(n: int = 12, rows: int = 64, cols: int = 64, orientation=AXIAL,
+                spacing: tuple[float, float] = (0.7, 0.8), dz: float = 2.5) -> Volume:
+    """CT headers (no PixelData) in sorted slice order, as the loader hands them to the writers."""
+    orient = np.asarray(orientation, float)
+    normal = np.cross(orient[:3], orient[3:])
+    origin = np.array([-100.0, -120.0, -300.0])
+    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
+    datasets, positions = [], []
+    for k in range(n):
+        uid = generate_uid()
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+        for keyword, value in PATIENT_STUDY.items():
+            setattr(ds, keyword, value)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 3, k + 1
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_of_reference, ""
+        ds.Manufacturer = "Synthetic"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        position = origin + k * dz * normal
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in orient]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+        ds.PixelSpacing = list(spacing)
+        ds.SliceThickness = dz
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = np.zeros((rows, cols), np.int16).tobytes()
+        del ds.PixelData  # Volume.datasets holds headers only
+        datasets.append(ds)
+        positions.append([float(v) for v in ds.ImagePositionPatient])
+    return Volume(
+        hu=np.full((n, rows, cols), -1000, np.float32), positions=np.array(positions),
+        orientation=np.array([float(v) for v in datasets[0].ImageOrientationPatient]),
+        pixel_spacing=spacing, slice_spacing=dz if n > 1 else 0.0,
+        sop_instance_uids=[ds.SOPInstanceUID for ds in datasets], series_instance_uid=series,
+        study_instance_uid=study, datasets=datasets)
+
+
+def make_masks(volume: Volume, *, classes: bool = True, infection: bool = True,
+               ) -> tuple[LungMasks, InfectionResult]:
+    """Right/left lungs over inner slices, infection patches inside them (so segments overlap)."""
+    n, rows, cols = volume.shape
+    labels = np.zeros((n, rows, cols), np.uint8)
+    first, last = (1, n - 1) if n > 2 else (0, n)
+    labels[first:last, 10:50, 6:30] = LungMasks.RIGHT   # image left = patient right (axial)
+    labels[first:last, 10:50, 34:58] = LungMasks.LEFT
+    inf = np.zeros((n, rows, cols), bool)
+    if infection:
+        inf[min(3, n - 1):7, 20:30, 10:20] = True
+        inf[min(5, n - 1):9, 30:35, 40:50] = True
+        inf[:, 12, 7] = labels[:, 12, 7] > 0  # a 1-voxel-wide streak through every lung slice
+    ggo = consolidation = None
+    if classes:
+        ggo = inf.copy()
+        ggo[:, 20:30, 10:14] = False
+        consolidation = inf & ~ggo
+    return LungMasks(labels=labels), InfectionResult(infection=inf, ggo=ggo, consolidation=consolidation)
+
+
+def expected_segments(lungs: LungMasks, infection: InfectionResult) -> dict[str, np.ndarray]:
+    """The non-empty disjoint segments, in SEG order: consolidation wins over GGO, a class over the
+    unclassified infection, any infection over the lung; each split by side."""
+    none = np.zeros_like(lungs.right)
+    cons = infection.consolidation if infection.consolidation is not None else none
+    ggo = (infection.ggo if infection.ggo is not None else none) & ~cons
+    rest = infection.infection & ~ggo & ~cons
+    kinds = {"lung": ~(cons | ggo | rest), "infection": rest, "ggo": ggo, "consolidation": cons}
+    masks = {f"{side}_{kind}": mask & (lungs.right if side == "right" else lungs.left)
+             for kind, mask in kinds.items() for side in ("right", "left")}
+    order = ["right_lung", "left_lung", "right_infection", "left_infection", "right_ggo", "left_ggo",
+             "right_consolidation", "left_consolidation"]
+    return {key: masks[key] for key in order if masks[key].any()}
+
+
+def roundtrip(ds: Dataset) -> Dataset:
+    """``ds`` written to bytes and read back, as a reader would see it."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return pydicom.dcmread(buffer)
 
 
 # --------------------------------------------------------------------------------------------- synthetic chest
@@ -210,24 +354,4 @@ def single_slice(chest: Chest, k: int | None = None) -> Chest:
     return Chest(vol, cut(chest.right), cut(chest.left), cut(chest.ggo), cut(chest.consolidation), cut(chest.vessel))
 
 
-# --------------------------------------------------------------------------------------------- builder checks
 
-
-def test_synthetic_chest_lungs_are_where_the_orientation_says():
-    std = synthetic_chest()
-    cols = np.nonzero(std.right.any(axis=(0, 1)))[0]
-    assert cols.max() < std.volume.shape[2] / 2  # patient right = small column for [1,0,0,0,1,0]
-    mirrored = synthetic_chest(orientation=(-1.0, 0, 0, 0, 1.0, 0))
-    assert np.nonzero(mirrored.right.any(axis=(0, 1)))[0].min() > mirrored.volume.shape[2] / 2
-
-
-def test_written_series_round_trips(tmp_path):
-    import pydicom
-
-    hu = np.arange(2 * 8 * 8, dtype=float).reshape(2, 8, 8) - 1000
-    paths = write_series(tmp_path, hu, rescale=[(1.0, -1024.0), (2.0, -2048.0)])
-    ds = pydicom.dcmread(paths[1])
-    got = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    np.testing.assert_allclose(got, hu[1], atol=1.0)
-    with pytest.raises(AttributeError):
-        _ = ct_header(BodyPartExamined=None).BodyPartExamined

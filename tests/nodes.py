@@ -1,0 +1,144 @@
+"""Helpers for the tests that run the node: settings in a temporary folder, a node configuration file, the
+node as a child process, a C-STORE from a reading workstation, and an outbox row ready to export."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import SegmentationStorage
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Settings, load_settings
+from node.db import open_database
+from node.db.schema import Export, Job, Study
+from tests.builders import ct_slice, write
+
+HOST = "127.0.0.1"
+NODE_START_TIMEOUT = 60.0  # seconds for a node process to accept connections
+
+
+def make_settings(folder: Path, **sections) -> Settings:
+    """Settings for a node whose spool, results and SQLite database live in ``folder``; it listens on a free
+    port, checks often and uses the threshold engine. ``sections`` update the named sections (``destinations``
+    replaces the list)."""
+    base = {
+        "node": {"port": 0, "ae_title": "CTNODE"},
+        "storage": {"spool_dir": str(folder / "spool"), "results_dir": str(folder / "results"),
+                    "database_url": f"sqlite:///{folder / 'ctnode.db'}"},
+        "processing": {"stable_after": 0.5, "check_interval": 0.2, "engine": "threshold"},
+        "export": {"backoff_base": 0.2, "backoff_max": 1.0, "timeout": 5.0},
+    }
+    for key, values in sections.items():
+        if key == "destinations":
+            base["destinations"] = values
+        else:
+            base.setdefault(key, {}).update(values)
+    return load_settings(overrides=base, env={})
+
+
+def write_config(tmp_path: Path, port: int, pacs_port: int, *, stable_after: float = 4.0,
+                 export_timeout: float = 30.0) -> Path:
+    """A node configuration file in ``tmp_path``: listens on ``port``, exports to a peer "PACS" on
+    ``pacs_port``."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f"""
+[node]
+port = {port}
+[storage]
+spool_dir = "{tmp_path / 'spool'}"
+results_dir = "{tmp_path / 'results'}"
+database_url = "sqlite:///{tmp_path / 'ctnode.db'}"
+[processing]
+stable_after = {stable_after}
+check_interval = 0.2
+engine = "threshold"
+[export]
+backoff_base = 0.5
+backoff_max = 1.0
+timeout = {export_timeout}
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "{HOST}"
+port = {pacs_port}
+""")
+    return cfg
+
+
+class NodeProcess:
+    """``ctnode serve`` with the configuration file ``cfg`` as a child process (its own session, so
+    :meth:`stop` ends its workers too)."""
+
+    def __init__(self, cfg: Path, port: int):
+        self.cfg, self.port = cfg, port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the node and wait until it accepts connections on ``port``."""
+        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(self.cfg), "serve"],
+                                     start_new_session=True)
+        end = time.monotonic() + NODE_START_TIMEOUT
+        while time.monotonic() < end:
+            with socket.socket() as s:
+                if s.connect_ex((HOST, self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("node did not start")
+
+    def kill(self) -> None:
+        """SIGKILL the node process, as a crash would."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)  # only the node: its worker must notice and end by itself
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM the node's process group, if it is still running."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(20)
+
+
+def c_store(port: int, *datasets: Dataset) -> list[int]:
+    """Send SEG ``datasets`` to the node on ``port`` as the workstation "READER"; the C-STORE statuses."""
+    ae = AE(ae_title="READER")
+    ae.add_requested_context(SegmentationStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate(HOST, port, ae_title="CTNODE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def setup_export(tmp_path: Path, port: int, max_attempts: int = 3) -> tuple[Settings, sessionmaker[Session]]:
+    """Settings with one destination "PACS" on ``port``, and a database holding one done job with one pending
+    export (a small CT file)."""
+    settings = make_settings(tmp_path, export={"max_attempts": max_attempts},
+                             destinations=[{"name": "pacs", "ae_title": "PACS", "host": HOST, "port": port}])
+    sessions = open_database(settings.storage.database_url)
+    path = write(ct_slice(), tmp_path / "out")
+    with sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.3")
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id, version=1, state="done")
+        s.add(job)
+        s.flush()
+        s.add(Export(job_id=job.id, destination="pacs", sop_instance_uid="1.2.3.4", path=str(path)))
+    return settings, sessions
+
+
+def export_row(sessions: sessionmaker[Session]) -> Export:
+    """The one export row."""
+    with sessions() as s:
+        return s.scalars(select(Export)).one()
