@@ -14,7 +14,6 @@ from node.db.schema import Event, Export, Job, Result
 from node.demo import Receiver, send_study
 from node.processing import analyse
 from node.service import Node
-from tests.builders import dice
 from tests.nodes import make_settings
 from tests.util import wait_for
 
