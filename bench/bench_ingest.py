@@ -254,7 +254,7 @@ def main() -> None:
                if args.to_disk else {}),
             **({"ratio_over_minimal": {k: round(v / med["minimal"], 2) for k, v in med.items()}}
                if args.decompose else {}),
-            # CPU seconds of each SCP process while storescu ran (less noisy than wall time on a shared VM)
+            # CPU seconds of each SCP process while storescu ran (less noisy than wall time on a shared CPU)
             "cpu_s": {k: round(v, 2) for k, v in med_cpu.items()},
             "peak_rss_mb": {k: round(v / 1024) for k, v in rss.items()},
             # Each alternation runs every kind once, close in time: the ratio within an alternation is paired,

@@ -1,6 +1,6 @@
 """The lung mask on real disease with expert masks: the COVID-SemiSeg test slices (bench/lungs_on_semiseg.py).
 
-Infection left out of the lung mask is lost from every score. Measured on 2026-11-27 (this VM, the bench's
+Infection left out of the lung mask is lost from every score. Measured on 2026-11-27 (a 2-core x86-64 CPU, the bench's
 command): 0.862 of the expert infection and 0.623 of the expert consolidation lie inside the default lung
 mask, against 0.750 and 0.344 with the dense-disease recovery steps switched off. The floors below sit a few
 points under the measured values, so that a change to the lung steps that loses real consolidation fails.
