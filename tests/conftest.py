@@ -20,8 +20,9 @@ Helpers live in modules of their own, imported by the tests (this file is not im
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -79,6 +80,28 @@ def settings(tmp_path: Path) -> Settings:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A throwaway CA with server and client certificates, shared by the tests of a module."""
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def start_listener(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start node listeners on free loopback ports, each with its own settings folder under ``tmp_path``:
+    ``start_listener(node={...}, **sections)`` (the sections as :func:`tests.nodes.make_settings` takes
+    them) returns the running :class:`node.listener.Listener`; all are stopped after the test."""
+    from node.db import open_database
+    from node.listener import Listener
+
+    started: list[Listener] = []
+
+    def start(name: str | None = None, node: dict[str, Any] | None = None, **sections: Any) -> Listener:
+        settings = make_settings(tmp_path / (name or f"listener{len(started)}"), node=node or {}, **sections)
+        listener = Listener(settings, open_database(settings.storage.database_url))
+        listener.start()
+        started.append(listener)
+        return listener
+
+    yield start
+    for listener in started:
+        listener.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -13,14 +13,13 @@ from pynetdicom import AE, _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
-from node.db import open_database
 from node.db.schema import Event, Instance
 from node.dicom.status import DropReason, StoreStatus
 from node.dicom.transport import AE_TITLES_END, ASSOCIATE_RQ_MAX_LENGTH
 from node.listener import Listener
 from node.spool import DiskGuard, DiskState
-from tests.nodes import make_settings
 from tests.builders import ct_slice
+from tests.util import seconds_until_closed
 
 pytestmark = pytest.mark.integration
 
@@ -29,20 +28,10 @@ MB = 1024**2
 
 
 @pytest.fixture
-def make_listener(tmp_path):
-    started = []
-
-    def make(**node):
-        settings = make_settings(tmp_path / str(len(started)), node={
-            "allowed_calling_aets": ["SENDER"], "acse_timeout": ACSE, "network_timeout": NETWORK,
-            "dimse_timeout": NETWORK, **node})
-        lst = Listener(settings, open_database(settings.storage.database_url))
-        lst.start()
-        started.append(lst)
-        return lst
-    yield make
-    for lst in started:
-        lst.stop()
+def make_listener(start_listener):
+    """A listener that accepts "SENDER", with short timeouts and ``node`` settings on top."""
+    return lambda **node: start_listener(node={"allowed_calling_aets": ["SENDER"], "acse_timeout": ACSE,
+                                               "network_timeout": NETWORK, "dimse_timeout": NETWORK, **node})
 
 
 def requestor(calling: str = "SENDER") -> AE:
@@ -92,19 +81,6 @@ def associate_rq_head(calling: str = "SENDER", called: str = "CTNODE", length: i
                        calling.ljust(16).encode(), b"\x00" * 32)
     assert len(head) == AE_TITLES_END
     return head
-
-
-def seconds_until_closed(sock: socket.socket, limit: float = 20.0) -> float | None:
-    start = time.monotonic()
-    sock.settimeout(limit)
-    try:
-        while sock.recv(65536):
-            pass
-    except socket.timeout:
-        return None
-    except ConnectionResetError:
-        pass
-    return time.monotonic() - start
 
 
 def flood(sock: socket.socket, header: bytes, total: int, limit: float = 20.0) -> int:

@@ -12,9 +12,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from node.config import ConfigError
-from node.db import open_database
 from node.db.schema import Event, Instance
-from node.listener import Listener
 from node.spool import DiskGuard, DiskState
 from tests.builders import ct_slice
 from tests.nodes import make_settings
@@ -25,18 +23,9 @@ GB = 1024**3
 
 
 @pytest.fixture
-def make_listener(tmp_path):
-    started = []
-
-    def make(name="a", **node):
-        settings = make_settings(tmp_path / name, node={"allowed_calling_aets": ["SENDER"], **node})
-        lst = Listener(settings, open_database(settings.storage.database_url))
-        lst.start()
-        started.append(lst)
-        return lst
-    yield make
-    for lst in started:
-        lst.stop()
+def make_listener(start_listener):
+    """A listener that accepts the calling AE "SENDER", with ``node`` settings on top."""
+    return lambda name="a", **node: start_listener(name, node={"allowed_calling_aets": ["SENDER"], **node})
 
 
 def associate(port, calling="SENDER"):

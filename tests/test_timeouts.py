@@ -12,11 +12,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
-from node.db import open_database
 from node.db.schema import Event
-from node.listener import Listener
-from tests.nodes import make_settings
 from tests.tls_ca import client_ctx, tls_node
+from tests.util import seconds_until_closed
 
 pytestmark = pytest.mark.integration
 
@@ -24,33 +22,12 @@ ACSE, NETWORK = 1.0, 2.0
 
 
 @pytest.fixture
-def listener(tmp_path):
-    lst = None
-
+def listener(start_listener):
+    """A listener with short timeouts (``network_timeout`` also the DIMSE timeout) and ``node`` on top."""
     def start(network_timeout=NETWORK, node=None, **sections):
-        nonlocal lst
-        settings = make_settings(tmp_path, node={"acse_timeout": ACSE, "network_timeout": network_timeout,
-                                                 "dimse_timeout": network_timeout, **(node or {})}, **sections)
-        lst = Listener(settings, open_database(settings.storage.database_url))
-        lst.start()
-        return lst
-    yield start
-    if lst is not None:
-        lst.stop()
-
-
-def seconds_until_closed(sock: socket.socket, limit: float = 20.0) -> float | None:
-    """Seconds until the node closes ``sock`` (None: still open after ``limit``)."""
-    start = time.monotonic()
-    sock.settimeout(limit)
-    try:
-        while sock.recv(4096):
-            pass
-    except socket.timeout:
-        return None
-    except ConnectionResetError:
-        pass
-    return time.monotonic() - start
+        return start_listener(node={"acse_timeout": ACSE, "network_timeout": network_timeout,
+                                    "dimse_timeout": network_timeout, **(node or {})}, **sections)
+    return start
 
 
 def requestor(timeouts: bool = True) -> AE:

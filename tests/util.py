@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -17,6 +18,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def seconds_until_closed(sock: socket.socket, limit: float = 20.0) -> float | None:
+    """Seconds until the peer closes ``sock`` (None: still open after ``limit``); what it sends is read and
+    dropped."""
+    start = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(65536):
+            pass
+    except socket.timeout:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
 
 
 class LogRecords(logging.Handler):
