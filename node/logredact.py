@@ -29,7 +29,7 @@ from node.security import uid_ref
 MAX_LIBRARY_MESSAGE = 400
 REDACTED = "<redacted>"
 #: Logger names whose messages are the node's own (written without patient values).
-OWN_LOGGERS = ("node",)
+OWN_LOGGERS = ("node", "models", "training")
 #: Root of the UIDs that the DICOM standard itself defines; they identify no one.
 STANDARD_UID_ROOT = "1.2.840.10008."
 
