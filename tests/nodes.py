@@ -142,3 +142,16 @@ def export_row(sessions: sessionmaker[Session]) -> Export:
     """The one export row."""
     with sessions() as s:
         return s.scalars(select(Export)).one()
+
+
+def wait_first_job_finished(node, timeout: float) -> None:
+    """Wait until the first job of a running :class:`node.service.Node` is done, skipped or failed."""
+    from node.db.states import JOB_FINISHED
+    from tests.util import wait_for
+
+    def finished() -> bool:
+        with node.sessions() as s:
+            job = s.scalars(select(Job)).first()
+            return job is not None and job.state in JOB_FINISHED
+
+    wait_for(finished, timeout, "the job to finish")

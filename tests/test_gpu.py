@@ -22,8 +22,7 @@ from node.demo import send_study
 from node.phantom import make_phantom, write_phantom_study
 from node.processing import analyse
 from node.service import Node
-from tests.nodes import make_settings
-from tests.util import wait_for
+from tests.nodes import make_settings, wait_first_job_finished
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -86,12 +85,7 @@ def test_node_worker_processes_a_study_on_the_gpu(tmp_path, study):
     try:
         assert send_study(study, "127.0.0.1", node.listener.port, "CTNODE", progress=False) == len(study)
 
-        def finished():
-            with node.sessions() as s:
-                job = s.scalars(select(Job)).first()
-                return job is not None and job.state in ("done", "failed", "skipped") and job
-
-        wait_for(finished, 300, "the job to finish")
+        wait_first_job_finished(node, 300)
         with node.sessions() as s:
             job = s.scalars(select(Job)).one()
             assert job.state == "done", job.reason

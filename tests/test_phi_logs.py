@@ -15,8 +15,7 @@ from node.logredact import MAX_LIBRARY_MESSAGE, REDACTED, install_log_redaction,
 from node.processing import analyse, write_outputs
 from node.security import uid_ref
 from node.service import Node
-from tests.nodes import make_settings
-from tests.util import wait_for
+from tests.nodes import make_settings, wait_first_job_finished
 
 pytestmark = pytest.mark.integration
 
@@ -136,12 +135,7 @@ def test_node_logs_no_identifier(tmp_path, all_log_lines, capfd):
     try:
         assert send_study(files, "127.0.0.1", node.listener.port, "CTNODE", progress=False) == len(files)
 
-        def finished():
-            with node.sessions() as s:
-                job = s.scalars(select(Job)).first()
-                return job is not None and job.state in ("done", "failed")
-
-        wait_for(finished, 240, "the job to finish")
+        wait_first_job_finished(node, 240)
     finally:
         node.stop()
     with node.sessions() as s:
