@@ -86,7 +86,7 @@ class InfNetPredictor:
     def __init__(self, weights: str = "infnet-compact", multiclass: str | None = "infnet-multiclass",
                  device: str | None = None, batch: int = 8, threshold: float = 0.5,
                  window: tuple[float, float] = DEFAULT_WINDOW, size: int | None = None, weights_dir=None,
-                 model=None, meta=None, tta: bool | None = None):
+                 model=None, meta=None, tta: bool | None = None, multi_model=None, multi_meta=None):
         self.device = choose_device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         if model is None:
@@ -96,7 +96,10 @@ class InfNetPredictor:
             meta = meta or {"name": "custom", "sha256": ""}
         self.model, self.meta = model, meta
         self.multi, self.multi_meta = None, None
-        if multiclass:
+        if multi_model is not None:  # an in-memory multi-class network (evaluation of a training run)
+            self.multi = multi_model.to(self.device, self.dtype).eval()
+            self.multi_meta = multi_meta or {"name": "custom", "sha256": ""}
+        elif multiclass:
             try:
                 self.multi, self.multi_meta = load_shipped(multiclass, weights_dir, self.device, self.dtype)
             except FileNotFoundError:
@@ -125,8 +128,10 @@ class InfNetPredictor:
 
     # --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _run(self, crops: list[np.ndarray]):
-        """crops: windowed [0,1] 2-D arrays of varying size -> (prob maps, label maps or None) at crop size."""
+    def predict_crops(self, crops: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Windowed [0, 1] 2-D crops of any size -> (probability maps, multi-class label maps or None), each at
+        its crop's size. The one implementation of resize, normalisation, precision, TTA and the multi-class
+        prior: :meth:`predict` runs it on lung boxes, training's evaluation on the data set's slices."""
         s = self.size
         x = torch.stack([F.interpolate(torch.from_numpy(c)[None, None], size=(s, s), mode="bilinear",
                                        align_corners=False)[0] for c in crops])
@@ -160,7 +165,7 @@ class InfNetPredictor:
             chunk = ks[i:i + self.batch]
             boxes = [lung_bbox(lung[k]) for k in chunk]
             crops = [window_hu(hu[k, r0:r1, c0:c1], *self.window) for k, (r0, r1, c0, c1) in zip(chunk, boxes)]
-            probs, labels = self._run(crops)
+            probs, labels = self.predict_crops(crops)
             for j, (k, (r0, r1, c0, c1)) in enumerate(zip(chunk, boxes)):
                 prob[k, r0:r1, c0:c1] = probs[j]
                 if labels is not None:

@@ -52,26 +52,76 @@ def test_mae_hand_computed():
     assert M.mae(np.array([[0.0, 0.5], [1.0, 0.25]]), np.array([[0, 1], [1, 0]])) == pytest.approx((0 + .5 + 0 + .25) / 4)
 
 
-def test_mean_dice_over_thresholds():
-    gt = np.array([[1, 0]], bool)
-    # pred 1.0 on the positive, 0 on the negative: every threshold t>0 gives Dice 1; t=0 -> all positive: 2/3
-    pr = np.array([[1.0, 0.0]])
-    assert M.mean_dice(pr, gt) == pytest.approx((255 * 1 + 2 / 3) / 256)
-    # pred 0.5 everywhere: levels 128 (round(127.5)=128); t <= 128/255 -> all positive (2/3), above -> 0
-    pr = np.array([[0.5, 0.5]])
-    assert M.mean_dice(pr, gt) == pytest.approx(129 * (2 / 3) / 256)
+def test_toolbox_metrics_on_hand_made_maps():
+    """training.toolbox against values worked out by hand from the Inf-Net toolbox's rules."""
+    from training.toolbox import toolbox_metrics
+
+    gt = np.array([[True, False]])
+    # a perfect map: every threshold t > 0 gives Dice 1; t = 0 marks both pixels (2/3); specificity 0 there
+    m = toolbox_metrics(np.array([[1.0, 0.0]]), gt)
+    assert m["mean_dice"] == pytest.approx((255 + 2 / 3) / 256)
+    assert m["mean_sen"] == pytest.approx(1.0) and m["mean_spec"] == pytest.approx(255 / 256)
+    assert m["mae"] == 0.0
+    # min-max normalisation: 0.6 / 0.2 become 1 / 0, the same map
+    assert toolbox_metrics(np.array([[0.6, 0.2]]), gt)["mean_dice"] == pytest.approx((255 + 2 / 3) / 256)
+    # a constant map normalises to zeros: only t = 0 overlaps the truth
+    m = toolbox_metrics(np.array([[0.5, 0.5]]), gt)
+    assert m["mean_dice"] == pytest.approx((2 / 3) / 256) and m["mean_spec"] == 0.0
+    # nothing to find and nothing found: Dice 0 at every threshold (the toolbox's rule when TP = 0)
+    assert toolbox_metrics(np.zeros((2, 2)), np.zeros((2, 2), bool))["mean_dice"] == 0.0
+    # the wrong pixel: TP = 0 except at t = 0
+    m = toolbox_metrics(np.array([[0.0, 1.0]]), gt)
+    assert m["mean_dice"] == pytest.approx((2 / 3) / 256) and m["mae"] == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        toolbox_metrics(np.zeros((2, 2)), gt)
 
 
-def test_e_measure_hand_computed():
+def test_toolbox_e_phi_equals_the_per_threshold_definition():
+    from training.toolbox import THRESHOLDS, as_saved_map, toolbox_metrics
+
     gt = np.array([[1, 0], [0, 0]], bool)
     assert M.e_measure_binary(gt, gt) == pytest.approx(4 / 3)  # perfect: sum of ones / (N - 1)
     # all-negative GT: enhanced = 1 - FM
     assert M.e_measure_binary(np.array([[1, 0], [0, 0]]), np.zeros((2, 2))) == pytest.approx(3 / 3)
-    # vectorised mean over thresholds equals the per-threshold definition
     rng = np.random.default_rng(1)
     p, g = rng.random((20, 23)), rng.random((20, 23)) > 0.6
-    ref = np.mean([M.e_measure_binary(np.round(p * 255) >= t, g) for t in range(256)])
-    assert M.mean_e_measure(p, g) == pytest.approx(ref)
+    sal = as_saved_map(p)
+    ref = np.mean([M.e_measure_binary(sal >= t, g) for t in THRESHOLDS])
+    assert toolbox_metrics(p, g)["mean_e_phi"] == pytest.approx(ref)
+    ref_dice = []
+    for t in THRESHOLDS:
+        b = sal >= t
+        tp = (b & g).sum()
+        ref_dice.append(0.0 if tp == 0 else 2 * tp / (b.sum() + g.sum()))
+    assert toolbox_metrics(p, g)["mean_dice"] == pytest.approx(np.mean(ref_dice))
+
+
+def test_slice_bootstrap_interval():
+    from training.evaluation import summarise
+
+    rows = [{"dice": v, "tp": t, "den": d} for v, t, d in ((0.2, 1, 10), (0.4, 2, 10), (0.9, 9, 20))]
+    s = summarise(rows, ["dice", "pooled_dice_infection"], n_boot=500)
+    assert s["dice"]["value"] == pytest.approx(0.5)
+    assert s["pooled_dice_infection"]["value"] == pytest.approx(2 * 12 / 40)
+    assert 0.2 <= s["dice"]["ci_low"] < 0.5 < s["dice"]["ci_high"] <= 0.9
+    constant = summarise([{"dice": 0.7}] * 5, ["dice"], n_boot=100)["dice"]
+    assert constant["ci_low"] == constant["ci_high"] == pytest.approx(0.7)
+
+
+def test_evaluation_runs_the_engines_code():
+    """training.evaluation's maps are exactly what the node's engine computes for the same crop."""
+    from models.factory import build_model
+    from models.predict import InfNetPredictor
+    from training.evaluation import engine_predictor, predict
+
+    torch.manual_seed(0)
+    model = build_model("infnet-compact").eval()
+    img = (np.random.default_rng(0).random((70, 90)) * 255).astype(np.uint8)
+    ours = predict(engine_predictor(model, 64, "cpu", tta=True), [img])[0][0]
+    engine = InfNetPredictor(model=model, meta={"input": {"size": 64}}, multiclass=None, device="cpu", tta=True)
+    theirs = engine.predict_crops([img.astype(np.float32) / 255])[0][0]
+    assert ours.shape == img.shape
+    np.testing.assert_array_equal(ours, theirs)
 
 
 def test_s_measure_cases():
@@ -160,7 +210,7 @@ def test_cutout_area(ratio):
 # ----------------------------------------------------------------------------------------------- data + runs
 @needs_data
 def test_loader_counts():
-    from training.data import load_split, train_val_split
+    from training.data import grouped_folds, labelled_split, load_split, patient_groups
 
     d = load_split("doctor", DATA)
     assert len(d) == 50 and len(d.edges) == 50
@@ -169,9 +219,18 @@ def test_loader_counts():
     assert len(t) == 48
     mt = load_split("multi-test", DATA)
     assert set(np.unique(np.concatenate([m.ravel() for m in mt.masks]))) <= {0, 1, 2}
-    tr, va = train_val_split(50, 10, 0)
-    assert len(tr) == 40 and len(va) == 10 and not set(tr) & set(va)
-    assert train_val_split(50, 10, 0) == (tr, va)  # fixed
+    tr, va = labelled_split(d)
+    assert len(tr) + len(va) == 50 and 9 <= len(va) <= 11 and not set(tr) & set(va)
+    assert labelled_split(d) == (tr, va)  # fixed
+    groups = patient_groups(d.images)
+    names = {n: g for n, g in zip(d.names, groups)}
+    assert names["10.jpg"] == names["43.jpg"] and names["5.jpg"] == names["46.jpg"]  # near-duplicates
+    assert len(set(groups)) == 43
+    folds = grouped_folds(groups)
+    assert sorted(i for f in folds for i in f) == list(range(50))
+    for f in folds:  # no patient group in two folds
+        assert not {groups[i] for i in f} & {groups[i] for g in folds if g is not f for i in g}
+    assert labelled_split(d, fold=2)[1] == folds[2]
 
 
 def test_tiny_training_lowers_the_loss():
@@ -255,16 +314,23 @@ def test_cli_train_multi_on_a_single_class_models_prior(tmp_path):
 
 @needs_data
 def test_schedule_runs_every_row_end_to_end_on_the_tiny_preset(tmp_path):
-    """training.schedule (what training/gpu_schedule.sh runs on a GPU with gpu-full) on the tiny preset: every
-    run, every test evaluation and the table, so a GPU session does not find it broken."""
+    """training.schedule (what training/gpu_schedule.sh runs on a GPU with gpu-full) on the tiny preset, one
+    seed: every stage, row, multi-class net, fold and test evaluation, and the tables, so a GPU run does not
+    find it broken."""
     from training.schedule import main
-    from training.table import ROWS, rows
+    from training.table import CV_CANDIDATES, ROWS, markdown
 
-    assert main(["--preset", "tiny", "--root", str(tmp_path)]) == 0
-    table = rows(tmp_path)
-    assert len(table) == len(ROWS)
-    assert all(r["test"].get("n") == 48 and r["multi"].get("n") == 48 for r in table)
-    assert table[-1]["test"]["tta"] == "flips"
+    assert main(["--preset", "tiny", "--root", str(tmp_path), "--seeds", "0"]) == 0
+    for key, _ in ROWS:
+        test = json.loads((tmp_path / "seed0" / key / "test_metrics.json").read_text())
+        assert test["n"] == 48 and test["tta"] == "flips" and len(test["single_rows"]) == 48
+        assert test["single"]["mean_dice"]["ci_low"] <= test["single"]["mean_dice"]["value"]
+    multi = json.loads((tmp_path / "seed0" / "multi-selfsup-aug04" / "test_metrics.json").read_text())
+    assert len(multi["multi_rows"]) == 48
+    for key in CV_CANDIDATES:
+        assert len(list((tmp_path / "seed0" / f"cv-{key}").glob("fold*/metrics.json"))) == 5
+    table = markdown(tmp_path)
+    assert table.count("[") >= len(ROWS) and "pretrain-raw" in table
 
 
 @needs_data

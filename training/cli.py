@@ -48,6 +48,8 @@ def main(argv=None):
         sp.add_argument("--seed", type=int)
         sp.add_argument("--num-threads", dest="num_threads", type=int)
         sp.add_argument("--eval-size", dest="eval_size", type=int)
+        sp.add_argument("--fold", type=int, help="validate on this grouped cross-validation fold (0-4) instead of "
+                        "the fixed validation split")
 
     def trainargs(sp):
         common(sp)
@@ -73,6 +75,8 @@ def main(argv=None):
     sp.add_argument("--coach-steps", dest="coach_steps", type=int)
     sp.add_argument("--keep", type=float)
     sp.add_argument("--alpha", type=float)
+    sp.add_argument("--coach-scale", dest="coach_scale", type=float,
+                    help="coach scores standardised per image times this before the sigmoid (0: raw scores)")
     sp = sub.add_parser("train", help="single-class Inf-Net")
     trainargs(sp)
     sp.add_argument("--train-set", dest="train_set", choices=["doctor", "pseudo"])
@@ -115,6 +119,8 @@ def main(argv=None):
     sp.add_argument("--size", type=int)
     sp.add_argument("--num-threads", dest="num_threads", type=int)
     sp.add_argument("--max-batches", dest="max_batches", type=int)
+    sp.add_argument("--device", choices=["cpu", "cuda"])
+    sp.add_argument("--channels", type=int, nargs="+", help="U-Net channels per level")
     sp = sub.add_parser("lungnet-export", help="export a lung network checkpoint to models/weights")
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--name", default="lungnet")

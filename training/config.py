@@ -31,6 +31,7 @@ class RunConfig:
     seed: int = 0
     split_seed: int = 0
     n_val: int = 10
+    fold: int | None = None           # cross-validation fold (training.data.N_FOLDS grouped folds) as validation
     device: str = "cpu"
     size: int = 160
     scales: list = field(default_factory=lambda: [1.0])
@@ -56,6 +57,7 @@ class RunConfig:
     coach_steps: int = 5
     keep: float = 0.75
     alpha: float = 1.0
+    coach_scale: float = 8.0           # models.coach score_scale; 0 = raw scores (the ablation)
     # semi
     pseudo_epochs: int = 6
     # multi-class

@@ -99,10 +99,65 @@ def _load_split(split, root, limit, seed) -> SliceSet:
                     {"root": str(root)})
 
 
-def train_val_split(n: int, n_val: int = 10, seed: int = 0):
-    """Fixed split of the 50 doctor-labelled slices: returns (train_idx, val_idx)."""
-    perm = np.random.default_rng(seed).permutation(n)
-    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+# Patient grouping of the labelled slices. COVID-SemiSeg names its slices by number only; slices of one patient
+# (adjacent levels of one scan) are near-duplicates: nearly the same image, or a similar image with the same crop
+# size. Two slices are linked when the normalised cross-correlation of their 32 x 32 thumbnails is at least
+# GROUP_NCC, or at least GROUP_NCC_SAME_CROP with both crop sides within GROUP_CROP_TOLERANCE; a group is a
+# connected set of links. On the 50 labelled slices this gives 43 groups ({4, 5, 17, 46}, {10, 43},
+# {13, 31}, {24, 29}, {35, 67}, singletons): docs/protocol.md.
+GROUP_THUMB = 32
+GROUP_NCC = 0.88
+GROUP_NCC_SAME_CROP = 0.80
+GROUP_CROP_TOLERANCE = 0.03
+N_VAL = 10
+N_FOLDS = 5
+
+
+def patient_groups(images: list[np.ndarray]) -> list[int]:
+    """A group id per slice (slices of one group are taken to be one patient); ids are 0.. in slice order."""
+    x = np.stack([resize_np(a, (GROUP_THUMB, GROUP_THUMB)).astype(np.float64).ravel() for a in images])
+    x = (x - x.mean(1, keepdims=True)) / np.maximum(x.std(1, keepdims=True), 1e-9)
+    ncc = x @ x.T / x.shape[1]
+    shapes = np.array([a.shape for a in images], np.float64)
+    rel = np.abs(shapes[:, None] - shapes[None]) / np.maximum(shapes[:, None], shapes[None])
+    link = (ncc >= GROUP_NCC) | ((ncc >= GROUP_NCC_SAME_CROP) & (rel <= GROUP_CROP_TOLERANCE).all(-1))
+    from scipy.sparse.csgraph import connected_components
+
+    _, labels = connected_components(link, directed=False)
+    first: dict[int, int] = {}
+    return [first.setdefault(int(g), len(first)) for g in labels]
+
+
+def grouped_folds(groups: list[int], k: int = N_FOLDS, seed: int = 0) -> list[list[int]]:
+    """``k`` folds of slice indices, no group split across folds: groups in a seeded random order, each put in
+    the fold with the fewest slices so far (ties: the lowest fold)."""
+    ids = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for gi in order:
+        members = [i for i, g in enumerate(groups) if g == ids[gi]]
+        min(folds, key=len).extend(members)
+    return [sorted(f) for f in folds]
+
+
+def train_val_split(groups: list[int], n_val: int = N_VAL, seed: int = 0,
+                    fold: int | None = None, k: int = N_FOLDS) -> tuple[list[int], list[int]]:
+    """(train_idx, val_idx) of the labelled slices, by patient group. ``fold`` None: the fixed validation
+    split (the first of ``k`` = len / ``n_val`` grouped folds); ``fold`` i: fold i of ``k`` grouped folds
+    (cross-validation)."""
+    n = len(groups)
+    folds = grouped_folds(groups, k if fold is not None else max(2, round(n / n_val)), seed)
+    val = folds[fold or 0]
+    return sorted(set(range(n)) - set(val)), val
+
+
+def labelled_split(ss: SliceSet, n_val: int = N_VAL, seed: int = 0,
+                   fold: int | None = None) -> tuple[list[int], list[int]]:
+    """:func:`train_val_split` of a labelled split (the 50 doctor-labelled slices, or the same slices of
+    MultiClassInfection-Train), grouped by :func:`patient_groups` of its images."""
+    if "groups" not in ss.meta:
+        ss.meta["groups"] = patient_groups(ss.images)
+    return train_val_split(ss.meta["groups"], n_val, seed, fold)
 
 
 def resize_np(a: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:

@@ -14,16 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.coach import CoachNet, coach_mask
+from models.coach import CoachNet, coach_mask, erasure
 from models.factory import build_model, model_config
 from models.registry import sha256_file
-from models.tta import final_probability
 
 from . import data as D
 from .augment import AugConfig, augment
 from .config import RunConfig
-from .losses import coach_loss, multiclass_loss, recon_loss, seg_loss, sobel_edges, structure_loss
-from .metrics import average, binary_metrics, dice, mean_dice, multiclass_dice
+from .losses import coach_loss, multiclass_loss, recon_loss, seg_loss, sobel_edges
+from . import evaluation as E
+from .metrics import multiclass_dice
 
 try:
     from tqdm import tqdm
@@ -142,24 +142,17 @@ def scaled(size, rate):
 
 
 # ----------------------------------------------------------------------------------------------- prediction
-@torch.no_grad()
-def predict_single(model, images: list[np.ndarray], size: int, dev, batch: int = 8, amp=False,
-                   tta: bool = False) -> list[np.ndarray]:
-    """Probability maps (S_3, the final Inf-Net output) at each image's own resolution; ``tta``: averaged
-    over the four flips of each image (models.tta)."""
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch):
-        chunk = images[i:i + batch]
-        x = torch.from_numpy(np.stack([D.resize_np(a, (size, size)) for a in chunk]))[:, None].float() / 255
-        x = to_dev(D.normalize(x), dev)
-        ctx = torch.autocast("cuda", dtype=torch.float16) if (amp and dev.type == "cuda") else nullcontext()
-        with ctx:
-            prob = final_probability(model, x, tta)
-        for a, p in zip(chunk, prob):
-            p = F.interpolate(p[None], size=a.shape, mode="bilinear", align_corners=False)
-            out.append(p[0, 0].cpu().numpy())
-    return out
+def engine_maps(model, images: list[np.ndarray], size: int, dev, tta: bool = False) -> list[np.ndarray]:
+    """Probability maps of 8-bit slices through the node's engine path (training.evaluation)."""
+    return E.predict(E.engine_predictor(model, size, dev.type, tta), images)[0]
+
+
+def validation_score(model, val: D.SliceSet, size: int, dev, tta: bool = False) -> dict:
+    """The selection metric on the validation slices: the toolbox's mean Dice through the engine path
+    (docs/protocol.md), with Dice@0.5 beside it."""
+    rows = E.single_rows(E.engine_predictor(model, size, dev.type, tta), val.images, val.masks)
+    return {"mean_dice": float(np.mean([r["mean_dice"] for r in rows])),
+            "dice": float(np.mean([r["dice"] for r in rows])), "n": len(rows)}
 
 
 @torch.no_grad()
@@ -185,26 +178,9 @@ def _u8(p):
     return p if p.dtype == np.uint8 else (np.clip(p, 0, 1) * 255).round().astype(np.uint8)
 
 
-def eval_single(model, ss: D.SliceSet, size, dev, full=False, amp=False, tta=False) -> dict:
-    probs = predict_single(model, ss.images, size, dev, amp=amp, tta=tta)
-    rows = []
-    losses = []
-    for p, m in zip(probs, ss.masks):
-        g = m > 127
-        if full:
-            rows.append(binary_metrics(p, g))
-        else:
-            rows.append({"dice": dice(p >= 0.5, g), "mean_dice": mean_dice(p, g)})
-        # test loss: structure loss of the final map (S_3) at native resolution
-        pt = torch.from_numpy(p).clamp(1e-6, 1 - 1e-6)
-        losses.append(float(structure_loss(torch.logit(pt)[None, None], torch.from_numpy(g.astype(np.float32))[None, None])))
-    res = average(rows)
-    res["loss"] = float(np.mean(losses))
-    res["n"] = len(rows)
-    return res
-
-
 def eval_multi(model, images, priors, labels, size, dev) -> dict:
+    """Training-time validation of the multi-class network on given priors (the data set's Semi-Inf-Net map
+    or a single-class model's): checkpoint selection only; reported figures come from training.evaluation."""
     preds = predict_multi(model, images, priors, size, dev)
     rows = [multiclass_dice(p, g) for p, g in zip(preds, labels)]
     losses = []
@@ -265,7 +241,7 @@ def train_single(cfg: RunConfig, resume=False) -> dict:
     dev = device_of(cfg)
     run = Run(cfg)
     doctor = D.load_split("doctor", cfg.data)
-    tr_idx, va_idx = D.train_val_split(len(doctor), cfg.n_val, cfg.split_seed)
+    tr_idx, va_idx = D.labelled_split(doctor, cfg.n_val, cfg.split_seed, cfg.fold)
     val = doctor.subset(va_idx)
     if cfg.train_set == "pseudo":
         train = D.load_split("pseudo", cfg.data, limit=cfg.pseudo_limit, seed=cfg.split_seed)
@@ -317,10 +293,10 @@ def train_single(cfg: RunConfig, resume=False) -> dict:
         sched.step()
         rec = {"epoch": ep + 1, "train_loss": tl / max(nb, 1)}
         if (ep + 1) % cfg.val_every == 0 or ep + 1 == cfg.epochs:
-            v = eval_single(model, val, cfg.eval_size, dev)
-            rec.update({f"val_{k}": v[k] for k in ("loss", "dice", "mean_dice")})
+            v = validation_score(model, val, cfg.eval_size, dev)
+            rec.update({f"val_{k}": v[k] for k in ("dice", "mean_dice")})
             if best is None or v["mean_dice"] > best["val_mean_dice"]:
-                best = {"epoch": ep + 1, "val_mean_dice": v["mean_dice"], "val_dice": v["dice"], "val_loss": v["loss"]}
+                best = {"epoch": ep + 1, "val_mean_dice": v["mean_dice"], "val_dice": v["dice"]}
                 save_ckpt(run.dir / "best.pt", model, cfg.arch, {"mode": "segment", "epoch": ep + 1, "val": v,
                                                                  "run_config": cfg.to_dict()})
         history.append(rec)
@@ -352,7 +328,7 @@ def pretrain(cfg: RunConfig, resume=False) -> dict:
     dev = device_of(cfg)
     run = Run(cfg)
     doctor = D.load_split("doctor", cfg.data)
-    tr_idx, _ = D.train_val_split(len(doctor), cfg.n_val, cfg.split_seed)
+    tr_idx, _ = D.labelled_split(doctor, cfg.n_val, cfg.split_seed, cfg.fold)
     imgs = [doctor.images[i] for i in tr_idx]
     if cfg.pretrain_limit is None or cfg.pretrain_limit > len(imgs):
         extra = None if cfg.pretrain_limit is None else cfg.pretrain_limit - len(imgs)
@@ -366,7 +342,7 @@ def pretrain(cfg: RunConfig, resume=False) -> dict:
     run.log(f"pretrain data: {len(imgs)} unlabelled slices at {base}px")
     multi = cfg.arch == "multiclass-unet"
     model = prep_model(build_model(cfg.arch, {"base": cfg.multi_base} if multi else None), dev).set_mode("inpaint")
-    coach = prep_model(CoachNet(keep=cfg.keep, alpha=cfg.alpha), dev)
+    coach = prep_model(CoachNet(keep=cfg.keep, alpha=cfg.alpha, score_scale=cfg.coach_scale or None), dev)
     opt_m = _optim(model, cfg)
     opt_c = torch.optim.Adam(coach.parameters(), lr=cfg.lr)
     aug = AugConfig(enabled=True, cutout=0.0)
@@ -411,7 +387,7 @@ def pretrain(cfg: RunConfig, resume=False) -> dict:
         # (b) inpainting-network steps, coach frozen
         model.train()
         coach.eval()
-        ml = []
+        ml, shares = [], []
         for bi, idx in enumerate(tqdm(list(batches(len(X), cfg.batch, gen)), desc=f"pretrain {ep + 1}/{cfg.epochs}",
                                       leave=False, disable=None)):
             if cfg.max_batches and bi >= cfg.max_batches:
@@ -419,13 +395,16 @@ def pretrain(cfg: RunConfig, resume=False) -> dict:
             xb = to_dev(augment({"image": X[idx]}, s, aug, gen)["image"], dev)
             with torch.no_grad():
                 m_keep = coach(D.normalize(xb)) if ep > 0 else _random_blob_mask(len(idx), s, cfg.keep, gen, dev)
+            shares.append(erasure(m_keep))
             loss = rec_of(xb, m_keep)
             opt_m.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip)
             opt_m.step()
             ml.append(loss.item())
-        rec = {"epoch": ep + 1, "rec_loss": float(np.mean(ml)), "coach_loss": float(np.mean(cl)) if cl else None}
+        rec = {"epoch": ep + 1, "rec_loss": float(np.mean(ml)), "coach_loss": float(np.mean(cl)) if cl else None,
+               "mask": "random blobs" if ep == 0 else "coach", "requested_erased": round(1 - cfg.keep, 3),
+               **{f"share_{k}": float(np.mean([x[k] for x in shares])) for k in ("erased", "kept")}}
         history.append(rec)
         run.log(json.dumps(rec))
         save_ckpt(last, model, cfg.arch, {"mode": "inpaint", "epoch": ep, "coach": coach.state_dict(),
@@ -451,10 +430,10 @@ def train_multi(cfg: RunConfig, resume=False) -> dict:
         # The prior the node's engine gives (a single-class model's binarised map, with flip TTA) instead of
         # the data set's Semi-Inf-Net prior, so training and validation see what inference will.
         prior_model, prior_ck = model_from_ckpt(cfg.prior_ckpt, dev)
-        maps = predict_single(prior_model, ms.images, trained_size(prior_ck, cfg.eval_size), dev, tta=True)
+        maps = engine_maps(prior_model, ms.images, trained_size(prior_ck, cfg.eval_size), dev, tta=True)
         ms = dataclasses.replace(ms, priors=[((p >= 0.5) * 255).astype(np.uint8) for p in maps])  # not the cache
         run.log(f"priors: {cfg.prior_ckpt} (binarised at 0.5, flip TTA)")
-    tr_idx, va_idx = D.train_val_split(len(ms), cfg.n_val, cfg.split_seed)
+    tr_idx, va_idx = D.labelled_split(ms, cfg.n_val, cfg.split_seed, cfg.fold)
     train, val = ms.subset(tr_idx), ms.subset(va_idx)
     if cfg.train_limit:
         train = train.subset(list(range(min(cfg.train_limit, len(train)))))
@@ -511,22 +490,39 @@ def train_multi(cfg: RunConfig, resume=False) -> dict:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def validate(ckpt: str, cfg: RunConfig, tta: bool = False) -> dict:
-    """A single-class model on the fixed validation split of the 50 labelled slices (what selection uses;
-    the test set is not touched): Dice@0.5 and mean Dice at ``cfg.eval_size``, with or without flip TTA."""
+    """A single-class model on the validation slices (the fixed grouped split, or ``cfg.fold``): what
+    selection uses; the test set is not touched."""
     setup_threads(cfg)
     dev = device_of(cfg)
     model, _ = model_from_ckpt(ckpt, dev)
     doctor = D.load_split("doctor", cfg.data)
-    _, va_idx = D.train_val_split(len(doctor), cfg.n_val, cfg.split_seed)
-    res = eval_single(model, doctor.subset(va_idx), cfg.eval_size, dev, tta=tta)
-    res.update({"ckpt": ckpt, "eval_size": cfg.eval_size, "tta": "flips" if tta else "none"})
+    _, va_idx = D.labelled_split(doctor, cfg.n_val, cfg.split_seed, cfg.fold)
+    res = validation_score(model, doctor.subset(va_idx), cfg.eval_size, dev, tta=tta)
+    res.update({"ckpt": ckpt, "eval_size": cfg.eval_size, "fold": cfg.fold, "tta": "flips" if tta else "none"})
     return res
 
 
+SINGLE_KEYS = ["mean_dice", "mean_sen", "mean_spec", "s_alpha", "mean_e_phi", "mae", "dice", "pooled_dice_infection"]
+MULTI_KEYS = ["mean_dice_ggo", "mean_dice_consolidation", "pooled_dice_ggo", "pooled_dice_consolidation"]
+
+
+def test_report(predictor, data: str, multi: bool) -> dict:
+    """The 48 test slices through ``predictor`` (the engine's path): per-slice rows and each figure with its
+    slice-bootstrap 95 % interval; with ``multi``, the multi-class test slices as well."""
+    ts = D.load_split("test", data)
+    rows = E.single_rows(predictor, ts.images, ts.masks)
+    out = {"n": len(rows), "single": E.summarise(rows, SINGLE_KEYS), "single_rows": rows}
+    if multi:
+        mt = D.load_split("multi-test", data)
+        mrows = E.multi_rows(predictor, mt.images, mt.masks)
+        out.update({"multi": E.summarise(mrows, MULTI_KEYS), "multi_rows": mrows})
+    return out
+
+
 def evaluate(ckpt: str, cfg: RunConfig, out: str | None = None, tta: bool = False) -> dict:
-    """Evaluate a final model ONCE on the 48 test slices (single-class: LungInfection-Test; multi-class:
-    MultiClassInfection-Test with the prior predicted by ``cfg.prior_ckpt``). ``tta``: the Inf-Net map
-    (the single-class model's, or the prior's) averaged over four flips (models.tta)."""
+    """Evaluate a final model ONCE on the test slices through the engine's path: a single-class checkpoint
+    alone, or a multi-class checkpoint with its single-class model as ``cfg.prior_ckpt``, both networks as the
+    engine runs them (GGO = infection minus consolidation)."""
     setup_threads(cfg)
     dev = device_of(cfg)
     t0 = time.time()
@@ -534,40 +530,27 @@ def evaluate(ckpt: str, cfg: RunConfig, out: str | None = None, tta: bool = Fals
     if ck["arch"] == "multiclass-unet":
         if not cfg.prior_ckpt:
             raise SystemExit("multi-class evaluation needs --prior-ckpt (single-class model giving the prior)")
-        ts = D.load_split("multi-test", cfg.data)
-        prior_model, prior_ck = model_from_ckpt(cfg.prior_ckpt, dev)
-        priors = [(p >= 0.5).astype(np.float32) for p in
-                  predict_single(prior_model, ts.images, trained_size(prior_ck, cfg.eval_size), dev, tta=tta)]
-        res = eval_multi(model, ts.images, priors, ts.masks, cfg.eval_size, dev)
+        single, single_ck = model_from_ckpt(cfg.prior_ckpt, dev)
+        predictor = E.engine_predictor(single, trained_size(single_ck, cfg.eval_size), dev.type, tta,
+                                       multi=model, multi_size=trained_size(ck, cfg.eval_size))
+        res = test_report(predictor, cfg.data, multi=True)
         res["prior_ckpt"] = cfg.prior_ckpt
     else:
-        ts = D.load_split("test", cfg.data)
-        res = eval_single(model, ts, cfg.eval_size, dev, full=True, tta=tta)
-    res.update({"ckpt": ckpt, "eval_size": cfg.eval_size, "tta": "flips" if tta else "none",
-                "wall_s": time.time() - t0, "device": str(dev)})
+        predictor = E.engine_predictor(model, trained_size(ck, cfg.eval_size), dev.type, tta)
+        res = test_report(predictor, cfg.data, multi=False)
+    res.update({"ckpt": ckpt, "tta": "flips" if tta else "none", "wall_s": time.time() - t0, "device": str(dev),
+                "path": "engine (models.predict.InfNetPredictor.predict_crops)"})
     outp = Path(out) if out else Path(ckpt).parent / "test_metrics.json"
     outp.write_text(json.dumps(res, indent=2))
     return res
 
 
-def shipped_test_metrics(data: str, tta: bool, weights_dir=None) -> tuple[dict, dict]:
-    """The shipped fp16 files on the 48 test slices, as the node's engine runs them: ``infnet-compact``
-    alone, and ``infnet-multiclass`` with the binarised ``infnet-compact`` map as its prior."""
-    from models.registry import load_shipped
+def shipped_test_metrics(data: str, tta: bool, weights_dir=None) -> dict:
+    """The shipped fp16 files on the test slices as the node's engine runs them (CPU, fp32)."""
+    from models.predict import InfNetPredictor
 
-    cpu = torch.device("cpu")
-    compact, meta = load_shipped("infnet-compact", weights_dir)
-    size = meta["input"]["size"]
-    single = eval_single(compact, D.load_split("test", data), size, cpu, full=True, tta=tta)
-    multi, multi_meta = load_shipped("infnet-multiclass", weights_dir)
-    multi_size = multi_meta["input"]["size"]
-    ts = D.load_split("multi-test", data)
-    priors = [(p >= 0.5).astype(np.float32) for p in predict_single(compact, ts.images, size, cpu, tta=tta)]
-    with_prior = eval_multi(multi, ts.images, priors, ts.masks, multi_size, cpu)
-    with_prior.update({"prior": f"infnet-compact sha256 {meta['sha256']} at {size} px", "eval_size": multi_size,
-                       "tta": "flips" if tta else "none"})
-    single.update({"eval_size": size, "tta": "flips" if tta else "none"})
-    return single, with_prior
+    predictor = InfNetPredictor(weights_dir=weights_dir, device="cpu", tta=tta)
+    return test_report(predictor, data, multi=True)
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -1,6 +1,6 @@
-"""Segmentation metrics, pure numpy. Conventions follow the Inf-Net evaluation toolbox (MATLAB) where it
-defines one: prediction maps in [0, 1], ground truth binarised at 0.5, "mean" metrics over the 256 thresholds
-of the 8-bit map (t = 0/255 ... 255/255, positive where pred >= t).
+"""Segmentation metric building blocks, pure numpy: Dice at one threshold (empty vs empty counts 1.0),
+sensitivity, specificity, the structure measure S-alpha and the enhanced-alignment measure E-phi. The Inf-Net
+toolbox's per-image figures, which the anchors report, are assembled from them in :mod:`training.toolbox`.
 """
 from __future__ import annotations
 
@@ -48,25 +48,6 @@ def specificity(binary, gt) -> float:
 def mae(pred, gt) -> float:
     pred, gt = _prep(pred, gt)
     return float(np.mean(np.abs(pred - gt)))
-
-
-def thresholds_8bit():
-    return np.arange(256) / 255.0
-
-
-def mean_dice(pred, gt) -> float:
-    """Mean Dice over the 256 thresholds of the 8-bit map (Inf-Net toolbox 'mean Dice')."""
-    pred, gt = _prep(pred, gt)
-    q = np.round(pred * 255).astype(np.int64).clip(0, 255)
-    # histogram trick: counts of predicted levels inside / outside the GT
-    h_in = np.bincount(q[gt], minlength=256)
-    h_out = np.bincount(q[~gt], minlength=256)
-    tp = np.cumsum(h_in[::-1])[::-1]   # pixels of GT with level >= t
-    fp = np.cumsum(h_out[::-1])[::-1]
-    fn = gt.sum() - tp
-    den = 2 * tp + fp + fn
-    d = np.where(den == 0, 1.0, 2 * tp / np.maximum(den, 1))
-    return float(d.mean())
 
 
 def _ssim_region(pred, gt):
@@ -140,18 +121,12 @@ def e_measure_binary(fm, gt) -> float:
     return float(enhanced.sum() / (gt.size - 1 + EPS))
 
 
-def mean_e_measure(pred, gt) -> float:
-    """Mean E-phi over the 256 thresholds of the 8-bit map. Exact and vectorised: for a binary map the
-    enhanced-alignment value of a pixel depends only on its (prediction, GT) pair, so the sum over pixels is a
-    sum over the four confusion cells (checked against :func:`e_measure_binary` in the tests)."""
-    pred, gt = _prep(pred, gt)
-    q = np.round(pred * 255).astype(np.int64).clip(0, 255)
-    h_in = np.bincount(q[gt], minlength=256)
-    h_out = np.bincount(q[~gt], minlength=256)
-    tp = np.cumsum(h_in[::-1])[::-1].astype(np.float64)
-    fp = np.cumsum(h_out[::-1])[::-1].astype(np.float64)
-    n_gt = float(gt.sum())
-    n = float(gt.size)
+def mean_e_measure_counts(tp: np.ndarray, fp: np.ndarray, n_gt: float, n: float) -> np.ndarray:
+    """E-phi of the binary maps of several thresholds from their TP and FP counts (arrays), exactly: for a
+    binary map the enhanced-alignment value of a pixel depends only on its (prediction, truth) pair, so the sum
+    over pixels is a sum over the four confusion cells (checked against :func:`e_measure_binary` in the
+    tests). ``n_gt`` pixels are true of ``n``."""
+    tp, fp = np.asarray(tp, np.float64), np.asarray(fp, np.float64)
     fn = n_gt - tp
     tn = (n - n_gt) - fp
     if n_gt == 0:
@@ -161,27 +136,13 @@ def mean_e_measure(pred, gt) -> float:
     else:
         mu_f = (tp + fp) / n
         mu_g = n_gt / n
-        total = np.zeros(256)
+        total = np.zeros_like(tp)
         for f, g, cnt in ((1, 1, tp), (1, 0, fp), (0, 1, fn), (0, 0, tn)):
             dfm = f - mu_f
             dgt = g - mu_g
             align = 2 * dgt * dfm / (dgt ** 2 + dfm ** 2 + EPS)
             total = total + cnt * (align + 1) ** 2 / 4
-    return float(np.mean(total / (n - 1 + EPS)))
-
-
-def binary_metrics(pred, gt, threshold: float = 0.5) -> dict:
-    pred, gt = _prep(pred, gt)
-    b = pred >= threshold
-    return {
-        "dice": dice(b, gt),
-        "mean_dice": mean_dice(pred, gt),
-        "sensitivity": sensitivity(b, gt),
-        "specificity": specificity(b, gt),
-        "s_alpha": s_measure(pred, gt),
-        "e_phi_mean": mean_e_measure(pred, gt),
-        "mae": mae(pred, gt),
-    }
+    return total / (n - 1 + EPS)
 
 
 def multiclass_dice(label_pred, label_gt, classes=(1, 2)) -> dict:
