@@ -133,6 +133,24 @@ def test_coach_mask_formula():
     assert int((m < 0.5).sum()) == 4
 
 
+def test_coach_erases_for_real_at_initialisation():
+    """With the scores standardised and scaled (models.coach.SCORE_SCALE), alpha = 1 still erases: most of
+    the requested quarter of the pixels get M < 0.1 and most of the rest M > 0.9; the raw scores of a fresh
+    network leave M near 0.5 almost everywhere (the ablation)."""
+    from models.coach import SCORE_SCALE, erasure
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 64, 64)
+    coach = CoachNet(keep=0.75, alpha=1.0).eval()
+    assert coach.score_scale == SCORE_SCALE
+    with torch.no_grad():
+        scaled = erasure(coach(x))
+        coach.score_scale = None
+        raw = erasure(coach(x))
+    assert scaled["erased"] > 0.2 and scaled["kept"] > 0.6
+    assert raw["erased"] < 0.05 and raw["kept"] < 0.05
+
+
 def test_coach_gets_gradient():
     coach = CoachNet()
     x = torch.randn(2, 1, 32, 32)
