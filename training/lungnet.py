@@ -12,7 +12,7 @@ Labels (no lung masks exist for the data at hand; they are built so):
 
 Every example is the body box of its slice (volume-wide box for the phantoms, as the node crops), resized to
 the network size. Validation (reported every epoch, no selection: the last epoch is exported): the 10
-doctor-labelled slices of ``training.data.train_val_split`` and the phantom ``VAL_PHANTOM``, never trained on.
+doctor-labelled slices of ``training.data.labelled_split`` and the phantom ``VAL_PHANTOM``, never trained on.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,7 @@ class LungNetConfig:
     seed: int = 0
     num_threads: int = 2
     max_batches: int | None = None  # per epoch (smoke runs)
+    device: str = "cpu"
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -82,6 +84,16 @@ def _box(hu: np.ndarray, label: np.ndarray, body: np.ndarray, size: int) -> tupl
     y = torch.from_numpy(np.ascontiguousarray(label[:, rows, cols], dtype=np.float32))[:, None]
     resize = dict(size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return F.interpolate(x, **resize)[:, 0], F.interpolate(y, **resize)[:, 0]
+
+
+def _semiseg_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`semiseg_example` of one image file and its GT (``../GT/<stem>.png``)."""
+    from PIL import Image
+
+    torch.set_num_threads(1)
+    image8 = np.asarray(Image.open(path).convert("L"))
+    infection = np.asarray(Image.open(path.parent.parent / "GT" / f"{path.stem}.png").convert("L")) > 127
+    return semiseg_example(image8, infection, DATASET_SIZE)
 
 
 def semiseg_example(image8: np.ndarray, infection: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +130,7 @@ def build_dataset(cfg: LungNetConfig) -> dict[str, torch.Tensor]:
     cache = Path(cfg.out) / f"dataset-{DATASET_SIZE}.pt"
     if cache.exists():
         return torch.load(cache)
-    from PIL import Image
-
-    from .data import train_val_split
+    from .data import labelled_split, load_split
 
     root = Path(cfg.data) / "TrainingSet" / "LungInfection-Train"
     hus, labels, source, val = [], [], [], []
@@ -130,18 +140,17 @@ def build_dataset(cfg: LungNetConfig) -> dict[str, torch.Tensor]:
         source.extend([src] * len(x)), val.extend([is_val] * len(x))
 
     doctor = sorted((root / "Doctor-label" / "Imgs").glob("*.jpg"), key=lambda p: int(p.stem))
-    _, val_idx = train_val_split(len(doctor))
+    _, val_idx = labelled_split(load_split("doctor", cfg.data))  # same order: names sorted by number
     pseudo = sorted((root / "Pseudo-label" / "Imgs").glob("*.jpg"))[::PSEUDO_EVERY]
     t0 = time.time()
-    for i, path in enumerate(doctor + pseudo):
-        gt = path.parent.parent / "GT" / f"{path.stem}.png"
-        image8 = np.asarray(Image.open(path).convert("L"))
-        infection = np.asarray(Image.open(gt).convert("L")) > 127
-        is_doctor = i < len(doctor)
-        add(*semiseg_example(image8, infection, DATASET_SIZE), SOURCE_DOCTOR if is_doctor else SOURCE_PSEUDO,
-            is_doctor and i in val_idx)
-        if i % 50 == 0:
-            log.info("semiseg %d / %d (%.0f s)", i, len(doctor) + len(pseudo), time.time() - t0)
+    paths = doctor + pseudo
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one slice per task: independent
+        examples = pool.map(_semiseg_file, paths, chunksize=4)
+        for i, example in enumerate(examples):
+            is_doctor = i < len(doctor)
+            add(*example, SOURCE_DOCTOR if is_doctor else SOURCE_PSEUDO, is_doctor and i in val_idx)
+            if i % 50 == 0:
+                log.info("semiseg %d / %d (%.0f s)", i, len(paths), time.time() - t0)
     for seed, burden, effusion in PHANTOMS + [VAL_PHANTOM]:
         add(*phantom_examples(seed, burden, effusion, DATASET_SIZE), SOURCE_PHANTOM, seed == VAL_PHANTOM[0])
     data = {"hu": torch.cat(hus), "label": torch.cat(labels), "source": torch.tensor(source),
@@ -200,7 +209,8 @@ def evaluate(model: LungNet, data: dict[str, torch.Tensor], pick: torch.Tensor, 
         if not sel.any():
             continue
         hu, label = data["hu"][sel].float(), data["label"][sel].float() >= 0.5
-        pred = torch.cat([forward(model, hu[i:i + 64], size)[:, 0] >= 0
+        dev = next(model.parameters()).device
+        pred = torch.cat([forward(model, hu[i:i + 64].to(dev), size)[:, 0].cpu() >= 0
                           for i in range(0, len(hu), 64)])
         dense = label & (hu > -320)
         out[f"{name}_dice"] = float(2 * (pred & label).sum() / (pred.sum() + label.sum()))
@@ -224,7 +234,8 @@ def train(cfg: LungNetConfig) -> dict:
     steps = per_epoch // cfg.batch
     if cfg.max_batches:
         steps = min(steps, cfg.max_batches)
-    model = LungNet(channels=cfg.channels)
+    dev = torch.device(cfg.device)
+    model = LungNet(channels=cfg.channels).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = steps * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
@@ -237,7 +248,7 @@ def train(cfg: LungNetConfig) -> dict:
         for b in range(steps):
             idx = order[b * cfg.batch:(b + 1) * cfg.batch]
             hu, label = augment(data["hu"][idx], data["label"][idx], gen)
-            loss = loss_fn(forward(model, hu, cfg.size), label[:, None])
+            loss = loss_fn(forward(model, hu.to(dev), cfg.size), label[:, None].to(dev))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -251,7 +262,8 @@ def train(cfg: LungNetConfig) -> dict:
         history.append(row)
         log.info("%s", row)
         print(json.dumps(row), flush=True)
-    ckpt = {"arch": "lungnet", "model_config": model.config, "state_dict": model.state_dict(),
+    ckpt = {"arch": "lungnet", "model_config": model.config,
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "run_config": asdict(cfg), "history": history}
     torch.save(ckpt, out / "last.pt")
     summary = {"final": history[-1], "train_examples": int(len(train_idx)),
@@ -286,7 +298,7 @@ def export(ckpt_path: str, name: str = "lungnet", out_dir: str = "models/weights
         "output": "one logit per pixel: lung (aerated or dense) against everything else",
         "training_data": {
             "covid_semiseg": f"TrainingSet/LungInfection-Train: 40 of the 50 doctor-labelled slices (10 held out "
-                             f"for validation, training.data.train_val_split) and every {PSEUDO_EVERY}th of the "
+                             f"for validation, training.data.labelled_split) and every {PSEUDO_EVERY}th of the "
                              "1600 pseudo-labelled slices; label = aerated lung of the node's HU steps "
                              "(segment_lungs method 'aerated') united with the infection mask, holes filled; "
                              "the 48 test slices were not used",
