@@ -135,18 +135,15 @@ def main(argv=None):
         from models.registry import WEIGHTS_DIR
 
         data = args.data or RunConfig().data
-        _, multi_plain = loops.shipped_test_metrics(data, tta=False)
-        single, multi = loops.shipped_test_metrics(data, tta=True)
-        print(json.dumps({"infnet-compact (flip TTA)": single, "infnet-multiclass, TTA prior": multi,
-                          "infnet-multiclass, plain prior": multi_plain}, indent=2))
+        report = loops.shipped_test_metrics(data, tta=True)
+        summary = {"path": "node engine (models.predict.InfNetPredictor, CPU fp32, flip TTA)", "n": report["n"],
+                   "single": report["single"], "multi": report["multi"]}
+        print(json.dumps(summary, indent=2))
         if args.write:
-            for name, key, value in (("infnet-compact", "test_metrics_tta", single),
-                                     ("infnet-multiclass", "test_metrics_with_shipped_prior_tta", multi),
-                                     ("infnet-multiclass", "test_metrics_with_shipped_prior", multi_plain)):
-                path = WEIGHTS_DIR / f"{name}.json"
-                meta = json.loads(path.read_text())
-                meta[key] = value
-                path.write_text(json.dumps(meta, indent=2))
+            path = WEIGHTS_DIR / "infnet-compact.json"
+            meta = json.loads(path.read_text())
+            meta["test_engine_path"] = summary
+            path.write_text(json.dumps(meta, indent=2))
         return 0
     if args.command == "export":
         meta = loops.export(args.ckpt, args.name, args.out_dir,
