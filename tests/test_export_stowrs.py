@@ -311,3 +311,12 @@ def test_outbox_dead_after_max_attempts_of_transient_failures(tmp_path):
     rows, events = rows_and_events(sessions)
     assert rows == {uid: ("dead", 2)}
     assert [kind for kind, _ in events] == ["export_failed", "export_dead"]
+
+
+def test_echo_names_the_transport_of_a_stow_destination(tmp_path, capsys):
+    from node.cli import main
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[[destinations]]\nname = "web"\ntransport = "stow-rs"\nurl = "https://pacs.example.org/dicom-web"\n')
+    assert main(["--config", str(cfg), "echo", "web"]) == 2
+    assert "uses stow-rs: C-ECHO is for DIMSE destinations" in capsys.readouterr().err

@@ -143,12 +143,11 @@ def client(settings: Settings, dest: Destination, http: requests.Session) -> DIC
 
 def _error_dataset(response: requests.Response) -> Dataset:
     """The DICOM JSON dataset of an error answer, or an empty one (no body, another format)."""
-    if DICOM_JSON not in response.headers.get("Content-Type", "") and "application/json" not in \
-            response.headers.get("Content-Type", ""):
+    if "json" not in response.headers.get("Content-Type", ""):
         return Dataset()
     try:
         return Dataset.from_json(response.json())
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except Exception:  # any JSON that is not a DICOM JSON dataset (e.g. a server's own error object)
         return Dataset()
 
 
