@@ -159,9 +159,10 @@ class Destination:
     secret: str = field(default="", repr=False)
 
 
-DESTINATION_REQUIRED: dict[Transport, tuple[str, ...]] = {
-    Transport.DIMSE: ("name", "ae_title", "host", "port"),
-    Transport.STOW_RS: ("name", "url"),
+#: The keys each transport needs, with a value of their type.
+DESTINATION_REQUIRED: dict[Transport, dict[str, Any]] = {
+    Transport.DIMSE: {"name": "", "ae_title": "", "host": "", "port": 0},
+    Transport.STOW_RS: {"name": "", "url": ""},
 }
 DESTINATION_OPTIONAL: dict[Transport, dict[str, Any]] = {
     Transport.DIMSE: {"tls": False, "tls_ca_file": "", "tls_cert_file": "", "tls_key_file": "",
@@ -399,9 +400,7 @@ def _destination(i: int, d: Any, env: Mapping[str, str]) -> Destination:
     unknown = set(d) - set(required) - set(optional) - {"transport"}
     if unknown:
         raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key for transport {transport}")
-    values = {k: _coerce(f"{key}.{k}", d[k], "" if k in ("name", "url", "ae_title", "host") else 0)
-              for k in required}
-    values |= {k: _coerce(f"{key}.{k}", d[k], default) for k, default in optional.items() if k in d}
+    values = {k: _coerce(f"{key}.{k}", d[k], kind) for k, kind in (required | optional).items() if k in d}
     if transport == Transport.STOW_RS:
         try:
             values["auth"] = HttpAuth(values.get("auth", HttpAuth.NONE))
