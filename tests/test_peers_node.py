@@ -107,7 +107,7 @@ def test_orthanc_round_trip(tmp_path, phantom_files):
 def test_stow_rs_to_orthanc_dicomweb(tmp_path, phantom_files):
     """The node analyses a phantom study from DCMTK and sends its SEG and SR by STOW-RS to Orthanc's DICOMweb
     plugin, logging in with HTTP basic authentication (the password from the environment): Orthanc holds
-    exactly those two instances, byte for byte the node's result files, each exported once."""
+    exactly those two instances, the same data sets as the node's result files, each exported once."""
     peers.require_peer("storescu")
     with peers.Orthanc(dicomweb=True, users={"ctnode": "stow-secret"}) as orthanc:
         node = started_node_to(tmp_path, {"name": "web", "transport": "stow-rs", "url": orthanc.dicomweb_url,
