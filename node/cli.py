@@ -93,12 +93,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node.export import echo
+    from node.config import Transport
+    from node.exporters.cstore import echo
 
     settings = _settings(args)
     dests = {d.name: d for d in settings.destinations}
     if args.dest not in dests:
         print(f"unknown destination {args.dest!r}; configured: {', '.join(dests) or 'none'}", file=sys.stderr)
+        return 2
+    if dests[args.dest].transport != Transport.DIMSE:
+        print(f"destination {args.dest!r} uses {dests[args.dest].transport}: C-ECHO is for DIMSE destinations",
+              file=sys.stderr)
         return 2
     outcome = echo(settings, dests[args.dest])
     print(f"C-ECHO {args.dest}: {'success' if outcome.ok else 'FAILED: ' + outcome.error}")

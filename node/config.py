@@ -7,13 +7,15 @@ Errors name the offending key, e.g. ``node.port: must be an integer between 1 an
 """
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII except backslash
 
@@ -116,23 +118,60 @@ class ExportSettings:
     timeout: float = 30.0
 
 
+class Transport(enum.StrEnum):
+    """How results reach a destination."""
+
+    DIMSE = "dimse"        # C-STORE over a DICOM association (optionally DICOM TLS)
+    STOW_RS = "stow-rs"    # DICOMweb STOW-RS over HTTP(S)
+
+
+class HttpAuth(enum.StrEnum):
+    """Authentication towards a STOW-RS destination."""
+
+    NONE = "none"
+    BEARER = "bearer"      # Authorization: Bearer <token from the environment variable token_env>
+    BASIC = "basic"        # username + the password from the environment variable password_env
+
+
 @dataclass
 class Destination:
     name: str
-    ae_title: str
-    host: str
-    port: int
-    # Optional TLS towards this destination.
+    transport: Transport = Transport.DIMSE
+    # DIMSE (C-STORE)
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    # STOW-RS: the DICOMweb service root (the node POSTs to <url>/studies)
+    url: str = ""
+    auth: HttpAuth = HttpAuth.NONE
+    username: str = ""            # basic
+    password_env: str = ""        # basic: environment variable holding the password
+    token_env: str = ""           # bearer: environment variable holding the token
+    tls_verify: bool = True       # STOW-RS over https: verify the server certificate (never disable in production)
+    # Optional TLS towards this destination (DIMSE: tls = true; STOW-RS: an https:// url).
     tls: bool = False
-    tls_ca_file: str = ""         # CA that signed the peer's certificate ("" = system trust store)
+    tls_ca_file: str = ""         # CA that signed the peer's certificate ("" = DIMSE: the system trust store;
+    #                               STOW-RS: the certifi bundle)
     tls_cert_file: str = ""       # client certificate for mutual TLS ("" = none)
     tls_key_file: str = ""
-    tls_server_name: str = ""     # name checked against the peer certificate ("" = host)
+    tls_server_name: str = ""     # DIMSE: name checked against the peer certificate ("" = host)
+    # STOW-RS: the password or token, read from the environment at start (never from the file, never logged)
+    secret: str = field(default="", repr=False)
 
 
-DESTINATION_REQUIRED = ("name", "ae_title", "host", "port")
-DESTINATION_OPTIONAL = {"tls": False, "tls_ca_file": "", "tls_cert_file": "", "tls_key_file": "",
-                        "tls_server_name": ""}
+#: The keys each transport needs, with a value of their type.
+DESTINATION_REQUIRED: dict[Transport, dict[str, Any]] = {
+    Transport.DIMSE: {"name": "", "ae_title": "", "host": "", "port": 0},
+    Transport.STOW_RS: {"name": "", "url": ""},
+}
+DESTINATION_OPTIONAL: dict[Transport, dict[str, Any]] = {
+    Transport.DIMSE: {"tls": False, "tls_ca_file": "", "tls_cert_file": "", "tls_key_file": "",
+                      "tls_server_name": ""},
+    Transport.STOW_RS: {"auth": "none", "username": "", "password_env": "", "token_env": "", "tls_verify": True,
+                        "tls_ca_file": "", "tls_cert_file": "", "tls_key_file": ""},
+}
+#: The field that holds the environment variable of each authentication's secret.
+SECRET_ENV_KEY = {HttpAuth.BEARER: "token_env", HttpAuth.BASIC: "password_env"}
 
 
 @dataclass
@@ -263,14 +302,39 @@ def _validate(s: Settings) -> None:
         key = f"destinations[{i}]"
         check(bool(d.name) and d.name not in names, f"{key}.name", "must be present and unique")
         names.add(d.name)
-        check(bool(AE_TITLE_RE.match(d.ae_title)), f"{key}.ae_title", "invalid AE title")
-        check(bool(d.host), f"{key}.host", "must be present")
-        check(1 <= d.port <= 65535, f"{key}.port", "must be an integer between 1 and 65535")
         check(bool(d.tls_cert_file) == bool(d.tls_key_file), f"{key}.tls_cert_file",
               "tls_cert_file and tls_key_file go together")
-        for attr in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
-            value = getattr(d, attr)
-            check(not value or not d.tls or Path(value).is_file(), f"{key}.{attr}", f"file not found: {value}")
+        if d.transport == Transport.DIMSE:
+            _validate_dimse(d, key, check)
+        else:
+            _validate_stow(d, key, check)
+
+
+def _validate_dimse(d: Destination, key: str, check: Callable[[bool, str, str], None]) -> None:
+    check(bool(AE_TITLE_RE.match(d.ae_title)), f"{key}.ae_title", "invalid AE title")
+    check(bool(d.host), f"{key}.host", "must be present")
+    check(1 <= d.port <= 65535, f"{key}.port", "must be an integer between 1 and 65535")
+    for attr in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        value = getattr(d, attr)
+        check(not value or not d.tls or Path(value).is_file(), f"{key}.{attr}", f"file not found: {value}")
+
+
+def _validate_stow(d: Destination, key: str, check: Callable[[bool, str, str], None]) -> None:
+    url = urllib.parse.urlsplit(d.url)
+    check(url.scheme in ("http", "https") and bool(url.hostname), f"{key}.url",
+          "must be an http:// or https:// URL (the DICOMweb service root, e.g. https://pacs.example.org/dicom-web)")
+    check(not url.username and not url.password, f"{key}.url",
+          "must not hold credentials: use auth with username / password_env or token_env")
+    if d.auth == HttpAuth.BASIC:
+        check(bool(d.username), f"{key}.username", "auth = \"basic\" needs a username")
+    if d.auth in SECRET_ENV_KEY:
+        env_key = SECRET_ENV_KEY[d.auth]
+        check(bool(getattr(d, env_key)), f"{key}.{env_key}",
+              f"auth = \"{d.auth}\" needs the name of the environment variable that holds the secret")
+        check(bool(d.secret), f"{key}.{env_key}", f"environment variable {getattr(d, env_key)} is not set or empty")
+    for attr in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        value = getattr(d, attr)
+        check(not value or Path(value).is_file(), f"{key}.{attr}", f"file not found: {value}")
 
 
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None,
@@ -314,22 +378,36 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     if not isinstance(dests, list):
         raise ConfigError("destinations: must be an array of tables ([[destinations]])")
     for i, d in enumerate(dests):
-        if not isinstance(d, dict):
-            raise ConfigError(f"destinations[{i}]: must be a table")
-        missing = set(DESTINATION_REQUIRED) - set(d)
-        if missing:
-            raise ConfigError(f"destinations[{i}]: missing {', '.join(sorted(missing))}")
-        unknown = set(d) - set(DESTINATION_REQUIRED) - set(DESTINATION_OPTIONAL)
-        if unknown:
-            raise ConfigError(f"destinations[{i}].{sorted(unknown)[0]}: unknown key")
-        extra = {k: _coerce(f"destinations[{i}].{k}", d[k], default)
-                 for k, default in DESTINATION_OPTIONAL.items() if k in d}
-        settings.destinations.append(Destination(
-            name=_coerce(f"destinations[{i}].name", d["name"], ""),
-            ae_title=_coerce(f"destinations[{i}].ae_title", d["ae_title"], ""),
-            host=_coerce(f"destinations[{i}].host", d["host"], ""),
-            port=_coerce(f"destinations[{i}].port", d["port"], 0),
-            **extra,
-        ))
+        settings.destinations.append(_destination(i, d, env))
     _validate(settings)
     return settings
+
+
+def _destination(i: int, d: Any, env: Mapping[str, str]) -> Destination:
+    """``[[destinations]]`` entry ``i``, its keys checked against its transport; the STOW-RS secret is read
+    from the environment variable the entry names."""
+    key = f"destinations[{i}]"
+    if not isinstance(d, dict):
+        raise ConfigError(f"{key}: must be a table")
+    try:
+        transport = Transport(d.get("transport", Transport.DIMSE))
+    except ValueError:
+        raise ConfigError(f"{key}.transport: must be one of {', '.join(Transport)}") from None
+    required, optional = DESTINATION_REQUIRED[transport], DESTINATION_OPTIONAL[transport]
+    missing = set(required) - set(d)
+    if missing:
+        raise ConfigError(f"{key}: missing {', '.join(sorted(missing))} (transport {transport})")
+    unknown = set(d) - set(required) - set(optional) - {"transport"}
+    if unknown:
+        raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key for transport {transport}")
+    values = {k: _coerce(f"{key}.{k}", d[k], kind) for k, kind in (required | optional).items() if k in d}
+    if transport == Transport.STOW_RS:
+        try:
+            values["auth"] = HttpAuth(values.get("auth", HttpAuth.NONE))
+        except ValueError:
+            raise ConfigError(f"{key}.auth: must be one of {', '.join(HttpAuth)}") from None
+        env_key = SECRET_ENV_KEY.get(values["auth"])
+        values["tls"] = values["url"].lower().startswith("https://")
+        if env_key and values.get(env_key):
+            values["secret"] = env.get(values[env_key], "")
+    return Destination(transport=transport, **values)

@@ -1,92 +1,40 @@
-"""The outbox: results are sent by C-STORE to every configured destination, with capped retries.
+"""The outbox: results are sent to every configured destination, with capped retries.
 
-Each (job, destination, object) is one ``exports`` row. A row is marked ``sent`` in the same scheduler tick
-right after the peer answered success, so a restart never sends a confirmed object again; a crash in the
-instant between the peer's success and that commit can cause one resend of the same SOP Instance UID, which
-PACS treat as an idempotent overwrite. After ``export.max_attempts`` failures a row is ``dead`` until
-``ctnode jobs retry``.
+Each (job, destination, object) is one ``exports`` row. A destination's transport (:mod:`node.exporters`:
+C-STORE or STOW-RS) sends a batch and answers one :class:`SendOutcome` per object; this module alone turns
+outcomes into states, retries and audit events, the same way for every transport. A row is marked ``sent``
+in the same scheduler tick right after the peer confirmed it, so a restart never sends a confirmed object
+again; a crash in the instant between the peer's success and that commit can cause one resend of the same
+SOP Instance UID, which PACS treat as an idempotent overwrite. A transient failure is retried after
+:func:`backoff`; after ``export.max_attempts`` failures, or at once when the destination rejected the object
+itself (a permanent failure), a row is ``dead`` until ``ctnode jobs retry``.
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.config import Destination, Settings
+from node.config import Destination, Settings, Transport
 from node.db.schema import Export, utcnow
 from node.db.states import ExportState, transition
+from node.exporters import cstore, stowrs
+from node.exporters.outcome import SendOutcome, all_failed
 from node.registry import add_event, due_exports
-from node.dicom.status import STORED, StoreStatus
-from node.dicom.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class SendOutcome:
-    ok: bool
-    error: str = ""
-
-
-def _ae(settings: Settings) -> AE:
-    ae = AE(ae_title=settings.export.calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.export.timeout
-    return ae
-
-
-def echo(settings: Settings, dest: Destination) -> SendOutcome:
-    """C-ECHO a destination (``ctnode echo``)."""
-    ae = _ae(settings)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=client_tls_args(dest))
-    if not assoc.is_established:
-        return SendOutcome(False, "association rejected or peer unreachable" + (" (TLS)" if dest.tls else ""))
-    try:
-        status = assoc.send_c_echo()
-        ok = bool(status) and status.Status == StoreStatus.SUCCESS
-        return SendOutcome(ok, "" if ok else f"C-ECHO status {getattr(status, 'Status', 'none')}")
-    finally:
-        assoc.release()
+Sender = Callable[[Settings, Destination, list[Path]], list[SendOutcome]]
+#: The transport of each kind of destination.
+SENDERS: dict[Transport, Sender] = {Transport.DIMSE: cstore.send_files, Transport.STOW_RS: stowrs.send_files}
 
 
 def send_files(settings: Settings, dest: Destination, paths: list[Path]) -> list[SendOutcome]:
-    """C-STORE ``paths`` to ``dest`` over one association; one outcome per path, in order."""
-    datasets = [dcmread(p) for p in paths]
-    ae = _ae(settings)
-    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=client_tls_args(dest))
-    if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "peer unreachable or association aborted"
-        if dest.tls and not assoc.is_rejected:
-            reason += " (TLS: check the peer certificate, tls_ca_file and tls_server_name)"
-        return [SendOutcome(False, reason)] * len(paths)
-    outcomes = []
-    try:
-        for ds in datasets:
-            try:
-                status = assoc.send_c_store(ds)
-            except Exception as exc:
-                outcomes.append(SendOutcome(False, f"{type(exc).__name__}: {exc}"))
-                continue
-            code = getattr(status, "Status", None)
-            if code is None:
-                outcomes.append(SendOutcome(False, "no response (timeout or aborted)"))
-            elif code in STORED:  # success or warning
-                outcomes.append(SendOutcome(True))
-            else:
-                outcomes.append(SendOutcome(False, f"C-STORE status 0x{code:04X} {status.get('ErrorComment', '')}".strip()))
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return outcomes
+    """Send ``paths`` to ``dest`` with its transport; one outcome per path, in order."""
+    return SENDERS[dest.transport](settings, dest, paths)
 
 
 def backoff(settings: Settings, attempts: int) -> dt.timedelta:
@@ -106,19 +54,26 @@ def run_exports(settings: Settings, sessions: sessionmaker[Session]) -> int:
         for name, group in by_dest.items():
             dest = destinations.get(name)
             if dest is None:
-                outcomes = [SendOutcome(False, f"destination {name!r} is no longer configured")] * len(group)
+                outcomes = all_failed(len(group), f"destination {name!r} is no longer configured")
             else:
                 try:
                     outcomes = send_files(settings, dest, [Path(r.path) for r in group])
                 except Exception as exc:  # e.g. a result file removed by hand
-                    outcomes = [SendOutcome(False, f"{type(exc).__name__}: {exc}")] * len(group)
+                    outcomes = all_failed(len(group), f"{type(exc).__name__}: {exc}")
             for row, outcome in zip(group, outcomes):
                 row.attempts += 1
                 if outcome.ok:
                     transition(row, ExportState.SENT)
                     row.sent_at, row.last_error = utcnow(), ""
                     sent += 1
-                    add_event(session, "export_sent", f"{row.sop_instance_uid} to {name}", job_id=row.job_id)
+                    warning = f" (warning: {outcome.warning})" if outcome.warning else ""
+                    add_event(session, "export_sent", f"{row.sop_instance_uid} to {name}{warning}", job_id=row.job_id)
+                elif outcome.permanent:
+                    transition(row, ExportState.DEAD)
+                    row.last_error = outcome.error
+                    log.error("export %d to %s was rejected (not retried): %s", row.id, name, outcome.error)
+                    add_event(session, "export_dead", f"rejected by {name} (not retried): {outcome.error}",
+                              job_id=row.job_id)
                 elif row.attempts >= settings.export.max_attempts:
                     transition(row, ExportState.DEAD)
                     row.last_error = outcome.error

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -26,10 +27,10 @@ HOST = "127.0.0.1"
 NODE_START_TIMEOUT = 60.0  # seconds for a node process to accept connections
 
 
-def make_settings(folder: Path, **sections) -> Settings:
+def make_settings(folder: Path, *, env: Mapping[str, str] | None = None, **sections) -> Settings:
     """Settings for a node whose spool, results and SQLite database live in ``folder``; it listens on a free
     port, checks often and uses the threshold engine. ``sections`` update the named sections (``destinations``
-    replaces the list)."""
+    replaces the list); ``env`` is the environment the settings read (none of the test process's)."""
     base = {
         "node": {"port": 0, "ae_title": "CTNODE"},
         "storage": {"spool_dir": str(folder / "spool"), "results_dir": str(folder / "results"),
@@ -42,7 +43,7 @@ def make_settings(folder: Path, **sections) -> Settings:
             base["destinations"] = values
         else:
             base.setdefault(key, {}).update(values)
-    return load_settings(overrides=base, env={})
+    return load_settings(overrides=base, env=env or {})
 
 
 def write_config(tmp_path: Path, port: int, pacs_port: int, *, stable_after: float = 4.0,

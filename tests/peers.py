@@ -13,6 +13,7 @@ Plain functions and context managers, called by the test modules.
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import functools
 import json
@@ -344,6 +345,28 @@ class StoreSCP:
 
 # --------------------------------------------------------------------------- Orthanc
 
+#: Where Debian's orthanc-dicomweb puts the plugin (the second is a link to the first, versioned, file).
+_DICOMWEB_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
+DICOMWEB_ROOT = "/dicom-web/"
+
+
+@functools.cache
+def _find_dicomweb_plugin() -> str | None:
+    for folder in _DICOMWEB_PLUGIN_DIRS:
+        found = sorted(folder.glob("libOrthancDicomWeb.so*"))
+        if found:
+            return str(found[0])
+    return None
+
+
+def dicomweb_plugin() -> str:
+    """Path of Orthanc's DICOMweb plugin; skips (fails under ``CI=true``) when it is not installed."""
+    path = _find_dicomweb_plugin()
+    if path is None:
+        _peer_missing("Orthanc's DICOMweb plugin not installed (apt-get install orthanc-dicomweb)")
+    return path
+
+
 
 class OrthancError(RuntimeError):
     """A REST call to Orthanc failed; carries the HTTP status and Orthanc's error body."""
@@ -363,7 +386,10 @@ class Orthanc:
     (``{"AET": ..., "Host": ..., "Port": ...}``); ``add_modality`` registers more at
     run time (e.g. once the node's port is known). ``lua_scripts`` are paths of Lua
     scripts to load; ``extra_config`` is merged over the generated configuration.
-    REST helpers use only the standard library.
+    ``dicomweb`` loads the DICOMweb plugin (Debian ``orthanc-dicomweb``), served under
+    :attr:`dicomweb_url`. ``users`` ({name: password}) turns HTTP basic authentication on;
+    the REST helpers then log in as the first user. REST helpers use only the standard
+    library.
 
     Note: Orthanc 1.10 cannot bind to loopback only; its ports listen on all
     interfaces (the HTTP side refuses non-local clients: RemoteAccessAllowed=false).
@@ -378,13 +404,17 @@ class Orthanc:
         stable_age: int = 2,
         scu_timeout: int = 10,
         extra_config: Mapping[str, Any] | None = None,
+        dicomweb: bool = False,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         self.aet, self.host = aet, HOST
+        self._dicomweb, self._users = dicomweb, dict(users or {})
         self.dicom_port = free_port()
         self.http_port = free_port()
         while self.http_port == self.dicom_port:
             self.http_port = free_port()
         self.url = f"http://{HOST}:{self.http_port}"
+        self.dicomweb_url = f"{self.url}{DICOMWEB_ROOT.rstrip('/')}"
         self._modalities = {k: list(v) if not isinstance(v, Mapping) else dict(v)
                             for k, v in (modalities or {}).items()}
         self._lua = [str(Path(p).resolve()) for p in lua_scripts]
@@ -411,12 +441,14 @@ class Orthanc:
             "Name": "ctnode-test-orthanc",
             "StorageDirectory": storage,
             "IndexDirectory": storage,
-            "Plugins": [],
+            "Plugins": [dicomweb_plugin()] if self._dicomweb else [],
+            "DicomWeb": {"Enable": self._dicomweb, "Root": DICOMWEB_ROOT},
             "LuaScripts": self._lua,
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self._users),
+            "RegisteredUsers": self._users,
             "WebDavEnabled": False,
             "DicomServerEnabled": True,
             "DicomAet": self.aet,
@@ -483,6 +515,9 @@ class Orthanc:
         """Call the REST API; ``body`` is sent raw (bytes/str) or as JSON. Returns the
         decoded JSON answer, or bytes when the answer is not JSON."""
         headers: dict[str, str] = {}
+        if self._users:
+            user, password = next(iter(self._users.items()))
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         data: bytes | None
         if body is None or isinstance(body, bytes):
             data = body

@@ -1,18 +1,21 @@
 """The node with real peers: DCMTK sends and receives, Orthanc is the PACS, dciodvfy checks the objects."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from node.db.schema import Instance, Job
+from node.db.schema import Event, Export, Instance, Job
 from node.service import Node
 from tests import peers
 from tests.nodes import make_settings
+from tests.util import wait_for
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
@@ -26,8 +29,12 @@ def phantom_files(tmp_path_factory):
 
 
 def started_node(tmp_path, dest_aet, dest_port, **processing):
-    settings = make_settings(tmp_path, processing=processing, destinations=[
-        {"name": "pacs", "ae_title": dest_aet, "host": "127.0.0.1", "port": dest_port}])
+    return started_node_to(tmp_path, {"name": "pacs", "ae_title": dest_aet, "host": "127.0.0.1", "port": dest_port},
+                           processing=processing)
+
+
+def started_node_to(tmp_path, destination, *, processing=None, env=None):
+    settings = make_settings(tmp_path, processing=processing or {}, destinations=[destination], env=env)
     node = Node(settings)
     node.start()
     return node
@@ -95,6 +102,42 @@ def test_orthanc_round_trip(tmp_path, phantom_files):
         assert shown.count("key image (Secondary Capture, DERIVED)") == 2 and shown.count(": sent,") == 4
         # and what the analysis said about itself, as recorded in the result (here the HU engine's threshold)
         assert "  notes:\n" in shown and "GGO lower bound" in shown
+
+
+def test_stow_rs_to_orthanc_dicomweb(tmp_path, phantom_files):
+    """The node analyses a phantom study from DCMTK and sends its SEG and SR by STOW-RS to Orthanc's DICOMweb
+    plugin, logging in with HTTP basic authentication (the password from the environment): Orthanc holds
+    exactly those two instances, the same data sets as the node's result files, each exported once."""
+    peers.require_peer("storescu")
+    with peers.Orthanc(dicomweb=True, users={"ctnode": "stow-secret"}) as orthanc:
+        node = started_node_to(tmp_path, {"name": "web", "transport": "stow-rs", "url": orthanc.dicomweb_url,
+                                          "auth": "basic", "username": "ctnode", "password_env": "ORTHANC_PASSWORD"},
+                               env={"ORTHANC_PASSWORD": "stow-secret"})
+        try:
+            sent = peers.storescu("127.0.0.1", node.listener.port, phantom_files, called_aet="CTNODE")
+            assert sent.returncode == 0, sent.stdout
+            study_uid = str(dcmread(phantom_files[0], stop_before_pixels=True).StudyInstanceUID)
+            orthanc.wait_for_series(study_uid, "SR", timeout=240)
+            wait_for(lambda: len(orthanc.get("/instances")) >= 2, 30, "the SEG and the SR in Orthanc")
+        finally:
+            node.stop()
+        with node.sessions() as s:
+            exports = s.scalars(select(Export)).all()
+            events = [e.kind for e in s.scalars(select(Event)) if e.kind.startswith("export_")]
+        assert sorted((e.state, e.attempts) for e in exports) == [("sent", 1), ("sent", 1)]
+        assert events == ["export_sent", "export_sent"]
+        stored = {}
+        for instance in orthanc.get("/instances"):
+            data = orthanc.instance_file(instance)
+            stored[str(dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)] = data
+        ours = {e.sop_instance_uid: Path(e.path) for e in exports}
+        assert set(stored) == set(ours)  # exactly the instances sent: no source image, nothing twice
+        for uid, path in ours.items():
+            sent_ds, stored_ds = dcmread(path), dcmread(io.BytesIO(stored[uid]))
+            assert stored_ds.Modality in ("SEG", "SR") and stored_ds == sent_ds
+        # and DICOMweb's own query (QIDO-RS) lists them in the study
+        qido = orthanc.get(f"/dicom-web/studies/{study_uid}/instances")
+        assert {item["00080018"]["Value"][0] for item in qido} == set(ours)
 
 
 def run_process(path, out, env=None):

@@ -19,7 +19,8 @@ from node.config import ConfigError, load_settings
 from node.db import open_database
 from node.db.schema import Event, Instance
 from node.demo import free_port
-from node.export import echo, send_files
+from node.export import send_files
+from node.exporters.cstore import echo
 from node.listener import Listener
 from tests.builders import ct_slice, write
 from tests.nodes import make_settings

@@ -483,3 +483,42 @@ def _walk(ds: Dataset):
     for item in ds.get("ContentSequence", []):
         yield item
         yield from _walk(item)
+
+
+# --------------------------------------------------------------------------- SEG and SR files together
+
+def test_seg_and_sr_files_share_the_tracking_of_each_measured_segment(tmp_path):
+    """Read back from the files ``ctnode process`` writes: an SR group that measures exactly the segment it
+    references has that segment's Tracking ID and Tracking UID; a group measuring a part or a union of
+    segments (CT-SS regions, zones, infection totals) has its own UID; a Tracking UID never names two
+    findings, in either file."""
+    from pydicom import dcmread
+
+    from node.phantom import make_phantom, write_phantom_study
+    from node.processing import analyse, write_outputs
+
+    paths = write_phantom_study(make_phantom(rows=128, cols=128, slices=40, pixel_spacing=3.0, slice_spacing=8.0, seed=3), tmp_path / "ct")
+    analysis = analyse(paths, engine="threshold")
+    assert analysis.status == "done", analysis.reason
+    out = write_outputs(analysis, tmp_path / "out")
+    seg, sr = dcmread(out["seg"]), dcmread(out["sr"])
+    segments = {int(item.SegmentNumber): (str(item.TrackingID), str(item.TrackingUID)) for item in seg.SegmentSequence}
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) > 5  # lungs, infection, classes, regions and zones
+    own = {}
+    for group in groups:
+        ref = group.referenced_segment
+        assert str(ref.referenced_sop_instance_uid) == seg.SOPInstanceUID
+        (number,) = ref.referenced_segment_numbers
+        segment_id, segment_uid = segments[int(number)]
+        if group.tracking_identifier == segment_id:
+            assert group.tracking_uid == segment_uid, segment_id
+            own[segment_id] = group.tracking_uid
+        else:
+            assert group.tracking_uid not in {uid for _, uid in segments.values()}, group.tracking_identifier
+    assert set(own) == {"Right lung", "Left lung"}  # the segments measured as a whole
+    names: dict[str, set[str]] = {}
+    for identifier, uid in [*segments.values(), *((g.tracking_identifier, g.tracking_uid) for g in groups)]:
+        names.setdefault(uid, set()).add(identifier)
+    assert all(len(ids) == 1 for ids in names.values()), names
