@@ -1,9 +1,9 @@
 """Lung segmentation: HU thresholds and rules, optionally with a learned lung network (:class:`LungMethod`).
 
-Method "net" runs steps 1-4 below, with the lung probability of the network of models/lungnet.py
-(:func:`net_lungs`: all slices of the body box in batches, on the device given) deciding what else is lung:
-dense disease and which air components are lung at all; steps 5-6b do not run (docs/lungs.md). Method "hu"
-runs every step; method "aerated" steps 1-5 and 7.
+Method "hu" runs every step below; method "aerated" steps 1-5 and 7; method "net" every step and, after 6b,
+step 6n (:func:`net_refine`): the lung probability of the network of models/lungnet.py (all slices of the body
+box in batches, on the device given) adds dense disease that the rules miss and removes dense tissue that the
+rules took but the network does not see as lung (docs/lungs.md).
 
 Steps, all on the source voxel grid (no resampling):
 
@@ -934,15 +934,14 @@ class LungMethod(str, enum.Enum):
     HU = "hu"              # steps 1-7 of the module docstring (HU thresholds and rules only)
     AERATED = "aerated"    # steps 1-5 and 7: aerated lung only, no dense recovery (also the training labels'
                            # aerated part, training/lungnet.py)
-    NET = "net"            # steps 1-4 with the learned lung probability (models/lungnet.py) deciding what
-                           # else is lung: dense disease, and which air components are lung at all
+    NET = "net"            # every step, then step 6n: the learned lung probability (models/lungnet.py) adds
+                           # dense disease the rules miss and removes dense tissue they took wrongly
 
 
 DEFAULT_METHOD = LungMethod.HU
 NET_WEIGHTS = "lungnet"         # models/weights/<name>.safetensors
 NET_LUNG_PROBABILITY = 0.5      # a pixel is lung for the net from this probability
-NET_COMPONENT_PROBABILITY = 0.3  # an air component whose mean lung probability is lower is not lung (bowel gas,
-                                 # air in the chest wall)
+NET_VETO_PROBABILITY = 0.2     # dense tissue the HU rules recovered leaves the lung below this probability
 
 
 def lung_method(name: str) -> LungMethod:
@@ -973,31 +972,25 @@ def lung_probability(hu: np.ndarray, device: str = "cpu") -> np.ndarray:
     return prob.cpu().numpy()
 
 
-def net_lungs(hu: np.ndarray, body: np.ndarray, air: np.ndarray, airways: np.ndarray, right_side: np.ndarray,
-              spacing_rc: tuple[float, float], device: str) -> tuple[np.ndarray, list[str], int]:
-    """Lung labels from the air inside the body (step 2) and the lung network's probability (method "net").
+def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np.ndarray, airways: np.ndarray,
+               right_side: np.ndarray, spacing_rc: tuple[float, float], device: str) -> tuple[np.ndarray, int, int]:
+    """Step 6n (method "net"): the lung network's probability corrects the HU method where the HU rules are weak.
 
-    Air components (airways removed) whose mean probability is under ``NET_COMPONENT_PROBABILITY`` are not
-    lung (air in the chest wall, bowel gas the network takes for lung); the rest go through the component
-    rules and sides of step 4 (which also drop pure gas). Dense voxels of the body that the network gives at
-    least ``NET_LUNG_PROBABILITY`` join the lungs where they touch them (3D), after an opening of ``RIM_MM``
-    per slice (thin rims at the pleura, the network's blurred edge); they take the side of the body midline.
-    Holes are then filled slice by slice. Returns the labels, the notes of step 4 and the number of dense
-    voxels taken.
+    Dense tissue that the HU rules recovered (steps 5-6b: not ``aerated``) and the network gives less than
+    ``NET_VETO_PROBABILITY`` leaves the lung (a strip of mediastinum or heart border the rays took). Dense
+    tissue of the body that the network gives at least ``NET_LUNG_PROBABILITY`` joins the lung it touches (3D),
+    after an opening of ``RIM_MM`` per slice (thin rims at the pleura, the network's blurred edge), on the side
+    of the body midline: consolidation and atelectasis that no HU rule reaches. Holes are then filled slice by
+    slice. Aerated lung is the HU method's. Returns the labels, the voxels taken and the voxels removed.
     """
     prob = lung_probability(hu, device)
-    cand = air & ~airways
-    lab, n = ndi.label(cand)
-    if n:
-        size = np.bincount(lab.ravel(), minlength=n + 1)
-        mean_prob = np.bincount(lab.ravel(), weights=prob.ravel(), minlength=n + 1) / np.maximum(size, 1)
-        keep = mean_prob >= NET_COMPONENT_PROBABILITY
-        keep[0] = False
-        cand = keep[lab]
-    labels, notes = assign_sides(cand, hu, right_side, spacing_rc[0] * spacing_rc[1])
+    labels = labels.copy()
+    vetoed = (labels > 0) & ~aerated & (prob < NET_VETO_PROBABILITY)
+    labels[vetoed] = 0
     lung = labels > 0
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)
-    dense = ndi.binary_opening((prob >= NET_LUNG_PROBABILITY) & body & ~airways & ~lung & ~air, structure=rim)
+    dense = ndi.binary_opening((prob >= NET_LUNG_PROBABILITY) & body & ~airways & ~lung & (hu >= AIR_HU),
+                               structure=rim)
     lab, n = ndi.label(dense | lung)
     touching = np.zeros(n + 1, bool)
     touching[np.unique(lab[lung])] = True
@@ -1007,7 +1000,7 @@ def net_lungs(hu: np.ndarray, body: np.ndarray, air: np.ndarray, airways: np.nda
     for value in (LungMasks.RIGHT, LungMasks.LEFT):
         filled = fill_holes_per_slice(labels == value)
         labels[filled & (labels == 0)] = value
-    return labels, notes, int(dense.sum())
+    return labels, int(dense.sum()), int(vetoed.sum())
 
 
 def segment_lungs(volume: Volume, *, closing_mm: float | None = None,
@@ -1051,30 +1044,32 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
     notes += airway_notes
     right_side = midline.right_side()
 
-    recovered = 0
-    if method is LungMethod.NET:
-        labels, side_notes, recovered = net_lungs(hu, body, air, airways, right_side, spacing_rc, device)
-        notes += side_notes
-    else:
-        labels, side_notes = assign_sides(air & ~airways, hu, right_side, area_px)
-        notes += side_notes
-        labels = smooth_lungs(labels, spacing_rc, CLOSING_MM if closing_mm is None else closing_mm)
-    if method is LungMethod.HU:
+    recovered = taken = vetoed = 0
+    labels, side_notes = assign_sides(air & ~airways, hu, right_side, area_px)
+    notes += side_notes
+    labels = smooth_lungs(labels, spacing_rc, CLOSING_MM if closing_mm is None else closing_mm)
+    if method in (LungMethod.HU, LungMethod.NET):
+        aerated = labels > 0
         labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc)
         labels, bronchograms = recover_bronchograms(labels, hu, body, airways, midline, spacing_rc)
         labels, between = recover_between_slices(labels, hu, body, right_side, spacing_rc)
         recovered += bronchograms + between
         # fill again: the recovered rim may now enclose lesions, which count even when open on the next slice
         labels = smooth_lungs(labels, spacing_rc, 0.0, hu=hu)
+        if method is LungMethod.NET:
+            labels, taken, vetoed = net_refine(labels, aerated, hu, body, airways, right_side, spacing_rc, device)
     labels[airways] = 0
     dropped = one_component_per_lung(labels, volumetric=volume.is_volumetric)
     amount = functools.partial(amount_text, volume=volume)
-    if recovered and method is LungMethod.NET:
-        notes.append(f"the lung network took {amount(recovered)} of dense tissue (consolidation, atelectasis) "
-                     "into the lungs")
-    elif recovered:
+    if recovered:
         notes.append(f"recovered {amount(recovered)} of dense peripheral tissue (consolidation/effusion at "
                      "the chest wall) into the lungs")
+    if taken:
+        notes.append(f"the lung network took {amount(taken)} of dense tissue (consolidation, atelectasis) "
+                     "into the lungs")
+    if vetoed:
+        notes.append(f"the lung network returned {amount(vetoed)} of dense tissue that the HU rules had "
+                     "taken into the lungs (mediastinum, heart border)")
     if dropped * area_px * max(volume.slice_spacing, 1.0) >= 1000.0:  # at least 1 ml (1 cm3)
         notes.append(f"dropped {amount(dropped)} of lung-like pieces detached from the main lung components")
 
