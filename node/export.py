@@ -1,6 +1,7 @@
 """The outbox: results are sent by C-STORE to every configured destination, with capped retries.
 
-Each (job, destination, object) is one ``exports`` row. A row is marked ``sent`` in the same scheduler tick
+Each (job, destination, object) is one ``exports`` row, claimed with a lease by the process sending it (several
+processes may share the database, :mod:`node.lease`), so no two processes send it at once. A row is marked ``sent`` in the same scheduler tick
 right after the peer answered success, so a restart never sends a confirmed object again; a crash in the
 instant between the peer's success and that commit can cause one resend of the same SOP Instance UID, which
 PACS treat as an idempotent overwrite. After ``export.max_attempts`` failures a row is ``dead`` until
@@ -22,7 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.config import Destination, Settings
 from node.db.schema import Export, utcnow
 from node.db.states import ExportState, transition
-from node.registry import add_event, due_exports
+from node.lease import this_process
+from node.registry import add_event, claim_due_exports
 from node.dicom.status import STORED, StoreStatus
 from node.dicom.tls import client_tls_args
 
@@ -94,12 +96,15 @@ def backoff(settings: Settings, attempts: int) -> dt.timedelta:
     return dt.timedelta(seconds=min(e.backoff_base * 2 ** max(attempts - 1, 0), e.backoff_max))
 
 
-def run_exports(settings: Settings, sessions: sessionmaker[Session]) -> int:
-    """Send every due export; returns how many were sent."""
+def run_exports(settings: Settings, sessions: sessionmaker[Session], owner: str | None = None) -> int:
+    """Claim the due exports for ``owner`` (default: a new identity of this process), send them, record each
+    outcome and free its claim; returns how many were sent."""
     destinations = {d.name: d for d in settings.destinations}
+    owner = owner or str(this_process(settings))
     sent = 0
     with sessions() as session:
-        rows = due_exports(session)
+        rows = claim_due_exports(session, owner, settings.processing.lease_s)
+        session.commit()  # the claims are visible to every other process before anything is sent
         by_dest: dict[str, list[Export]] = {}
         for row in rows:
             by_dest.setdefault(row.destination, []).append(row)
@@ -114,6 +119,7 @@ def run_exports(settings: Settings, sessions: sessionmaker[Session]) -> int:
                     outcomes = [SendOutcome(False, f"{type(exc).__name__}: {exc}")] * len(group)
             for row, outcome in zip(group, outcomes):
                 row.attempts += 1
+                row.owner = row.lease_until = None
                 if outcome.ok:
                     transition(row, ExportState.SENT)
                     row.sent_at, row.last_error = utcnow(), ""

@@ -2,8 +2,9 @@
 
 Scheduler jobs, each small and idempotent (the database holds all state):
 - ``readiness``: received -> ready once a study has been stable for ``processing.stable_after`` seconds;
-- ``dispatch``: reap finished/dead/overdue workers, then start a worker process per ready job (up to
-  ``processing.workers``);
+- ``heartbeat``: renew the leases of the jobs and exports this process holds (:mod:`node.lease`);
+- ``dispatch``: reap finished/dead/overdue workers, release jobs whose lease expired (their process died),
+  then claim ready jobs and start a worker process for each (up to ``processing.workers``);
 - ``exports``: send due exports (retry with backoff, dead-letter);
 - ``agreements``: compare reference SEGs received with the node's results (:mod:`node.agreement`);
 - ``retention``: remove spool files of finished studies after ``storage.retention_days``.
@@ -28,7 +29,9 @@ from node.db.states import JOB_UNFINISHED, JobState, ReferenceState, transition
 from node.export import run_exports
 from node.listener import Listener
 from node.recovery import recover_orphans
-from node.registry import claim_next_job, mark_stable_studies_ready, release_job, set_job_state
+from node.lease import this_process
+from node.registry import (claim_next_job, mark_stable_studies_ready, release_job, release_lost_exports,
+                           release_lost_jobs, renew_leases, set_job_state)
 from node.security import restrict_sqlite_files
 from node.spool import make_private_dirs
 from node.worker import worker_main
@@ -53,6 +56,7 @@ class Node:
         self.listener = Listener(settings, self.sessions)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.running: dict[int, _Running] = {}
+        self.owner = this_process(settings)  # written on every job and export this process claims
         self._mp = mp.get_context("spawn")  # a clean interpreter: no listener threads or sockets inherited
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -61,6 +65,7 @@ class Node:
         self.listener.start()
         every = self.settings.processing.check_interval
         self.scheduler.add_job(self.tick_readiness, "interval", seconds=every, id="readiness")
+        self.scheduler.add_job(self.tick_heartbeat, "interval", seconds=every, id="heartbeat")
         self.scheduler.add_job(self.tick_dispatch, "interval", seconds=every, id="dispatch")
         self.scheduler.add_job(self.tick_exports, "interval", seconds=every, id="exports")
         self.scheduler.add_job(self.tick_agreements, "interval", seconds=max(every, 1.0), id="agreements")
@@ -80,8 +85,9 @@ class Node:
     def recover(self) -> None:
         """After a restart: spool files without a row are registered (:mod:`node.recovery`), jobs still
         collecting instances wait ``stable_after`` from now (their senders were cut off by the restart and
-        may resume: a partly received study is not processed at once), and jobs left in ``processing`` lost
-        their worker with the previous node process."""
+        may resume: a partly received study is not processed at once), and the jobs and exports an earlier run
+        of this node held are released (its workers died with it); claims of other live processes sharing
+        the database are left alone, and expired ones are taken over (:func:`node.registry.release_lost_jobs`)."""
         with self.sessions.begin() as session:
             recovered = recover_orphans(session, self.settings.spool_dir)
             if recovered:
@@ -89,11 +95,15 @@ class Node:
             now = utcnow()
             for job in session.scalars(select(Job).where(Job.state == JobState.RECEIVED)):
                 job.last_instance_at = now  # a study still arriving: its sender may resume after the restart
-            for job in session.scalars(select(Job).where(Job.state == JobState.PROCESSING)):
-                release_job(session, job, "node restarted while the job was processing",
-                            self.settings.processing.max_attempts)
+            release_lost_jobs(session, self.owner, self.settings.processing.max_attempts)
+            release_lost_exports(session, self.owner)
 
     # -- ticks ------------------------------------------------------------------------------------------
+    def tick_heartbeat(self) -> None:
+        """Renew the lease of every job and export this process holds."""
+        with self.sessions.begin() as session:
+            renew_leases(session, str(self.owner), self.settings.processing.lease_s)
+
     def tick_readiness(self) -> None:
         with self.sessions.begin() as session:
             mark_stable_studies_ready(session, self.settings.processing.stable_after)
@@ -121,9 +131,12 @@ class Node:
 
     def tick_dispatch(self) -> None:
         self.tick_reap()
-        while len(self.running) < self.settings.processing.workers:
+        p = self.settings.processing
+        with self.sessions.begin() as session:
+            release_lost_jobs(session, self.owner, p.max_attempts)  # leases of dead processes
+        while len(self.running) < p.workers:
             with self.sessions.begin() as session:
-                job = claim_next_job(session, self.settings.processing.job_timeout)
+                job = claim_next_job(session, p.lease_s, owner=str(self.owner))
                 if job is None:
                     return
                 job_id, attempt = job.id, job.attempts
@@ -136,7 +149,7 @@ class Node:
                 session.get(Job, job_id).worker_pid = proc.pid
 
     def tick_exports(self) -> None:
-        run_exports(self.settings, self.sessions)
+        run_exports(self.settings, self.sessions, str(self.owner))
 
     def tick_agreements(self) -> None:
         """Dice and volume agreement for reference SEGs that are pending or waiting for a node result."""
