@@ -1,5 +1,10 @@
 """The running node: listener + in-process scheduler (APScheduler) + worker processes.
 
+``node.roles`` says which parts one process runs (all three by default, one node): ``listener`` (the DICOM
+listener, readiness, agreements, retention, spool recovery), ``worker`` (dispatch) and ``exporter``
+(exports); several processes on several hosts may share one PostgreSQL database and one storage root
+(docs/scaling.md), coordinated only by the database's claims (:mod:`node.lease`).
+
 Scheduler jobs, each small and idempotent (the database holds all state):
 - ``readiness``: received -> ready once a study has been stable for ``processing.stable_after`` seconds;
 - ``heartbeat``: renew the leases of the jobs and exports this process holds (:mod:`node.lease`);
@@ -53,7 +58,8 @@ class Node:
             make_private_dirs(d)  # 0700: patient data (the disk guard watches the spool's filesystem)
         self.sessions = open_database(settings.storage.database_url)
         restrict_sqlite_files(settings.storage.database_url)  # 0600 database, WAL and SHM files
-        self.listener = Listener(settings, self.sessions)
+        self.roles = frozenset(settings.node.roles)
+        self.listener = Listener(settings, self.sessions) if "listener" in self.roles else None
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.running: dict[int, _Running] = {}
         self.owner = this_process(settings)  # written on every job and export this process claims
@@ -62,19 +68,25 @@ class Node:
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
         self.recover()
-        self.listener.start()
         every = self.settings.processing.check_interval
-        self.scheduler.add_job(self.tick_readiness, "interval", seconds=every, id="readiness")
-        self.scheduler.add_job(self.tick_heartbeat, "interval", seconds=every, id="heartbeat")
-        self.scheduler.add_job(self.tick_dispatch, "interval", seconds=every, id="dispatch")
-        self.scheduler.add_job(self.tick_exports, "interval", seconds=every, id="exports")
-        self.scheduler.add_job(self.tick_agreements, "interval", seconds=max(every, 1.0), id="agreements")
-        self.scheduler.add_job(self.tick_retention, "interval", hours=1, id="retention",
-                               next_run_time=dt.datetime.now() + dt.timedelta(seconds=5))
+        if self.listener is not None:
+            self.listener.start()
+            self.scheduler.add_job(self.tick_readiness, "interval", seconds=every, id="readiness")
+            self.scheduler.add_job(self.tick_agreements, "interval", seconds=max(every, 1.0), id="agreements")
+            self.scheduler.add_job(self.tick_retention, "interval", hours=1, id="retention",
+                                   next_run_time=dt.datetime.now() + dt.timedelta(seconds=5))
+        if self.roles & {"worker", "exporter"}:
+            self.scheduler.add_job(self.tick_heartbeat, "interval", seconds=every, id="heartbeat")
+        if "worker" in self.roles:
+            self.scheduler.add_job(self.tick_dispatch, "interval", seconds=every, id="dispatch")
+        if "exporter" in self.roles:
+            self.scheduler.add_job(self.tick_exports, "interval", seconds=every, id="exports")
         self.scheduler.start()
+        log.info("node %s started: %s", self.owner, ", ".join(r for r in self.settings.node.roles))
 
     def stop(self) -> None:
-        self.listener.stop()
+        if self.listener is not None:
+            self.listener.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         for job_id, run in list(self.running.items()):
@@ -89,14 +101,17 @@ class Node:
         of this node held are released (its workers died with it); claims of other live processes sharing
         the database are left alone, and expired ones are taken over (:func:`node.registry.release_lost_jobs`)."""
         with self.sessions.begin() as session:
-            recovered = recover_orphans(session, self.settings.spool_dir)
-            if recovered:
-                log.warning("registered %d spool file(s) that had no database row", recovered)
-            now = utcnow()
-            for job in session.scalars(select(Job).where(Job.state == JobState.RECEIVED)):
-                job.last_instance_at = now  # a study still arriving: its sender may resume after the restart
-            release_lost_jobs(session, self.owner, self.settings.processing.max_attempts)
-            release_lost_exports(session, self.owner)
+            if self.listener is not None:
+                recovered = recover_orphans(session, self.settings.spool_dir)
+                if recovered:
+                    log.warning("registered %d spool file(s) that had no database row", recovered)
+                now = utcnow()
+                for job in session.scalars(select(Job).where(Job.state == JobState.RECEIVED)):
+                    job.last_instance_at = now  # a study still arriving: its sender may resume after the restart
+            if "worker" in self.roles:
+                release_lost_jobs(session, self.owner, self.settings.processing.max_attempts)
+            if "exporter" in self.roles:
+                release_lost_exports(session, self.owner)
 
     # -- ticks ------------------------------------------------------------------------------------------
     def tick_heartbeat(self) -> None:
