@@ -26,13 +26,15 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
-from node.config import Settings
+from node.config import ConfigError, Settings
 from node.agreement import compute_pending
 from node.db import open_database
 from node.db.schema import Instance, Job, ReferenceSeg, utcnow
-from node.db.states import JOB_UNFINISHED, JobState, ReferenceState, transition
+from node.db.states import JOB_FINISHED, JOB_UNFINISHED, JobState, ReferenceState, transition
 from node.export import run_exports
+from node.health import HealthServer, node_checks
 from node.listener import Listener
+from node.metrics import NodeMetrics
 from node.recovery import recover_orphans
 from node.lease import this_process
 from node.registry import (claim_next_job, mark_stable_studies_ready, release_job, release_lost_exports,
@@ -63,10 +65,13 @@ class Node:
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.running: dict[int, _Running] = {}
         self.owner = this_process(settings)  # written on every job and export this process claims
+        self.metrics = NodeMetrics(self.sessions, settings.spool_dir)
+        self.http: HealthServer | None = None  # /healthz, /readyz, /metrics once started ([http])
         self._mp = mp.get_context("spawn")  # a clean interpreter: no listener threads or sockets inherited
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
+        self.start_http()
         self.recover()
         every = self.settings.processing.check_interval
         if self.listener is not None:
@@ -84,7 +89,21 @@ class Node:
         self.scheduler.start()
         log.info("node %s started: %s", self.owner, ", ".join(r for r in self.settings.node.roles))
 
+    def start_http(self) -> None:
+        h = self.settings.http
+        if not h.enabled:
+            return
+        try:
+            self.http = HealthServer(h.host, h.port, self.metrics, node_checks(self.settings, self.sessions, self.roles))
+        except OSError as exc:
+            raise ConfigError(f"http.port: cannot listen on {h.host}:{h.port}: {exc} "
+                              "(choose another http.port, or set http.enabled = false)") from None
+        self.http.start()
+        log.info("health and metrics on http://%s:%d/ (/healthz, /readyz, /metrics)", h.host, self.http.port)
+
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         if self.listener is not None:
             self.listener.stop()
         if self.scheduler.running:
@@ -109,7 +128,8 @@ class Node:
                 for job in session.scalars(select(Job).where(Job.state == JobState.RECEIVED)):
                     job.last_instance_at = now  # a study still arriving: its sender may resume after the restart
             if "worker" in self.roles:
-                release_lost_jobs(session, self.owner, self.settings.processing.max_attempts)
+                taken = release_lost_jobs(session, self.owner, self.settings.processing.max_attempts)
+                self.metrics.lease_takeovers.inc(len(taken))
             if "exporter" in self.roles:
                 release_lost_exports(session, self.owner)
 
@@ -133,12 +153,16 @@ class Node:
                 run.process.kill()
             run.process.join(5)
             del self.running[job_id]
+            seconds = time.monotonic() - run.started
             with self.sessions.begin() as session:
                 job = session.get(Job, job_id)
+                if job is not None and job.state in JOB_FINISHED and job.attempts == run.attempt:
+                    self.metrics.job_seconds.labels(job.state.value).observe(seconds)
                 if job is None or job.state != JobState.PROCESSING or job.attempts != run.attempt:
                     continue  # the worker committed its outcome
                 if overdue:
                     set_job_state(session, job, JobState.FAILED, f"processing took longer than {p.job_timeout:g} s")
+                    self.metrics.job_seconds.labels(JobState.FAILED.value).observe(seconds)
                 else:
                     code = run.process.exitcode
                     why = f"worker died (exit code {code}" + (", killed: out of memory?" if code == -9 else "") + ")"
@@ -148,7 +172,8 @@ class Node:
         self.tick_reap()
         p = self.settings.processing
         with self.sessions.begin() as session:
-            release_lost_jobs(session, self.owner, p.max_attempts)  # leases of dead processes
+            taken = release_lost_jobs(session, self.owner, p.max_attempts)  # leases of dead processes
+        self.metrics.lease_takeovers.inc(len(taken))
         while len(self.running) < p.workers:
             with self.sessions.begin() as session:
                 job = claim_next_job(session, p.lease_s, owner=str(self.owner))

@@ -36,6 +36,7 @@ def make_settings(folder: Path, **sections) -> Settings:
                     "database_url": f"sqlite:///{folder / 'ctnode.db'}"},
         "processing": {"stable_after": 0.5, "check_interval": 0.2, "engine": "threshold"},
         "export": {"backoff_base": 0.2, "backoff_max": 1.0, "timeout": 5.0},
+        "http": {"port": 0},
     }
     for key, values in sections.items():
         if key == "destinations":
@@ -65,6 +66,8 @@ engine = "threshold"
 backoff_base = 0.5
 backoff_max = 1.0
 timeout = {export_timeout}
+[http]
+port = 0
 [[destinations]]
 name = "pacs"
 ae_title = "PACS"
