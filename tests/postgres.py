@@ -40,9 +40,13 @@ def throwaway_cluster(folder: Path) -> Iterator[str]:
     subprocess.run(_as_server_user([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]),
                    check=True, capture_output=True, timeout=START_TIMEOUT_S)
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-    subprocess.run(_as_server_user([pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "server.log"),
-                                    "-w", "-t", str(START_TIMEOUT_S), "start"]),
-                   check=True, capture_output=True, timeout=START_TIMEOUT_S + 10)
+    log = folder / "server.log"
+    started = subprocess.run(_as_server_user([pg_ctl, "-D", str(data), "-o", options, "-l", str(log),
+                                              "-w", "-t", str(START_TIMEOUT_S), "start"]),
+                             capture_output=True, text=True, timeout=START_TIMEOUT_S + 10)
+    if started.returncode != 0:
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no server log)"
+        raise RuntimeError(f"PostgreSQL did not start: {started.stdout}{started.stderr}\n{tail}")
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
