@@ -1,8 +1,8 @@
 """The outbox: results are sent by C-STORE to every configured destination, with capped retries.
 
-Each (job, destination, object) is one ``exports`` row, claimed with a lease by the process sending it (several
-processes may share the database, :mod:`node.lease`), so no two processes send it at once. A row is marked ``sent`` in the same scheduler tick
-right after the peer answered success, so a restart never sends a confirmed object again; a crash in the
+Each (job, destination, object) is one ``exports`` row, claimed with a lease by the process sending it
+(several processes may share the database, :mod:`node.lease`), so no two processes send it at once. A row is
+marked ``sent`` in the same scheduler tick right after the peer answered success, so a restart never sends a confirmed object again; a crash in the
 instant between the peer's success and that commit can cause one resend of the same SOP Instance UID, which
 PACS treat as an idempotent overwrite. After ``export.max_attempts`` failures a row is ``dead`` until
 ``ctnode jobs retry``.

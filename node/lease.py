@@ -1,10 +1,10 @@
 """Who holds a claim: the identity a node process writes on the jobs and exports it claims.
 
 An owner is ``<node name>/<pid>/<boot id>``: the node name is stable across restarts (``node.name``, default
-``<host name>:<port>``), the pid and a random id made when the process starts tell one run of it from the
-next. A process that starts under a name finds the claims of its earlier runs by that name: they lost their
-holder, so it releases them at once instead of waiting for their leases to expire. Claims of other names are
-left alone until their lease expires (their holder stopped renewing it).
+from the host name, port and roles: :func:`node_name`), the pid and a random id made when the process starts
+tell one run of it from the next. A process that starts under a name finds the claims of its earlier runs by
+that name: they lost their holder, so it releases them at once instead of waiting for their leases to
+expire. Claims of other names are left alone until their lease expires (their holder stopped renewing it).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 
-from node.config import Settings
+from node.config import ROLES, Settings
 
 SEPARATOR = "/"
 
@@ -44,8 +44,12 @@ class Owner:
 
 
 def node_name(settings: Settings) -> str:
-    """``node.name``, else ``<host name>:<port>``."""
-    return settings.node.name or f"{socket.gethostname()}:{settings.node.port}"
+    """``node.name``, else ``<host name>:<port>``, followed by ``-<roles>`` for a process that does not run
+    all of them (so that a worker and an exporter started from one configuration file differ)."""
+    if settings.node.name:
+        return settings.node.name
+    roles = "" if set(settings.node.roles) == set(ROLES) else "-" + "+".join(sorted(settings.node.roles))
+    return f"{socket.gethostname()}:{settings.node.port}{roles}"
 
 
 def this_process(settings: Settings) -> Owner:

@@ -94,7 +94,8 @@ class Node:
         if not h.enabled:
             return
         try:
-            self.http = HealthServer(h.host, h.port, self.metrics, node_checks(self.settings, self.sessions, self.roles))
+            checks = node_checks(self.settings, self.sessions, self.roles)
+            self.http = HealthServer(h.host, h.port, self.metrics, checks)
         except OSError as exc:
             raise ConfigError(f"http.port: cannot listen on {h.host}:{h.port}: {exc} "
                               "(choose another http.port, or set http.enabled = false)") from None

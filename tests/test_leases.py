@@ -147,3 +147,21 @@ def test_postgresql_leases(postgres_url):
 @pytest.mark.peer
 def test_postgresql_claims_race(postgres_url):
     race_for_jobs(open_database(postgres_url))
+
+
+@pytest.mark.unit
+def test_default_node_names_differ_by_roles():
+    import socket
+
+    from node.config import load_settings
+    from node.lease import node_name, this_process
+
+    host = socket.gethostname()
+    assert node_name(load_settings(env={})) == f"{host}:11112"
+    assert node_name(load_settings(env={"CTNODE_NODE_ROLES": "worker"})) == f"{host}:11112-worker"
+    assert node_name(load_settings(env={"CTNODE_NODE_ROLES": "exporter,listener"})) == f"{host}:11112-exporter+listener"
+    assert node_name(load_settings(env={"CTNODE_NODE_NAME": "gpu1"})) == "gpu1"
+    me = this_process(load_settings(env={"CTNODE_NODE_NAME": "a/b"}))
+    assert me.node == "a_b" and Owner.parse(str(me)) == me
+    assert me.is_earlier_run_of_this_node(str(Owner("a_b", 1, "x")))
+    assert not me.is_earlier_run_of_this_node(str(me)) and not me.is_earlier_run_of_this_node("a_bc/1/x")

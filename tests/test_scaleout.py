@@ -109,9 +109,10 @@ def test_two_nodes_restart_and_failover(tmp_path, studies, postgres_url):
                 if b.process.proc.poll() is None:
                     os.kill(job.worker_pid, signal.SIGCONT)
 
-            def takeover() -> bool:
+            def takeover() -> Event | None:
                 with sessions() as s:
-                    return s.scalars(select(Event).where(Event.kind == "lease_takeover", Event.job_id == job.id)).first()
+                    return s.scalars(select(Event).where(Event.kind == "lease_takeover",
+                                                         Event.job_id == job.id)).first()
 
             event = wait_for(takeover, LEASE_S + 30, "a to take over b's job")
             took = time.monotonic() - lost_at
