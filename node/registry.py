@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, insert, select, update
@@ -249,11 +250,14 @@ def release_job(session: Session, job: Job, reason: str, max_attempts: int) -> N
     job.owner = None
 
 
-def renew_leases(session: Session, owner: str, lease_s: float) -> None:
-    """The heartbeat: every job and export ``owner`` holds is held ``lease_s`` seconds from now."""
+def renew_leases(session: Session, owner: str, lease_s: float, job_ids: Collection[int]) -> None:
+    """The heartbeat: the jobs ``job_ids`` (those with a live worker) and every export ``owner`` holds are held
+    ``lease_s`` seconds from now. A job claimed but without a worker is not renewed: its lease expires and it
+    is released, by this process or another."""
     until = utcnow() + dt.timedelta(seconds=lease_s)
-    session.execute(update(Job).where(Job.owner == owner, Job.state == JobState.PROCESSING)
-                    .values(lease_until=until).execution_options(synchronize_session=False))
+    if job_ids:
+        session.execute(update(Job).where(Job.owner == owner, Job.state == JobState.PROCESSING, Job.id.in_(job_ids))
+                        .values(lease_until=until).execution_options(synchronize_session=False))
     session.execute(update(Export).where(Export.owner == owner, Export.state == ExportState.PENDING)
                     .values(lease_until=until).execution_options(synchronize_session=False))
 
@@ -293,9 +297,10 @@ def release_lost_jobs(session: Session, owner: Owner, max_attempts: int) -> list
 
 def claim_due_exports(session: Session, owner: str, lease_s: float, limit: int = 50) -> list[Export]:
     """Claim up to ``limit`` due exports for ``owner`` (one guarded UPDATE each: pending, not held by a live
-    lease); returns the rows claimed. The caller sends them and clears ``owner`` with each outcome."""
+    lease); returns the rows claimed. The caller sends them and clears ``owner`` with each outcome; a row
+    ``owner`` still holds (a send interrupted by an error) is due again too."""
     now = utcnow()
-    free = (Export.owner.is_(None)) | (Export.lease_until < now)
+    free = Export.owner.is_(None) | (Export.lease_until < now) | (Export.owner == owner)
     ids = list(session.scalars(
         select(Export.id).where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now, free)
         .order_by(Export.next_attempt_at).limit(limit).with_for_update(skip_locked=True)))

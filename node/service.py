@@ -136,9 +136,10 @@ class Node:
 
     # -- ticks ------------------------------------------------------------------------------------------
     def tick_heartbeat(self) -> None:
-        """Renew the lease of every job and export this process holds."""
+        """Renew the leases of the jobs this process's workers run and of the exports it is sending."""
         with self.sessions.begin() as session:
-            renew_leases(session, str(self.owner), self.settings.processing.lease_s)
+            renew_leases(session, str(self.owner), self.settings.processing.lease_s,
+                         list(self.running.copy()))  # a copy: the dispatch thread changes it
 
     def tick_readiness(self) -> None:
         with self.sessions.begin() as session:

@@ -17,6 +17,7 @@ from node.registry import (ReceivedInstance, claim_due_exports, claim_next_job, 
 A1 = Owner("node-a:11112", 100, "aaaa")        # node a
 A2 = Owner("node-a:11112", 200, "bbbb")        # node a after a restart
 B = Owner("node-b:11112", 300, "cccc")         # another node
+C = Owner("node-c:11112", 400, "dddd")         # a third one
 
 
 def ready_jobs(sessions, n: int) -> None:
@@ -39,7 +40,7 @@ def expire(sessions, owner: Owner) -> None:
 
 
 def exercise_job_leases(sessions) -> None:
-    ready_jobs(sessions, 3)
+    ready_jobs(sessions, 4)
     with sessions.begin() as s:
         a = claim_next_job(s, 60, owner=str(A1))
         b = claim_next_job(s, 60, owner=str(B))
@@ -54,7 +55,7 @@ def exercise_job_leases(sessions) -> None:
 
     # node b stops renewing: once its lease expired, node a takes the job over (ready again, attempts kept)
     with sessions.begin() as s:
-        renew_leases(s, str(A2), 60)  # a's heartbeat does not touch b's claim
+        renew_leases(s, str(A2), 60, [a.id, b.id])  # a's heartbeat does not touch b's claim
         assert release_lost_jobs(s, A2, max_attempts=3) == []
     expire(sessions, B)
     with sessions.begin() as s:
@@ -66,14 +67,16 @@ def exercise_job_leases(sessions) -> None:
         assert [e.detail for e in s.scalars(select(Event).where(Event.kind == "lease_takeover"))] == [
             f"job {b.id} from {B} by {A2}: the lease of {B} expired (no heartbeat)"]
 
-    # a heartbeat keeps a lease alive past its first expiry
+    # a heartbeat keeps the lease of a job with a worker alive past its first expiry; a job claimed without
+    # a worker (it did not start) is not renewed, so it does not stay claimed for ever
     with sessions.begin() as s:
         c = claim_next_job(s, 60, owner=str(B))
+        d = claim_next_job(s, 60, owner=str(B))
     expire(sessions, B)
     with sessions.begin() as s:
-        renew_leases(s, str(B), 60)
-        assert release_lost_jobs(s, A2, max_attempts=3) == []
-    assert held(sessions)[c.id] == ("processing", str(B))
+        renew_leases(s, str(B), 60, [c.id])
+        assert release_lost_jobs(s, A2, max_attempts=3) == [d.id]
+    assert held(sessions)[c.id] == ("processing", str(B)) and held(sessions)[d.id] == ("ready", None)
 
 
 def exercise_export_leases(sessions) -> None:
@@ -83,14 +86,16 @@ def exercise_export_leases(sessions) -> None:
                    for i in range(3)])
     with sessions.begin() as s:
         mine = claim_due_exports(s, str(A1), 60, limit=2)
+    with sessions.begin() as s:  # a send interrupted before its outcomes: the rows are due again for their holder
+        assert sorted(e.id for e in claim_due_exports(s, str(A1), 60, limit=2)) == sorted(e.id for e in mine)
     with sessions.begin() as s:
         theirs = claim_due_exports(s, str(B), 60)
     assert len(mine) == 2 and len(theirs) == 1 and {e.id for e in mine}.isdisjoint({e.id for e in theirs})
     with sessions.begin() as s:
-        assert claim_due_exports(s, str(B), 60) == []  # all held
+        assert claim_due_exports(s, str(C), 60) == []  # all held by others
         assert release_lost_exports(s, A2) == 2       # node a restarted: its claims are free again
     with sessions.begin() as s:
-        assert sorted(e.id for e in claim_due_exports(s, str(B), 60)) == sorted(e.id for e in mine)
+        assert sorted(e.id for e in claim_due_exports(s, str(C), 60)) == sorted(e.id for e in mine)
     with sessions.begin() as s:
         s.execute(update(Export).values(lease_until=utcnow() - dt.timedelta(seconds=1)))
     with sessions.begin() as s:
