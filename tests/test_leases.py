@@ -170,3 +170,25 @@ def test_default_node_names_differ_by_roles():
     assert me.node == "a_b" and Owner.parse(str(me)) == me
     assert me.is_earlier_run_of_this_node(str(Owner("a_b", 1, "x")))
     assert not me.is_earlier_run_of_this_node(str(me)) and not me.is_earlier_run_of_this_node("a_bc/1/x")
+
+
+@pytest.mark.unit
+def test_a_worker_that_cannot_read_the_study_releases_it_with_the_reason(tmp_path):
+    """Instance files missing on this host (shared storage not mounted): the attempt ends at once with a
+    reason naming the file; the job is ready for another node, and failed after processing.max_attempts."""
+    from node.worker import process_job
+    from tests.nodes import make_settings
+
+    settings = make_settings(tmp_path, processing={"max_attempts": 2})
+    sessions = open_database(settings.storage.database_url)
+    ready_jobs(sessions, 1)  # its instance row points to /spool/0.dcm, which does not exist
+    for attempt, final in ((1, "ready"), (2, "failed")):
+        with sessions.begin() as s:
+            job = claim_next_job(s, 60, owner=str(A1))
+        assert job.attempts == attempt
+        assert process_job(settings, job.id, attempt) == final
+        with sessions() as s:
+            job = s.get(Job, job.id)
+            assert job.state == final and job.owner is None and job.result is None
+            assert "1 of 1 instance file(s) cannot be read on " in job.reason
+            assert "(first: /spool/0.dcm: No such file or directory); is the storage root mounted here?" in job.reason
