@@ -1,7 +1,7 @@
-"""Two full nodes on one PostgreSQL database and one storage folder, studies sent to both listeners by DCMTK
-storescu: a restart of one node leaves the other's running job alone; the loss of a node (its process group
-killed) while it holds a job is taken over by the other after the lease, and every result reaches the
-destination exactly once. Both nodes' /metrics show the counts."""
+"""Two full nodes and a worker-only process on one PostgreSQL database and one storage folder, studies sent to
+both listeners by DCMTK storescu: a restart of one node leaves another process's running job alone; the loss
+of a process (its process group killed) while it holds a job is taken over by another after the lease, and
+every result reaches the destination exactly once. /metrics shows the counts."""
 from __future__ import annotations
 
 import os
@@ -44,15 +44,17 @@ def studies(tmp_path_factory) -> list[Path]:
 
 
 class Member:
-    """One node of the pair: its configuration, process and HTTP port."""
+    """One process of the cluster: its configuration, process and ports (a worker-only one is up when its
+    HTTP port answers)."""
 
-    def __init__(self, tmp_path: Path, name: str, db_url: str, shared: Path, pacs_port: int):
+    def __init__(self, tmp_path: Path, name: str, db_url: str, shared: Path, pacs_port: int,
+                 roles: tuple[str, ...] = ("listener", "worker", "exporter")):
         self.name, self.port, self.http_port = name, free_port(), free_port()
         cfg = write_config(tmp_path / name, self.port, pacs_port, stable_after=1.0, storage=shared,
-                           database_url=db_url, node={"name": name},
+                           database_url=db_url, node={"name": name, "roles": list(roles)},
                            processing={"check_interval": CHECK_S, "lease_s": LEASE_S, "max_attempts": 3},
                            http={"port": self.http_port})
-        self.process = NodeProcess(cfg, self.port)
+        self.process = NodeProcess(cfg, self.port if "listener" in roles else self.http_port)
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10) as r:
@@ -76,23 +78,26 @@ def send_all(studies: list[Path], a: Member, b: Member) -> None:
     assert results == [0] * len(studies)
 
 
-def test_two_nodes_restart_and_failover(tmp_path, studies, postgres_url):
+def test_two_nodes_and_a_worker_restart_and_failover(tmp_path, studies, postgres_url):
     sessions = open_database(postgres_url)  # the schema first, as `ctnode db upgrade` would
-    shared = tmp_path / "shared"  # the storage root both nodes mount
+    shared = tmp_path / "shared"  # the storage root every process mounts
     with Receiver(tmp_path / "pacs", ae_title="PACS") as pacs:
         a, b = (Member(tmp_path, name, postgres_url, shared, pacs.port) for name in ("a", "b"))
-        a.process.start()
-        b.process.start()
+        w = Member(tmp_path, "w", postgres_url, shared, pacs.port, roles=("worker",))
+        members = {m.name: m for m in (a, b, w)}
+        for m in members.values():
+            m.process.start()
         try:
             send_all(studies, a, b)
 
-            def held_by(name: str) -> Job | None:
+            def held_elsewhere() -> Job | None:
                 with sessions() as s:
                     return s.scalars(select(Job).where(Job.state == "processing", Job.worker_pid.is_not(None),
-                                                       Job.owner.startswith(f"{name}/"))).first()
+                                                       ~Job.owner.startswith("a/"))).first()
 
-            # b's worker is paused mid-job (b itself keeps renewing the lease), and a restarts meanwhile
-            job = wait_for(lambda: held_by("b"), 60, "a job processing on b")
+            # a job's worker on b or w is paused mid-job (its process keeps renewing the lease); a restarts
+            job = wait_for(held_elsewhere, 60, "a job processing on b or w")
+            holder = members[job.owner.split("/")[0]]
             os.kill(job.worker_pid, signal.SIGSTOP)
             try:
                 a.process.kill_all()
@@ -101,12 +106,12 @@ def test_two_nodes_restart_and_failover(tmp_path, studies, postgres_url):
                 with sessions() as s:
                     now = s.get(Job, job.id)
                     assert (now.state, now.owner, now.attempts) == ("processing", job.owner, job.attempts)
-                    assert now.lease_until > job.lease_until  # b's heartbeat renewed it
-                # b is lost with its paused worker while it holds the job: a takes it over after the lease
-                b.process.kill_all()
+                    assert now.lease_until > job.lease_until  # the holder's heartbeat renewed it
+                # the holder is lost with its paused worker while it holds the job: another takes it over
+                holder.process.kill_all()
                 lost_at = time.monotonic()
             finally:
-                if b.process.proc.poll() is None:
+                if holder.process.proc.poll() is None:
                     os.kill(job.worker_pid, signal.SIGCONT)
 
             def takeover() -> Event | None:
@@ -114,9 +119,10 @@ def test_two_nodes_restart_and_failover(tmp_path, studies, postgres_url):
                     return s.scalars(select(Event).where(Event.kind == "lease_takeover",
                                                          Event.job_id == job.id)).first()
 
-            event = wait_for(takeover, LEASE_S + 30, "a to take over b's job")
+            event = wait_for(takeover, LEASE_S + 30, "another process to take the job over")
             took = time.monotonic() - lost_at
-            assert event.detail.startswith(f"job {job.id} from {job.owner} by a/")
+            assert event.detail.startswith(f"job {job.id} from {job.owner} by ")
+            assert event.detail.split(" by ")[1].split("/")[0] in set(members) - {holder.name}
             assert took <= LEASE_S + 2 * CHECK_S + 3.0, f"takeover after {took:.1f} s"
 
             def all_sent() -> bool:
@@ -128,10 +134,11 @@ def test_two_nodes_restart_and_failover(tmp_path, studies, postgres_url):
 
             wait_for(all_sent, 180, "every study processed and exported")
             time.sleep(2)  # a duplicate send would show up now
-            metrics = a.metrics()
+            alive = [m for m in members.values() if m is not holder]
+            scraped = {m.name: m.metrics() for m in alive}
         finally:
-            a.process.stop()
-            b.process.stop()
+            for m in members.values():
+                m.process.stop()
 
     received = [dcmread(p, stop_before_pixels=True) for p in pacs.received]
     sops = [str(ds.SOPInstanceUID) for ds in received]
@@ -144,9 +151,11 @@ def test_two_nodes_restart_and_failover(tmp_path, studies, postgres_url):
         assert taken.attempts == job.attempts + 1 and taken.state == "done"
         claimers = {e.detail.rsplit(", ", 1)[1].split("/")[0]
                     for e in s.scalars(select(Event).where(Event.kind == "job_processing"))}
-        assert claimers == {"a", "b"}  # both nodes processed
-    print(f"\nlease takeover {took:.1f} s after the node was lost (lease {LEASE_S:g} s, poll {CHECK_S:g} s)")
-    assert metrics[("ctnode_studies_received_total", ())] == len(studies)
-    assert metrics[("ctnode_jobs", (("state", "done"),))] == len(studies)
-    assert metrics[("ctnode_exports", (("state", "sent"),))] == 2 * len(studies)
-    assert metrics[("ctnode_lease_takeovers_total", ())] == 1
+        assert holder.name in claimers and claimers <= set(members)
+    print(f"\nlease takeover {took:.1f} s after {holder.name} was lost (lease {LEASE_S:g} s, poll {CHECK_S:g} s); "
+          f"jobs claimed by {sorted(claimers)}")
+    for metrics in scraped.values():  # the same cluster-wide figures from every process, the worker-only one too
+        assert metrics[("ctnode_studies_received_total", ())] == len(studies)
+        assert metrics[("ctnode_jobs", (("state", "done"),))] == len(studies)
+        assert metrics[("ctnode_exports", (("state", "sent"),))] == 2 * len(studies)
+    assert sum(m[("ctnode_lease_takeovers_total", ())] for m in scraped.values()) == 1
