@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +97,11 @@ def backoff(settings: Settings, attempts: int) -> dt.timedelta:
     return dt.timedelta(seconds=min(e.backoff_base * 2 ** max(attempts - 1, 0), e.backoff_max))
 
 
-def run_exports(settings: Settings, sessions: sessionmaker[Session], owner: str | None = None) -> int:
+def run_exports(settings: Settings, sessions: sessionmaker[Session], owner: str | None = None,
+                on_attempt: Callable[[str], None] | None = None) -> int:
     """Claim the due exports for ``owner`` (default: a new identity of this process), send them, record each
-    outcome and free its claim; returns how many were sent."""
+    outcome and free its claim; returns how many were sent. ``on_attempt`` gets each attempt's outcome
+    ("sent", "failed" or "dead"), e.g. for metrics."""
     destinations = {d.name: d for d in settings.destinations}
     owner = owner or str(this_process(settings))
     sent = 0
@@ -138,4 +141,6 @@ def run_exports(settings: Settings, sessions: sessionmaker[Session], owner: str 
                     add_event(session, "export_failed", f"to {name}, attempt {row.attempts}: {outcome.error}",
                               job_id=row.job_id)
                 session.commit()  # one commit per object: a crash never forgets a confirmed send
+                if on_attempt is not None:
+                    on_attempt("sent" if outcome.ok else "dead" if row.state == ExportState.DEAD else "failed")
     return sent

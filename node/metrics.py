@@ -21,6 +21,8 @@ from node.db.states import ExportState, JobState
 
 #: Job duration buckets (seconds): a small study on the CPU takes seconds, a 512x512x300 one minutes.
 DURATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, float("inf"))
+#: Stage buckets (seconds): from a fraction of a second (SR) to the lung segmentation of a large study.
+STAGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, float("inf"))
 
 
 class DatabaseCollector(Collector):
@@ -66,3 +68,24 @@ class NodeMetrics:
         self.lease_takeovers = Counter("ctnode_lease_takeovers",
                                        "Jobs this process released after another process's lease expired",
                                        registry=self.registry)
+        self.stage_seconds = Histogram("ctnode_stage_seconds", "Seconds per processing stage of the done jobs "
+                                       "this process's workers ran (their results' timings)", ["stage"],
+                                       buckets=STAGE_BUCKETS, registry=self.registry)
+        self.export_attempts = Counter("ctnode_export_attempts", "Export attempts by this process, by outcome",
+                                       ["outcome"], registry=self.registry)
+        self.listener_events = Counter("ctnode_listener_events", "Audit events of this process's listener "
+                                       "(associations accepted, rejected, aborted; instances refused; ...)",
+                                       ["kind"], registry=self.registry)
+        self.instances_refused = Counter("ctnode_instances_refused", "Instances this process's listener refused, "
+                                         "by DICOM status", ["status"], registry=self.registry)
+
+    def listener_event(self, kind: str, detail: str) -> None:
+        """Count one audit event of the listener (``node.listener.Listener.on_event``)."""
+        self.listener_events.labels(kind).inc()
+        if kind == "instance_refused":
+            self.instances_refused.labels(detail.split(" ", 1)[0]).inc()  # the detail starts with "0xA700"
+
+    def stages(self, timings: dict[str, float]) -> None:
+        for stage, seconds in timings.items():
+            if isinstance(seconds, (int, float)):
+                self.stage_seconds.labels(stage).observe(seconds)

@@ -61,11 +61,12 @@ class Node:
         self.sessions = open_database(settings.storage.database_url)
         restrict_sqlite_files(settings.storage.database_url)  # 0600 database, WAL and SHM files
         self.roles = frozenset(settings.node.roles)
-        self.listener = Listener(settings, self.sessions) if "listener" in self.roles else None
+        self.metrics = NodeMetrics(self.sessions, settings.spool_dir)
+        self.listener = (Listener(settings, self.sessions, on_event=self.metrics.listener_event)
+                         if "listener" in self.roles else None)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.running: dict[int, _Running] = {}
         self.owner = this_process(settings)  # written on every job and export this process claims
-        self.metrics = NodeMetrics(self.sessions, settings.spool_dir)
         self.http: HealthServer | None = None  # /healthz, /readyz, /metrics once started ([http])
         self._mp = mp.get_context("spawn")  # a clean interpreter: no listener threads or sockets inherited
 
@@ -160,6 +161,8 @@ class Node:
                 job = session.get(Job, job_id)
                 if job is not None and job.state in JOB_FINISHED and job.attempts == run.attempt:
                     self.metrics.job_seconds.labels(job.state.value).observe(seconds)
+                    if job.result is not None:
+                        self.metrics.stages(job.result.timings)
                 if job is None or job.state != JobState.PROCESSING or job.attempts != run.attempt:
                     continue  # the worker committed its outcome
                 if overdue:
@@ -191,7 +194,8 @@ class Node:
                 session.get(Job, job_id).worker_pid = proc.pid
 
     def tick_exports(self) -> None:
-        run_exports(self.settings, self.sessions, str(self.owner))
+        run_exports(self.settings, self.sessions, str(self.owner),
+                    on_attempt=lambda outcome: self.metrics.export_attempts.labels(outcome).inc())
 
     def tick_agreements(self) -> None:
         """Dice and volume agreement for reference SEGs that are pending or waiting for a node result."""

@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.config import ConfigError
@@ -70,6 +71,10 @@ def test_health_ready_and_metrics_of_a_working_node(tmp_path, small_study):
     assert after[("ctnode_exports", (("state", "sent"),))] == 2
     assert after[("ctnode_job_duration_seconds_sum", (("outcome", "done"),))] > 0
     assert after[("ctnode_lease_takeovers_total", ())] == 0
+    assert after[("ctnode_stage_seconds_count", (("stage", "infection"),))] == 1
+    assert after[("ctnode_stage_seconds_count", (("stage", "lungs"),))] == 1
+    assert after[("ctnode_export_attempts_total", (("outcome", "sent"),))] == 2
+    assert after[("ctnode_listener_events_total", (("kind", "association_accepted"),))] == 1
     assert after[("ctnode_storage_free_bytes", ())] > 0
 
 
@@ -97,3 +102,22 @@ def test_a_taken_http_port_is_a_configuration_error(tmp_path):
             second.start_http()
     finally:
         first.http.stop()
+
+
+@pytest.mark.unit
+def test_refused_instances_are_counted_by_status(tmp_path):
+    from node.db import open_database
+    from node.metrics import NodeMetrics
+
+    metrics = NodeMetrics(open_database(f"sqlite:///{tmp_path / 'db.sqlite'}"), tmp_path)
+    metrics.listener_event("instance_refused", "0xA700 study above node.max_study_gb")
+    metrics.listener_event("instance_refused", "0xC000 Rows missing")
+    metrics.listener_event("instance_refused", "0xA700 study above node.max_study_gb")
+    metrics.listener_event("association_rejected", "calling AE title not allowed")
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+           for s in family.samples}
+    assert got[("ctnode_instances_refused_total", (("status", "0xA700"),))] == 2
+    assert got[("ctnode_instances_refused_total", (("status", "0xC000"),))] == 1
+    assert got[("ctnode_listener_events_total", (("kind", "association_rejected"),))] == 1
+    assert got[("ctnode_listener_events_total", (("kind", "instance_refused"),))] == 3
