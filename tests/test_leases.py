@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 from node.db import open_database
 from node.db.schema import Event, Export, Job, utcnow
 from node.lease import Owner
+from node.reports import jobs_table
 from node.registry import (ReceivedInstance, claim_due_exports, claim_next_job, mark_stable_studies_ready,
                            record_instance, release_lost_exports, release_lost_jobs, renew_leases)
 
@@ -77,6 +78,9 @@ def exercise_job_leases(sessions) -> None:
         renew_leases(s, str(B), 60, [c.id])
         assert release_lost_jobs(s, A2, max_attempts=3) == [d.id]
     assert held(sessions)[c.id] == ("processing", str(B)) and held(sessions)[d.id] == ("ready", None)
+    with sessions() as s:  # `ctnode jobs list` names the holder
+        line = next(row for row in jobs_table(s).splitlines() if row.startswith(f"{c.id} "))
+    assert " processing " in line and f" {B.node} " in line and str(B) not in line
 
 
 def exercise_export_leases(sessions) -> None:
