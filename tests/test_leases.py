@@ -196,3 +196,36 @@ def test_a_worker_that_cannot_read_the_study_releases_it_with_the_reason(tmp_pat
             assert job.state == final and job.owner is None and job.result is None
             assert "1 of 1 instance file(s) cannot be read on " in job.reason
             assert "(first: /spool/0.dcm: No such file or directory); is the storage root mounted here?" in job.reason
+
+
+@pytest.mark.unit
+def test_migration_0006_adds_the_claim_columns_and_keeps_the_rows(tmp_path):
+    from alembic import command
+    from sqlalchemy import inspect, text
+
+    from node.db import alembic_config, make_engine, upgrade
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    command.upgrade(alembic_config(url), "0004")
+    engine = make_engine(url)
+    with engine.begin() as conn:  # a job processing and its export, as an older node left them
+        conn.execute(text("INSERT INTO studies (id, study_instance_uid, patient_id, accession_number, "
+                          "first_received_at, last_received_at) VALUES (1, '1.2', '', '', '2026-01-01', '2026-01-01')"))
+        conn.execute(text("INSERT INTO jobs (id, study_id, version, state, reason, attempts, created_at, "
+                          "last_instance_at, updated_at, lease_until) VALUES (1, 1, 1, 'processing', '', 1, "
+                          "'2026-01-01', '2026-01-01', '2026-01-01', '2026-01-01')"))
+        conn.execute(text("INSERT INTO exports (id, job_id, destination, sop_instance_uid, path, state, attempts, "
+                          "next_attempt_at, last_error) VALUES (1, 1, 'pacs', '1.2.3', '/r.dcm', 'pending', 0, "
+                          "'2026-01-01', '')"))
+    upgrade(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT state, owner FROM jobs")).all() == [("processing", None)]
+        assert conn.execute(text("SELECT state, owner, lease_until FROM exports")).all() == [("pending", None, None)]
+    sessions = open_database(url)
+    with sessions.begin() as s:  # the old claim has no owner and an expired lease: any node releases it
+        assert release_lost_jobs(s, A1, max_attempts=3) == [1]
+    command.downgrade(alembic_config(url), "0004")
+    columns = {c["name"] for c in inspect(engine).get_columns("exports")}
+    assert "owner" not in columns and "lease_until" not in columns
+    assert "owner" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    engine.dispose()
