@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from node.config import ConfigError, Settings, load_settings
+from node.config import ROLES, ConfigError, Settings, load_settings
 from node.logredact import install_log_redaction
 
 
@@ -27,6 +27,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.service import Node
 
     settings = _settings(args)
+    if args.roles:
+        roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+        unknown = sorted(set(roles) - set(ROLES)) or ([] if roles else ["(none)"])
+        if unknown:
+            raise ConfigError(f"--roles: unknown role {unknown[0]!r} (known: {', '.join(ROLES)})")
+        settings.node.roles = roles
     Node(settings).serve_forever()
     return 0
 
@@ -148,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parser = sub.add_parser
     sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
-    sub.add_parser("serve", help="run the DICOM listener, scheduler and workers").set_defaults(func=cmd_serve)
+    p = sub.add_parser("serve", help="run the DICOM listener, scheduler and workers")
+    p.add_argument("--roles", "--role", help="comma-separated: listener, worker, exporter (overrides node.roles; "
+                   "default: all three)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("process", help="run the pipeline offline on a folder of DICOM files")
     p.add_argument("path")

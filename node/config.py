@@ -24,9 +24,19 @@ class ConfigError(ValueError):
     """A setting is missing, unknown or invalid; the message names the key."""
 
 
+#: What one ``ctnode serve`` process does (``node.roles``): receive and record (listener, with study readiness,
+#: reference comparison and retention), process jobs (worker), send results (exporter).
+ROLES = ("listener", "worker", "exporter")
+
+
 @dataclass
 class NodeSettings:
     ae_title: str = "CTNODE"
+    # This process's identity on what it claims (jobs, exports), unique among the processes sharing a
+    # database; "" = <host name>:<port>. A process restarting under the same name releases its old claims.
+    name: str = ""
+    # What this process does: any of "listener", "worker", "exporter" (default: all three, one node).
+    roles: list[str] = field(default_factory=lambda: list(ROLES))
     host: str = "127.0.0.1"
     port: int = 11112
     # Calling AE titles allowed to associate; empty = accept any caller (demo only).
@@ -102,7 +112,10 @@ class ProcessingSettings:
     max_decoded_mb: float = 1024.0  # decoded pixel data a series may declare (checked before decoding)
     max_decoded_instance_mb: float = 64.0  # the same, per instance
     max_attempts: int = 2         # a job whose worker died is retried this many times in all
-    check_interval: float = 1.0   # seconds between scheduler ticks
+    check_interval: float = 1.0   # seconds between scheduler ticks (the poll for ready jobs and due exports)
+    # A claimed job or export belongs to its process for lease_s seconds, renewed every check_interval while
+    # it runs; a lease not renewed (the process died) is taken over by another process after it expires.
+    lease_s: float = 60.0
     seg_series_number: int = 901
     sr_series_number: int = 902
     key_images: int = 0           # Secondary Capture key images with the overlay burned in (0 = none)
@@ -131,6 +144,14 @@ class HttpAuth(enum.StrEnum):
     NONE = "none"
     BEARER = "bearer"      # Authorization: Bearer <token from the environment variable token_env>
     BASIC = "basic"        # username + the password from the environment variable password_env
+
+
+@dataclass
+class HttpSettings:
+    # /healthz, /readyz and /metrics (Prometheus) over plain HTTP; loopback only unless host says otherwise.
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 11180             # 0: any free port
 
 
 @dataclass
@@ -181,6 +202,7 @@ class Settings:
     processing: ProcessingSettings = field(default_factory=ProcessingSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     destinations: list[Destination] = field(default_factory=list)
     source: str = "<defaults>"
 
@@ -199,6 +221,7 @@ _SECTIONS = {
     "processing": ProcessingSettings,
     "export": ExportSettings,
     "tls": TLSSettings,
+    "http": HttpSettings,
 }
 
 
@@ -292,6 +315,12 @@ def _validate(s: Settings) -> None:
           "processing.max_decoded_instance_mb", "must be positive (MB) and not above processing.max_decoded_mb")
     check(s.processing.max_attempts >= 1, "processing.max_attempts", "must be at least 1")
     check(s.processing.check_interval > 0, "processing.check_interval", "must be positive")
+    check(s.processing.lease_s >= 3 * s.processing.check_interval, "processing.lease_s",
+          "must be at least 3 x processing.check_interval (a lease is renewed every check_interval)")
+    check(bool(s.node.roles) and all(r in ROLES for r in s.node.roles), "node.roles",
+          f"must be a non-empty list of {', '.join(ROLES)}")
+    check(len(s.node.name) <= 64, "node.name", "must be at most 64 characters")
+    check(0 <= s.http.port <= 65535, "http.port", "must be an integer between 0 (any free port) and 65535")
     check(0 <= s.processing.key_images <= 50, "processing.key_images", "must be between 0 (none) and 50")
     check(s.export.max_attempts >= 1, "export.max_attempts", "must be at least 1")
     check(0 < s.export.backoff_base <= s.export.backoff_max, "export.backoff_base",

@@ -140,6 +140,7 @@ def run_demo(size: int = 512, slices: int = 240, out: Path | None = None, engine
             "storage": {"spool_dir": str(work / "spool"), "results_dir": str(work / "results"),
                         "database_url": f"sqlite:///{work / 'ctnode.db'}"},
             "processing": {"stable_after": 2.0, "engine": engine, "check_interval": 0.5},
+            "http": {"enabled": False},
             "destinations": [{"name": "demo-pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
         })
         node = Node(settings)

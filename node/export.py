@@ -1,13 +1,15 @@
 """The outbox: results are sent to every configured destination, with capped retries.
 
-Each (job, destination, object) is one ``exports`` row. A destination's transport (:mod:`node.exporters`:
-C-STORE or STOW-RS) sends a batch and answers one :class:`SendOutcome` per object; this module alone turns
-outcomes into states, retries and audit events, the same way for every transport. A row is marked ``sent``
-in the same scheduler tick right after the peer confirmed it, so a restart never sends a confirmed object
-again; a crash in the instant between the peer's success and that commit can cause one resend of the same
-SOP Instance UID, which PACS treat as an idempotent overwrite. A transient failure is retried after
-:func:`backoff`; after ``export.max_attempts`` failures, or at once when the destination rejected the object
-itself (a permanent failure), a row is ``dead`` until ``ctnode jobs retry``.
+Each (job, destination, object) is one ``exports`` row, claimed with a lease by the process sending it
+(several processes may share the database, :mod:`node.lease`), so no two processes send it at once. A
+destination's transport (:mod:`node.exporters`: C-STORE or STOW-RS) sends a batch and answers one
+:class:`SendOutcome` per object; this module alone turns outcomes into states, retries and audit events, the
+same way for every transport. A row is marked ``sent`` in the same scheduler tick right after the peer
+confirmed it, so a restart never sends a confirmed object again; a crash in the instant between the peer's
+success and that commit can cause one resend of the same SOP Instance UID, which PACS treat as an idempotent
+overwrite. A transient failure is retried after :func:`backoff`; after ``export.max_attempts`` failures, or at
+once when the destination rejected the object itself (a permanent failure), a row is ``dead`` until
+``ctnode jobs retry``.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from node.db.schema import Export, utcnow
 from node.db.states import ExportState, transition
 from node.exporters import cstore, stowrs
 from node.exporters.outcome import SendOutcome, all_failed
-from node.registry import add_event, due_exports
+from node.lease import this_process
+from node.registry import add_event, claim_due_exports
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +45,17 @@ def backoff(settings: Settings, attempts: int) -> dt.timedelta:
     return dt.timedelta(seconds=min(e.backoff_base * 2 ** max(attempts - 1, 0), e.backoff_max))
 
 
-def run_exports(settings: Settings, sessions: sessionmaker[Session]) -> int:
-    """Send every due export; returns how many were sent."""
+def run_exports(settings: Settings, sessions: sessionmaker[Session], owner: str | None = None,
+                on_attempt: Callable[[str], None] | None = None) -> int:
+    """Claim the due exports for ``owner`` (default: a new identity of this process), send them, record each
+    outcome and free its claim; returns how many were sent. ``on_attempt`` gets each attempt's outcome
+    ("sent", "failed" or "dead"), e.g. for metrics."""
     destinations = {d.name: d for d in settings.destinations}
+    owner = owner or str(this_process(settings))
     sent = 0
     with sessions() as session:
-        rows = due_exports(session)
+        rows = claim_due_exports(session, owner, settings.processing.lease_s)
+        session.commit()  # the claims are visible to every other process before anything is sent
         by_dest: dict[str, list[Export]] = {}
         for row in rows:
             by_dest.setdefault(row.destination, []).append(row)
@@ -62,6 +70,7 @@ def run_exports(settings: Settings, sessions: sessionmaker[Session]) -> int:
                     outcomes = all_failed(len(group), f"{type(exc).__name__}: {exc}")
             for row, outcome in zip(group, outcomes):
                 row.attempts += 1
+                row.owner = row.lease_until = None
                 if outcome.ok:
                     transition(row, ExportState.SENT)
                     row.sent_at, row.last_error = utcnow(), ""
@@ -87,4 +96,6 @@ def run_exports(settings: Settings, sessions: sessionmaker[Session]) -> int:
                     add_event(session, "export_failed", f"to {name}, attempt {row.attempts}: {outcome.error}",
                               job_id=row.job_id)
                 session.commit()  # one commit per object: a crash never forgets a confirmed send
+                if on_attempt is not None:
+                    on_attempt("sent" if outcome.ok else "dead" if row.state == ExportState.DEAD else "failed")
     return sent

@@ -84,9 +84,11 @@ REFERENCES_DIR = "references"  # spool sub-folder for reference SEGs (never a UI
 class Listener:
     """Owns the pynetdicom AE; ``start()`` returns at once, ``stop()`` shuts the server down."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]):
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session],
+                 on_event: Callable[[str, str], None] | None = None):
         self.settings = settings
         self.sessions = sessions
+        self.on_event = on_event  # (kind, detail) of every audit event, e.g. for metrics (node.metrics)
         self._db_lock = threading.Lock()  # one writer at a time: SQLite allows no more, and it keeps study upserts simple
         # Bytes stored per study (for max_study_gb): read from the database once per study, then kept up to
         # date here, so the check costs no query per instance. Guarded by _db_lock.
@@ -151,6 +153,8 @@ class Listener:
 
     def _audit_connection(self, kind: str, detail: str, peer: str, calling_aet: str) -> None:
         """An audit row about a connection the transport guard refused or dropped (no association yet)."""
+        if self.on_event is not None:
+            self.on_event(kind, detail)
         try:
             with self._db_lock, self.sessions.begin() as session:
                 add_event(session, kind, detail, calling_aet=calling_aet, peer=peer)
@@ -174,6 +178,8 @@ class Listener:
     # -- audit ------------------------------------------------------------------------------------------
     def _audit(self, kind: str, event: Any, detail: str = "", study_uid: str = "") -> None:
         aet, peer = _peer(event)
+        if self.on_event is not None:
+            self.on_event(kind, detail)
         try:
             with self._db_lock, self.sessions.begin() as session:
                 add_event(session, kind, detail, calling_aet=aet, peer=peer, study_uid=study_uid)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, insert, select, update
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from node.db.schema import Event, Export, Instance, Job, ReferenceSeg, Series, Study, utcnow
 from node.db.states import JOB_FINISHED, ExportState, JobState, ReferenceState, check_transition, transition
+from node.lease import SEPARATOR, Owner
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +197,7 @@ def set_job_state(session: Session, job: Job, state: JobState, reason: str = "")
     if state == JobState.PROCESSING:
         job.started_at = now
     if state in JOB_FINISHED:
-        job.finished_at, job.lease_until = now, None
+        job.finished_at, job.lease_until, job.owner = now, None, None
     add_event(session, f"job_{state}", f"{old} -> {state}" + (f": {reason}" if reason else ""),
               study_uid=job.study.study_instance_uid, job_id=job.id)
 
@@ -203,29 +205,36 @@ def set_job_state(session: Session, job: Job, state: JobState, reason: str = "")
 def mark_stable_studies_ready(session: Session, stable_after: float) -> list[int]:
     """received -> ready for every job whose last instance is older than ``stable_after`` seconds."""
     cutoff = utcnow() - dt.timedelta(seconds=stable_after)
-    jobs = session.scalars(select(Job).where(Job.state == JobState.RECEIVED, Job.last_instance_at <= cutoff)).all()
+    jobs = session.scalars(select(Job).where(Job.state == JobState.RECEIVED, Job.last_instance_at <= cutoff)
+                           .with_for_update(skip_locked=True)).all()  # decided once when several nodes check
     for job in jobs:
         set_job_state(session, job, JobState.READY, f"no new instance for {stable_after:g} s")
     return [j.id for j in jobs]
 
 
-def claim_next_job(session: Session, lease_s: float, pid: int | None = None) -> Job | None:
-    """ready -> processing for the oldest ready job, guarded so two dispatchers never take the same job."""
-    job = session.scalars(
-        select(Job).where(Job.state == JobState.READY).order_by(Job.last_instance_at).limit(1)).first()
-    if job is None:
+def claim_next_job(session: Session, lease_s: float, *, owner: str) -> Job | None:
+    """ready -> processing for the oldest ready job, held by ``owner`` for ``lease_s`` seconds.
+
+    The candidate is read ``FOR UPDATE SKIP LOCKED`` (PostgreSQL: processes claiming at once pass over each
+    other's rows; SQLite has no row locks and ignores it) and claimed by one UPDATE guarded by its state, so of
+    two processes racing for one job exactly one moves it."""
+    job_id = session.scalars(
+        select(Job.id).where(Job.state == JobState.READY).order_by(Job.last_instance_at).limit(1)
+        .with_for_update(skip_locked=True)).first()
+    if job_id is None:
         return None
     now = utcnow()
     check_transition(JobState.READY, JobState.PROCESSING)  # one statement that only moves a job still ready
     claimed = session.execute(
-        update(Job).where(Job.id == job.id, Job.state == JobState.READY)
+        update(Job).where(Job.id == job_id, Job.state == JobState.READY)
         .values(state=JobState.PROCESSING, attempts=Job.attempts + 1, started_at=now, updated_at=now,
-                lease_until=now + dt.timedelta(seconds=lease_s), worker_pid=pid)
+                owner=owner, lease_until=now + dt.timedelta(seconds=lease_s), worker_pid=None)
+        .execution_options(synchronize_session=False)
     ).rowcount
     if claimed != 1:
         return None
-    session.refresh(job)
-    add_event(session, "job_processing", f"ready -> processing (attempt {job.attempts})",
+    job = session.get(Job, job_id, populate_existing=True)
+    add_event(session, "job_processing", f"ready -> processing (attempt {job.attempts}, {owner})",
               study_uid=job.study.study_instance_uid, job_id=job.id)
     return job
 
@@ -238,9 +247,77 @@ def release_job(session: Session, job: Job, reason: str, max_attempts: int) -> N
         job.worker_pid = None
     else:
         set_job_state(session, job, JobState.FAILED, reason)
+    job.owner = None
 
 
-def due_exports(session: Session, limit: int = 50) -> list[Export]:
-    return list(session.scalars(
-        select(Export).where(Export.state == ExportState.PENDING, Export.next_attempt_at <= utcnow())
-        .order_by(Export.next_attempt_at).limit(limit)))
+def renew_leases(session: Session, owner: str, lease_s: float, job_ids: Collection[int]) -> None:
+    """The heartbeat: the jobs ``job_ids`` (those with a live worker) and every export ``owner`` holds are held
+    ``lease_s`` seconds from now. A job claimed but without a worker is not renewed: its lease expires and it
+    is released, by this process or another."""
+    until = utcnow() + dt.timedelta(seconds=lease_s)
+    if job_ids:
+        session.execute(update(Job).where(Job.owner == owner, Job.state == JobState.PROCESSING, Job.id.in_(job_ids))
+                        .values(lease_until=until).execution_options(synchronize_session=False))
+    session.execute(update(Export).where(Export.owner == owner, Export.state == ExportState.PENDING)
+                    .values(lease_until=until).execution_options(synchronize_session=False))
+
+
+def release_lost_jobs(session: Session, owner: Owner, max_attempts: int) -> list[int]:
+    """Release the processing jobs whose holder is gone: an expired lease (any process), or a claim of an
+    earlier run of this node (it restarted: its workers died with it). A job another live process holds is
+    left alone. Each release is guarded by the claim it saw, so two processes never release one job twice.
+    Returns the ids of the jobs taken over from an expired lease."""
+    now = utcnow()
+    earlier_run = Job.owner.startswith(owner.node + SEPARATOR, autoescape=True)
+    lost = Job.lease_until.is_(None) | (Job.lease_until < now) | earlier_run
+    rows = session.execute(
+        select(Job.id, Job.owner, Job.lease_until).where(Job.state == JobState.PROCESSING, lost)
+        .with_for_update(skip_locked=True)).all()
+    taken_over = []
+    for job_id, held_by, lease_until in rows:
+        expired = lease_until is None or lease_until < now
+        mine_before = owner.is_earlier_run_of_this_node(held_by)
+        if not (expired or mine_before):
+            continue
+        # claim the row for the release: only if nobody renewed or released it since it was read
+        guard = Job.owner.is_(None) if held_by is None else Job.owner == held_by
+        if session.execute(update(Job).where(Job.id == job_id, Job.state == JobState.PROCESSING, guard)
+                           .values(owner=str(owner)).execution_options(synchronize_session=False)).rowcount != 1:
+            continue
+        job = session.get(Job, job_id, populate_existing=True)
+        why = ("this node restarted while the job was processing" if mine_before else
+               f"the lease of {held_by or 'an unknown holder'} expired (no heartbeat)")
+        release_job(session, job, why, max_attempts)
+        if not mine_before:
+            add_event(session, "lease_takeover", f"job {job_id} from {held_by} by {owner}: {why}",
+                      study_uid=job.study.study_instance_uid, job_id=job_id)
+            taken_over.append(job_id)
+    return taken_over
+
+
+def claim_due_exports(session: Session, owner: str, lease_s: float, limit: int = 50) -> list[Export]:
+    """Claim up to ``limit`` due exports for ``owner`` (one guarded UPDATE each: pending, not held by a live
+    lease); returns the rows claimed. The caller sends them and clears ``owner`` with each outcome; a row
+    ``owner`` still holds (a send interrupted by an error) is due again too."""
+    now = utcnow()
+    free = Export.owner.is_(None) | (Export.lease_until < now) | (Export.owner == owner)
+    ids = list(session.scalars(
+        select(Export.id).where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now, free)
+        .order_by(Export.next_attempt_at).limit(limit).with_for_update(skip_locked=True)))
+    until = now + dt.timedelta(seconds=lease_s)
+    claimed = [i for i in ids if session.execute(
+        update(Export).where(Export.id == i, Export.state == ExportState.PENDING, free)
+        .values(owner=owner, lease_until=until).execution_options(synchronize_session=False)).rowcount == 1]
+    return list(session.scalars(select(Export).where(Export.id.in_(claimed)).order_by(Export.next_attempt_at)
+                                .execution_options(populate_existing=True))) if claimed else []
+
+
+def release_lost_exports(session: Session, owner: Owner) -> int:
+    """Exports claimed by an earlier run of this node (it restarted mid-send): free for anyone again."""
+    rows = session.execute(select(Export.id, Export.owner).where(Export.state == ExportState.PENDING,
+                                                                  Export.owner.is_not(None))).all()
+    lost = [i for i, held_by in rows if owner.is_earlier_run_of_this_node(held_by)]
+    if lost:
+        session.execute(update(Export).where(Export.id.in_(lost)).values(owner=None, lease_until=None)
+                        .execution_options(synchronize_session=False))
+    return len(lost)

@@ -160,9 +160,10 @@ def jobs_table(session: Session) -> str:
     rows = []
     for job in session.scalars(select(Job).order_by(Job.id)):
         exports = ", ".join(f"{e.destination}:{e.state}" for e in job.exports)
-        rows.append([job.id, job.study.study_instance_uid, job.version, job.state, job.attempts,
+        held_by = job.owner.rsplit("/", 2)[0] if job.owner else ""  # the node name of node.lease.Owner
+        rows.append([job.id, job.study.study_instance_uid, job.version, job.state, job.attempts, held_by,
                      exports, (job.reason or "")[:60]])
-    return _table(["job", "study", "v", "state", "tries", "exports", "reason"], rows)
+    return _table(["job", "study", "v", "state", "tries", "held by", "exports", "reason"], rows)
 
 
 def retry(session: Session, job_id: int | None) -> int:

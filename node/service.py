@@ -1,9 +1,15 @@
 """The running node: listener + in-process scheduler (APScheduler) + worker processes.
 
+``node.roles`` says which parts one process runs (all three by default, one node): ``listener`` (the DICOM
+listener, readiness, agreements, retention, spool recovery), ``worker`` (dispatch) and ``exporter``
+(exports); several processes on several hosts may share one PostgreSQL database and one storage root
+(docs/scaling.md), coordinated only by the database's claims (:mod:`node.lease`).
+
 Scheduler jobs, each small and idempotent (the database holds all state):
 - ``readiness``: received -> ready once a study has been stable for ``processing.stable_after`` seconds;
-- ``dispatch``: reap finished/dead/overdue workers, then start a worker process per ready job (up to
-  ``processing.workers``);
+- ``heartbeat``: renew the leases of the jobs and exports this process holds (:mod:`node.lease`);
+- ``dispatch``: reap finished/dead/overdue workers, release jobs whose lease expired (their process died),
+  then claim ready jobs and start a worker process for each (up to ``processing.workers``);
 - ``exports``: send due exports (retry with backoff, dead-letter);
 - ``agreements``: compare reference SEGs received with the node's results (:mod:`node.agreement`);
 - ``retention``: remove spool files of finished studies after ``storage.retention_days``.
@@ -20,15 +26,19 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
 
-from node.config import Settings
+from node.config import ConfigError, Settings
 from node.agreement import compute_pending
 from node.db import open_database
 from node.db.schema import Instance, Job, ReferenceSeg, utcnow
-from node.db.states import JOB_UNFINISHED, JobState, ReferenceState, transition
+from node.db.states import JOB_FINISHED, JOB_UNFINISHED, JobState, ReferenceState, transition
 from node.export import run_exports
+from node.health import HealthServer, node_checks
 from node.listener import Listener
+from node.metrics import NodeMetrics
 from node.recovery import recover_orphans
-from node.registry import claim_next_job, mark_stable_studies_ready, release_job, set_job_state
+from node.lease import this_process
+from node.registry import (claim_next_job, mark_stable_studies_ready, release_job, release_lost_exports,
+                           release_lost_jobs, renew_leases, set_job_state)
 from node.security import restrict_sqlite_files
 from node.spool import make_private_dirs
 from node.worker import worker_main
@@ -50,26 +60,54 @@ class Node:
             make_private_dirs(d)  # 0700: patient data (the disk guard watches the spool's filesystem)
         self.sessions = open_database(settings.storage.database_url)
         restrict_sqlite_files(settings.storage.database_url)  # 0600 database, WAL and SHM files
-        self.listener = Listener(settings, self.sessions)
+        self.roles = frozenset(settings.node.roles)
+        self.metrics = NodeMetrics(self.sessions, settings.spool_dir)
+        self.listener = (Listener(settings, self.sessions, on_event=self.metrics.listener_event)
+                         if "listener" in self.roles else None)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.running: dict[int, _Running] = {}
+        self.owner = this_process(settings)  # written on every job and export this process claims
+        self.http: HealthServer | None = None  # /healthz, /readyz, /metrics once started ([http])
         self._mp = mp.get_context("spawn")  # a clean interpreter: no listener threads or sockets inherited
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
+        self.start_http()
         self.recover()
-        self.listener.start()
         every = self.settings.processing.check_interval
-        self.scheduler.add_job(self.tick_readiness, "interval", seconds=every, id="readiness")
-        self.scheduler.add_job(self.tick_dispatch, "interval", seconds=every, id="dispatch")
-        self.scheduler.add_job(self.tick_exports, "interval", seconds=every, id="exports")
-        self.scheduler.add_job(self.tick_agreements, "interval", seconds=max(every, 1.0), id="agreements")
-        self.scheduler.add_job(self.tick_retention, "interval", hours=1, id="retention",
-                               next_run_time=dt.datetime.now() + dt.timedelta(seconds=5))
+        if self.listener is not None:
+            self.listener.start()
+            self.scheduler.add_job(self.tick_readiness, "interval", seconds=every, id="readiness")
+            self.scheduler.add_job(self.tick_agreements, "interval", seconds=max(every, 1.0), id="agreements")
+            self.scheduler.add_job(self.tick_retention, "interval", hours=1, id="retention",
+                                   next_run_time=dt.datetime.now() + dt.timedelta(seconds=5))
+        if self.roles & {"worker", "exporter"}:
+            self.scheduler.add_job(self.tick_heartbeat, "interval", seconds=every, id="heartbeat")
+        if "worker" in self.roles:
+            self.scheduler.add_job(self.tick_dispatch, "interval", seconds=every, id="dispatch")
+        if "exporter" in self.roles:
+            self.scheduler.add_job(self.tick_exports, "interval", seconds=every, id="exports")
         self.scheduler.start()
+        log.info("node %s started: %s", self.owner, ", ".join(r for r in self.settings.node.roles))
+
+    def start_http(self) -> None:
+        h = self.settings.http
+        if not h.enabled:
+            return
+        try:
+            checks = node_checks(self.settings, self.sessions, self.roles)
+            self.http = HealthServer(h.host, h.port, self.metrics, checks)
+        except OSError as exc:
+            raise ConfigError(f"http.port: cannot listen on {h.host}:{h.port}: {exc} "
+                              "(choose another http.port, or set http.enabled = false)") from None
+        self.http.start()
+        log.info("health and metrics on http://%s:%d/ (/healthz, /readyz, /metrics)", h.host, self.http.port)
 
     def stop(self) -> None:
-        self.listener.stop()
+        if self.http is not None:
+            self.http.stop()
+        if self.listener is not None:
+            self.listener.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         for job_id, run in list(self.running.items()):
@@ -80,20 +118,30 @@ class Node:
     def recover(self) -> None:
         """After a restart: spool files without a row are registered (:mod:`node.recovery`), jobs still
         collecting instances wait ``stable_after`` from now (their senders were cut off by the restart and
-        may resume: a partly received study is not processed at once), and jobs left in ``processing`` lost
-        their worker with the previous node process."""
+        may resume: a partly received study is not processed at once), and the jobs and exports an earlier run
+        of this node held are released (its workers died with it); claims of other live processes sharing
+        the database are left alone, and expired ones are taken over (:func:`node.registry.release_lost_jobs`)."""
         with self.sessions.begin() as session:
-            recovered = recover_orphans(session, self.settings.spool_dir)
-            if recovered:
-                log.warning("registered %d spool file(s) that had no database row", recovered)
-            now = utcnow()
-            for job in session.scalars(select(Job).where(Job.state == JobState.RECEIVED)):
-                job.last_instance_at = now  # a study still arriving: its sender may resume after the restart
-            for job in session.scalars(select(Job).where(Job.state == JobState.PROCESSING)):
-                release_job(session, job, "node restarted while the job was processing",
-                            self.settings.processing.max_attempts)
+            if self.listener is not None:
+                recovered = recover_orphans(session, self.settings.spool_dir)
+                if recovered:
+                    log.warning("registered %d spool file(s) that had no database row", recovered)
+                now = utcnow()
+                for job in session.scalars(select(Job).where(Job.state == JobState.RECEIVED)):
+                    job.last_instance_at = now  # a study still arriving: its sender may resume after the restart
+            if "worker" in self.roles:
+                taken = release_lost_jobs(session, self.owner, self.settings.processing.max_attempts)
+                self.metrics.lease_takeovers.inc(len(taken))
+            if "exporter" in self.roles:
+                release_lost_exports(session, self.owner)
 
     # -- ticks ------------------------------------------------------------------------------------------
+    def tick_heartbeat(self) -> None:
+        """Renew the leases of the jobs this process's workers run and of the exports it is sending."""
+        with self.sessions.begin() as session:
+            renew_leases(session, str(self.owner), self.settings.processing.lease_s,
+                         list(self.running.copy()))  # a copy: the dispatch thread changes it
+
     def tick_readiness(self) -> None:
         with self.sessions.begin() as session:
             mark_stable_studies_ready(session, self.settings.processing.stable_after)
@@ -108,12 +156,18 @@ class Node:
                 run.process.kill()
             run.process.join(5)
             del self.running[job_id]
+            seconds = time.monotonic() - run.started
             with self.sessions.begin() as session:
                 job = session.get(Job, job_id)
+                if job is not None and job.state in JOB_FINISHED and job.attempts == run.attempt:
+                    self.metrics.job_seconds.labels(job.state.value).observe(seconds)
+                    if job.result is not None:
+                        self.metrics.stages(job.result.timings)
                 if job is None or job.state != JobState.PROCESSING or job.attempts != run.attempt:
                     continue  # the worker committed its outcome
                 if overdue:
                     set_job_state(session, job, JobState.FAILED, f"processing took longer than {p.job_timeout:g} s")
+                    self.metrics.job_seconds.labels(JobState.FAILED.value).observe(seconds)
                 else:
                     code = run.process.exitcode
                     why = f"worker died (exit code {code}" + (", killed: out of memory?" if code == -9 else "") + ")"
@@ -121,9 +175,13 @@ class Node:
 
     def tick_dispatch(self) -> None:
         self.tick_reap()
-        while len(self.running) < self.settings.processing.workers:
+        p = self.settings.processing
+        with self.sessions.begin() as session:
+            taken = release_lost_jobs(session, self.owner, p.max_attempts)  # leases of dead processes
+        self.metrics.lease_takeovers.inc(len(taken))
+        while len(self.running) < p.workers:
             with self.sessions.begin() as session:
-                job = claim_next_job(session, self.settings.processing.job_timeout)
+                job = claim_next_job(session, p.lease_s, owner=str(self.owner))
                 if job is None:
                     return
                 job_id, attempt = job.id, job.attempts
@@ -136,7 +194,8 @@ class Node:
                 session.get(Job, job_id).worker_pid = proc.pid
 
     def tick_exports(self) -> None:
-        run_exports(self.settings, self.sessions)
+        run_exports(self.settings, self.sessions, str(self.owner),
+                    on_attempt=lambda outcome: self.metrics.export_attempts.labels(outcome).inc())
 
     def tick_agreements(self) -> None:
         """Dice and volume agreement for reference SEGs that are pending or waiting for a node result."""

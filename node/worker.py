@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 import traceback
@@ -18,7 +19,8 @@ from node.db import open_database
 from node.db.schema import Export, Job
 from node.db.states import JobState
 from node.logredact import install_log_redaction
-from node.registry import add_event, instance_paths_for_job, reference_paths_for_study, set_job_state
+from node.registry import (add_event, instance_paths_for_job, reference_paths_for_study, release_job,
+                           set_job_state)
 from node.results import result_row
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,18 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
         study_uid, version = job.study.study_instance_uid, job.version
         paths = instance_paths_for_job(session, job)
         lobe_maps = [p for p in reference_paths_for_study(session, job.study_id) if Path(p).exists()]
+    unreadable = unreadable_files(paths)
+    if unreadable:  # e.g. the shared storage is not mounted on this host: another attempt, maybe elsewhere
+        path, why = unreadable[0]
+        reason = (f"{len(unreadable)} of {len(paths)} instance file(s) cannot be read on {socket.gethostname()} "
+                  f"(first: {path}: {why}); is the storage root mounted here?")
+        log.error("job %d: %s", job_id, reason)
+        with sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is not None and job.state == JobState.PROCESSING and job.attempts == attempt:
+                release_job(session, job, reason, settings.processing.max_attempts)
+                return job.state
+        return "discarded"
     started = time.perf_counter()
     out: dict[str, Path] = {}
     try:
@@ -95,6 +109,18 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
         add_event(session, "job_elapsed", f"{state} in {elapsed:.1f} s", study_uid=study_uid, job_id=job.id,
                   elapsed_s=elapsed)
     return state
+
+
+def unreadable_files(paths: list[str]) -> list[tuple[str, str]]:
+    """(path, why) of each file in ``paths`` that cannot be opened for reading."""
+    out = []
+    for path in paths:
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            out.append((path, exc.strerror or type(exc).__name__))
+    return out
 
 
 def worker_main(settings: Settings, job_id: int, attempt: int, log_level: int = logging.INFO) -> None:

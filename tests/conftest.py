@@ -20,6 +20,7 @@ Helpers live in modules of their own, imported by the tests (this file is not im
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,22 @@ def _restore_root_logging() -> Iterator[None]:
         if handler not in before:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a PostgreSQL server (see :mod:`tests.postgres`), started once per test run if needed."""
+    from tests.postgres import URL_ENV, throwaway_cluster
+
+    if os.environ.get(URL_ENV):
+        yield os.environ[URL_ENV]
+    else:
+        yield from throwaway_cluster(tmp_path_factory.mktemp("postgres"))
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A PostgreSQL URL with an empty schema for this test."""
+    from tests.postgres import empty_schema
+
+    return empty_schema(postgres_server)

@@ -37,6 +37,7 @@ def make_settings(folder: Path, *, env: Mapping[str, str] | None = None, **secti
                     "database_url": f"sqlite:///{folder / 'ctnode.db'}"},
         "processing": {"stable_after": 0.5, "check_interval": 0.2, "engine": "threshold"},
         "export": {"backoff_base": 0.2, "backoff_max": 1.0, "timeout": 5.0},
+        "http": {"port": 0},
     }
     for key, values in sections.items():
         if key == "destinations":
@@ -46,32 +47,41 @@ def make_settings(folder: Path, *, env: Mapping[str, str] | None = None, **secti
     return load_settings(overrides=base, env=env or {})
 
 
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def write_config(tmp_path: Path, port: int, pacs_port: int, *, stable_after: float = 4.0,
-                 export_timeout: float = 30.0) -> Path:
+                 export_timeout: float = 30.0, storage: Path | None = None, database_url: str | None = None,
+                 **sections: dict[str, object]) -> Path:
     """A node configuration file in ``tmp_path``: listens on ``port``, exports to a peer "PACS" on
-    ``pacs_port``."""
+    ``pacs_port``; spool and results under ``storage`` (default ``tmp_path``), the SQLite database in
+    ``tmp_path`` unless ``database_url`` says otherwise. ``sections`` add or replace keys of the named
+    sections (e.g. ``node={"name": "a"}``)."""
+    storage = storage or tmp_path
+    config: dict[str, dict[str, object]] = {
+        "node": {"port": port},
+        "storage": {"spool_dir": str(storage / "spool"), "results_dir": str(storage / "results"),
+                    "database_url": database_url or f"sqlite:///{tmp_path / 'ctnode.db'}"},
+        "processing": {"stable_after": stable_after, "check_interval": 0.2, "engine": "threshold"},
+        "export": {"backoff_base": 0.5, "backoff_max": 1.0, "timeout": export_timeout},
+        "http": {"port": 0},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in config.items():
+        lines += [f"[{name}]", *(f"{key} = {_toml(value)}" for key, value in values.items())]
+    lines += ["[[destinations]]", 'name = "pacs"', 'ae_title = "PACS"', f'host = "{HOST}"', f"port = {pacs_port}"]
     cfg = tmp_path / "node.toml"
-    cfg.write_text(f"""
-[node]
-port = {port}
-[storage]
-spool_dir = "{tmp_path / 'spool'}"
-results_dir = "{tmp_path / 'results'}"
-database_url = "sqlite:///{tmp_path / 'ctnode.db'}"
-[processing]
-stable_after = {stable_after}
-check_interval = 0.2
-engine = "threshold"
-[export]
-backoff_base = 0.5
-backoff_max = 1.0
-timeout = {export_timeout}
-[[destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "{HOST}"
-port = {pacs_port}
-""")
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text("\n".join(lines) + "\n")
     return cfg
 
 
@@ -100,6 +110,12 @@ class NodeProcess:
         """SIGKILL the node process, as a crash would."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)  # only the node: its worker must notice and end by itself
+        self.proc.wait(10)
+
+    def kill_all(self) -> None:
+        """SIGKILL the node and its workers at once, as the loss of its host would."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
     def stop(self) -> None:

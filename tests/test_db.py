@@ -1,8 +1,6 @@
 """Database: migrations, the job state machine, and the same on a real PostgreSQL server."""
 from __future__ import annotations
 
-import os
-
 import pytest
 from alembic import command
 from sqlalchemy import inspect, select, text
@@ -15,7 +13,6 @@ from node.registry import (
     ReceivedInstance, ReceivedReference, claim_next_job, instance_paths_for_job, mark_stable_studies_ready,
     record_instance, record_reference, release_job,
 )
-from tests.support import skip_or_fail
 
 pytestmark = pytest.mark.unit
 
@@ -40,9 +37,9 @@ def exercise_state_machine(sessions) -> None:
         assert s.scalars(select(Job.state)).all() == ["received"]
         assert len(mark_stable_studies_ready(s, stable_after=0)) == 1
     with sessions.begin() as s:
-        job = claim_next_job(s, lease_s=60)
+        job = claim_next_job(s, lease_s=60, owner="test/1/a")
         assert job is not None and job.state == "processing" and job.attempts == 1
-        assert claim_next_job(s, lease_s=60) is None  # nothing else ready
+        assert claim_next_job(s, lease_s=60, owner="test/1/a") is None  # nothing else ready
         # a late instance while processing opens version 2 instead of mixing into version 1
         assert record_instance(s, received(sop="1.2.3.1.3")) == "stored"
     with sessions.begin() as s:
@@ -53,7 +50,7 @@ def exercise_state_machine(sessions) -> None:
         release_job(s, jobs[0], "worker died", max_attempts=2)
         assert jobs[0].state == "ready"
     with sessions.begin() as s:
-        job = claim_next_job(s, lease_s=60)
+        job = claim_next_job(s, lease_s=60, owner="test/1/a")
         assert job.version == 1 and job.attempts == 2
         release_job(s, job, "worker died again", max_attempts=2)
         assert job.state == "failed" and "again" in job.reason
@@ -159,15 +156,7 @@ def test_migrations_match_the_models(tmp_path):
 
 
 @pytest.mark.peer
-def test_postgresql():
-    url = os.environ.get("CTNODE_TEST_POSTGRES_URL")
-    if not url:
-        skip_or_fail("CTNODE_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
-    engine = make_engine(url)
-    with engine.begin() as conn:  # start from an empty schema
-        for table in reversed(Base.metadata.sorted_tables):
-            conn.execute(text(f'DROP TABLE IF EXISTS "{table.name}" CASCADE'))
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    sessions = open_database(url)
+def test_postgresql(postgres_url):
+    sessions = open_database(postgres_url)
     exercise_state_machine(sessions)
     assert_states_checked(sessions)

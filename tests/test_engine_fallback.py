@@ -121,7 +121,7 @@ def _claimed_job(settings, files: list[Path]) -> tuple[int, int]:
                 sha256=hashlib.sha256(path.read_bytes()).hexdigest(), modality=ds.Modality))
     with sessions.begin() as session:
         mark_stable_studies_ready(session, 0.0)
-        job = claim_next_job(session, lease_s=600)
+        job = claim_next_job(session, lease_s=600, owner="test/1/a")
         return job.id, job.attempts
 
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: PostgreSQL advisory lock key held while migrating: processes starting together migrate one at a time.
+MIGRATION_LOCK_KEY = 0x63746E6F6465  # "ctnode"
 
 
 def make_engine(url: str) -> Engine:
@@ -44,7 +46,19 @@ def upgrade(url: str) -> None:
     """Bring the database at ``url`` to the newest schema (idempotent)."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), "head")
+    if not url.startswith("postgresql"):
+        command.upgrade(alembic_config(url), "head")
+        return
+    engine = make_engine(url)
+    try:
+        with engine.connect() as lock:  # a session-level lock on a connection of its own
+            lock.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            try:
+                command.upgrade(alembic_config(url), "head")
+            finally:
+                lock.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    finally:
+        engine.dispose()
 
 
 def open_database(url: str, *, migrate: bool = True) -> sessionmaker[Session]:

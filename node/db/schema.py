@@ -15,6 +15,11 @@ Job states (one row per study *version*; a late instance for a study already tak
        before a worker   failed -> ready: ``ctnode jobs retry``)
        took it)
 
+Claims: a job in ``processing`` and an export being sent carry an ``owner`` (the process, see
+:mod:`node.lease`) and a ``lease_until`` that the owner renews; another process takes over only an expired
+lease. Claims are single guarded UPDATEs (and ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so two processes
+sharing the database never hold the same row.
+
 Export states::
 
     pending -> sent | dead (after ``export.max_attempts``);  dead -> pending: ``ctnode jobs retry``
@@ -129,6 +134,9 @@ class Job(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # The process holding the job while it is processing (node.lease.Owner) and until when; renewed by its
+    # heartbeat, taken over by another process once expired.
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     study: Mapped[Study] = relationship(back_populates="jobs")
@@ -171,6 +179,9 @@ class Export(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_error: Mapped[str] = mapped_column(Text, default="")
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # The process sending it right now (node.lease.Owner) and until when; None while nobody is.
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     job: Mapped[Job] = relationship(back_populates="exports")
 
 
