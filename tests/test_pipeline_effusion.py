@@ -11,7 +11,9 @@ from node import phantom as ph
 from node.pipeline.effusion import dependent_axes, find_effusion
 from node.pipeline.engines import build_engine
 from node.pipeline.lungs import segment_lungs
-from node.pipeline.types import LungMasks, Volume
+from node.pipeline.run import PipelineResult
+from node.pipeline.scores import compute_scores
+from node.pipeline.types import Effusion, LungMasks, Volume
 
 pytestmark = pytest.mark.unit
 
@@ -153,3 +155,18 @@ def test_prone_effusion_is_found_anteriorly(effusion_case):
     flipped_lungs = dataclasses.replace(lungs, labels=lungs.labels[:, ::-1].copy(), body=lungs.body[:, ::-1].copy())
     again = find_effusion(flipped, flipped_lungs)
     np.testing.assert_array_equal(again.labels[:, ::-1], effusion.labels)
+
+
+def test_the_pipeline_result_carries_the_effusion_notes_and_measurements(effusion_case):
+    """The effusion step's notes are segmentation notes (SR comments, the result's notes) and its volumes
+    join the scores in what the SR and the database get."""
+    p, volume, lungs, effusion = effusion_case
+    noted = Effusion(labels=effusion.labels, dense_unexplained=effusion.dense_unexplained, volumetric=True,
+                     voxel_mm3=effusion.voxel_mm3, notes=["dense tissue of 9 ml in the right hemithorax ..."])
+    infection = build_engine("threshold").engine.segment(volume, lungs)
+    result = PipelineResult(status="done", volume=volume, lungs=lungs, effusion=noted, infection=infection,
+                            scores=compute_scores(volume, lungs, infection))
+    assert noted.notes[0] in result.segmentation_notes
+    measured = result.measurements()
+    assert measured["right_effusion_volume_ml"] == effusion.as_dict()["right_effusion_volume_ml"] > 0
+    assert measured["percent_involved_total"] == result.scores.percent_involved_total
