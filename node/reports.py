@@ -14,7 +14,8 @@ from node.registry import add_event, set_job_state
 CSV_FIELDS = [
     "job_id", "study_instance_uid", "version", "state", "reason", "series_instance_uid", "engine_name",
     "engine_version", "weights_sha256", "right_lung_volume_ml", "left_lung_volume_ml", "infection_volume_ml",
-    "percent_involved_right", "percent_involved_left", "percent_involved_total", "volumetric", "finished_at",
+    "percent_involved_right", "percent_involved_left", "percent_involved_total", "right_effusion_volume_ml",
+    "left_effusion_volume_ml", "right_effusion_area_cm2", "left_effusion_area_cm2", "volumetric", "finished_at",
     "notes",
 ]
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the worker imports this module before it loads the pipeline
     from node.processing import Analysis
 
 
-#: The effusion measurements (node.pipeline.types.Effusion.as_dict) and the results column of each.
+#: The effusion measurements (node.pipeline.types.Effusion.SR_KEYS) and the results column of each.
 EFFUSION_KEYS: dict[str, str] = {
     "right_effusion_volume_ml": "right_effusion_ml", "left_effusion_volume_ml": "left_effusion_ml",
     "right_effusion_area_cm2": "right_effusion_cm2", "left_effusion_area_cm2": "left_effusion_cm2",

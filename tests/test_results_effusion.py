@@ -66,4 +66,18 @@ def test_the_effusion_reaches_seg_sr_and_the_results_row(analysed, tmp_path, mon
     assert main(["results", "show", str(job_id)]) == 0
     shown = capsys.readouterr().out
     assert f"pleural effusion: right {right:.1f} ml, left {left:.1f} ml" in shown
+    assert main(["results", "export", "--csv", str(tmp_path / "r.csv")]) == 0
+    import csv
 
+    (exported,) = csv.DictReader(open(tmp_path / "r.csv"))
+    assert float(exported["right_effusion_volume_ml"]) == pytest.approx(right)
+    assert exported["right_effusion_area_cm2"] == ""
+
+
+
+def test_every_effusion_key_has_a_results_column():
+    from node.pipeline.types import Effusion
+    from node.results import EFFUSION_KEYS
+
+    assert set(EFFUSION_KEYS) == set(Effusion.SR_KEYS)
+    assert set(EFFUSION_KEYS.values()) <= {c.name for c in Result.__table__.columns}

@@ -92,6 +92,8 @@ class Effusion:
     notes: list[str] = field(default_factory=list)
 
     SIDES = {LungMasks.RIGHT: "right", LungMasks.LEFT: "left"}
+    #: The keys of :meth:`as_dict` (ml for a volume, cm2 for a single slice), rows of the SR writer.
+    SR_KEYS = tuple(f"{side}_effusion_{unit}" for unit in ("volume_ml", "area_cm2") for side in ("right", "left"))
 
     def amount(self, labels: np.ndarray, value: int) -> float:
         """ml (3D) or cm2 (a single slice) of ``labels == value``."""
