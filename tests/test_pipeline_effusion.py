@@ -14,6 +14,7 @@ from node.pipeline.lungs import segment_lungs
 from node.pipeline.run import PipelineResult
 from node.pipeline.scores import compute_scores
 from node.pipeline.types import Effusion, LungMasks, Volume
+from tests.support import CHEST_AXIAL, shared_dicom
 
 pytestmark = pytest.mark.unit
 
@@ -170,3 +171,21 @@ def test_the_pipeline_result_carries_the_effusion_notes_and_measurements(effusio
     measured = result.measurements()
     assert measured["right_effusion_volume_ml"] == effusion.as_dict()["right_effusion_volume_ml"] > 0
     assert measured["percent_involved_total"] == result.scores.percent_involved_total
+
+
+@pytest.mark.parametrize("name", CHEST_AXIAL)
+def test_real_slices_note_the_dense_tissue_only_the_aerated_mask_leaves_out(name):
+    """On the shared real slices (no reference masks), with the HU lung method no dense tissue is left over
+    behind the lungs (at most 1.2 cm2); the aerated-only mask leaves 12 and 20 cm2 of the right hemithorax of
+    the two A046441 slices (consolidation filling the dependent lung) out, and the note says so."""
+    from node.pipeline.select import select_series
+    from node.pipeline.volume import assemble_volume
+
+    _, decisions = select_series([str(shared_dicom() / "ny-sbu" / name)])
+    volume = assemble_volume(decisions[0].headers)
+    assert find_effusion(volume, segment_lungs(volume, method="hu")).notes == []
+    notes = find_effusion(volume, segment_lungs(volume, method="aerated")).notes
+    if name.startswith("A046441"):
+        assert len(notes) == 1 and "cm2 in the right hemithorax" in notes[0], notes
+    else:
+        assert notes == []
