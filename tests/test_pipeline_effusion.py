@@ -89,7 +89,8 @@ def dense_against_the_wall(p: ph.Phantom, volume: Volume) -> tuple[Volume, np.nd
     lower = np.zeros(right.shape[0], bool)
     ks = np.nonzero(right.any(axis=(1, 2)))[0]
     lower[ks[0]: ks[0] + (ks[-1] - ks[0]) // 2] = True
-    dense = right & lower[:, None, None] & (np.arange(right.shape[1]) >= rows[-1] - (rows[-1] - rows[0]) // 3)[None, :, None]
+    dorsal = np.arange(right.shape[1]) >= rows[-1] - (rows[-1] - rows[0]) // 3
+    dense = right & lower[:, None, None] & dorsal[None, :, None]
     hu = volume.hu.copy()
     hu[dense] = 35 + np.random.default_rng(0).normal(0, p.noise_hu, int(dense.sum())).round().astype(hu.dtype)
     return dataclasses.replace(volume, hu=hu), dense
@@ -145,6 +146,23 @@ def test_the_dependent_direction_follows_patient_position_and_orientation(positi
                     orientation=np.asarray(orientation, float), pixel_spacing=(1.0, 1.0), slice_spacing=0.0,
                     sop_instance_uids=["1"], series_instance_uid="1", study_instance_uid="1", datasets=headers)
     assert dependent_axes(volume) == expected
+
+
+@pytest.mark.parametrize("flip_columns", [False, True])
+def test_a_transposed_study_gives_the_same_effusion(effusion_case, flip_columns):
+    """Rows and columns swapped (gravity along the columns), and also mirrored: the same voxels."""
+    p, volume, lungs, effusion = effusion_case
+
+    def turn(a: np.ndarray) -> np.ndarray:
+        t = np.swapaxes(a, 1, 2)
+        return (t[:, :, ::-1] if flip_columns else t).copy()
+
+    orientation = np.array([0, -1 if flip_columns else 1, 0, 1, 0, 0], float)
+    turned = dataclasses.replace(volume, hu=turn(volume.hu), orientation=orientation)
+    again = find_effusion(turned, dataclasses.replace(lungs, labels=turn(lungs.labels), body=turn(lungs.body)))
+    assert dependent_axes(turned) == (2, flip_columns)
+    np.testing.assert_array_equal(again.labels, turn(effusion.labels))
+    np.testing.assert_array_equal(again.dense_unexplained, turn(effusion.dense_unexplained))
 
 
 def test_prone_effusion_is_found_anteriorly(effusion_case):
