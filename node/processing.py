@@ -37,7 +37,7 @@ class Analysis:
 
     @property
     def scores(self) -> dict[str, Any]:
-        return self.pipeline.scores.as_dict() if self.pipeline is not None and self.pipeline.scores else {}
+        return self.pipeline.measurements() if self.pipeline is not None else {}
 
 
 def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 1,
@@ -66,10 +66,10 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
         return Analysis(status=result.status, reason=result.reason, pipeline=result, timings=timings)
     t0 = time.perf_counter()
     seg = build_segmentation(result.volume, result.lungs, result.infection, result.engine,
-                             series_number=seg_series_number)
+                             series_number=seg_series_number, effusion=result.effusion)
     timings["seg"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = result.scores.as_dict()
+    scores = result.measurements()
     sr = build_report(result.volume, seg, scores, result.engine, series_number=sr_series_number,
                       other_evidence=[result.lobe_map_header] if result.lobe_map_header is not None else [],
                       notes=result.segmentation_notes)

@@ -6,7 +6,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from node.db.schema import Agreement, Export, Job, ReferenceSeg, utcnow
+from node.db.schema import Agreement, Export, Job, ReferenceSeg, Result, utcnow
 from node.db.states import ExportState, JobState, ReferenceState, transition
 from node.pipeline.segments import SegmentKey
 from node.registry import add_event, set_job_state
@@ -14,7 +14,8 @@ from node.registry import add_event, set_job_state
 CSV_FIELDS = [
     "job_id", "study_instance_uid", "version", "state", "reason", "series_instance_uid", "engine_name",
     "engine_version", "weights_sha256", "right_lung_volume_ml", "left_lung_volume_ml", "infection_volume_ml",
-    "percent_involved_right", "percent_involved_left", "percent_involved_total", "volumetric", "finished_at",
+    "percent_involved_right", "percent_involved_left", "percent_involved_total", "right_effusion_volume_ml",
+    "left_effusion_volume_ml", "right_effusion_area_cm2", "left_effusion_area_cm2", "volumetric", "finished_at",
     "notes",
 ]
 
@@ -112,6 +113,17 @@ def results_table(session: Session) -> str:
     return _table(["job", "study", "v", "state", "engine", "% involved", "reason"], rows)
 
 
+def _effusion_line(res: Result) -> str | None:
+    """The pleural effusion per side (volume, or area on a single slice); None for results without it."""
+    amount = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    for unit, right, left in (("ml", res.right_effusion_ml, res.left_effusion_ml),
+                              ("cm2", res.right_effusion_cm2, res.left_effusion_cm2)):
+        if right is not None or left is not None:
+            area = " (area on the single slice)" if unit == "cm2" else ""
+            return f"  pleural effusion: right {amount(right)} {unit}, left {amount(left)} {unit}{area}"
+    return None
+
+
 def result_text(session: Session, job_id: int) -> str | None:
     job = session.get(Job, job_id)
     if job is None:
@@ -138,6 +150,9 @@ def result_text(session: Session, job_id: int) -> str | None:
         if notes:
             lines.append("  notes:")
             lines.extend(f"    {note}" for note in notes)
+        effusion = _effusion_line(res)
+        if effusion:
+            lines.append(effusion)
         if res.scores:
             lines.append("  scores:")
             lines.extend(f"    {k:32s} {_fmt(v)}" for k, v in res.scores.items() if not isinstance(v, (dict, list)))

@@ -20,6 +20,13 @@ if TYPE_CHECKING:  # the worker imports this module before it loads the pipeline
     from node.processing import Analysis
 
 
+#: The effusion measurements (node.pipeline.types.Effusion.SR_KEYS) and the results column of each.
+EFFUSION_KEYS: dict[str, str] = {
+    "right_effusion_volume_ml": "right_effusion_ml", "left_effusion_volume_ml": "left_effusion_ml",
+    "right_effusion_area_cm2": "right_effusion_cm2", "left_effusion_area_cm2": "left_effusion_cm2",
+}
+
+
 def jsonable(obj: Any) -> Any:
     """``obj`` as JSON types: dataclasses as dicts, tuples as lists, numpy scalars as numbers, else str."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -54,6 +61,7 @@ class ResultRecord:
     lobe_map_uid: str | None             # the lobe SEG that gave the zones, if one did
     lobe_map_notes: list[str]            # lobe SEGs not used, and why
     notes: list[str]                     # what the analysis says about itself
+    effusion: dict[str, float]           # pleural effusion per side: EFFUSION_KEYS present, {} before scoring
 
     @classmethod
     def of(cls, analysis: Analysis) -> ResultRecord:
@@ -66,7 +74,8 @@ class ResultRecord:
             decisions=list(pipe.decisions) if pipe is not None else [],
             lobe_map_uid=pipe.lobe_map_uid if pipe is not None else None,
             lobe_map_notes=list(pipe.lobe_map_notes) if pipe is not None else [],
-            notes=list(pipe.notes) if pipe is not None else [])
+            notes=list(pipe.notes) if pipe is not None else [],
+            effusion={k: v for k, v in analysis.scores.items() if k in EFFUSION_KEYS})
 
     @property
     def engine_device(self) -> str:
@@ -91,6 +100,7 @@ def result_row(job_id: int, analysis: Analysis, outputs: Mapping[str, Path]) -> 
         seg_path=str(outputs.get("seg", "")), sr_path=str(outputs.get("sr", "")),
         key_images=[{"sop_instance_uid": str(ds.SOPInstanceUID), "path": str(outputs[key])}
                     for key, ds in analysis.objects() if key.startswith("key-")],
+        **{EFFUSION_KEYS[key]: float(value) for key, value in record.effusion.items()},
     )
 
 

@@ -72,9 +72,12 @@ def test_study_in_seg_and_sr_out(tmp_path, phantom_study, monkeypatch, capsys):
         headers = [dcmread(p, stop_before_pixels=True) for p in files]
         position = {str(h.SOPInstanceUID): [float(v) for v in h.ImagePositionPatient] for h in headers}
         truth_index = {tuple(np.round(pos, 3)): k for k, pos in enumerate(phantom.positions)}
-        # a label map: a whole lung is every segment of its side ("Right lung", "GGO, right lung", ...)
-        right_nos = [s.SegmentNumber for s in seg.SegmentSequence if "right" in s.SegmentLabel.lower()]
-        left_nos = [s.SegmentNumber for s in seg.SegmentSequence if "left" in s.SegmentLabel.lower()]
+        # a label map: a whole lung is every lung or lesion segment of its side ("Right lung", "GGO, right
+        # lung", ...; not "Pleural effusion, right")
+        labels = {s.SegmentNumber: s.SegmentLabel.lower() for s in seg.SegmentSequence}
+        labels = {n: label for n, label in labels.items() if "effusion" not in label}
+        right_nos = [n for n, label in labels.items() if "right" in label]
+        left_nos = [n for n, label in labels.items() if "left" in label]
         assert seg.SegmentsOverlap == "NO" and right_nos and left_nos
         # source instances in the phantom's slice order (k = 0 is the most inferior slice)
         sops = sorted(position, key=lambda sop: truth_index[tuple(np.round(position[sop], 3))])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from node.pipeline.scores import Scores, compute_scores
-from node.pipeline.types import InfectionResult, LungMasks, Volume
+from node.pipeline.types import Effusion, InfectionResult, LungMasks, Volume
 
 pytestmark = pytest.mark.unit
 
@@ -84,8 +84,9 @@ def test_as_dict_matches_the_sr_writer_keys():
     from node.writers.sr import MEASUREMENT_KEYS, TEXT_KEYS, flatten_scores
     flat = set(flatten_scores(d))
     assert flat - TEXT_KEYS <= MEASUREMENT_KEYS
-    # every SR row is a scores key (or a nested one), every scalar SR key has a row
-    assert {k.split(".")[0] for k in MEASUREMENT_KEYS} <= set(Scores.SR_KEYS)
+    # every SR row is a scores key (or a nested one) or an effusion key, every scalar SR key has a row
+    assert {k.split(".")[0] for k in MEASUREMENT_KEYS} <= set(Scores.SR_KEYS) | set(Effusion.SR_KEYS)
+    assert set(Effusion.SR_KEYS) <= MEASUREMENT_KEYS
     assert {k for k in Scores.SR_KEYS if k not in ("regions", "zones")} <= MEASUREMENT_KEYS | TEXT_KEYS
     details = compute_scores(vol, lungs, inf).details()
     assert {"total_lung_volume_ml", "mean_hu_lungs", "partial_coverage"} <= set(details)

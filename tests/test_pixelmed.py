@@ -1,8 +1,8 @@
 """PixelMed's validators (the ones used at IHE Connectathons) accept the node's SR and SEG: no errors.
 
-Three analyses by the threshold engine, as ``ctnode process`` makes them: a 256 x 256 x 80 phantom with
-infection, the same phantom without infection (``burden=0``; the threshold engine still finds some) and
-one real axial slice (2D); and a SEG and SR written for lungs without any infection voxel (no infection
+Four analyses by the threshold engine, as ``ctnode process`` makes them: a 256 x 256 x 80 phantom with
+infection, the same phantom without infection (``burden=0``; the threshold engine still finds some), the
+phantom with infection and a pleural effusion (effusion segments and groups) and one real axial slice (2D); and a SEG and SR written for lungs without any infection voxel (no infection
 segment, no infection group). Each SR goes
 through ``DicomSRValidator`` (IOD and TID 1500 templates), each SEG through ``DicomInstanceValidator``.
 PixelMed still warns about content items that its (2022) TID 1411 does not list but current PS3.16 does;
@@ -29,10 +29,13 @@ REAL_SLICE = Path("dicom/ny-sbu/A046441/axial/19010101-23.dcm")
 KNOWN_SR_WARNING_CONCEPTS = {"111000", "111001", "111002", "111003", "122405", "276214006"}
 
 
-def _phantom_files(out: Path, burden: float) -> list[Path]:
+def _phantom_files(out: Path, burden: float, effusion: float = 0.0) -> list[Path]:
     from node.phantom import make_phantom, write_phantom_study
 
-    return write_phantom_study(make_phantom(rows=256, cols=256, slices=80, burden=burden), out)
+    # with an effusion: adult size (1.4 mm pixels, 4 mm slices), as the effusion's limits are in mm
+    grid = dict(pixel_spacing=1.4, slice_spacing=4.0) if effusion else {}
+    return write_phantom_study(make_phantom(rows=256, cols=256, slices=80, burden=burden, effusion=effusion, **grid),
+                               out)
 
 
 def _analyse(paths: list[Path], out: Path) -> dict[str, Path]:
@@ -59,7 +62,8 @@ def _no_infection(out: Path) -> dict[str, Path]:
     return paths
 
 
-@pytest.fixture(scope="module", params=["phantom", "phantom-no-infection", "real-slice", "no-infection-segment"])
+@pytest.fixture(scope="module", params=["phantom", "phantom-no-infection", "phantom-effusion", "real-slice",
+                                        "no-infection-segment"])
 def outputs(request, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "no-infection-segment":
@@ -69,7 +73,14 @@ def outputs(request, tmp_path_factory) -> dict[str, Path]:
             skip_or_fail(f"shared data file {SHARED_DATA / REAL_SLICE} is absent")
         return _analyse([SHARED_DATA / REAL_SLICE], tmp / "out")
     burden = 0.0 if request.param == "phantom-no-infection" else 0.15
-    return _analyse(_phantom_files(tmp / "dicom", burden), tmp / "out")
+    effusion = 0.15 if request.param == "phantom-effusion" else 0.0
+    outputs = _analyse(_phantom_files(tmp / "dicom", burden, effusion), tmp / "out")
+    if effusion:
+        from pydicom import dcmread
+
+        labels = {str(s.SegmentLabel) for s in dcmread(outputs["seg"], stop_before_pixels=True).SegmentSequence}
+        assert {"Pleural effusion, right", "Pleural effusion, left"} <= labels
+    return outputs
 
 
 def _concept(warning: str) -> str | None:

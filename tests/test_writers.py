@@ -18,10 +18,12 @@ import pytest
 from pydicom.dataset import Dataset
 
 from node.pipeline.segments import SegmentKey, classify_lobe, classify_segment, lesion_side
-from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks
-from node.writers.seg import SEGMENT_LABELS, SEGMENTS, build_segmentation, segment_numbers
+from node.pipeline.types import Effusion, EngineIdentity, InfectionResult, LungMasks, Volume
+from node.writers.seg import (EFFUSION_ALGORITHM_NAME, SEGMENT_LABELS, SEGMENTS, build_segmentation,
+                              segment_numbers)
 from node.writers.equipment import algorithm_device_uid
 from node.writers.sr import (
+    NO_EFFUSION_TEXT,
     PRIVATE_SCHEME,
     SEVERITY_NONE_TEXT,
     build_report,
@@ -438,6 +440,106 @@ def dciodvfy() -> str:
     return path
 
 
+# --------------------------------------------------------------------------- pleural effusion
+
+def make_effusion(volume: Volume, sides: tuple[str, ...] = ("right",)) -> Effusion:
+    """A pleural effusion behind the lungs of :func:`tests.builders.make_masks` (rows 10-49), on ``sides``."""
+    labels = np.zeros(volume.shape, np.uint8)
+    ks = slice(0, volume.shape[0]) if volume.shape[0] < 3 else slice(2, 8)
+    if "right" in sides:
+        labels[ks, 52:58, 6:30] = LungMasks.RIGHT
+    if "left" in sides:
+        labels[ks, 52:58, 34:58] = LungMasks.LEFT
+    voxel = volume.pixel_spacing[0] * volume.pixel_spacing[1] * (volume.slice_spacing or 1.0)
+    return Effusion(labels=labels, dense_unexplained=np.zeros(volume.shape, np.uint8),
+                    volumetric=volume.is_volumetric, voxel_mm3=voxel)
+
+
+@pytest.fixture(scope="module")
+def effusion_case():
+    volume = make_volume()
+    lungs, infection = make_masks(volume)
+    effusion = make_effusion(volume)
+    return volume, lungs, infection, effusion, build_segmentation(volume, lungs, infection, INFNET, effusion=effusion)
+
+
+def test_seg_effusion_segment_codes_and_voxels(effusion_case):
+    volume, lungs, infection, effusion, seg = effusion_case
+    seg = roundtrip(seg)
+    numbers = segment_numbers(seg)
+    assert "right_effusion" in numbers and "left_effusion" not in numbers   # no empty segment
+    assert max(numbers.values()) == numbers["right_effusion"]                # last: the others keep their numbers
+    assert seg.SegmentsOverlap == "NO"
+    (item,) = [s for s in seg.SegmentSequence if int(s.SegmentNumber) == numbers["right_effusion"]]
+    assert item.SegmentLabel == "Pleural effusion, right"
+    prop = item.SegmentedPropertyTypeCodeSequence[0]
+    assert (prop.CodingSchemeDesignator, prop.CodeValue, prop.CodeMeaning) == ("SCT", "60046008", "Pleural effusion")
+    category = item.SegmentedPropertyCategoryCodeSequence[0]
+    assert (category.CodingSchemeDesignator, category.CodeValue) == ("SCT", "49755003")
+    assert prop.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"   # Right
+    algo = item.SegmentationAlgorithmIdentificationSequence[0]
+    assert algo.AlgorithmName == EFFUSION_ALGORITHM_NAME
+    # neither a lung nor a lesion to the readers of SEGs (agreement, lobe maps)
+    assert classify_segment(item) is None and lesion_side(item) is None and classify_lobe(item) is None
+    decoded = hd.seg.segread(io.BytesIO(_bytes(seg))).get_pixels_by_source_instance(
+        volume.sop_instance_uids, segment_numbers=sorted(numbers.values()), assert_missing_frames_are_empty=True)
+    order = sorted(numbers, key=numbers.get)
+    np.testing.assert_array_equal(decoded[..., order.index("right_effusion")].astype(bool), effusion.labels == 1)
+    lung_right = [i for i, key in enumerate(order) if key.startswith("right_") and key != "right_effusion"]
+    np.testing.assert_array_equal(decoded[..., lung_right].any(axis=-1), lungs.right)
+
+
+def test_seg_effusion_never_overlaps_the_lung():
+    volume = make_volume()
+    lungs, infection = make_masks(volume)
+    effusion = make_effusion(volume, ("right", "left"))
+    effusion.labels[3, 40:55, 6:30] = LungMasks.RIGHT          # reaching into the lung: the lung keeps it
+    seg = build_segmentation(volume, lungs, infection, THRESHOLD, effusion=effusion)
+    numbers = segment_numbers(seg)
+    assert seg.SegmentsOverlap == "NO" and {"right_effusion", "left_effusion"} <= set(numbers)
+    decoded = hd.seg.segread(io.BytesIO(_bytes(seg))).get_pixels_by_source_instance(
+        volume.sop_instance_uids, segment_numbers=[numbers["right_effusion"]], assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(decoded[..., 0].astype(bool), (effusion.labels == 1) & ~lungs.lungs)
+
+
+def test_sr_effusion_groups_reference_their_segment(effusion_case):
+    volume, _, _, _, seg = effusion_case
+    scores = {**scores_3d(), "right_effusion_volume_ml": 212.34, "left_effusion_volume_ml": 0.0}
+    sr = roundtrip(build_report(volume, seg, scores, INFNET, strict=True))
+    measured = read_report_measurements(sr)
+    assert measured["right_effusion_volume_ml"] == pytest.approx(212.3)
+    assert "left_effusion_volume_ml" not in measured          # no segment, no group: a statement instead
+    assert read_report_segment_references(sr)["right_effusion"] == (
+        seg.SOPInstanceUID, segment_numbers(seg)["right_effusion"])
+    texts = [str(i.TextValue) for i in _walk(sr) if i.get("ValueType") == "TEXT"]
+    assert f"{NO_EFFUSION_TEXT}: left" in texts and not any("not reported" in t for t in texts)
+    codes_in = {(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
+                for i in _walk(sr) if i.get("ValueType") == "CODE"}
+    assert ("121071", "60046008") in codes_in                 # Finding: Pleural effusion
+    assert ("363698007", "3120008") in codes_in               # Finding Site: Pleura
+
+
+def test_sr_no_effusion_says_so():
+    volume = make_volume()
+    lungs, infection = make_masks(volume)
+    seg = build_segmentation(volume, lungs, infection, INFNET, effusion=make_effusion(volume, ()))
+    assert not {"right_effusion", "left_effusion"} & set(segment_numbers(seg))
+    sr = build_report(volume, seg, {**scores_3d(), "right_effusion_volume_ml": 0.0, "left_effusion_volume_ml": 0.0},
+                      INFNET, strict=True)
+    texts = [str(i.TextValue) for i in _walk(sr) if i.get("ValueType") == "TEXT"]
+    assert f"{NO_EFFUSION_TEXT}: right, left" in texts
+
+
+def test_sr_2d_effusion_area():
+    volume = make_volume(n=1)
+    lungs, infection = make_masks(volume, classes=False)
+    seg = build_segmentation(volume, lungs, infection, THRESHOLD, effusion=make_effusion(volume))
+    sr = roundtrip(build_report(volume, seg, {"volumetric": False, "right_effusion_area_cm2": 3.456,
+                                              "left_effusion_area_cm2": 0.0}, THRESHOLD, strict=True))
+    measured = read_report_measurements(sr)
+    assert measured["right_effusion_area_cm2"] == pytest.approx(3.46) and "right_effusion_volume_ml" not in measured
+
+
 def _dciodvfy_errors(path: str, ds: Dataset, tmp_path: Path, name: str) -> list[str]:
     target = tmp_path / f"{name}.dcm"
     ds.save_as(target, enforce_file_format=True)
@@ -453,6 +555,7 @@ def test_dciodvfy_seg_and_sr_have_no_errors(dciodvfy, tmp_path, case):
     seg_empty = build_segmentation(volume, lungs, empty, THRESHOLD)
     volume_2d = make_volume(n=1)
     seg_2d = build_segmentation(volume_2d, *make_masks(volume_2d, classes=False), THRESHOLD)
+    seg_effusion = build_segmentation(volume, *make_masks(volume), INFNET, effusion=make_effusion(volume))
     objects = {
         "seg": seg,
         "seg_empty_infection": seg_empty,
@@ -466,6 +569,9 @@ def test_dciodvfy_seg_and_sr_have_no_errors(dciodvfy, tmp_path, case):
         "seg_2d": seg_2d,
         "sr_2d": build_report(volume_2d, seg_2d, {"volumetric": False, "infection_area_cm2": 2.0},
                               THRESHOLD),
+        "seg_effusion": seg_effusion,
+        "sr_effusion": build_report(volume, seg_effusion, {**scores_3d(), "right_effusion_volume_ml": 20.0,
+                                                           "left_effusion_volume_ml": 0.0}, INFNET),
     }
     errors = {name: _dciodvfy_errors(dciodvfy, ds, tmp_path, name) for name, ds in objects.items()}
     assert errors == {name: [] for name in objects}

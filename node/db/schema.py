@@ -161,6 +161,12 @@ class Result(Base):
     sr_path: Mapped[str] = mapped_column(Text, default="")
     # Secondary Capture key images: [{"sop_instance_uid": ..., "path": ...}, ...] (processing.key_images)
     key_images: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
+    # Pleural effusion per side (node.pipeline.effusion): ml for a volume, cm2 for a single slice (the other
+    # pair NULL); NULL when the analysis did not get that far
+    right_effusion_ml: Mapped[float | None] = mapped_column(Float, nullable=True)
+    left_effusion_ml: Mapped[float | None] = mapped_column(Float, nullable=True)
+    right_effusion_cm2: Mapped[float | None] = mapped_column(Float, nullable=True)
+    left_effusion_cm2: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     job: Mapped[Job] = relationship(back_populates="result")
 

@@ -1,4 +1,5 @@
-"""The whole pipeline for one study: select a series, assemble it, segment lungs and infection, score.
+"""The whole pipeline for one study: select a series, assemble it, segment lungs, pleural effusion and
+infection, score.
 
 Acceptable series are tried best first: a series that cannot be assembled (VolumeError) or that shows
 no lung is recorded as such and the next one is tried. Nothing analysable is not an error: the result
@@ -12,18 +13,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .effusion import find_effusion
 from .engines import build_engine
 from .lungs import lung_method as resolve_lung_method, missed_dense_note, segment_lungs
 from .regionmap import find_lobe_map
 from .scores import Scores, compute_scores
 from .select import (SeriesDecision, SeriesKind, check_lung_in_view, mark_chosen, patient_conflict,
                      rank_candidates, select_series)
-from .types import EngineIdentity, InfectionResult, LungMasks, Volume
+from .types import Effusion, EngineIdentity, InfectionResult, LungMasks, Volume
 from .volume import DecodeLimits, VolumeError, assemble_volume
 
 log = logging.getLogger(__name__)
 
-STAGES = ("select", "assemble", "lungs", "infection", "scores")
+STAGES = ("select", "assemble", "lungs", "effusion", "infection", "scores")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class PipelineResult:
     chosen_series_uid: str | None = None
     volume: Volume | None = None
     lungs: LungMasks | None = None
+    effusion: Effusion | None = None  # pleural effusion and dense tissue neither lung nor effusion
     infection: InfectionResult | None = None
     scores: Scores | None = None
     engine: EngineIdentity | None = None
@@ -48,11 +51,19 @@ class PipelineResult:
 
     @property
     def segmentation_notes(self) -> list[str]:
-        """The notes of the volume, lung and infection steps: what the SR carries as comments (the scores'
-        and the lobe map's own notes are said there by the measurement groups and their method names)."""
+        """The notes of the volume, lung, effusion and infection steps: what the SR carries as comments (the
+        scores' and the lobe map's own notes are said there by the measurement groups and their method names)."""
         return [*(self.volume.notes if self.volume else []), *(self.lungs.notes if self.lungs else []),
+                *(self.effusion.notes if self.effusion else []),
                 *([self.engine_fallback] if self.engine_fallback else []),
                 *(self.infection.notes if self.infection else [])]
+
+    def measurements(self) -> dict[str, Any]:
+        """The scores (:meth:`.scores.Scores.as_dict`) and the effusion per side (:meth:`.types.Effusion.as_dict`):
+        what the SR reports and the database keeps; empty before scoring."""
+        if self.scores is None:
+            return {}
+        return {**self.scores.as_dict(), **(self.effusion.as_dict() if self.effusion is not None else {})}
 
 
 class _Clock:
@@ -148,6 +159,8 @@ def run_pipeline(paths: Iterable[Any], engine_name: str = "threshold", *, min_sl
             result.reason = _nothing_reason(decisions)
         return result
 
+    with clock("effusion"):
+        result.effusion = find_effusion(result.volume, result.lungs)
     with clock("infection"):
         result.infection = engine.segment(result.volume, result.lungs)
         missed = missed_dense_note(result.volume, result.lungs, result.infection.probability,

@@ -81,6 +81,33 @@ class LungMasks:
 
 
 @dataclass
+class Effusion:
+    """Pleural effusion and dense tissue that is neither lung nor effusion (:mod:`node.pipeline.effusion`), on the
+    volume's grid; side labels as :class:`LungMasks`."""
+
+    labels: np.ndarray                        # uint8: 0 none, 1 right effusion, 2 left effusion
+    dense_unexplained: np.ndarray             # uint8: 0 none, 1 right, 2 left hemithorax
+    volumetric: bool
+    voxel_mm3: float                          # volume of one voxel (3D) or area of one pixel in mm2 (2D)
+    notes: list[str] = field(default_factory=list)
+
+    SIDES = {LungMasks.RIGHT: "right", LungMasks.LEFT: "left"}
+    #: The keys of :meth:`as_dict` (ml for a volume, cm2 for a single slice), rows of the SR writer.
+    SR_KEYS = tuple(f"{side}_effusion_{unit}" for unit in ("volume_ml", "area_cm2") for side in ("right", "left"))
+
+    def amount(self, labels: np.ndarray, value: int) -> float:
+        """ml (3D) or cm2 (a single slice) of ``labels == value``."""
+        n = int(np.count_nonzero(labels == value))
+        return n * self.voxel_mm3 / (1000.0 if self.volumetric else 100.0)
+
+    def as_dict(self) -> dict[str, float]:
+        """The effusion per side: ``right_effusion_volume_ml``/``left_effusion_volume_ml`` for a volume,
+        ``..._area_cm2`` for a single slice (the SR measurement keys)."""
+        unit = "volume_ml" if self.volumetric else "area_cm2"
+        return {f"{name}_effusion_{unit}": self.amount(self.labels, value) for value, name in self.SIDES.items()}
+
+
+@dataclass
 class InfectionResult:
     """Output of an infection engine, on the same voxel grid as the volume."""
 

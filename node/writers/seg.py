@@ -1,4 +1,4 @@
-"""DICOM Segmentation (SEG) writer: lungs and COVID-19 infection as a BINARY multi-segment SEG.
+"""DICOM Segmentation (SEG) writer: lungs, COVID-19 infection and pleural effusion as a BINARY multi-segment SEG.
 
 The segments do not overlap (SegmentsOverlap NO: each voxel is in at most one segment, like a label
 map), because viewers such as OHIF before 3.10 refuse or flatten overlapping segments. They are taken
@@ -17,19 +17,23 @@ right_ggo            Ground-glass opacity, right lung  right lung GGO, not conso
 left_ggo             Ground-glass opacity, left lung   (the same, left)                      DCM 112120
 right_consolidation  Consolidation, right lung         right lung consolidation              SCT 9656002
 left_consolidation   Consolidation, left lung          (the same, left)                      SCT 9656002
+right_effusion       Pleural effusion, right           right pleural effusion (not lung)     SCT 60046008
+left_effusion        Pleural effusion, left            (the same, left)                      SCT 60046008
 ===================  ================================  ====================================  =================
 
-The lungs' property type has a laterality modifier (Right / Left); DCM 112001 is "Opacity", DCM 112120
-"Ground glass opacity", SCT 9656002 "Consolidation".
+The property type of the lungs and of the effusions has a laterality modifier (Right / Left); DCM 112001 is
+"Opacity", DCM 112120 "Ground glass opacity", SCT 9656002 "Consolidation", SCT 60046008 "Pleural effusion".
 
-So the whole right lung is the union of the segments whose key starts with ``right_``, and the whole
-infection the union of the non-lung segments. The infection segments are split by side so that each
-lung can be rebuilt exactly (agreement with a reference SEG, per-lung measurements); their Anatomic Region
-Sequence says Lung + laterality. Infection outside both lung masks is not written (the engines keep the
+So the whole right lung is the union of the segments whose key starts with ``right_`` (the effusion
+excepted), and the whole infection the union of the lesion segments. The infection segments are split by
+side so that each lung can be rebuilt exactly (agreement with a reference SEG, per-lung measurements);
+their Anatomic Region Sequence says Lung + laterality. Infection outside both lung masks is not written (the engines keep the
 infection inside the lungs). An engine without classes gives only "Infection" segments; one with classes
-gives GGO and consolidation (and "Infection" only for infection voxels in neither class). The lung
-segments name the HU lung method as their algorithm, the infection segments the infection engine
-(:func:`lung_algorithm_identification`, :func:`algorithm_identification`).
+gives GGO and consolidation (and "Infection" only for infection voxels in neither class). The effusion
+segments (:mod:`node.pipeline.effusion`) lie outside the lungs; they are written when an effusion was found.
+The lung segments name the HU lung method as their algorithm, the infection segments the infection engine,
+the effusion segments the effusion method (:func:`lung_algorithm_identification`,
+:func:`algorithm_identification`, :func:`effusion_algorithm_identification`).
 
 Code sources:
 
@@ -46,11 +50,14 @@ Code sources:
 * SCT 9656002 "Consolidation" (morphologic abnormality): used by HL7 FHIR's BodyStructure example
   "right lung consolidation"; DICOM has no consolidation code in CID 6102/6104. SCT 95436008
   "Lung consolidation" is a *disorder* and therefore unsuitable as a segmented structure;
+* SCT 60046008 "Pleural effusion" (in PS3.16 CID 8134 "Anatomic Structure", as shipped in pydicom's
+  ``codedict``), category SCT 49755003 "Morphologically Abnormal Structure" (CID 7150), laterality as for
+  the lungs;
 * algorithm families: CID 7162 "Surface Processing Algorithm Families": DCM 123110 "Artificial
   Intelligence" (not 113037, which is "Rejected for Patient Safety Reasons"), DCM 123105
   "Histogram Analysis" for the HU-threshold engine (CID 7162 has no "thresholding" concept) and
-  DCM 123104 "Morphological Operations" for the lung method (thresholds, connected components,
-  closing).
+  DCM 123104 "Morphological Operations" for the lung and effusion methods (thresholds, connected
+  components, closing or opening).
 
 Laterality: the SEG covers both lungs, so the series has no Laterality (0020,0060) (Type 2C; R and L are
 its only values) and the shared Frame Anatomy Sequence says Lung, Frame Laterality "B" (both). PixelMed
@@ -77,7 +84,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 import node
-from node.pipeline.types import EngineIdentity, InfectionResult, LungMasks, Volume
+from node.pipeline.types import Effusion, EngineIdentity, InfectionResult, LungMasks, Volume
 from node.writers.equipment import MANUFACTURER, processing_algorithm
 
 SEG_SERIES_DESCRIPTION = "ctnode lungs and infection"
@@ -85,6 +92,7 @@ SEG_CONTENT_LABEL = "CTNODE_LUNG_INF"  # CS, max 16 chars, upper case
 
 # Concepts used below; SCT 9656002 is spelled out because pydicom's PS3.16 dictionary lacks it.
 SCT_CONSOLIDATION = hd.sr.CodedConcept("9656002", "SCT", "Consolidation")
+SCT_PLEURAL_EFFUSION = codes.SCT.PleuralEffusion  # 60046008
 DCM_OPACITY = codes.DCM.Opacity                       # 112001, CID 6104
 DCM_GROUND_GLASS_OPACITY = codes.DCM.GroundGlassOpacity  # 112120, CID 6104
 FAMILY_AI = codes.DCM.ArtificialIntelligence          # 123110, CID 7162
@@ -93,6 +101,8 @@ FAMILY_MORPHOLOGY = codes.DCM.MorphologicalOperations  # 123104, CID 7162
 FRAME_LATERALITY_BOTH = "B"
 #: The HU lung segmentation (node.pipeline.lungs): every SEG's lung segments come from it.
 LUNG_ALGORITHM_NAME = "ctnode HU lung segmentation"
+#: The pleural effusion method (node.pipeline.effusion): the effusion segments come from it.
+EFFUSION_ALGORITHM_NAME = "ctnode HU pleural effusion"
 
 
 @dataclass(frozen=True)
@@ -100,19 +110,24 @@ class SegmentSpec:
     """Fixed description of one segment of the ctnode SEG."""
 
     key: str                     # stable identifier used by the SR writer: "<side>_<kind>"
-    kind: str                    # "lung", "infection", "ggo" or "consolidation"
+    kind: str                    # "lung", "infection", "ggo", "consolidation" or "effusion"
     side: str                    # "right" or "left"
     label: str                   # SegmentLabel (what most viewers display)
     category: hd.sr.CodedConcept
     property_type: hd.sr.CodedConcept
-    laterality: hd.sr.CodedConcept  # of the lung: modifier of the property type (lungs) or of the
+    laterality: hd.sr.CodedConcept  # modifier of the property type (lungs, effusions) or of the
                                     # anatomic region Lung (the infection segments)
     rgb: tuple[int, int, int]    # recommended display colour, converted to CIELab
 
     @property
     def is_lung(self) -> bool:
-        """Made by the lung method (else by the infection engine)."""
+        """Made by the lung method."""
         return self.kind == "lung"
+
+    @property
+    def is_lesion(self) -> bool:
+        """Lung infection, made by the infection engine."""
+        return self.kind in LESION_KINDS
 
 
 def _cc(code) -> hd.sr.CodedConcept:
@@ -128,6 +143,7 @@ DISPLAY_COLOURS: dict[str, tuple[int, int, int]] = {
     "infection": (230, 40, 40),       # red
     "ggo": (250, 220, 40),            # yellow
     "consolidation": (250, 140, 20),  # orange
+    "effusion": (40, 200, 220),       # cyan
 }
 _SIDES = {"right": _cc(codes.SCT.Right), "left": _cc(codes.SCT.Left)}
 _LESIONS = (  # kind, label, property type
@@ -135,12 +151,16 @@ _LESIONS = (  # kind, label, property type
     ("ggo", "Ground-glass opacity", _cc(DCM_GROUND_GLASS_OPACITY)),
     ("consolidation", "Consolidation", SCT_CONSOLIDATION),
 )
+LESION_KINDS = frozenset(kind for kind, _, _ in _LESIONS)
 SEGMENTS: tuple[SegmentSpec, ...] = (
     *(SegmentSpec(f"{side}_lung", "lung", side, f"{side.capitalize()} lung", _cc(codes.SCT.AnatomicalStructure),
                   _cc(codes.SCT.Lung), code, DISPLAY_COLOURS[f"{side}_lung"]) for side, code in _SIDES.items()),
     *(SegmentSpec(f"{side}_{kind}", kind, side, f"{label}, {side} lung",
                   _cc(codes.SCT.MorphologicallyAbnormalStructure), prop, code, DISPLAY_COLOURS[kind])
       for kind, label, prop in _LESIONS for side, code in _SIDES.items()),
+    *(SegmentSpec(f"{side}_effusion", "effusion", side, f"Pleural effusion, {side}",
+                  _cc(codes.SCT.MorphologicallyAbnormalStructure), _cc(SCT_PLEURAL_EFFUSION), code,
+                  DISPLAY_COLOURS["effusion"]) for side, code in _SIDES.items()),
 )
 SEGMENT_BY_KEY: dict[str, SegmentSpec] = {s.key: s for s in SEGMENTS}
 #: Stable key -> SegmentLabel, for every segment ctnode may write.
@@ -211,6 +231,13 @@ def lung_algorithm_identification() -> hd.AlgorithmIdentificationSequence:
         source=MANUFACTURER)
 
 
+def effusion_algorithm_identification() -> hd.AlgorithmIdentificationSequence:
+    """Algorithm of the effusion segments: the HU pleural effusion method."""
+    return hd.AlgorithmIdentificationSequence(
+        name=EFFUSION_ALGORITHM_NAME, family=_cc(FAMILY_MORPHOLOGY), version=lung_algorithm_version(),
+        source=MANUFACTURER)
+
+
 def segment_numbers(seg: Dataset) -> dict[str, int]:
     """Segment key -> segment number in a ctnode SEG (matched on SegmentLabel, which ctnode writes)."""
     by_label = {spec.label: spec.key for spec in SEGMENTS}
@@ -236,7 +263,7 @@ def _segment_description(spec: SegmentSpec, number: int,
         tracking_id=spec.label,
         display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
     )
-    if spec.is_lung:
+    if not spec.is_lesion:
         # Segmented Property Type Modifier Code Sequence (0062,0011), CID 244 Laterality, nested in
         # the Segmented Property Type Code Sequence item (PS3.3 Table 10-31); highdicom has no argument.
         desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
@@ -269,11 +296,14 @@ def source_headers(volume: Volume) -> list[Dataset]:
     return datasets
 
 
-def disjoint_masks(lungs: LungMasks, infection: InfectionResult) -> dict[str, np.ndarray]:
+def disjoint_masks(lungs: LungMasks, infection: InfectionResult,
+                   effusion: Effusion | None = None) -> dict[str, np.ndarray]:
     """The voxels of every segment key (:data:`SEGMENTS` order), disjoint: a voxel of a lung belongs to the
-    first of consolidation, GGO, infection, lung that contains it, on the lung's side (see the module
-    table). Empty masks included."""
+    first of consolidation, GGO, infection, lung that contains it, on the lung's side; an effusion voxel to
+    the effusion of its side unless it is lung (see the module table). Empty masks included."""
     shape = lungs.labels.shape
+    if effusion is not None and effusion.labels.shape != shape:
+        raise ValueError(f"effusion labels shape {effusion.labels.shape} != lung labels shape {shape}")
     for key, mask in (("infection", infection.infection), ("ggo", infection.ggo),
                       ("consolidation", infection.consolidation)):
         if mask is not None and mask.shape != shape:
@@ -286,11 +316,15 @@ def disjoint_masks(lungs: LungMasks, infection: InfectionResult) -> dict[str, np
     any_infection = classified | rest
     by_kind = {"lung": ~any_infection, "infection": rest, "ggo": ggo, "consolidation": consolidation}
     sides = {"right": lungs.labels == LungMasks.RIGHT, "left": lungs.labels == LungMasks.LEFT}
-    return {spec.key: by_kind[spec.kind] & sides[spec.side] for spec in SEGMENTS}
+    masks = {spec.key: by_kind[spec.kind] & sides[spec.side] for spec in SEGMENTS if spec.kind != "effusion"}
+    for side, value in (("right", LungMasks.RIGHT), ("left", LungMasks.LEFT)):
+        masks[f"{side}_effusion"] = ((effusion.labels == value) & (lungs.labels == 0) if effusion is not None
+                                     else np.zeros(shape, dtype=bool))
+    return {spec.key: masks[spec.key] for spec in SEGMENTS}
 
 
-def _stack_masks(volume: Volume, lungs: LungMasks,
-                 infection: InfectionResult) -> tuple[tuple[SegmentSpec, ...], np.ndarray]:
+def _stack_masks(volume: Volume, lungs: LungMasks, infection: InfectionResult,
+                 effusion: Effusion | None = None) -> tuple[tuple[SegmentSpec, ...], np.ndarray]:
     """The non-empty segments and their masks as highdicom's stacked form ``(slices, rows, cols, segments)``,
     in ``volume.datasets`` order.
 
@@ -299,7 +333,7 @@ def _stack_masks(volume: Volume, lungs: LungMasks,
     """
     if lungs.labels.shape != volume.shape:
         raise ValueError(f"lung labels shape {lungs.labels.shape} != volume shape {volume.shape}")
-    masks = disjoint_masks(lungs, infection)
+    masks = disjoint_masks(lungs, infection, effusion)
     segments = tuple(spec for spec in SEGMENTS if masks[spec.key].any())
     if not segments:
         raise ValueError("nothing to write: no lung and no infection voxel")
@@ -372,8 +406,9 @@ def build_segmentation(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     device_serial: str | None = None,
+    effusion: Effusion | None = None,
 ) -> hd.seg.Segmentation:
-    """Build the BINARY SEG for one analysed series.
+    """Build the BINARY SEG for one analysed series (``effusion``: the pleural effusion, if looked for).
 
     Frames are taken in ``volume.datasets`` order, so highdicom copies each source slice's
     ImagePositionPatient into the matching SEG frame and references it in the frame's
@@ -387,14 +422,15 @@ def build_segmentation(
     if not volume.datasets:
         raise ValueError("volume.datasets is empty: the SEG needs the source headers")
     source_images = source_headers(volume)
-    segments, pixel_array = _stack_masks(volume, lungs, infection)
-    engine_algo, lung_algo = algorithm_identification(engine), lung_algorithm_identification()
+    segments, pixel_array = _stack_masks(volume, lungs, infection, effusion)
+    algorithms = {"lung": lung_algorithm_identification(), "effusion": effusion_algorithm_identification()}
+    engine_algo = algorithm_identification(engine)
 
     seg = _Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment_description(s, n, lung_algo if s.is_lung else engine_algo)
+        segment_descriptions=[_segment_description(s, n, algorithms.get(s.kind, engine_algo))
                               for n, s in enumerate(segments, 1)],
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,

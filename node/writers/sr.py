@@ -117,6 +117,7 @@ from node.pipeline.scores import MIN_SEVERITY_PERCENT
 from node.pipeline.types import EngineIdentity, Volume
 from node.writers.equipment import MANUFACTURER, processing_algorithm
 from node.writers.seg import (
+    EFFUSION_ALGORITHM_NAME,
     LUNG_ALGORITHM_NAME,
     SEGMENT_BY_KEY,
     SEGMENTS,
@@ -134,6 +135,7 @@ log = logging.getLogger(__name__)
 
 SR_SERIES_DESCRIPTION = "ctnode measurements"
 PARTIAL_COVERAGE_TEXT = "2D, partial coverage"
+NO_EFFUSION_TEXT = "no pleural effusion found"   # followed by ": right", ": left" or ": right, left"
 #: A volumetric series whose lungs are cut at its first or last slice (Scores.as_dict "partial_coverage").
 PARTIAL_SCAN_TEXT = "partial coverage: lung cut at the edge of the scan, no region scores or severity"
 
@@ -162,6 +164,7 @@ PROCEDURE_CT = hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 COMMENT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
 LUNG = hd.sr.CodedConcept.from_code(codes.SCT.Lung)
+PLEURA = hd.sr.CodedConcept.from_code(codes.SCT.Pleura)          # finding site of the effusion groups
 RIGHT = hd.sr.CodedConcept.from_code(codes.SCT.Right)
 LEFT = hd.sr.CodedConcept.from_code(codes.SCT.Left)
 VOLUME = hd.sr.CodedConcept.from_code(codes.SCT.Volume)
@@ -197,7 +200,7 @@ TEXT_KEYS = frozenset({"volumetric", "partial_coverage", "severity", "region_met
 #: The groups of the infection totals and of each class, and the SEG segments each may reference, in
 #: order of preference (TID 1411 takes one segment; these findings are unions of several).
 _ANCHORS: dict[str, tuple[str, ...]] = {
-    "infection": tuple(spec.key for spec in SEGMENTS if not spec.is_lung),
+    "infection": tuple(spec.key for spec in SEGMENTS if spec.is_lesion),
     "ggo": ("right_ggo", "left_ggo"),
     "consolidation": ("right_consolidation", "left_consolidation"),
 }
@@ -256,6 +259,8 @@ MEASUREMENTS: tuple[MeasurementDef, ...] = (
     MeasurementDef("zone_score_total", "infection", ZONE_SCORE, UNIT_SCORE, dimension="3d"),
     *_size("ggo", "ggo"),
     *_size("consolidation", "consolidation"),
+    *_size("right_effusion", "right_effusion"),
+    *_size("left_effusion", "left_effusion"),
     *(row for name in REGIONS for row in (
         MeasurementDef(f"regions.{name}.percent", f"region:{name}", PERCENT_INVOLVED, UNIT_PERCENT,
                        dimension="3d"),
@@ -295,7 +300,10 @@ REGION_GROUPS: tuple[RegionGroupDef, ...] = (
 REGION_GROUP_BY_LABEL: dict[str, RegionGroupDef] = {g.label: g for g in REGION_GROUPS}
 #: Tracking identifier of the group of each SEG segment key.
 GROUP_LABELS: dict[str, str] = {"right_lung": "Right lung", "left_lung": "Left lung", "infection": "Infection",
-                                "ggo": "Ground-glass opacity", "consolidation": "Consolidation"}
+                                "ggo": "Ground-glass opacity", "consolidation": "Consolidation",
+                                "right_effusion": SEGMENT_BY_KEY["right_effusion"].label,
+                                "left_effusion": SEGMENT_BY_KEY["left_effusion"].label}
+EFFUSION_GROUPS = ("right_effusion", "left_effusion")
 
 
 def _approximation_text(method: str) -> str | None:
@@ -358,10 +366,10 @@ def _algorithm_id(engine: EngineIdentity, *, manufacturer: bool = True) -> hd.sr
     )
 
 
-def _lung_algorithm_id() -> hd.sr.AlgorithmIdentification:
-    """TID 4019 of the HU lung method (the SEG's lung segments)."""
+def _lung_algorithm_id(name: str = LUNG_ALGORITHM_NAME) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 of the HU lung method (the SEG's lung segments) or, by ``name``, of the effusion method."""
     return hd.sr.AlgorithmIdentification(
-        name=LUNG_ALGORITHM_NAME, version=lung_algorithm_version(),
+        name=name, version=lung_algorithm_version(),
         family=hd.sr.CodedConcept.from_code(codes.DCM.MorphologicalOperations), manufacturer=MANUFACTURER)
 
 
@@ -376,6 +384,7 @@ class _Context:
     engine_algorithm: hd.sr.AlgorithmIdentification
     lung_algorithm: hd.sr.AlgorithmIdentification
     measurement_algorithm: hd.sr.AlgorithmIdentification  # the engine, on measurements of lung groups
+    effusion_algorithm: hd.sr.AlgorithmIdentification
 
     def measurements(self, group: str) -> list[hd.sr.Measurement]:
         """The measurements of ``group`` that have a value; those of the infection engine in a lung group
@@ -412,10 +421,12 @@ def _segment_group(ctx: _Context, key: str, number: int, *, own: bool
     item = _segment_item(ctx.seg, number)
     tracking = (hd.sr.TrackingIdentifier(uid=str(item.TrackingUID), identifier=str(item.TrackingID)) if own
                 else hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=GROUP_LABELS[key]))
-    if key in SEGMENT_BY_KEY:   # a lung
+    site = LUNG
+    if key in SEGMENT_BY_KEY:   # a lung or an effusion
         spec = SEGMENT_BY_KEY[key]
         category, finding, laterality = spec.category, spec.property_type, spec.laterality
-        algorithm = ctx.lung_algorithm
+        algorithm = ctx.effusion_algorithm if key in EFFUSION_GROUPS else ctx.lung_algorithm
+        site = PLEURA if key in EFFUSION_GROUPS else LUNG
     else:
         category, finding, laterality = _MORPHOLOGIC, _LESION_TYPES[key], None
         algorithm = ctx.engine_algorithm
@@ -425,9 +436,15 @@ def _segment_group(ctx: _Context, key: str, number: int, *, own: bool
         finding_category=category,
         finding_type=finding,
         algorithm_id=algorithm,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG, laterality=laterality)],
+        finding_sites=[hd.sr.FindingSite(anatomic_location=site, laterality=laterality)],
         measurements=measurements,
     )
+
+
+def _no_effusion(scores: Mapping[str, Any]) -> list[str]:
+    """The sides whose effusion the scores give as zero."""
+    return [key.split("_")[0] for key in EFFUSION_GROUPS
+            if any(_value(scores, f"{key}_{unit}") == 0 for unit in ("volume_ml", "area_cm2"))]
 
 
 def _region_group(ctx: _Context, gdef: RegionGroupDef, number: int
@@ -476,6 +493,9 @@ def _statements(scores: Mapping[str, Any], volumetric: bool, numbers: Mapping[st
         out.append("not in the SEG (no voxel): " + ", ".join(missing))
     if groups_left_out:
         out.append("not reported (their segment is not in the SEG): " + ", ".join(groups_left_out))
+    no_effusion = _no_effusion(scores)
+    if no_effusion:
+        out.append(f"{NO_EFFUSION_TEXT}: {', '.join(no_effusion)}")
     if volumetric and any(k.startswith(("regions.", "zones.")) for k in scores):
         text = _approximation_text(str(scores.get("region_method", "geometric")))
         if text:
@@ -552,13 +572,14 @@ def build_report(
             raise ValueError(f"scores give a {key} size but the SEG has no {key} segment")
 
     ctx = _Context(seg, volume, scores, volumetric, _algorithm_id(engine), _lung_algorithm_id(),
-                   _algorithm_id(engine, manufacturer=False))
+                   _algorithm_id(engine, manufacturer=False), _lung_algorithm_id(EFFUSION_ALGORITHM_NAME))
+    no_effusion = {f"{side}_effusion" for side in _no_effusion(scores)}
     groups: list[Dataset] = []
     left_out: list[str] = []
     for key in GROUP_LABELS:
         segment = next((k for k in _ANCHORS.get(key, (key,)) if k in numbers), None)
         if segment is None:
-            if ctx.measurements(key):
+            if ctx.measurements(key) and key not in no_effusion:  # no effusion: a statement says so
                 left_out.append(GROUP_LABELS[key])
             continue
         group = _segment_group(ctx, key, numbers[segment], own=segment == key)
