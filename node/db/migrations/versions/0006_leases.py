@@ -4,7 +4,7 @@ Several node processes may share one database; each claim names its holder and e
 (node.lease). jobs.lease_until exists since 0001; jobs.owner, exports.owner and exports.lease_until are new.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-04 17:30:00.000000
 """
 from alembic import op
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 
 revision = '0006'
-down_revision = '0004'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
