@@ -70,13 +70,18 @@ def lungs_across_rows(mask: np.ndarray) -> bool:
 
 def labelled_slices(data: Path, split: str) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """(name, 8-bit image, GGO mask, consolidation mask) of each slice of ``split``: "test" (the 48 test
-    slices, GGO and consolidation in GT-1 and GT-2; the figures reported) or "train" (the 50 multi-class
+    slices, GGO and consolidation in GT-1 and GT-2; the figures reported), "train" (the 50 multi-class
     training slices, one label image: 1 GGO, 2 consolidation; where lung rules are worked out, so that the
-    test slices stay unseen)."""
+    test slices stay unseen) or "val" (the 10 of those the lung network never trained on)."""
     from PIL import Image
 
     folder = data / ("TestingSet/MultiClassInfection-Test" if split == "test" else "TrainingSet/MultiClassInfection-Train")
     images = sorted((folder / "Imgs").glob("*.jpg"), key=lambda p: int(p.stem))
+    if split == "val":  # the lung network's validation slices (never trained on): where its rules are tuned
+        from training.data import labelled_split, load_split
+
+        _, val_idx = labelled_split(load_split("doctor", data))
+        images = [images[i] for i in val_idx]
     if not images:
         raise FileNotFoundError(f"no {split} images under {folder}")
     for path in images:
@@ -187,9 +192,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=data_root() / "covid-semiseg")
     ap.add_argument("--spacing", type=float, default=0.75, help="assumed pixel size (mm)")
-    ap.add_argument("--split", choices=("test", "train"), default="test",
+    ap.add_argument("--split", choices=("test", "train", "val"), default="test",
                     help="test: the 48 test slices (the reported figures); train: the 50 multi-class training "
-                    "slices, for working out lung rules without looking at the test slices")
+                    "slices; val: the 10 of them the lung network validates on (training.data.labelled_split), "
+                    "where the network's thresholds are chosen")
     ap.add_argument("--png", type=Path, help="write one overlay per slice (--method) here")
     ap.add_argument("--method", choices=("hu", "net"), default="net",
                     help="the lung method of the per-slice lines and of --infection (default: net)")

@@ -980,8 +980,10 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     ``NET_VETO_PROBABILITY`` leaves the lung (a strip of mediastinum or heart border the rays took). Dense
     tissue of the body that the network gives at least ``NET_LUNG_PROBABILITY`` joins the lung it touches (3D),
     after an opening of ``RIM_MM`` per slice (thin rims at the pleura, the network's blurred edge), on the side
-    of the body midline: consolidation and atelectasis that no HU rule reaches. Holes are then filled slice by
-    slice. Aerated lung is the HU method's. Returns the labels, the voxels taken and the voxels removed.
+    of the body midline: consolidation and atelectasis that no HU rule reaches. Holes are then filled as in
+    step 6, not those open onto an organ on a neighbouring slice (a liver dome ringed by lung stays out).
+    Aerated lung is the HU method's. Returns the labels, the voxels
+    taken and the voxels removed.
     """
     prob = lung_probability(hu, device)
     labels = labels.copy()
@@ -997,10 +999,8 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     touching[0] = False
     dense &= touching[lab]
     labels[dense] = np.where(right_side[dense], LungMasks.RIGHT, LungMasks.LEFT)
-    for value in (LungMasks.RIGHT, LungMasks.LEFT):
-        filled = fill_holes_per_slice(labels == value)
-        labels[filled & (labels == 0)] = value
-    return labels, int(dense.sum()), int(vetoed.sum())
+    # holes enclosed now: filled as in step 6, not those open onto an organ on the next slice (a liver dome)
+    return smooth_lungs(labels, spacing_rc, 0.0, hu=hu), int(dense.sum()), int(vetoed.sum())
 
 
 def segment_lungs(volume: Volume, *, closing_mm: float | None = None,
