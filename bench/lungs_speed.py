@@ -2,7 +2,7 @@
 
 Each run is a child process that segments the lungs of the same diseased phantom (512x512, ``--slices``) with
 either this tree's ``node`` or that of ``--baseline-rev`` (a temporary git worktree); the two alternate
-``--repeat`` times. Reported: median seconds of ``segment_lungs`` for each, their ratio, and the number of
+``--repeat`` times (``--baseline-tree DIR``: a checkout of the baseline instead, where git is not at hand). Reported: median seconds of ``segment_lungs`` for each, their ratio, and the number of
 voxels whose label differs between the two (0 for a change meant to keep the masks).
 
     python bench/lungs_speed.py --baseline-rev HEAD~1 --slices 120 --repeat 4 [--method net]
@@ -56,7 +56,8 @@ def run(tree: Path, slices: int, out: Path, extra: list[str] = ()) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--baseline-rev", help="the revision to compare with (required)")
+    ap.add_argument("--baseline-rev", help="the revision to compare with (or --baseline-tree)")
+    ap.add_argument("--baseline-tree", type=Path, help="a checkout of the baseline to compare with")
     ap.add_argument("--slices", type=int, default=120)
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--child", action="store_true")
@@ -67,15 +68,16 @@ def main() -> None:
     if args.child:
         child(args.slices, args.out, args.method, args.device)
         return
-    if not args.baseline_rev:
-        ap.error("--baseline-rev is required")
+    if not (args.baseline_rev or args.baseline_tree):
+        ap.error("--baseline-rev or --baseline-tree is required")
     import numpy as np
 
     with tempfile.TemporaryDirectory(prefix="lungs-speed-") as tmp:
         work = Path(tmp)
-        baseline = work / "baseline-tree"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(baseline), args.baseline_rev],
-                       check=True)
+        baseline = args.baseline_tree.resolve() if args.baseline_tree else work / "baseline-tree"
+        if not args.baseline_tree:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(baseline),
+                            args.baseline_rev], check=True)
         try:
             times: dict[str, list[float]] = {"this tree": [], "baseline": []}
             for _ in range(args.repeat):
@@ -84,11 +86,12 @@ def main() -> None:
                 times["this tree"].append(run(REPO, args.slices, work / "this.npy", extra))
             differing = int((np.load(work / "baseline.npy") != np.load(work / "this.npy")).sum())
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], check=False)
+            if not args.baseline_tree:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], check=False)
     medians = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-        "phantom": f"512x512x{args.slices}", "baseline_rev": args.baseline_rev,
+        "phantom": f"512x512x{args.slices}", "baseline": args.baseline_rev or str(args.baseline_tree),
         "method": args.method or "default", "device": args.device,
         "median_s": {k: round(v, 2) for k, v in medians.items()},
         "ratio_this_over_baseline": round(medians["this tree"] / medians["baseline"], 2),
