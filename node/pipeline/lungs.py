@@ -64,7 +64,7 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.spatial import Delaunay
+from scipy.spatial import Delaunay, cKDTree
 
 from .slicewise import by_slabs, map_slices
 from .types import LungMasks, Volume
@@ -541,10 +541,21 @@ def smooth_lungs(labels: np.ndarray, spacing_rc: tuple[float, float], radius_mm:
 
 class SkinGeometry:
     """Per slice: depth under the skin (mm) of every trunk pixel and, for the pixels asked about, the
-    direction from their nearest skin point (one distance transform shared by the chest-wall tests)."""
+    direction from their nearest skin point (one distance transform shared by the chest-wall tests).
+    ``trunk`` must not be empty."""
 
     def __init__(self, trunk: np.ndarray, spacing_rc: tuple[float, float]):
-        self.depth, self._nearest = ndi.distance_transform_edt(trunk, sampling=spacing_rc, return_indices=True)
+        # the distance transform runs on the trunk's bounding box grown by one pixel of background: the
+        # nearest background pixel of every trunk pixel lies in it, so depths and nearest points are those of
+        # the whole slice; outside it (background) the depth is 0 and the nearest point the pixel itself
+        box = tuple(slice(max(int(ix[0]) - 1, 0), int(ix[-1]) + 2) for ix in
+                    (np.flatnonzero(trunk.any(axis=1)), np.flatnonzero(trunk.any(axis=0))))
+        depth, nearest = ndi.distance_transform_edt(trunk[box], sampling=spacing_rc, return_indices=True)
+        self.depth = np.zeros(trunk.shape)
+        self.depth[box] = depth
+        self._nearest = np.indices(trunk.shape)
+        for axis in (0, 1):
+            self._nearest[axis][box] = nearest[axis] + box[axis].start
         self._centre = np.argwhere(trunk).mean(axis=0)
 
     def inward(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -823,16 +834,19 @@ def within_mm(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, mm: float,
               spacing_rc: tuple[float, float]) -> np.ndarray:
     """Whether each pixel (rows, cols) of a 2D slice lies within ``mm`` of ``mask`` (non-empty).
 
-    The distance transform runs on the mask's bounding box grown by ``mm`` only: every mask pixel is inside
-    it, so distances there are exact, and pixels outside it are farther than ``mm`` anyway.
+    Distances are to the mask's edge pixels (the nearest mask pixel of a pixel outside it is one: a step
+    from an inner pixel towards the outside pixel would be nearer), found with a k-d tree (a few thousand
+    points instead of a distance transform of the slice) and computed from the pixel offsets as
+    ``ndi.distance_transform_edt`` computes them.
     """
-    pad = [int(np.ceil(mm / sp)) + 1 for sp in spacing_rc]
-    (r0, r1), (c0, c1) = [(max(sl.start - p, 0), sl.stop + p)
-                          for sl, p in zip(ndi.find_objects(mask.astype(np.uint8))[0], pad)]
-    dist = ndi.distance_transform_edt(~mask[r0:r1, c0:c1], sampling=spacing_rc)
-    inside = (rows >= r0) & (rows < r0 + dist.shape[0]) & (cols >= c0) & (cols < c0 + dist.shape[1])
-    out = np.zeros(rows.shape, bool)
-    out[inside] = dist[rows[inside] - r0, cols[inside] - c0] <= mm
+    sampling = np.asarray(spacing_rc, dtype=np.float64)
+    edge = np.argwhere(mask & ~ndi.binary_erosion(mask))
+    pixels = np.stack([rows, cols], axis=1)
+    _, nearest = cKDTree(edge * sampling).query(pixels * sampling, distance_upper_bound=mm * (1 + 1e-6))
+    found = nearest < len(edge)  # the tree answers len(edge) where no edge pixel is within the bound
+    offset = (edge[nearest[found]] - pixels[found]).astype(np.float64) * sampling
+    out = mask[rows, cols]
+    out[found] |= np.sqrt((offset * offset).sum(axis=1)) <= mm
     return out
 
 
