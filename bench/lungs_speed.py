@@ -1,16 +1,17 @@
 """Lung segmentation time against an earlier revision, side by side, and whether the masks are the same.
 
 Each run is a child process that segments the lungs of the same diseased phantom (512x512, ``--slices``) with
-either this tree's ``node`` or that of ``--baseline-rev`` (a temporary git worktree); the two alternate
-``--repeat`` times (``--baseline-tree DIR``: a checkout of the baseline instead, where git is not at hand). Reported: median seconds of ``segment_lungs`` for each, their ratio, and the number of
-voxels whose label differs between the two (0 for a change meant to keep the masks).
+either this tree's ``node`` or that of ``--baseline-rev`` (a temporary git worktree; ``--baseline-tree DIR``:
+a checkout of the baseline, where git is not at hand); the two alternate ``--repeat`` times. Reported: median
+seconds and CPU seconds of ``segment_lungs`` for each, their ratios, and the number of voxels whose label
+differs between the two (0 for a change meant to keep the masks).
 
     python bench/lungs_speed.py --baseline-rev HEAD~1 --slices 120 --repeat 4 [--method net]
 
 ``--one-process`` keeps the per-slice steps in the measuring process (node/pipeline/slicewise.py: no child
-processes), so that the CPU seconds of the two trees, also reported, compare the work done, which a loaded
-machine disturbs less than the time. ``--method`` (hu | net) is passed to this tree's ``segment_lungs`` only (the baseline runs its default), and
-``--device`` with it (where the lung network runs).
+processes), so that the CPU seconds of the two trees compare the work done, which a loaded machine disturbs
+less than the time. ``--method`` (hu | net) is passed to this tree's ``segment_lungs`` only (the baseline runs
+its default), and ``--device`` with it (where the lung network runs).
 """
 from __future__ import annotations
 
