@@ -1,14 +1,17 @@
 """Lung segmentation time against an earlier revision, side by side, and whether the masks are the same.
 
 Each run is a child process that segments the lungs of the same diseased phantom (512x512, ``--slices``) with
-either this tree's ``node`` or that of ``--baseline-rev`` (a temporary git worktree); the two alternate
-``--repeat`` times. Reported: median seconds of ``segment_lungs`` for each, their ratio, and the number of
-voxels whose label differs between the two (0 for a change meant to keep the masks).
+either this tree's ``node`` or that of ``--baseline-rev`` (a temporary git worktree; ``--baseline-tree DIR``:
+a checkout of the baseline, where git is not at hand); the two alternate ``--repeat`` times. Reported: median
+seconds and CPU seconds of ``segment_lungs`` for each, their ratios, and the number of voxels whose label
+differs between the two (0 for a change meant to keep the masks).
 
     python bench/lungs_speed.py --baseline-rev HEAD~1 --slices 120 --repeat 4 [--method net]
 
-``--method`` (hu | net) is passed to this tree's ``segment_lungs`` only (the baseline runs its default), and
-``--device`` with it (where the lung network runs).
+``--one-process`` keeps the per-slice steps in the measuring process (node/pipeline/slicewise.py: no child
+processes), so that the CPU seconds of the two trees compare the work done, which a loaded machine disturbs
+less than the time. ``--method`` (hu | net) is passed to this tree's ``segment_lungs`` only (the baseline runs
+its default), and ``--device`` with it (where the lung network runs).
 """
 from __future__ import annotations
 
@@ -27,8 +30,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, os.environ.get("CTNODE_BENCH_TREE", str(REPO)))
 
 
-def child(slices: int, out: Path, method: str | None = None, device: str = "cpu") -> None:
+def child(slices: int, out: Path, method: str | None = None, device: str = "cpu", one_process: bool = False) -> None:
     import numpy as np
+
+    if one_process:
+        try:
+            from node.pipeline import slicewise
+        except ImportError:  # a tree without child processes
+            pass
+        else:
+            slicewise.workers = lambda: 1
 
     from node import phantom as ph
     from node.pipeline.lungs import segment_lungs
@@ -40,62 +51,70 @@ def child(slices: int, out: Path, method: str | None = None, device: str = "cpu"
         from node.pipeline.lungs import _lung_net
 
         _lung_net(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     labels = segment_lungs(volume, **kwargs).labels
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     np.save(out, labels)
-    print(json.dumps({"seconds": seconds}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu}))
 
 
-def run(tree: Path, slices: int, out: Path, extra: list[str] = ()) -> float:
+def run(tree: Path, slices: int, out: Path, extra: list[str] = ()) -> dict:
     env = dict(os.environ, CTNODE_BENCH_TREE=str(tree))
     done = subprocess.run([sys.executable, __file__, "--child", "--slices", str(slices), "--out", str(out), *extra],
                           env=env, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--baseline-rev", help="the revision to compare with (required)")
+    ap.add_argument("--baseline-rev", help="the revision to compare with (or --baseline-tree)")
+    ap.add_argument("--baseline-tree", type=Path, help="a checkout of the baseline to compare with")
     ap.add_argument("--slices", type=int, default=120)
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--method", choices=("hu", "net"), help="this tree's lung method (default: its default)")
     ap.add_argument("--device", default="cpu", help="where the lung network runs (cpu | cuda)")
+    ap.add_argument("--one-process", action="store_true", help="no child processes for the per-slice steps")
     args = ap.parse_args()
     if args.child:
-        child(args.slices, args.out, args.method, args.device)
+        child(args.slices, args.out, args.method, args.device, args.one_process)
         return
-    if not args.baseline_rev:
-        ap.error("--baseline-rev is required")
+    if not (args.baseline_rev or args.baseline_tree):
+        ap.error("--baseline-rev or --baseline-tree is required")
     import numpy as np
 
     with tempfile.TemporaryDirectory(prefix="lungs-speed-") as tmp:
         work = Path(tmp)
-        baseline = work / "baseline-tree"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(baseline), args.baseline_rev],
-                       check=True)
+        baseline = args.baseline_tree.resolve() if args.baseline_tree else work / "baseline-tree"
+        if not args.baseline_tree:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(baseline),
+                            args.baseline_rev], check=True)
         try:
-            times: dict[str, list[float]] = {"this tree": [], "baseline": []}
+            runs: dict[str, list[dict]] = {"this tree": [], "baseline": []}
+            common = ["--one-process"] if args.one_process else []
             for _ in range(args.repeat):
-                times["baseline"].append(run(baseline, args.slices, work / "baseline.npy"))
+                runs["baseline"].append(run(baseline, args.slices, work / "baseline.npy", common))
                 extra = ["--method", args.method, "--device", args.device] if args.method else []
-                times["this tree"].append(run(REPO, args.slices, work / "this.npy", extra))
+                runs["this tree"].append(run(REPO, args.slices, work / "this.npy", common + extra))
             differing = int((np.load(work / "baseline.npy") != np.load(work / "this.npy")).sum())
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], check=False)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+            if not args.baseline_tree:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], check=False)
+    medians = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    cpu = {k: statistics.median(r["cpu_seconds"] for r in v) for k, v in runs.items()}
     print(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-        "phantom": f"512x512x{args.slices}", "baseline_rev": args.baseline_rev,
-        "method": args.method or "default", "device": args.device,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "phantom": f"512x512x{args.slices}", "baseline": args.baseline_rev or str(args.baseline_tree),
+        "method": args.method or "default", "device": args.device, "one_process": args.one_process,
         "median_s": {k: round(v, 2) for k, v in medians.items()},
         "ratio_this_over_baseline": round(medians["this tree"] / medians["baseline"], 2),
+        "median_cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        "cpu_ratio_this_over_baseline": round(cpu["this tree"] / cpu["baseline"], 2),
         "voxels_with_another_label": differing,
-        "runs": {k: [round(x, 2) for x in v] for k, v in times.items()},
+        "runs_s": {k: [round(r["seconds"], 2) for r in v] for k, v in runs.items()},
     }, indent=2))
-
 
 if __name__ == "__main__":
     main()

@@ -49,6 +49,10 @@ A single slice goes through the same steps in 2D. ``partial_coverage`` is set fo
 reaches the first or last slice; the note then says which end is cut (apex, base or both). It is also set,
 with ``fov_cut_cm2`` and a note, when lung reaches the in-plane edge of the image (a field of view narrower
 than the chest, :func:`lung_cut_by_fov`): series selection skips such a series.
+
+Speed: the steps that work slice by slice (the body opening and hole filling, the closings of step 5, steps
+6 and 6a) run on all CPUs in forked child processes (:mod:`node.pipeline.slicewise`), with the result of one
+loop; docs/performance.md gives the times.
 """
 from __future__ import annotations
 
@@ -60,8 +64,9 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.spatial import Delaunay
+from scipy.spatial import Delaunay, cKDTree
 
+from .slicewise import by_slabs, map_slices
 from .types import LungMasks, Volume
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,7 @@ AIR_HU = -320.0         # lung parenchyma (with mild disease) vs soft tissue, as
 AIRWAY_LUMEN_HU = -900.0  # airway lumen is near-pure air; aerated lung is mostly above
 GAS_MEDIAN_HU = -900.0  # interior median below this and no vessels inside: bowel/stomach gas or airway
 GAS_MAX_HOLE_FRACTION = 0.002
+INTERIOR_PX = 5         # the interior of an air region (is_gas, slivers): eroded by this square, per slice
 BODY_OPENING_MM = 2.0
 CLOSING_MM = 10.0
 OPEN_HOLE_MAX_MM2 = 150.0   # larger per-slice holes that open onto non-lung tissue are organs, not lesions
@@ -89,6 +95,7 @@ WALL_BINS = 180                 # directions (2 degrees) of the chest-wall thick
 WALL_WINDOW_BINS = 15           # 30 degrees: a pleural lesion narrower than this does not thicken the wall
 WALL_TOLERANCE_MM = 2.0
 WALL_RAY_MM = 50.0              # how far the rays of between_lung_and_wall look for lung
+RAY_COMPACT_SHARE = 8           # ray_hits stops sampling rays that met lung when they are 1/8 of those left
 POCKET_MAX_MM2 = 100.0          # air bronchogram cross-sections; lobar bronchi and bowel loops are larger
 POCKET_CLUSTER = 3              # pockets (itself included) within POCKET_CLUSTER_MM for a pocket to count:
 POCKET_CLUSTER_MM = 15.0        #   consolidation shows several bronchograms, a hilum one or two bronchi
@@ -163,7 +170,10 @@ def largest_per_slice(mask: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.zeros(mask.shape, bool)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-    first_k = np.array([sl[0].start for sl in ndi.find_objects(lab)])
+    # labels grow slice by slice (raster order) and none spans two slices: a label's slice is the first
+    # whose highest label reaches it
+    highest = np.maximum.accumulate(lab.reshape(lab.shape[0], -1).max(axis=1))
+    first_k = np.searchsorted(highest, np.arange(1, n + 1))
     order = np.lexsort((np.arange(n), -sizes, first_k))  # per slice: largest first, then lowest label
     best = order[np.r_[True, first_k[order][1:] != first_k[order][:-1]]]
     keep = np.zeros(n + 1, bool)
@@ -188,7 +198,8 @@ class Midline:
                      + (np.arange(cols) * ps_c * row_cos[0])[None, :]).astype(np.float32)
         xk = volume.positions[:, 0]
         mid = np.full(n, np.nan)
-        trunk = largest_per_slice(body)
+        trunk = by_slabs(largest_per_slice, body)
+        self.trunk = trunk  # the largest body region of every slice (the chest-wall steps use it too)
         count = trunk.sum(axis=(1, 2))
         has = count > 0
         # patient x is linear in row and column: its sum over the trunk needs only the row and column sums
@@ -230,8 +241,8 @@ def body_mask(hu: np.ndarray, spacing_rc: tuple[float, float]) -> np.ndarray:
     structure = disk(BODY_OPENING_MM, spacing_rc)
     rows, cols = body_box(m, margin=max(structure.shape) + 1)  # all air beyond: the same result, sooner
     body = np.zeros(hu.shape, bool)
-    sub = largest_component(ndi.binary_opening(m[:, rows, cols], structure=structure))
-    body[:, rows, cols] = fill_holes_per_slice(sub)
+    opened = by_slabs(functools.partial(ndi.binary_opening, structure=structure), m[:, rows, cols])
+    body[:, rows, cols] = by_slabs(fill_holes_per_slice, largest_component(opened))
     return body
 
 
@@ -329,16 +340,16 @@ def _airways_2d(hu: np.ndarray, air: np.ndarray, midline: Midline, area_px: floa
     return out
 
 
-def is_gas(hu: np.ndarray, comp: np.ndarray) -> bool:
+def is_gas(hu: np.ndarray, comp: np.ndarray, inner: np.ndarray | None = None) -> bool:
     """True for a region of near-pure air without vessels: bowel/stomach gas or an airway lumen.
 
     Aerated lung, even emphysematous, contains vessels that show as holes in its air mask; gas pockets
     and airway lumens do not, and their interior is darker than ``GAS_MEDIAN_HU``. ``comp`` is (k, r, c)
-    or (r, c) with ``hu`` the matching crop.
+    or (r, c) with ``hu`` the matching crop; ``inner``: its :func:`interior`, when already computed.
     """
     comp3 = comp if comp.ndim == 3 else comp[None]
     hu3 = hu if hu.ndim == 3 else hu[None]
-    inner = ndi.binary_erosion(comp3, structure=np.ones((1, 5, 5), bool))
+    inner = interior(comp3) if inner is None else inner.reshape(comp3.shape)
     values = hu3[inner] if inner.any() else hu3[comp3]
     if values.size == 0 or float(np.median(values)) >= GAS_MEDIAN_HU:
         return False
@@ -347,11 +358,20 @@ def is_gas(hu: np.ndarray, comp: np.ndarray) -> bool:
     return holes.sum() < GAS_MAX_HOLE_FRACTION * filled.sum()
 
 
+def interior(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (k, r, c) eroded slice by slice with a ``INTERIOR_PX`` square (two 1D minimum filters: the
+    same as a binary erosion with that square, sooner)."""
+    out = mask.view(np.uint8)
+    for axis in (1, 2):
+        out = ndi.minimum_filter1d(out, INTERIOR_PX, axis=axis, mode="constant", cval=0)
+    return out.view(bool)
+
+
 def _component_stats(lab: np.ndarray, n: int, side: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per component: voxel count, fraction on the patient-right side, number of slices spanned."""
     flat = lab.ravel()
     sizes = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    right = np.bincount(flat, weights=side.ravel(), minlength=n + 1) / np.maximum(sizes, 1)
+    right = np.bincount(lab[side], minlength=n + 1) / np.maximum(sizes, 1)
     slices = np.zeros(n + 1)
     for i, sl in enumerate(ndi.find_objects(lab), start=1):
         if sl is not None:
@@ -411,9 +431,10 @@ def assign_sides(cand: np.ndarray, hu: np.ndarray, right_side: np.ndarray, area_
         if sizes[i] < MIN_COMPONENT_FRACTION * largest or sizes[i] / max(slices[i], 1) < MIN_COMPONENT_AREA_MM2 / area_px:
             continue
         sl = boxes[i - 1]
-        if not ndi.binary_erosion(lab[sl] == i, structure=np.ones((1, 5, 5), bool)).any():
+        inner = interior(lab[sl] == i)
+        if not inner.any():
             continue  # a sliver without interior: air trapped in a skin fold or between arm and chest
-        if is_gas(hu[sl], lab[sl] == i):
+        if is_gas(hu[sl], lab[sl] == i, inner):
             gas += 1
             continue
         comp = lab == i
@@ -452,7 +473,7 @@ def fill_holes_guarded(mask: np.ndarray, max_open_hole_px: float, hu: np.ndarray
     consolidation enclosed by lung on one slice often reaches the pleura on the next. A chain that fails
     is judged again slice by slice, so a lesion joined to an organ through a chain keeps its lesion slices.
     """
-    filled = fill_holes_per_slice(mask)
+    filled = by_slabs(fill_holes_per_slice, mask)
     holes = filled & ~mask
     if mask.shape[0] == 1 or not holes.any():
         return filled
@@ -500,16 +521,15 @@ def smooth_lungs(labels: np.ndarray, spacing_rc: tuple[float, float], radius_mm:
     """
     out = np.zeros_like(labels)
     max_hole_px = OPEN_HOLE_MAX_MM2 / (spacing_rc[0] * spacing_rc[1])
-    for value in (LungMasks.RIGHT, LungMasks.LEFT):
-        m = labels == value
-        if not m.any():
-            continue
+    for value, lung_box in lung_boxes(labels):
         # work in the lung's in-plane bounding box; closing never grows a mask beyond its bounding box
-        box = (slice(None),) + ndi.find_objects(m.astype(np.uint8))[0][1:]
-        mb = m[box]
-        closed = np.zeros_like(mb)
-        for k in np.flatnonzero(mb.reshape(mb.shape[0], -1).any(axis=1)):
-            closed[k] = close_2d(mb[k], radius_mm, spacing_rc) if radius_mm > 0 else mb[k]
+        box = (slice(None),) + lung_box[1:]
+        mb = labels[box] == value
+        closed = mb.copy()
+        if radius_mm > 0:
+            ks = np.flatnonzero(mb.reshape(mb.shape[0], -1).any(axis=1))
+            for k, slice_closed in zip(ks, map_slices(lambda k: close_2d(mb[k], radius_mm, spacing_rc), ks)):
+                closed[k] = slice_closed
         closed = fill_holes_guarded(closed, max_hole_px, None if hu is None else hu[box])
         ob, lb = out[box], labels[box]
         ob[closed & (ob == 0) & ((lb == value) | (lb == 0))] = value
@@ -520,22 +540,37 @@ def smooth_lungs(labels: np.ndarray, spacing_rc: tuple[float, float], radius_mm:
 
 
 class SkinGeometry:
-    """Per slice: depth under the skin (mm) of every trunk pixel and the pixel offset from its nearest
-    skin point (one distance transform shared by the chest-wall tests)."""
+    """Per slice: depth under the skin (mm) of every trunk pixel and, for the pixels asked about, the
+    direction from their nearest skin point (one distance transform shared by the chest-wall tests).
+    ``trunk`` must not be empty."""
 
     def __init__(self, trunk: np.ndarray, spacing_rc: tuple[float, float]):
-        self.depth, idx = ndi.distance_transform_edt(trunk, sampling=spacing_rc, return_indices=True)
-        self.offset = np.stack([np.arange(trunk.shape[0])[:, None] - idx[0],
-                                np.arange(trunk.shape[1])[None, :] - idx[1]]).astype(np.float32)
-        centre = np.argwhere(trunk).mean(axis=0)
-        self.skin_angle = np.arctan2(idx[0] - centre[0], idx[1] - centre[1])
+        # the distance transform runs on the trunk's bounding box grown by one pixel of background: the
+        # nearest background pixel of every trunk pixel lies in it, so depths and nearest points are those of
+        # the whole slice; outside it (background) the depth is 0 and the nearest point the pixel itself
+        box = tuple(slice(max(int(ix[0]) - 1, 0), int(ix[-1]) + 2) for ix in
+                    (np.flatnonzero(trunk.any(axis=1)), np.flatnonzero(trunk.any(axis=0))))
+        depth, nearest = ndi.distance_transform_edt(trunk[box], sampling=spacing_rc, return_indices=True)
+        self.depth = np.zeros(trunk.shape)
+        self.depth[box] = depth
+        self._nearest = np.indices(trunk.shape)
+        for axis in (0, 1):
+            self._nearest[axis][box] = nearest[axis] + box[axis].start
+        self._centre = np.argwhere(trunk).mean(axis=0)
 
     def inward(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Unit vectors (row, column components, in pixels) from the nearest skin point to the pixels."""
-        dr, dc = self.offset[0][rows, cols], self.offset[1][rows, cols]
+        dr = (rows - self._nearest[0][rows, cols]).astype(np.float32)
+        dc = (cols - self._nearest[1][rows, cols]).astype(np.float32)
         norm = np.hypot(dr, dc)
         norm[norm == 0] = 1.0
         return dr / norm, dc / norm
+
+    def angle_bins(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Direction from the trunk centre of the nearest skin point of the pixels, in ``WALL_BINS`` bins."""
+        angle = np.arctan2(self._nearest[0][rows, cols] - self._centre[0],
+                           self._nearest[1][rows, cols] - self._centre[1])
+        return ((angle + np.pi) / (2 * np.pi) * WALL_BINS).astype(np.int64) % WALL_BINS
 
 
 def wall_depth_ok(lungs: np.ndarray, skin: SkinGeometry, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -548,29 +583,46 @@ def wall_depth_ok(lungs: np.ndarray, skin: SkinGeometry, rows: np.ndarray, cols:
     minimum, then maximum, over ``WALL_WINDOW_BINS``), which keeps the thin wall of the healthy
     neighbours. Bins without lung have no wall estimate and nothing in them qualifies.
     """
-    bins = ((skin.skin_angle + np.pi) / (2 * np.pi) * WALL_BINS).astype(np.int64) % WALL_BINS
+    lung_rows, lung_cols = np.nonzero(lungs)
     wall = np.full(WALL_BINS, np.inf)
-    np.minimum.at(wall, bins[lungs], skin.depth[lungs])
+    np.minimum.at(wall, skin.angle_bins(lung_rows, lung_cols), skin.depth[lung_rows, lung_cols])
     wall = ndi.maximum_filter1d(ndi.minimum_filter1d(wall, WALL_WINDOW_BINS, mode="wrap"),
                                 WALL_WINDOW_BINS, mode="wrap")
-    return skin.depth[rows, cols] >= wall[bins[rows, cols]] - WALL_TOLERANCE_MM
+    return skin.depth[rows, cols] >= wall[skin.angle_bins(rows, cols)] - WALL_TOLERANCE_MM
 
 
 def ray_hits(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray, skin: SkinGeometry,
              spacing_rc: tuple[float, float], outward: bool, mm: float) -> np.ndarray:
     """For the pixels (rows, cols) of one slice: does the ray towards (``outward``) or away from their
-    nearest skin point meet ``lung`` within ``mm``?"""
+    nearest skin point meet ``lung`` within ``mm``?
+
+    ``lung`` is padded by the rays' reach (no lung beyond the image edge), so every sample is one lookup in
+    the flat padded array; rays that met lung stop being sampled once they are a good share of those left.
+    """
     step = max(min(spacing_rc), 1.0)  # mm; rays sampled about every pixel, never finer than 1 mm
+    n_steps = int(mm / step)
     ur, uc = skin.inward(rows, cols)
     sign = -1 if outward else 1
     ur, uc = sign * ur * step / spacing_rc[0], sign * uc * step / spacing_rc[1]
-    h, w = lung.shape
+    pad = int(np.ceil(n_steps * step / min(spacing_rc))) + 1
+    flat = np.pad(lung, pad).ravel()
+    width = lung.shape[1] + 2 * pad
     hit = np.zeros(rows.shape, bool)
-    for s in range(1, int(mm / step) + 1):
+    open_ = np.arange(rows.size)
+    for s in range(1, n_steps + 1):
         r = np.rint(rows + s * ur).astype(np.int64)
         c = np.rint(cols + s * uc).astype(np.int64)
-        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
-        hit[ok] |= lung[r[ok], c[ok]]
+        met = flat[(r + pad) * width + (c + pad)]
+        n_met = np.count_nonzero(met)
+        if n_met == met.size:
+            hit[open_] = True
+            break
+        if n_met * RAY_COMPACT_SHARE >= met.size:
+            hit[open_[met]] = True
+            still = ~met
+            open_, rows, cols, ur, uc = open_[still], rows[still], cols[still], ur[still], uc[still]
+        elif n_met:
+            hit[open_[met]] = True
     return hit
 
 
@@ -584,55 +636,85 @@ def between_lung_and_wall(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray, 
     test where the lung wraps them and the second one deep inside; the liver under a dome fails the first
     test below the lung recesses and the second one elsewhere.
     """
-    return (ray_hits(lung, rows, cols, skin, spacing_rc, False, WALL_RAY_MM)
-            & ~ray_hits(lung, rows, cols, skin, spacing_rc, True, WALL_RAY_MM))
+    ok = ray_hits(lung, rows, cols, skin, spacing_rc, False, WALL_RAY_MM)
+    ok[ok] = ~ray_hits(lung, rows[ok], cols[ok], skin, spacing_rc, True, WALL_RAY_MM)
+    return ok
 
 
-def dense_tissue(hu2d: np.ndarray) -> np.ndarray:
-    """Pixels of consolidation / effusion density (``DENSE_HU``) after a small mean filter (noise down)."""
-    smooth = ndi.uniform_filter(hu2d, DENSE_SMOOTH_PX)
+def dense_tissue(hu: np.ndarray) -> np.ndarray:
+    """Pixels of consolidation / effusion density (``DENSE_HU``) after a small in-plane mean filter (noise
+    down), of one slice (r, c) or of every slice of (k, r, c)."""
+    smooth = ndi.uniform_filter(hu, (1,) * (hu.ndim - 2) + (DENSE_SMOOTH_PX, DENSE_SMOOTH_PX))
     return (smooth > DENSE_HU[0]) & (smooth <= DENSE_HU[1])
 
 
 def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, right_side: np.ndarray,
-                            spacing_rc: tuple[float, float]) -> tuple[np.ndarray, int]:
+                            spacing_rc: tuple[float, float], *, dense: np.ndarray | None = None,
+                            trunk: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Take back consolidation / effusion between each lung and the inner chest wall (step 6), per slice.
 
     Candidates are unlabelled trunk pixels of ``DENSE_HU`` density after a 3x3 mean (noise down), at least
     as deep as the inner chest wall (:func:`wall_depth_ok`) and, for one lung, between that lung and the
     wall (:func:`between_lung_and_wall`) and on that lung's side of the body midline (``right_side``:
     a lesion never crosses it, the mediastinum does). An opening (``RIM_MM``) drops thin rims along the
-    pleura (extrapleural fat, partial volume); what remains and touches the lung joins it. Returns the new
-    labels and the number of voxels taken.
+    pleura (extrapleural fat, partial volume); what remains and touches the lung joins it. ``dense``
+    (:func:`dense_tissue` of ``hu``) and ``trunk`` (the largest ``body`` region of each slice) are computed
+    when not given. Returns the new labels and the number of voxels taken.
     """
-    out = labels.copy()
-    recovered = 0
+    dense = by_slabs(dense_tissue, hu) if dense is None else dense
+    trunk = by_slabs(largest_per_slice, body) if trunk is None else trunk
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)[0]
-    for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
-        trunk = largest_component(body[k])
-        lungs = labels[k] > 0
-        dense = dense_tissue(hu[k]) & trunk & ~lungs
-        if not dense.any():
+    return per_lung_slice(labels, lambda k, lab: _dense_periphery_slice(lab, dense[k] & trunk[k], trunk[k],
+                                                                         right_side[k], rim, spacing_rc))
+
+
+def per_lung_slice(labels: np.ndarray, step: Callable[[int, np.ndarray], int]) -> tuple[np.ndarray, int]:
+    """``step(k, slice_labels)`` on a copy of every slice of ``labels`` with lung, in worker processes
+    (:func:`~node.pipeline.slicewise.map_slices`); ``step`` updates the slice and returns the pixels it took.
+    Returns the new labels and the voxels taken in all."""
+    def one(k: int) -> tuple[np.ndarray, int]:
+        lab = labels[k].copy()
+        return lab, step(k, lab)
+
+    out = labels.copy()
+    ks = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
+    taken = 0
+    for k, (lab, n) in zip(ks, map_slices(one, ks)):
+        out[k] = lab
+        taken += n
+    return out, taken
+
+
+def _dense_periphery_slice(labels: np.ndarray, dense: np.ndarray, trunk: np.ndarray, right_side: np.ndarray,
+                           rim: np.ndarray, spacing_rc: tuple[float, float]) -> int:
+    """Step 6 on one slice: ``labels`` (r, c) updated in place; returns the number of pixels taken."""
+    lungs = labels > 0
+    dense = dense & ~lungs
+    if not dense.any():
+        return 0
+    before = labels.copy()
+    skin = SkinGeometry(trunk, spacing_rc)
+    rr, cc = np.nonzero(dense)
+    keep = wall_depth_ok(lungs, skin, rr, cc)
+    rr, cc = rr[keep], cc[keep]
+    recovered = 0
+    for value in (LungMasks.RIGHT, LungMasks.LEFT):
+        lung = before == value
+        if not lung.any() or rr.size == 0:
             continue
-        skin = SkinGeometry(trunk, spacing_rc)
-        rr, cc = np.nonzero(dense)
-        keep = wall_depth_ok(lungs, skin, rr, cc)
-        rr, cc = rr[keep], cc[keep]
-        for value in (LungMasks.RIGHT, LungMasks.LEFT):
-            lung = labels[k] == value
-            if not lung.any() or rr.size == 0:
-                continue
-            # only pixels on this lung's side and within ray reach of it can pass the ray test
-            near = right_side[k][rr, cc] == (value == LungMasks.RIGHT)
-            near &= within_mm(lung, rr, cc, WALL_RAY_MM, spacing_rc)
-            r1, c1 = rr[near], cc[near]
-            keep = between_lung_and_wall(lung, r1, c1, skin, spacing_rc)
-            taken = np.zeros_like(lung)
-            taken[r1[keep], c1[keep]] = True
-            taken = touching_lung(opened_in_box(taken, rim) & (out[k] == 0), lung)
-            out[k][taken] = value
-            recovered += int(taken.sum())
-    return out, recovered
+        # only pixels on this lung's side and within ray reach of it can pass the ray test, and only those
+        # joined to it through such pixels can touch it after the opening (which acts on each piece alone)
+        near = right_side[rr, cc] == (value == LungMasks.RIGHT)
+        near &= within_mm(lung, rr, cc, WALL_RAY_MM, spacing_rc)
+        near[near] = joined_to(lung, rr[near], cc[near])
+        r1, c1 = rr[near], cc[near]
+        keep = between_lung_and_wall(lung, r1, c1, skin, spacing_rc)
+        taken = np.zeros_like(lung)
+        taken[r1[keep], c1[keep]] = True
+        taken = touching_lung(opened_in_box(taken, rim) & (labels == 0), lung)
+        labels[taken] = value
+        recovered += int(taken.sum())
+    return recovered
 
 
 def bronchogram_pockets(hu2d: np.ndarray, trunk: np.ndarray, free: np.ndarray, midline_mm: np.ndarray,
@@ -662,50 +744,59 @@ def bronchogram_pockets(hu2d: np.ndarray, trunk: np.ndarray, free: np.ndarray, m
 
 
 def recover_bronchograms(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, airways: np.ndarray,
-                         midline: Midline, spacing_rc: tuple[float, float]) -> tuple[np.ndarray, int]:
+                         midline: Midline, spacing_rc: tuple[float, float], *,
+                         dense: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Take back consolidated lung marked by air bronchograms (step 6a), per slice.
 
     The pockets of :func:`bronchogram_pockets` and the :func:`dense_tissue` within ``POCKET_REACH_MM`` of
     them join the lung they touch (8-connected, on its side of the midline, inside the convex hull of that
     lung and its pockets), except pixels with lung within ``PERIPHERAL_RAY_MM`` towards their nearest skin
     point: tissue enclosed by aerated lung on its skin side is the hilum or, inside a diaphragm dome, the
-    abdomen. Returns the new labels and the number of voxels taken.
+    abdomen. ``dense`` (:func:`dense_tissue` of ``hu``) is computed when not given; ``body`` is that of
+    ``midline``, whose trunk (largest region of each slice) is used. Returns the new labels and the number of
+    voxels taken.
     """
-    out = labels.copy()
+    dense = by_slabs(dense_tissue, hu) if dense is None else dense
+    trunk = midline.trunk
+    return per_lung_slice(labels, lambda k, lab: _bronchograms_slice(lab, hu[k], dense[k], trunk[k], airways[k],
+                                                                     midline.signed(k), spacing_rc))
+
+
+def _bronchograms_slice(labels: np.ndarray, hu: np.ndarray, dense: np.ndarray, trunk: np.ndarray,
+                        airways: np.ndarray, signed: np.ndarray, spacing_rc: tuple[float, float]) -> int:
+    """Step 6a on one slice: ``labels`` (r, c) updated in place; returns the number of pixels taken."""
+    lungs = labels > 0
+    skin_of = functools.cache(lambda: SkinGeometry(trunk, spacing_rc))  # made once, and only when needed
+    pockets = bronchogram_pockets(hu, trunk, ~lungs & ~airways, signed, skin_of, spacing_rc)
+    if not pockets.any():
+        return 0
+    skin = skin_of()
+    near = ndi.distance_transform_edt(~pockets, sampling=spacing_rc) <= POCKET_REACH_MM
+    rr, cc = np.nonzero(near & (dense | pockets) & trunk & ~lungs)
+    keep = ~ray_hits(lungs, rr, cc, skin, spacing_rc, True, PERIPHERAL_RAY_MM)
+    rr, cc = rr[keep], cc[keep]
     recovered = 0
-    for k in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
-        trunk = largest_component(body[k])
-        lungs = out[k] > 0
-        signed = midline.signed(k)
-        skin_of = functools.cache(lambda: SkinGeometry(trunk, spacing_rc))  # made once, and only when needed
-        pockets = bronchogram_pockets(hu[k], trunk, ~lungs & ~airways[k], signed, skin_of, spacing_rc)
-        if not pockets.any():
+    for value in (LungMasks.RIGHT, LungMasks.LEFT):
+        lung = labels == value
+        side = (signed < 0) == (value == LungMasks.RIGHT)
+        on_side = side[rr, cc]
+        if not lung.any() or not on_side.any():
             continue
-        skin = skin_of()
-        near = ndi.distance_transform_edt(~pockets, sampling=spacing_rc) <= POCKET_REACH_MM
-        rr, cc = np.nonzero(near & (dense_tissue(hu[k]) | pockets) & trunk & ~lungs)
-        keep = ~ray_hits(lungs, rr, cc, skin, spacing_rc, True, PERIPHERAL_RAY_MM)
-        rr, cc = rr[keep], cc[keep]
-        for value in (LungMasks.RIGHT, LungMasks.LEFT):
-            lung = out[k] == value
-            side = (signed < 0) == (value == LungMasks.RIGHT)
-            on_side = side[rr, cc]
-            if not lung.any() or not on_side.any():
-                continue
-            r1, c1 = rr[on_side], cc[on_side]
-            # not beyond the outermost bronchograms: inside the convex hull of the lung and its pockets
-            hull = Delaunay(np.argwhere((lung & ~ndi.binary_erosion(lung)) | (pockets & side)))
-            inside = hull.find_simplex(np.stack([r1, c1], axis=1)) >= 0
-            cand = np.zeros_like(lung)
-            cand[r1[inside], c1[inside]] = True
-            taken = touching_lung(cand, lung) & (out[k] == 0)
-            out[k][taken] = value
-            recovered += int(taken.sum())
-    return out, recovered
+        r1, c1 = rr[on_side], cc[on_side]
+        # not beyond the outermost bronchograms: inside the convex hull of the lung and its pockets
+        hull = Delaunay(np.argwhere((lung & ~ndi.binary_erosion(lung)) | (pockets & side)))
+        inside = hull.find_simplex(np.stack([r1, c1], axis=1)) >= 0
+        cand = np.zeros_like(lung)
+        cand[r1[inside], c1[inside]] = True
+        taken = touching_lung(cand, lung) & (labels == 0)
+        labels[taken] = value
+        recovered += int(taken.sum())
+    return recovered
 
 
-def recover_between_slices(labels: np.ndarray, hu: np.ndarray, body: np.ndarray,
-                           right_side: np.ndarray, spacing_rc: tuple[float, float]) -> tuple[np.ndarray, int]:
+def recover_between_slices(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, right_side: np.ndarray,
+                           spacing_rc: tuple[float, float], *,
+                           dense: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Take back dense tissue that is lung on both neighbouring slices (step 6b).
 
     A pixel of :func:`dense_tissue` on slice k joins a lung when that lung covers the same
@@ -714,14 +805,15 @@ def recover_between_slices(labels: np.ndarray, hu: np.ndarray, body: np.ndarray,
     against the mediastinum or a diaphragm dome, which the chest-wall rays of step 6 cannot judge, is
     caught this way where the lung around it was found above and below. Organs that rise into the lung's
     footprint from one side (the top of the heart, a diaphragm dome) are lung on one neighbour only and
-    stay out. Returns the new labels and the number of voxels taken.
+    stay out. ``dense`` (:func:`dense_tissue` of ``hu``) is computed when not given. Returns the new labels
+    and the number of voxels taken.
     """
     out = labels.copy()
     if out.shape[0] < 3:
         return out, 0
+    dense = by_slabs(dense_tissue, hu) if dense is None else dense
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)[0]
     taken_total = 0
-    dense: dict[int, np.ndarray] = {}
     while True:
         taken_now = 0
         for k in range(1, out.shape[0] - 1):
@@ -729,10 +821,8 @@ def recover_between_slices(labels: np.ndarray, hu: np.ndarray, body: np.ndarray,
                 both = (out[k - 1] == value) & (out[k + 1] == value) & (out[k] == 0)
                 if not both.any():
                     continue
-                if k not in dense:
-                    dense[k] = dense_tissue(hu[k]) & body[k]
                 side = right_side[k] == (value == LungMasks.RIGHT)
-                taken = opened_in_box(both & dense[k] & side, rim)
+                taken = opened_in_box(both & dense[k] & body[k] & side, rim)
                 out[k][taken] = value
                 taken_now += int(taken.sum())
         taken_total += taken_now
@@ -744,16 +834,19 @@ def within_mm(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, mm: float,
               spacing_rc: tuple[float, float]) -> np.ndarray:
     """Whether each pixel (rows, cols) of a 2D slice lies within ``mm`` of ``mask`` (non-empty).
 
-    The distance transform runs on the mask's bounding box grown by ``mm`` only: every mask pixel is inside
-    it, so distances there are exact, and pixels outside it are farther than ``mm`` anyway.
+    Distances are to the mask's edge pixels (the nearest mask pixel of a pixel outside it is one: a step
+    from an inner pixel towards the outside pixel would be nearer), found with a k-d tree (a few thousand
+    points instead of a distance transform of the slice) and computed from the pixel offsets as
+    ``ndi.distance_transform_edt`` computes them.
     """
-    pad = [int(np.ceil(mm / sp)) + 1 for sp in spacing_rc]
-    (r0, r1), (c0, c1) = [(max(sl.start - p, 0), sl.stop + p)
-                          for sl, p in zip(ndi.find_objects(mask.astype(np.uint8))[0], pad)]
-    dist = ndi.distance_transform_edt(~mask[r0:r1, c0:c1], sampling=spacing_rc)
-    inside = (rows >= r0) & (rows < r0 + dist.shape[0]) & (cols >= c0) & (cols < c0 + dist.shape[1])
-    out = np.zeros(rows.shape, bool)
-    out[inside] = dist[rows[inside] - r0, cols[inside] - c0] <= mm
+    sampling = np.asarray(spacing_rc, dtype=np.float64)
+    edge = np.argwhere(mask & ~ndi.binary_erosion(mask))
+    pixels = np.stack([rows, cols], axis=1)
+    _, nearest = cKDTree(edge * sampling).query(pixels * sampling, distance_upper_bound=mm * (1 + 1e-6))
+    found = nearest < len(edge)  # the tree answers len(edge) where no edge pixel is within the bound
+    offset = (edge[nearest[found]] - pixels[found]).astype(np.float64) * sampling
+    out = mask[rows, cols]
+    out[found] |= np.sqrt((offset * offset).sum(axis=1)) <= mm
     return out
 
 
@@ -767,6 +860,19 @@ def opened_in_box(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     out = np.zeros_like(mask)
     out[r0:r1, c0:c1] = ndi.binary_opening(mask[r0:r1, c0:c1], structure)
     return out
+
+
+def lung_boxes(labels: np.ndarray) -> list[tuple[int, tuple[slice, ...]]]:
+    """(label, bounding box) of each lung (right, then left) present in ``labels``."""
+    boxes = ndi.find_objects(labels, max_label=LungMasks.LEFT)
+    return [(value, boxes[value - 1]) for value in (LungMasks.RIGHT, LungMasks.LEFT) if boxes[value - 1] is not None]
+
+
+def joined_to(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """For the pixels (rows, cols) of one slice: 8-connected to ``lung`` through such pixels?"""
+    pixels = np.zeros_like(lung)
+    pixels[rows, cols] = True
+    return touching_lung(pixels, lung)[rows, cols]
 
 
 def touching_lung(cand: np.ndarray, lung: np.ndarray) -> np.ndarray:
@@ -783,10 +889,8 @@ def one_component_per_lung(labels: np.ndarray, volumetric: bool = True) -> int:
     bronchus cross-section next to the hilum, air in a fold.
     """
     dropped = 0
-    for value in (LungMasks.RIGHT, LungMasks.LEFT):
-        m = labels == value
-        if not m.any():
-            continue
+    for value, box in lung_boxes(labels):
+        m = labels[box] == value
         if volumetric:
             extra = m & ~largest_component(m)
         else:
@@ -794,7 +898,7 @@ def one_component_per_lung(labels: np.ndarray, volumetric: bool = True) -> int:
             sizes = np.bincount(lab.ravel())
             sizes[0] = 0
             extra = m & (sizes[lab] < MIN_2D_PIECE_FRACTION * sizes.max())
-        labels[extra] = 0
+        labels[box][extra] = 0
         dropped += int(extra.sum())
     return dropped
 
@@ -1050,9 +1154,11 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
     labels = smooth_lungs(labels, spacing_rc, CLOSING_MM if closing_mm is None else closing_mm)
     if method in (LungMethod.HU, LungMethod.NET):
         aerated = labels > 0
-        labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc)
-        labels, bronchograms = recover_bronchograms(labels, hu, body, airways, midline, spacing_rc)
-        labels, between = recover_between_slices(labels, hu, body, right_side, spacing_rc)
+        dense = by_slabs(dense_tissue, hu)
+        labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc, dense=dense,
+                                                    trunk=midline.trunk)
+        labels, bronchograms = recover_bronchograms(labels, hu, body, airways, midline, spacing_rc, dense=dense)
+        labels, between = recover_between_slices(labels, hu, body, right_side, spacing_rc, dense=dense)
         recovered += bronchograms + between
         # fill again: the recovered rim may now enclose lesions, which count even when open on the next slice
         labels = smooth_lungs(labels, spacing_rc, 0.0, hu=hu)
