@@ -1046,6 +1046,8 @@ DEFAULT_METHOD = LungMethod.HU
 NET_WEIGHTS = "lungnet"         # models/weights/<name>.safetensors
 NET_LUNG_PROBABILITY = 0.5      # a pixel is lung for the net from this probability
 NET_VETO_PROBABILITY = 0.2     # dense tissue the HU rules recovered leaves the lung below this probability
+NET_COMPONENT_PROBABILITY = 0.3  # a connected piece of lung whose mean probability is lower leaves it (bowel gas,
+                                 # air in the chest wall)
 
 
 def lung_method(name: str) -> LungMethod:
@@ -1081,7 +1083,8 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     """Step 6n (method "net"): the lung network's probability corrects the HU method where the HU rules are weak.
 
     Dense tissue that the HU rules recovered (steps 5-6b: not ``aerated``) and the network gives less than
-    ``NET_VETO_PROBABILITY`` leaves the lung (a strip of mediastinum or heart border the rays took). Dense
+    ``NET_VETO_PROBABILITY`` leaves the lung (a strip of mediastinum or heart border the rays took), and so does
+    a connected piece whose mean probability is under ``NET_COMPONENT_PROBABILITY`` (bowel gas). Dense
     tissue of the body that the network gives at least ``NET_LUNG_PROBABILITY`` joins the lung it touches (3D),
     after an opening of ``RIM_MM`` per slice (thin rims at the pleura, the network's blurred edge), on the side
     of the body midline: consolidation and atelectasis that no HU rule reaches. Holes are then filled as in
@@ -1092,6 +1095,13 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     prob = lung_probability(hu, device)
     labels = labels.copy()
     vetoed = (labels > 0) & ~aerated & (prob < NET_VETO_PROBABILITY)
+    lab, n = ndi.label(labels > 0)
+    if n:  # a whole piece of "lung" the network does not see as lung: bowel gas, air in the chest wall
+        size = np.bincount(lab.ravel(), minlength=n + 1)
+        mean_prob = np.bincount(lab.ravel(), weights=prob.ravel(), minlength=n + 1) / np.maximum(size, 1)
+        unlike = mean_prob < NET_COMPONENT_PROBABILITY
+        unlike[0] = False
+        vetoed |= unlike[lab]
     labels[vetoed] = 0
     lung = labels > 0
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)
@@ -1174,8 +1184,8 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
         notes.append(f"the lung network took {amount(taken)} of dense tissue (consolidation, atelectasis) "
                      "into the lungs")
     if vetoed:
-        notes.append(f"the lung network returned {amount(vetoed)} of dense tissue that the HU rules had "
-                     "taken into the lungs (mediastinum, heart border)")
+        notes.append(f"the lung network returned {amount(vetoed)} of tissue that the HU rules had "
+                     "taken into the lungs (heart border, mediastinum, effusion, bowel gas)")
     if dropped * area_px * max(volume.slice_spacing, 1.0) >= 1000.0:  # at least 1 ml (1 cm3)
         notes.append(f"dropped {amount(dropped)} of lung-like pieces detached from the main lung components")
 
