@@ -72,7 +72,7 @@ def analyse(paths: list[str | Path], *, engine: str = "auto", min_slices: int = 
     scores = result.measurements()
     sr = build_report(result.volume, seg, scores, result.engine, series_number=sr_series_number,
                       other_evidence=[result.lobe_map_header] if result.lobe_map_header is not None else [],
-                      notes=result.segmentation_notes)
+                      notes=result.segmentation_notes, lung_method=result.lungs.method)
     timings["sr"] = time.perf_counter() - t0
     scs = []
     if key_images > 0:

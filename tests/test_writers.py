@@ -628,3 +628,34 @@ def test_seg_and_sr_files_share_the_tracking_of_each_measured_segment(tmp_path):
     for identifier, uid in [*segments.values(), *((g.tracking_identifier, g.tracking_uid) for g in groups)]:
         names.setdefault(uid, set()).add(identifier)
     assert all(len(ids) == 1 for ids in names.values()), names
+
+
+def test_lungs_of_the_lung_network_name_it_in_seg_and_sr(case):
+    """Lung segments made with the lung network (method "net") name that algorithm, as AI, with the hash of
+    its weights, in the SEG and in the SR groups that measure them."""
+    import dataclasses
+
+    from models.registry import read_meta
+
+    volume, lungs, infection, _ = case
+    net_lungs = dataclasses.replace(lungs, method="net")
+    seg = build_segmentation(volume, net_lungs, infection, INFNET, series_number=905)
+    lung_items = [i for i in seg.SegmentSequence if i.SegmentLabel in ("Right lung", "Left lung")]
+    assert len(lung_items) == 2
+    for item in lung_items:
+        algo = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert algo.AlgorithmName == "ctnode HU lung segmentation with lung network"
+        assert algo.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"  # Artificial Intelligence
+        assert read_meta("lungnet")["sha256"][:16] in algo.AlgorithmVersion
+    sr = build_report(volume, seg, scores_3d(), INFNET, lung_method="net")
+    names: set[str] = set()
+
+    def walk(items) -> None:
+        for i in items:
+            if "ConceptNameCodeSequence" in i and i.ConceptNameCodeSequence[0].CodeValue == "111001":
+                names.add(str(i.TextValue))
+            walk(i.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert "ctnode HU lung segmentation with lung network" in names
+    assert "ctnode HU lung segmentation" not in names

@@ -1042,7 +1042,7 @@ class LungMethod(str, enum.Enum):
                            # dense disease the rules miss and removes dense tissue they took wrongly
 
 
-DEFAULT_METHOD = LungMethod.HU
+DEFAULT_METHOD = LungMethod.NET  # docs/lungs.md, "Default"
 NET_WEIGHTS = "lungnet"         # models/weights/<name>.safetensors
 NET_LUNG_PROBABILITY = 0.5      # a pixel is lung for the net from this probability
 NET_VETO_PROBABILITY = 0.2     # dense tissue the HU rules recovered leaves the lung below this probability
@@ -1140,7 +1140,8 @@ def segment_lungs(volume: Volume, *, closing_mm: float | None = None,
         notes = [*notes, f"lung reaches the edge of the reconstructed field of view (up to {cut_cm2:.1f} cm2 "
                          "of lung on one slice not segmented): the field of view is narrower than the chest"]
     return dataclasses.replace(inner, labels=labels, airways=airways, body=body, fov_cut_cm2=cut_cm2,
-                               partial_coverage=inner.partial_coverage or cut_cm2 > 0, notes=notes)
+                               partial_coverage=inner.partial_coverage or cut_cm2 > 0, notes=notes,
+                               method=method.value)
 
 
 def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,

@@ -63,6 +63,7 @@ class LungMasks:
     # (:func:`node.pipeline.lungs.lung_cut_by_fov`); such lung is outside the body outline and not in ``labels``.
     fov_cut_cm2: float = 0.0
     notes: list[str] = field(default_factory=list)
+    method: str = "hu"                   # node.pipeline.lungs.LungMethod value that made ``labels``
 
     RIGHT = 1
     LEFT = 2

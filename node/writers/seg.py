@@ -81,6 +81,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 import node
@@ -99,8 +100,10 @@ FAMILY_AI = codes.DCM.ArtificialIntelligence          # 123110, CID 7162
 FAMILY_HISTOGRAM = codes.DCM.HistogramAnalysis        # 123105, CID 7162
 FAMILY_MORPHOLOGY = codes.DCM.MorphologicalOperations  # 123104, CID 7162
 FRAME_LATERALITY_BOTH = "B"
-#: The HU lung segmentation (node.pipeline.lungs): every SEG's lung segments come from it.
+#: The lung segmentation (node.pipeline.lungs): the HU method, or the HU method corrected by the lung network.
 LUNG_ALGORITHM_NAME = "ctnode HU lung segmentation"
+LUNG_NET_ALGORITHM_NAME = "ctnode HU lung segmentation with lung network"
+LUNG_NET_WEIGHTS = "lungnet"
 #: The pleural effusion method (node.pipeline.effusion): the effusion segments come from it.
 EFFUSION_ALGORITHM_NAME = "ctnode HU pleural effusion"
 
@@ -220,15 +223,26 @@ def algorithm_identification(engine: EngineIdentity) -> hd.AlgorithmIdentificati
     )
 
 
-def lung_algorithm_version() -> str:
-    return f"ctnode {node.__version__}"
+def lung_algorithm_version(method: str = "hu") -> str:
+    """ctnode's version; with the lung network (method "net"), the first 16 digits of its weights' SHA-256."""
+    if method != "net":
+        return f"ctnode {node.__version__}"
+    from models.registry import read_meta
+
+    return f"ctnode {node.__version__}; {LUNG_NET_WEIGHTS} sha256 {read_meta(LUNG_NET_WEIGHTS)['sha256'][:16]}"
 
 
-def lung_algorithm_identification() -> hd.AlgorithmIdentificationSequence:
-    """Algorithm of the lung segments: the HU lung method, whatever the infection engine."""
-    return hd.AlgorithmIdentificationSequence(
-        name=LUNG_ALGORITHM_NAME, family=_cc(FAMILY_MORPHOLOGY), version=lung_algorithm_version(),
-        source=MANUFACTURER)
+def lung_algorithm(method: str = "hu") -> tuple[str, Code, str]:
+    """(name, family, version) of the lung segments' algorithm for a lung method (LungMasks.method)."""
+    if method == "net":
+        return LUNG_NET_ALGORITHM_NAME, FAMILY_AI, lung_algorithm_version(method)
+    return LUNG_ALGORITHM_NAME, FAMILY_MORPHOLOGY, lung_algorithm_version(method)
+
+
+def lung_algorithm_identification(method: str = "hu") -> hd.AlgorithmIdentificationSequence:
+    """Algorithm of the lung segments (:func:`lung_algorithm`), whatever the infection engine."""
+    name, family, version = lung_algorithm(method)
+    return hd.AlgorithmIdentificationSequence(name=name, family=_cc(family), version=version, source=MANUFACTURER)
 
 
 def effusion_algorithm_identification() -> hd.AlgorithmIdentificationSequence:
@@ -423,7 +437,8 @@ def build_segmentation(
         raise ValueError("volume.datasets is empty: the SEG needs the source headers")
     source_images = source_headers(volume)
     segments, pixel_array = _stack_masks(volume, lungs, infection, effusion)
-    algorithms = {"lung": lung_algorithm_identification(), "effusion": effusion_algorithm_identification()}
+    algorithms = {"lung": lung_algorithm_identification(lungs.method),
+                  "effusion": effusion_algorithm_identification()}
     engine_algo = algorithm_identification(engine)
 
     seg = _Segmentation(

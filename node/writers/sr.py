@@ -118,7 +118,6 @@ from node.pipeline.types import EngineIdentity, Volume
 from node.writers.equipment import MANUFACTURER, processing_algorithm
 from node.writers.seg import (
     EFFUSION_ALGORITHM_NAME,
-    LUNG_ALGORITHM_NAME,
     SEGMENT_BY_KEY,
     SEGMENTS,
     algorithm_family,
@@ -126,6 +125,7 @@ from node.writers.seg import (
     algorithm_version,
     device_serial_number,
     device_uid,
+    lung_algorithm,
     lung_algorithm_version,
     segment_numbers,
     source_headers,
@@ -366,10 +366,17 @@ def _algorithm_id(engine: EngineIdentity, *, manufacturer: bool = True) -> hd.sr
     )
 
 
-def _lung_algorithm_id(name: str = LUNG_ALGORITHM_NAME) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 of the HU lung method (the SEG's lung segments) or, by ``name``, of the effusion method."""
+def _lung_algorithm_id(method: str = "hu") -> hd.sr.AlgorithmIdentification:
+    """TID 4019 of the lung method (the SEG's lung segments, :func:`node.writers.seg.lung_algorithm`)."""
+    name, family, version = lung_algorithm(method)
+    return hd.sr.AlgorithmIdentification(name=name, version=version, family=hd.sr.CodedConcept.from_code(family),
+                                         manufacturer=MANUFACTURER)
+
+
+def _effusion_algorithm_id() -> hd.sr.AlgorithmIdentification:
+    """TID 4019 of the pleural effusion method (the SEG's effusion segments)."""
     return hd.sr.AlgorithmIdentification(
-        name=name, version=lung_algorithm_version(),
+        name=EFFUSION_ALGORITHM_NAME, version=lung_algorithm_version(),
         family=hd.sr.CodedConcept.from_code(codes.DCM.MorphologicalOperations), manufacturer=MANUFACTURER)
 
 
@@ -545,12 +552,14 @@ def build_report(
     strict: bool = False,
     other_evidence: Sequence[Dataset] = (),
     notes: Sequence[str] = (),
+    lung_method: str = "hu",
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report for ``seg`` (built from ``volume``) and ``scores``.
 
     ``other_evidence``: headers of further objects the scores rest on (the lobe SEG that gave the zones),
     listed in the SR's evidence sequences with the SEG and the source images. ``notes``: analysis notes,
-    one TEXT "Comment" each in the report's "Qualitative Evaluations" container.
+    one TEXT "Comment" each in the report's "Qualitative Evaluations" container. ``lung_method``: the
+    LungMasks.method of the SEG's lung segments (their algorithm).
 
     Keys that no row of :data:`MEASUREMENTS` describes are not reported (logged at debug level), so the
     scorer may carry more than the SR; with ``strict=True`` they raise ``KeyError`` instead (catches
@@ -571,8 +580,8 @@ def build_report(
                 and (_value(scores, f"{key}_volume_ml") or _value(scores, f"{key}_area_cm2"))):
             raise ValueError(f"scores give a {key} size but the SEG has no {key} segment")
 
-    ctx = _Context(seg, volume, scores, volumetric, _algorithm_id(engine), _lung_algorithm_id(),
-                   _algorithm_id(engine, manufacturer=False), _lung_algorithm_id(EFFUSION_ALGORITHM_NAME))
+    ctx = _Context(seg, volume, scores, volumetric, _algorithm_id(engine), _lung_algorithm_id(lung_method),
+                   _algorithm_id(engine, manufacturer=False), _effusion_algorithm_id())
     no_effusion = {f"{side}_effusion" for side in _no_effusion(scores)}
     groups: list[Dataset] = []
     left_out: list[str] = []
