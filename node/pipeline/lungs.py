@@ -573,7 +573,8 @@ class SkinGeometry:
         return ((angle + np.pi) / (2 * np.pi) * WALL_BINS).astype(np.int64) % WALL_BINS
 
 
-def wall_depth_ok(lungs: np.ndarray, skin: SkinGeometry, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def wall_depth_ok(lungs: np.ndarray, skin: SkinGeometry, rows: np.ndarray, cols: np.ndarray,
+                  interpolate: bool = False) -> np.ndarray:
     """For the pixels (rows, cols) of one slice: at least as deep under the skin as the inner chest wall?
 
     The chest wall is as dense as consolidation, so its inner surface is estimated from where aerated lung
@@ -581,13 +582,18 @@ def wall_depth_ok(lungs: np.ndarray, skin: SkinGeometry, rows: np.ndarray, cols:
     (``WALL_BINS`` bins); the shallowest lung pixel of a bin gives the wall thickness there. A lesion at
     the pleura makes that depth too large in a few neighbouring bins, so the profile is opened (running
     minimum, then maximum, over ``WALL_WINDOW_BINS``), which keeps the thin wall of the healthy
-    neighbours. Bins without lung have no wall estimate and nothing in them qualifies.
+    neighbours. Bins without lung have no wall estimate and nothing in them qualifies, unless ``interpolate``:
+    then their wall depth is interpolated around the circle between the nearest bins that have one (a
+    dependent consolidation that no aerated lung reaches past).
     """
     lung_rows, lung_cols = np.nonzero(lungs)
     wall = np.full(WALL_BINS, np.inf)
     np.minimum.at(wall, skin.angle_bins(lung_rows, lung_cols), skin.depth[lung_rows, lung_cols])
     wall = ndi.maximum_filter1d(ndi.minimum_filter1d(wall, WALL_WINDOW_BINS, mode="wrap"),
                                 WALL_WINDOW_BINS, mode="wrap")
+    known = np.flatnonzero(np.isfinite(wall))
+    if interpolate and 0 < known.size < WALL_BINS:
+        wall = np.interp(np.arange(WALL_BINS), known, wall[known], period=WALL_BINS)
     return skin.depth[rows, cols] >= wall[skin.angle_bins(rows, cols)] - WALL_TOLERANCE_MM
 
 
@@ -1078,16 +1084,35 @@ def lung_probability(hu: np.ndarray, device: str = "cpu") -> np.ndarray:
     return prob.cpu().numpy()
 
 
+def within_chest_wall(cand: np.ndarray, aerated: np.ndarray, trunk: np.ndarray,
+                      spacing_rc: tuple[float, float]) -> np.ndarray:
+    """``cand`` without the pixels that lie beyond the pleura: per slice, a pixel must be at least as deep under
+    the skin as the inner chest wall is where aerated lung meets it (:func:`wall_depth_ok`, the rule of step 6;
+    interpolated around the body where no aerated lung meets the wall). Slices without aerated lung keep
+    nothing."""
+    out = np.zeros_like(cand)
+    for k in np.flatnonzero(cand.reshape(cand.shape[0], -1).any(axis=1)):
+        if not aerated[k].any() or not trunk[k].any():
+            continue
+        rows, cols = np.nonzero(cand[k])
+        ok = wall_depth_ok(aerated[k], SkinGeometry(trunk[k], spacing_rc), rows, cols, interpolate=True)
+        out[k, rows[ok], cols[ok]] = True
+    return out
+
+
 def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np.ndarray, airways: np.ndarray,
-               right_side: np.ndarray, spacing_rc: tuple[float, float], device: str) -> tuple[np.ndarray, int, int]:
+               right_side: np.ndarray, spacing_rc: tuple[float, float], device: str,
+               trunk: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
     """Step 6n (method "net"): the lung network's probability corrects the HU method where the HU rules are weak.
 
     Dense tissue that the HU rules recovered (steps 5-6b: not ``aerated``) and the network gives less than
     ``NET_VETO_PROBABILITY`` leaves the lung (a strip of mediastinum or heart border the rays took), and so does
     a connected piece whose mean probability is under ``NET_COMPONENT_PROBABILITY`` (bowel gas). Dense
     tissue of the body that the network gives at least ``NET_LUNG_PROBABILITY`` joins the lung it touches (3D),
-    after an opening of ``RIM_MM`` per slice (thin rims at the pleura, the network's blurred edge), on the side
-    of the body midline: consolidation and atelectasis that no HU rule reaches. Holes are then filled as in
+    when at least as deep under the skin as the inner chest wall (:func:`within_chest_wall`: the network,
+    trained without real chest walls, also marks muscle between the ribs), after an opening of ``RIM_MM`` per
+    slice (thin rims at the pleura, the network's blurred edge), on the side of the body midline:
+    consolidation and atelectasis that no HU rule reaches. Holes are then filled as in
     step 6, not those open onto an organ on a neighbouring slice (a liver dome ringed by lung stays out).
     Aerated lung is the HU method's. Returns the labels, the voxels
     taken and the voxels removed.
@@ -1105,7 +1130,8 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     labels[vetoed] = 0
     lung = labels > 0
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)
-    dense = ndi.binary_opening((prob >= NET_LUNG_PROBABILITY) & body & ~airways & ~lung & (hu >= AIR_HU),
+    dense = (prob >= NET_LUNG_PROBABILITY) & body & ~airways & ~lung & (hu >= AIR_HU)
+    dense = ndi.binary_opening(within_chest_wall(dense, aerated, body if trunk is None else trunk, spacing_rc),
                                structure=rim)
     lab, n = ndi.label(dense | lung)
     touching = np.zeros(n + 1, bool)
@@ -1174,7 +1200,8 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
         # fill again: the recovered rim may now enclose lesions, which count even when open on the next slice
         labels = smooth_lungs(labels, spacing_rc, 0.0, hu=hu)
         if method is LungMethod.NET:
-            labels, taken, vetoed = net_refine(labels, aerated, hu, body, airways, right_side, spacing_rc, device)
+            labels, taken, vetoed = net_refine(labels, aerated, hu, body, airways, right_side, spacing_rc, device,
+                                               trunk=midline.trunk)
     labels[airways] = 0
     dropped = one_component_per_lung(labels, volumetric=volume.is_volumetric)
     amount = functools.partial(amount_text, volume=volume)
