@@ -26,6 +26,16 @@ from node.results import result_row
 log = logging.getLogger(__name__)
 
 
+TORCH_ALLOCATION_FAILURES = ("can't allocate memory", "CUDA out of memory")  # torch raises RuntimeError
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: numpy's MemoryError, or torch's RuntimeError from its CPU or CUDA allocator
+    (the lung and infection networks allocate through torch)."""
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in TORCH_ALLOCATION_FAILURES))
+
+
 def _exit_with_parent() -> None:
     """End this process when the node that started it dies (so a killed node leaves no stray worker)."""
     parent = os.getppid()
@@ -68,17 +78,16 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
         if analysis.status == "done":
             out = write_outputs(analysis, settings.results_dir / study_uid / f"v{version}")
         state, reason = JobState(analysis.status), analysis.reason
-    except MemoryError:  # a real allocation failure under processing.worker_memory_gb: not retried
-        log.exception("job %d ran out of memory", job_id)
-        analysis, state = None, JobState.FAILED
-        reason = (f"out of memory: the study needs more than processing.worker_memory_gb = "
-                  f"{settings.processing.worker_memory_gb:g} GB")
-        tb = traceback.format_exc()
     except Exception as exc:
-        log.exception("job %d failed", job_id)
         analysis, state = None, JobState.FAILED
-        reason = f"{type(exc).__name__}: {exc}"
         tb = traceback.format_exc()
+        if out_of_memory(exc):  # a real allocation failure under processing.worker_memory_gb: not retried
+            log.exception("job %d ran out of memory", job_id)
+            reason = (f"out of memory: the study needs more than processing.worker_memory_gb = "
+                      f"{settings.processing.worker_memory_gb:g} GB")
+        else:
+            log.exception("job %d failed", job_id)
+            reason = f"{type(exc).__name__}: {exc}"
     else:
         tb = ""
     elapsed = time.perf_counter() - started
