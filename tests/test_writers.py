@@ -659,3 +659,12 @@ def test_lungs_of_the_lung_network_name_it_in_seg_and_sr(case):
     walk(sr.ContentSequence)
     assert "ctnode HU lung segmentation with lung network" in names
     assert "ctnode HU lung segmentation" not in names
+    # the AIR processing algorithm names the lung network's weights, and its Device UID changes with them
+    (algorithm,) = [e for e in sr.ContributingEquipmentSequence
+                    if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+    assert any(v.startswith("lungnet sha256:") for v in algorithm.SoftwareVersions)
+    assert algorithm.DeviceUID == algorithm_device_uid(INFNET, read_meta("lungnet")["sha256"])
+    assert algorithm.DeviceUID != algorithm_device_uid(INFNET)
+    (seg_algorithm,) = [e for e in seg.ContributingEquipmentSequence
+                        if e.PurposeOfReferenceCodeSequence[0].CodeValue == "Newcode1"]
+    assert seg_algorithm.DeviceUID == algorithm.DeviceUID

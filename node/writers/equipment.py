@@ -21,9 +21,11 @@ MANUFACTURER = "ctnode"
 PROCESSING_ALGORITHM = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
 
 
-def algorithm_device_uid(engine: EngineIdentity) -> str:
-    """Deterministic Device UID of an engine: the same name, version and weights give the same UID."""
-    return generate_uid(entropy_srcs=["ctnode algorithm", engine.name, engine.version, engine.weights_sha256])
+def algorithm_device_uid(engine: EngineIdentity, lung_weights_sha256: str = "") -> str:
+    """Deterministic Device UID of an engine (and of the lung network's weights when the lungs came from it):
+    the same name, version and weights give the same UID, other weights another."""
+    sources = ["ctnode algorithm", engine.name, engine.version, engine.weights_sha256]
+    return generate_uid(entropy_srcs=sources + ([lung_weights_sha256] if lung_weights_sha256 else []))
 
 
 def algorithm_model_name(engine: EngineIdentity) -> str:
@@ -31,11 +33,14 @@ def algorithm_model_name(engine: EngineIdentity) -> str:
     return f"ctnode {engine.name}"[:64]
 
 
-def processing_algorithm(engine: EngineIdentity) -> hd.ContributingEquipment:
-    """The AIR "Processing Algorithm" item for ``engine``."""
+def processing_algorithm(engine: EngineIdentity, lung_weights_sha256: str = "") -> hd.ContributingEquipment:
+    """The AIR "Processing Algorithm" item for ``engine``; ``lung_weights_sha256``: the lung network's weights
+    when the lungs came from it (their hash is a software version and changes the Device UID too)."""
     versions = [f"ctnode {node.__version__}", f"{engine.name} {engine.version}"]
     if engine.weights_sha256:
         versions.append(f"weights sha256:{engine.weights_sha256[:16]}")
+    if lung_weights_sha256:
+        versions.append(f"lungnet sha256:{lung_weights_sha256[:16]}")
     item = hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
         # highdicom accepts only CID 7005 purposes; the AIR code replaces this one below
@@ -45,5 +50,5 @@ def processing_algorithm(engine: EngineIdentity) -> hd.ContributingEquipment:
         contribution_description=(engine.description or f"ctnode {engine.name} engine")[:1024],  # ST
     )
     item.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
-    item.DeviceUID = algorithm_device_uid(engine)
+    item.DeviceUID = algorithm_device_uid(engine, lung_weights_sha256)
     return item

@@ -227,9 +227,16 @@ def lung_algorithm_version(method: str = "hu") -> str:
     """ctnode's version; with the lung network (method "net"), the first 16 digits of its weights' SHA-256."""
     if method != "net":
         return f"ctnode {node.__version__}"
+    return f"ctnode {node.__version__}; {LUNG_NET_WEIGHTS} sha256 {lung_weights_sha256(method)[:16]}"
+
+
+def lung_weights_sha256(method: str = "hu") -> str:
+    """SHA-256 of the lung network's weights when the lungs came from it (method "net"), else ""."""
+    if method != "net":
+        return ""
     from models.registry import read_meta
 
-    return f"ctnode {node.__version__}; {LUNG_NET_WEIGHTS} sha256 {read_meta(LUNG_NET_WEIGHTS)['sha256'][:16]}"
+    return str(read_meta(LUNG_NET_WEIGHTS)["sha256"])
 
 
 def lung_algorithm(method: str = "hu") -> tuple[str, Code, str]:
@@ -460,7 +467,7 @@ def build_segmentation(
         series_description=SEG_SERIES_DESCRIPTION,
         omit_empty_frames=True,
         workers=workers,
-        contributing_equipment=[processing_algorithm(engine)],
+        contributing_equipment=[processing_algorithm(engine, lung_weights_sha256(lungs.method))],
     )
     _set_frame_anatomy(seg)
     _set_pixel_measures(seg, volume)

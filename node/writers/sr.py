@@ -127,6 +127,7 @@ from node.writers.seg import (
     device_uid,
     lung_algorithm,
     lung_algorithm_version,
+    lung_weights_sha256,
     segment_numbers,
     source_headers,
 )
@@ -644,7 +645,7 @@ def build_report(
         device_serial_number=serial,
         series_description=SR_SERIES_DESCRIPTION,
         coding_schemes=[PRIVATE_SCHEME_ITEM],
-        contributing_equipment=[processing_algorithm(engine)],
+        contributing_equipment=[processing_algorithm(engine, lung_weights_sha256(lung_method))],
         is_complete=True,
         is_final=False,      # PreliminaryFlag PRELIMINARY: machine output awaiting a reader
         is_verified=False,   # VerificationFlag UNVERIFIED
