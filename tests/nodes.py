@@ -143,7 +143,12 @@ def setup_export(tmp_path: Path, port: int, max_attempts: int = 3) -> tuple[Sett
     settings = make_settings(tmp_path, export={"max_attempts": max_attempts},
                              destinations=[{"name": "pacs", "ae_title": "PACS", "host": HOST, "port": port}])
     sessions = open_database(settings.storage.database_url)
-    path = write(ct_slice(), tmp_path / "out")
+    add_done_job(sessions, "pacs", [("1.2.3.4", write(ct_slice(), tmp_path / "out"))])
+    return settings, sessions
+
+
+def add_done_job(sessions: sessionmaker[Session], destination: str, objects: list[tuple[str, Path]]) -> None:
+    """A study with one done job and a pending export to ``destination`` of each (SOP Instance UID, path)."""
     with sessions.begin() as s:
         study = Study(study_instance_uid="1.2.3")
         s.add(study)
@@ -151,8 +156,8 @@ def setup_export(tmp_path: Path, port: int, max_attempts: int = 3) -> tuple[Sett
         job = Job(study_id=study.id, version=1, state="done")
         s.add(job)
         s.flush()
-        s.add(Export(job_id=job.id, destination="pacs", sop_instance_uid="1.2.3.4", path=str(path)))
-    return settings, sessions
+        s.add_all(Export(job_id=job.id, destination=destination, sop_instance_uid=uid, path=str(path))
+                  for uid, path in objects)
 
 
 def export_row(sessions: sessionmaker[Session]) -> Export:

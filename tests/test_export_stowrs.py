@@ -17,12 +17,12 @@ from sqlalchemy import select
 
 from node.config import ConfigError, HttpAuth, Transport, load_settings
 from node.db import open_database
-from node.db.schema import Event, Export, Job, Study
+from node.db.schema import Event, Export
 from node.demo import free_port
 from node.export import run_exports, send_files
 from node.reports import retry
 from tests.builders import ct_slice, write
-from tests.nodes import export_row, make_settings
+from tests.nodes import add_done_job, export_row, make_settings
 
 pytestmark = pytest.mark.integration
 
@@ -248,15 +248,7 @@ def stow_outbox(tmp_path: Path, url: str, n: int, max_attempts: int = 3):
     settings = make_settings(tmp_path, export={"max_attempts": max_attempts}, destinations=[stow_destination(url)])
     sessions = open_database(settings.storage.database_url)
     paths, uids = files(tmp_path, n)
-    with sessions.begin() as s:
-        study = Study(study_instance_uid="1.2.3")
-        s.add(study)
-        s.flush()
-        job = Job(study_id=study.id, version=1, state="done")
-        s.add(job)
-        s.flush()
-        s.add_all(Export(job_id=job.id, destination="web", sop_instance_uid=uid, path=str(path))
-                  for uid, path in zip(uids, paths))
+    add_done_job(sessions, "web", list(zip(uids, paths)))
     return settings, sessions, uids
 
 

@@ -99,7 +99,7 @@ def test_toolbox_e_phi_equals_the_per_threshold_definition():
 def test_slice_bootstrap_interval():
     from training.evaluation import summarise
 
-    rows = [{"dice": v, "tp": t, "den": d} for v, t, d in ((0.2, 1, 10), (0.4, 2, 10), (0.9, 9, 20))]
+    rows = [{"dice": v, "tp_infection": t, "den_infection": d} for v, t, d in ((0.2, 1, 10), (0.4, 2, 10), (0.9, 9, 20))]
     s = summarise(rows, ["dice", "pooled_dice_infection"], n_boot=500)
     assert s["dice"]["value"] == pytest.approx(0.5)
     assert s["pooled_dice_infection"]["value"] == pytest.approx(2 * 12 / 40)

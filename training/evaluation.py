@@ -59,7 +59,8 @@ def single_rows(predictor: InfNetPredictor, images: list[np.ndarray], masks: lis
         gt = np.asarray(m) > GT_LEVEL
         b = p >= predictor.threshold
         tp, den = int((b & gt).sum()), int(b.sum() + gt.sum())
-        rows.append({**toolbox_metrics(p, gt), "dice": 1.0 if den == 0 else 2 * tp / den, "tp": tp, "den": den})
+        rows.append({**toolbox_metrics(p, gt), "dice": 1.0 if den == 0 else 2 * tp / den, "tp_infection": tp,
+                     "den_infection": den})
     return rows
 
 
@@ -88,8 +89,8 @@ def multi_rows(predictor: InfNetPredictor, images: list[np.ndarray], labels: lis
 def _statistic(rows: list[dict], key: str, idx: np.ndarray) -> float:
     if key.startswith("pooled_"):
         cls = key.removeprefix("pooled_dice_")
-        tp = sum(rows[i][f"tp_{cls}"] if cls != "infection" else rows[i]["tp"] for i in idx)
-        den = sum(rows[i][f"den_{cls}"] if cls != "infection" else rows[i]["den"] for i in idx)
+        tp = sum(rows[i][f"tp_{cls}"] for i in idx)
+        den = sum(rows[i][f"den_{cls}"] for i in idx)
         return 2 * tp / den if den else float("nan")
     return float(np.mean([rows[i][key] for i in idx]))
 

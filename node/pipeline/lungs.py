@@ -1090,13 +1090,16 @@ def within_chest_wall(cand: np.ndarray, aerated: np.ndarray, trunk: np.ndarray,
     the skin as the inner chest wall is where aerated lung meets it (:func:`wall_depth_ok`, the rule of step 6;
     interpolated around the body where no aerated lung meets the wall). Slices without aerated lung keep
     nothing."""
-    out = np.zeros_like(cand)
-    for k in np.flatnonzero(cand.reshape(cand.shape[0], -1).any(axis=1)):
-        if not aerated[k].any() or not trunk[k].any():
-            continue
+    def kept(k: int) -> tuple[np.ndarray, np.ndarray]:
         rows, cols = np.nonzero(cand[k])
         ok = wall_depth_ok(aerated[k], SkinGeometry(trunk[k], spacing_rc), rows, cols, interpolate=True)
-        out[k, rows[ok], cols[ok]] = True
+        return rows[ok], cols[ok]
+
+    out = np.zeros_like(cand)
+    ks = [int(k) for k in np.flatnonzero(cand.reshape(cand.shape[0], -1).any(axis=1))
+          if aerated[k].any() and trunk[k].any()]
+    for k, (rows, cols) in zip(ks, map_slices(kept, ks)):  # one distance transform per slice, over the CPUs
+        out[k, rows, cols] = True
     return out
 
 
