@@ -38,6 +38,7 @@ from node.db.states import REFERENCE_OPEN, JobState, ReferenceState, transition
 from node.pipeline.regionmap import is_lobe_map
 from node.pipeline.segments import SegmentKey, classify_segment, lesion_side
 from node.registry import add_event, reopen_study
+from node.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +109,14 @@ class SourceGrid:
     origin: str
 
 
-def source_grid(session: Session, series_uid: str) -> SourceGrid:
+def source_grid(session: Session, series_uid: str, files: Storage) -> SourceGrid:
     """Slice order and voxel volume of ``series_uid`` from its CT headers still in the spool."""
     from node.pipeline.volume import series_geometry
 
     paths = session.scalars(select(Instance.path).join(Series, Instance.series_id == Series.id).where(
         Series.series_instance_uid == series_uid, Instance.purged_at.is_(None)))
     try:
-        headers = [dcmread(p, stop_before_pixels=True) for p in paths]
+        headers = [dcmread(files.spool_file(p), stop_before_pixels=True) for p in paths]
         geo = series_geometry(headers)
     except Exception as exc:  # purged, unreadable or not one stack: the SEG's own pixel measures are used
         log.debug("no spool geometry for the series: %s", exc)
@@ -206,12 +207,12 @@ def take_lobe_map(session: Session, ref: ReferenceSeg) -> ReferenceState:
     return ref.state
 
 
-def compute_agreement(session: Session, ref: ReferenceSeg) -> ReferenceState:
+def compute_agreement(session: Session, ref: ReferenceSeg, files: Storage) -> ReferenceState:
     """Compare one reference SEG with the node's result; updates ``ref`` and returns its new state."""
     import highdicom as hd
 
     try:
-        lobe_map = is_lobe_map(dcmread(ref.path, stop_before_pixels=True))
+        lobe_map = is_lobe_map(dcmread(files.spool_file(ref.path), stop_before_pixels=True))
     except Exception:
         lobe_map = False  # unreadable: reported as failed by the comparison below
     if lobe_map:
@@ -226,8 +227,9 @@ def compute_agreement(session: Session, ref: ReferenceSeg) -> ReferenceState:
         ref.reason = reason
         return ref.state
     try:
-        node_seg, reference_seg = hd.seg.segread(result.seg_path), hd.seg.segread(ref.path)
-        rows, note = compare(node_seg, reference_seg, source_grid(session, ref.source_series_uid))
+        node_seg = hd.seg.segread(files.results_file(result.seg_path))
+        reference_seg = hd.seg.segread(files.spool_file(ref.path))
+        rows, note = compare(node_seg, reference_seg, source_grid(session, ref.source_series_uid, files))
     except Exception as exc:
         transition(ref, ReferenceState.FAILED)
         ref.reason, ref.job_id, ref.computed_at = f"{type(exc).__name__}: {exc}"[:4000], result.job_id, utcnow()
@@ -264,7 +266,7 @@ def _outdated(session: Session, ref: ReferenceSeg) -> bool:
     return result is not None and result.job_id != ref.job_id
 
 
-def compute_pending(sessions: Any, limit: int = 5) -> int:
+def compute_pending(sessions: Any, files: Storage, limit: int = 5) -> int:
     """One scheduler tick: compare pending references, retry unmatched ones, and compare done ones again
     when their series has a newer result; returns how many were compared (done or failed). Each
     reference is its own transaction."""
@@ -287,7 +289,7 @@ def compute_pending(sessions: Any, limit: int = 5) -> int:
                 continue  # still nothing to compare with: no write, no event
             if ref.state == ReferenceState.DONE and not _outdated(session, ref):
                 continue
-            compared += compute_agreement(session, ref) in (ReferenceState.DONE, ReferenceState.FAILED)
+            compared += compute_agreement(session, ref, files) in (ReferenceState.DONE, ReferenceState.FAILED)
         if compared >= limit:
             break
     return compared

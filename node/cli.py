@@ -66,7 +66,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         if args.action == "list":
             print(reports.results_table(session))
         elif args.action == "show":
-            text = reports.result_text(session, args.job)
+            text = reports.result_text(session, args.job, settings.files)
             if text is None:
                 print(f"no job {args.job}", file=sys.stderr)
                 return 1

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from node.storage import Storage
+
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII except backslash
 
 
@@ -213,6 +215,11 @@ class Settings:
     @property
     def results_dir(self) -> Path:
         return Path(self.storage.results_dir)
+
+    @property
+    def files(self) -> Storage:
+        """The spool and results folders, and how the database names the files in them."""
+        return Storage(self.spool_dir, self.results_dir)
 
 
 _SECTIONS = {

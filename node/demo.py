@@ -175,7 +175,7 @@ def run_demo(size: int = 512, slices: int = 240, out: Path | None = None, engine
             node.stop()
         with node.sessions() as session:
             job = session.query(Job).order_by(Job.id.desc()).first()
-            summary = result_text(session, job.id) if job else "no job"
+            summary = result_text(session, job.id, settings.files) if job else "no job"
         print("4/4 summary\n" + summary)
         print(f"  phantom ground truth: {100 * truth['right']:.1f} % of the right lung, {100 * truth['left']:.1f} % of "
               f"the left, {100 * truth['total']:.1f} % overall involved (compare percent_involved_* above)")

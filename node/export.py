@@ -46,16 +46,20 @@ def backoff(settings: Settings, attempts: int) -> dt.timedelta:
 
 
 def run_exports(settings: Settings, sessions: sessionmaker[Session], owner: str | None = None,
-                on_attempt: Callable[[str], None] | None = None) -> int:
+                on_attempt: Callable[[str], None] | None = None,
+                on_takeover: Callable[[int], None] | None = None) -> int:
     """Claim the due exports for ``owner`` (default: a new identity of this process), send them, record each
     outcome and free its claim; returns how many were sent. ``on_attempt`` gets each attempt's outcome
-    ("sent", "failed" or "dead"), e.g. for metrics."""
+    ("sent", "failed" or "dead"), ``on_takeover`` how many claims were taken over from expired leases (e.g.
+    for metrics)."""
     destinations = {d.name: d for d in settings.destinations}
     owner = owner or str(this_process(settings))
     sent = 0
     with sessions() as session:
-        rows = claim_due_exports(session, owner, settings.processing.lease_s)
+        rows, taken_over = claim_due_exports(session, owner, settings.processing.lease_s)
         session.commit()  # the claims are visible to every other process before anything is sent
+        if taken_over and on_takeover is not None:
+            on_takeover(taken_over)
         by_dest: dict[str, list[Export]] = {}
         for row in rows:
             by_dest.setdefault(row.destination, []).append(row)
@@ -65,7 +69,7 @@ def run_exports(settings: Settings, sessions: sessionmaker[Session], owner: str 
                 outcomes = all_failed(len(group), f"destination {name!r} is no longer configured")
             else:
                 try:
-                    outcomes = send_files(settings, dest, [Path(r.path) for r in group])
+                    outcomes = send_files(settings, dest, [settings.files.results_file(r.path) for r in group])
                 except Exception as exc:  # e.g. a result file removed by hand
                     outcomes = all_failed(len(group), f"{type(exc).__name__}: {exc}")
             for row, outcome in zip(group, outcomes):

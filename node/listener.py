@@ -310,7 +310,7 @@ class Listener:
             return record_reference(session, ReceivedReference(
                 study_instance_uid=study_uid, series_instance_uid=uids["SeriesInstanceUID"],
                 sop_instance_uid=uids["SOPInstanceUID"], source_series_uid=referenced_series_uid(ds),
-                path=str(path), size=size, sha256=digest, calling_aet=aet))
+                path=self.settings.files.spool_name(path), size=size, sha256=digest, calling_aet=aet))
 
         outcome = self._record(event, path, study_uid, digest, staged, record, ct_instance=False)
         return outcome if isinstance(outcome, Dataset) else StoreStatus.SUCCESS
@@ -377,8 +377,8 @@ class Listener:
             return record_instance(session, ReceivedInstance(
                 study_instance_uid=uids["StudyInstanceUID"], series_instance_uid=uids["SeriesInstanceUID"],
                 sop_instance_uid=uids["SOPInstanceUID"], sop_class_uid=sop_class,
-                transfer_syntax_uid=str(context.transfer_syntax), path=str(path), size=size, sha256=digest,
-                calling_aet=aet, modality=modality, series_description=series_description,
+                transfer_syntax_uid=str(context.transfer_syntax), path=self.settings.files.spool_name(path),
+                size=size, sha256=digest, calling_aet=aet, modality=modality, series_description=series_description,
                 patient_id=patient_id, accession_number=accession))
 
         outcome = self._record(event, path, study_uid, digest, staged, record, ct_instance=True)

@@ -65,9 +65,11 @@ class NodeMetrics:
         self.job_seconds = Histogram("ctnode_job_duration_seconds",
                                      "Seconds from claim to outcome of the jobs this process's workers ran",
                                      ["outcome"], buckets=DURATION_BUCKETS, registry=self.registry)
-        self.lease_takeovers = Counter("ctnode_lease_takeovers",
-                                       "Jobs this process released after another process's lease expired",
-                                       registry=self.registry)
+        self.lease_takeovers = Counter("ctnode_lease_takeovers", "Claims this process took over after another "
+                                       "process's lease expired: jobs it released, exports it claimed",
+                                       ["claim"], registry=self.registry)
+        for claim in ("job", "export"):
+            self.lease_takeovers.labels(claim)  # both series from the start, at 0
         self.stage_seconds = Histogram("ctnode_stage_seconds", "Seconds per processing stage of the done jobs "
                                        "this process's workers ran (their results' timings)", ["stage"],
                                        buckets=STAGE_BUCKETS, registry=self.registry)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
 
 from pydicom import dcmread
 from sqlalchemy import select
@@ -19,16 +18,17 @@ from sqlalchemy.orm import Session
 from node.db.schema import Instance
 from node.registry import ReceivedInstance, add_event, record_instance
 from node.spool import is_valid_uid
+from node.storage import Storage
 
 log = logging.getLogger(__name__)
 
 
-def recover_orphans(session: Session, spool_dir: Path) -> int:
+def recover_orphans(session: Session, files: Storage) -> int:
     """Register every spool file that no instance row points to; returns how many were registered."""
-    known = set(session.scalars(select(Instance.path)))
+    known = {files.spool_file(p) for p in session.scalars(select(Instance.path))}
     recovered = 0
-    for path in sorted(spool_dir.glob("*/*/*.dcm")):
-        if str(path) in known:
+    for path in sorted(files.spool_dir.glob("*/*/*.dcm")):
+        if path in known:
             continue
         try:
             ds = dcmread(path, stop_before_pixels=True)
@@ -43,7 +43,7 @@ def recover_orphans(session: Session, spool_dir: Path) -> int:
         record_instance(session, ReceivedInstance(
             study_instance_uid=uids[0], series_instance_uid=uids[1], sop_instance_uid=uids[2],
             sop_class_uid=str(ds.SOPClassUID), transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            path=str(path), size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+            path=files.spool_name(path), size=len(data), sha256=hashlib.sha256(data).hexdigest(),
             modality=str(ds.get("Modality", "")), series_description=str(ds.get("SeriesDescription", "")),
             patient_id=str(ds.get("PatientID", "")), accession_number=str(ds.get("AccessionNumber", ""))))
         add_event(session, "instance_recovered", f"spool file without a database row: {uids[2]}",

@@ -162,7 +162,8 @@ def record_reference(session: Session, ref: ReceivedReference) -> str:
 
 
 def instance_paths_for_job(session: Session, job: Job) -> list[str]:
-    """All instances of the job's study received up to and including its version (cumulative)."""
+    """All instances of the job's study received up to and including its version (cumulative): their
+    stored spool names (:mod:`node.storage`)."""
     rows = session.scalars(
         select(Instance.path).join(Job, Instance.job_id == Job.id)
         .where(Instance.study_id == job.study_id, Job.version <= job.version, Instance.purged_at.is_(None))
@@ -182,7 +183,7 @@ def reopen_study(session: Session, study_id: int, why: str) -> Job:
 
 
 def reference_paths_for_study(session: Session, study_id: int) -> list[str]:
-    """Spool paths of the Segmentations received for any series of the study (lobe maps among them)."""
+    """Stored spool names of the Segmentations received for any series of the study (lobe maps among them)."""
     series = select(Series.series_instance_uid).where(Series.study_id == study_id)
     return list(session.scalars(select(ReferenceSeg.path).where(ReferenceSeg.source_series_uid.in_(series))
                                 .order_by(ReferenceSeg.id)))
@@ -295,21 +296,33 @@ def release_lost_jobs(session: Session, owner: Owner, max_attempts: int) -> list
     return taken_over
 
 
-def claim_due_exports(session: Session, owner: str, lease_s: float, limit: int = 50) -> list[Export]:
+def claim_due_exports(session: Session, owner: str, lease_s: float, limit: int = 50) -> tuple[list[Export], int]:
     """Claim up to ``limit`` due exports for ``owner`` (one guarded UPDATE each: pending, not held by a live
-    lease); returns the rows claimed. The caller sends them and clears ``owner`` with each outcome; a row
-    ``owner`` still holds (a send interrupted by an error) is due again too."""
+    lease); returns the rows claimed and how many of them were taken over from another process whose lease
+    expired (each with a ``lease_takeover`` event). The caller sends them and clears ``owner`` with each
+    outcome; a row ``owner`` still holds (a send interrupted by an error) is due again too."""
     now = utcnow()
     free = Export.owner.is_(None) | (Export.lease_until < now) | (Export.owner == owner)
-    ids = list(session.scalars(
-        select(Export.id).where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now, free)
-        .order_by(Export.next_attempt_at).limit(limit).with_for_update(skip_locked=True)))
+    due = session.execute(
+        select(Export.id, Export.owner, Export.job_id).where(Export.state == ExportState.PENDING,
+                                                              Export.next_attempt_at <= now, free)
+        .order_by(Export.next_attempt_at).limit(limit).with_for_update(skip_locked=True)).all()
     until = now + dt.timedelta(seconds=lease_s)
-    claimed = [i for i in ids if session.execute(
-        update(Export).where(Export.id == i, Export.state == ExportState.PENDING, free)
-        .values(owner=owner, lease_until=until).execution_options(synchronize_session=False)).rowcount == 1]
-    return list(session.scalars(select(Export).where(Export.id.in_(claimed)).order_by(Export.next_attempt_at)
+    claimed, taken_over = [], 0
+    for export_id, held_by, job_id in due:
+        guard = Export.owner.is_(None) if held_by is None else Export.owner == held_by
+        if session.execute(update(Export).where(Export.id == export_id, Export.state == ExportState.PENDING, guard)
+                           .values(owner=owner, lease_until=until)
+                           .execution_options(synchronize_session=False)).rowcount != 1:
+            continue
+        claimed.append(export_id)
+        if held_by is not None and held_by != owner:
+            add_event(session, "lease_takeover",
+                      f"export {export_id} from {held_by} by {owner}: the lease expired (no heartbeat)", job_id=job_id)
+            taken_over += 1
+    rows = list(session.scalars(select(Export).where(Export.id.in_(claimed)).order_by(Export.next_attempt_at)
                                 .execution_options(populate_existing=True))) if claimed else []
+    return rows, taken_over
 
 
 def release_lost_exports(session: Session, owner: Owner) -> int:

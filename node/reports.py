@@ -10,6 +10,7 @@ from node.db.schema import Agreement, Export, Job, ReferenceSeg, Result, utcnow
 from node.db.states import ExportState, JobState, ReferenceState, transition
 from node.pipeline.segments import SegmentKey
 from node.registry import add_event, set_job_state
+from node.storage import Storage
 
 CSV_FIELDS = [
     "job_id", "study_instance_uid", "version", "state", "reason", "series_instance_uid", "engine_name",
@@ -124,8 +125,14 @@ def _effusion_line(res: Result) -> str | None:
     return None
 
 
-def result_text(session: Session, job_id: int) -> str | None:
+def result_text(session: Session, job_id: int, files: Storage | None = None) -> str | None:
+    """What ``results show`` prints for ``job_id``; the files where this host finds them when ``files`` is
+    given (as the database stores them otherwise: relative to the results folder)."""
     job = session.get(Job, job_id)
+
+    def where(stored: str) -> str:
+        return str(files.results_file(stored)) if files is not None and stored else stored
+
     if job is None:
         return None
     lines = [f"Job {job.id}: study {job.study.study_instance_uid}, version {job.version}, {job.state}"
@@ -160,10 +167,11 @@ def result_text(session: Session, job_id: int) -> str | None:
         if res.timings:
             lines.append("  time per stage (s): " + ", ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
         if res.seg_path:
-            lines.append(f"  SEG {res.seg_sop_instance_uid}: {res.seg_path}")
-            lines.append(f"  SR  {res.sr_sop_instance_uid}: {res.sr_path}")
+            lines.append(f"  SEG {res.seg_sop_instance_uid}: {where(res.seg_path)}")
+            lines.append(f"  SR  {res.sr_sop_instance_uid}: {where(res.sr_path)}")
         for key_image in res.key_images or []:
-            lines.append(f"  key image (Secondary Capture, DERIVED) {key_image['sop_instance_uid']}: {key_image['path']}")
+            lines.append(f"  key image (Secondary Capture, DERIVED) {key_image['sop_instance_uid']}: "
+                         f"{where(key_image['path'])}")
     lines.extend(agreement_lines(session, job.id))
     for ex in job.exports:
         lines.append(f"  export to {ex.destination}: {ex.state}, {ex.attempts} attempt(s)"

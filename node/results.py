@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from node.db.schema import Result
+from node.storage import Storage
 
 if TYPE_CHECKING:  # the worker imports this module before it loads the pipeline
     from node.pipeline.select import SeriesDecision
@@ -82,9 +83,9 @@ class ResultRecord:
         return self.engine.device if self.engine is not None else ""
 
 
-def result_row(job_id: int, analysis: Analysis, outputs: Mapping[str, Path]) -> Result:
+def result_row(job_id: int, analysis: Analysis, outputs: Mapping[str, Path], files: Storage) -> Result:
     """The ``results`` row of ``job_id``: the record, plus the SOP Instance UIDs and files of its objects
-    (``outputs``: key -> path, from :func:`node.processing.write_outputs`)."""
+    (``outputs``: key -> path, from :func:`node.processing.write_outputs`, stored as ``files`` names them)."""
     record = ResultRecord.of(analysis)
     engine = record.engine
     return Result(
@@ -97,8 +98,9 @@ def result_row(job_id: int, analysis: Analysis, outputs: Mapping[str, Path]) -> 
                    "notes": record.notes},
         seg_sop_instance_uid=str(analysis.seg.SOPInstanceUID) if analysis.seg is not None else "",
         sr_sop_instance_uid=str(analysis.sr.SOPInstanceUID) if analysis.sr is not None else "",
-        seg_path=str(outputs.get("seg", "")), sr_path=str(outputs.get("sr", "")),
-        key_images=[{"sop_instance_uid": str(ds.SOPInstanceUID), "path": str(outputs[key])}
+        seg_path=files.results_name(outputs["seg"]) if "seg" in outputs else "",
+        sr_path=files.results_name(outputs["sr"]) if "sr" in outputs else "",
+        key_images=[{"sop_instance_uid": str(ds.SOPInstanceUID), "path": files.results_name(outputs[key])}
                     for key, ds in analysis.objects() if key.startswith("key-")],
         **{EFFUSION_KEYS[key]: float(value) for key, value in record.effusion.items()},
     )

@@ -21,7 +21,6 @@ import logging
 import multiprocessing as mp
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select
@@ -123,7 +122,7 @@ class Node:
         the database are left alone, and expired ones are taken over (:func:`node.registry.release_lost_jobs`)."""
         with self.sessions.begin() as session:
             if self.listener is not None:
-                recovered = recover_orphans(session, self.settings.spool_dir)
+                recovered = recover_orphans(session, self.settings.files)
                 if recovered:
                     log.warning("registered %d spool file(s) that had no database row", recovered)
                 now = utcnow()
@@ -131,7 +130,7 @@ class Node:
                     job.last_instance_at = now  # a study still arriving: its sender may resume after the restart
             if "worker" in self.roles:
                 taken = release_lost_jobs(session, self.owner, self.settings.processing.max_attempts)
-                self.metrics.lease_takeovers.inc(len(taken))
+                self.metrics.lease_takeovers.labels("job").inc(len(taken))
             if "exporter" in self.roles:
                 release_lost_exports(session, self.owner)
 
@@ -178,7 +177,7 @@ class Node:
         p = self.settings.processing
         with self.sessions.begin() as session:
             taken = release_lost_jobs(session, self.owner, p.max_attempts)  # leases of dead processes
-        self.metrics.lease_takeovers.inc(len(taken))
+        self.metrics.lease_takeovers.labels("job").inc(len(taken))
         while len(self.running) < p.workers:
             with self.sessions.begin() as session:
                 job = claim_next_job(session, p.lease_s, owner=str(self.owner))
@@ -195,11 +194,12 @@ class Node:
 
     def tick_exports(self) -> None:
         run_exports(self.settings, self.sessions, str(self.owner),
-                    on_attempt=lambda outcome: self.metrics.export_attempts.labels(outcome).inc())
+                    on_attempt=lambda outcome: self.metrics.export_attempts.labels(outcome).inc(),
+                    on_takeover=self.metrics.lease_takeovers.labels("export").inc)
 
     def tick_agreements(self) -> None:
         """Dice and volume agreement for reference SEGs that are pending or waiting for a node result."""
-        compute_pending(self.sessions)
+        compute_pending(self.sessions, self.settings.files)
 
     def tick_retention(self) -> None:
         """Delete spool files of studies finished more than ``retention_days`` ago, and stale temp files."""
@@ -212,14 +212,14 @@ class Node:
             rows = session.scalars(select(Instance).where(
                 Instance.purged_at.is_(None), Instance.study_id.not_in(recent)).limit(10000))
             for inst in rows:
-                Path(inst.path).unlink(missing_ok=True)
+                self.settings.files.spool_file(inst.path).unlink(missing_ok=True)
                 inst.purged_at = utcnow()
             # Reference SEGs: the file goes after the same time; the comparison results stay. One that never
             # found a node result is given up (expired).
             refs = session.scalars(select(ReferenceSeg).where(
                 ReferenceSeg.path != "", ReferenceSeg.received_at < cutoff).limit(10000))
             for ref in refs:
-                Path(ref.path).unlink(missing_ok=True)
+                self.settings.files.spool_file(ref.path).unlink(missing_ok=True)
                 ref.path = ""
                 if ref.state in (ReferenceState.PENDING, ReferenceState.UNMATCHED):
                     transition(ref, ReferenceState.EXPIRED)

@@ -57,8 +57,9 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
     with sessions() as session:
         job = session.get(Job, job_id)
         study_uid, version = job.study.study_instance_uid, job.version
-        paths = instance_paths_for_job(session, job)
-        lobe_maps = [p for p in reference_paths_for_study(session, job.study_id) if Path(p).exists()]
+        paths = [settings.files.spool_file(p) for p in instance_paths_for_job(session, job)]
+        lobe_maps = [p for p in map(settings.files.spool_file, reference_paths_for_study(session, job.study_id))
+                     if p.exists()]
     unreadable = unreadable_files(paths)
     if unreadable:  # e.g. the shared storage is not mounted on this host: another attempt, maybe elsewhere
         path, why = unreadable[0]
@@ -99,12 +100,12 @@ def process_job(settings: Settings, job_id: int, attempt: int) -> str:
             log.warning("job %d was released while this worker ran; its result is discarded", job_id)
             return "discarded"
         if analysis is not None and analysis.pipeline is not None:
-            session.add(result_row(job.id, analysis, out))
+            session.add(result_row(job.id, analysis, out, settings.files))
         if state == JobState.DONE:
             for dest in settings.destinations:
                 for key, ds in analysis.objects():
                     session.add(Export(job_id=job.id, destination=dest.name, sop_instance_uid=str(ds.SOPInstanceUID),
-                                       path=str(out[key])))
+                                       path=settings.files.results_name(out[key])))
         set_job_state(session, job, state, reason)
         device = getattr(engine, "device", "")
         if settings.processing.device == "cuda" and device.startswith("cpu"):

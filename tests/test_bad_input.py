@@ -69,8 +69,8 @@ def test_corpus_case(listener, case: Case):
     assoc.release()
     study_uid = str(datasets[0].StudyInstanceUID)
     with listener.sessions() as s:
-        paths = list(s.scalars(select(Instance.path).join(Study, Instance.study_id == Study.id)
-                               .where(Study.study_instance_uid == study_uid)))
+        paths = [listener.settings.files.spool_file(p) for p in s.scalars(
+            select(Instance.path).join(Study, Instance.study_id == Study.id).where(Study.study_instance_uid == study_uid))]
         kinds = set(s.scalars(select(Event.kind).where(Event.study_instance_uid == study_uid)))
     for kind in case.events:
         assert kind in kinds

@@ -242,7 +242,7 @@ def test_database_unavailable_then_listener_recovers(tmp_path, flaky_listener, l
         rows = s.scalars(select(Instance).order_by(Instance.id)).all()
         jobs = s.scalars(select(Job)).all()
     assert [r.sop_instance_uid for r in rows] == [str(first.SOPInstanceUID), str(second.SOPInstanceUID)]
-    assert all(Path(r.path).is_file() for r in rows) and len(jobs) == 1
+    assert all(listener.settings.files.spool_file(r.path).is_file() for r in rows) and len(jobs) == 1
     text = logs.text()
     assert text.count("database error while recording an instance") == 2
     assert "could not write audit event" in text  # the audit row of the failed association was lost, logged

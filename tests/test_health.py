@@ -70,7 +70,8 @@ def test_health_ready_and_metrics_of_a_working_node(tmp_path, small_study):
     assert after[("ctnode_jobs", (("state", "ready"),))] == 0
     assert after[("ctnode_exports", (("state", "sent"),))] == 2
     assert after[("ctnode_job_duration_seconds_sum", (("outcome", "done"),))] > 0
-    assert after[("ctnode_lease_takeovers_total", ())] == 0
+    assert after[("ctnode_lease_takeovers_total", (("claim", "job"),))] == 0
+    assert after[("ctnode_lease_takeovers_total", (("claim", "export"),))] == 0
     assert after[("ctnode_stage_seconds_count", (("stage", "infection"),))] == 1
     assert after[("ctnode_stage_seconds_count", (("stage", "lungs"),))] == 1
     assert after[("ctnode_export_attempts_total", (("outcome", "sent"),))] == 2

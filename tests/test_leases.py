@@ -89,21 +89,28 @@ def exercise_export_leases(sessions) -> None:
         s.add_all([Export(job_id=job_id, destination="pacs", sop_instance_uid=f"9.{i}", path=f"/r/{i}.dcm")
                    for i in range(3)])
     with sessions.begin() as s:
-        mine = claim_due_exports(s, str(A1), 60, limit=2)
+        mine = claim_due_exports(s, str(A1), 60, limit=2)[0]
     with sessions.begin() as s:  # a send interrupted before its outcomes: the rows are due again for their holder
-        assert sorted(e.id for e in claim_due_exports(s, str(A1), 60, limit=2)) == sorted(e.id for e in mine)
+        assert sorted(e.id for e in claim_due_exports(s, str(A1), 60, limit=2)[0]) == sorted(e.id for e in mine)
     with sessions.begin() as s:
-        theirs = claim_due_exports(s, str(B), 60)
+        theirs = claim_due_exports(s, str(B), 60)[0]
     assert len(mine) == 2 and len(theirs) == 1 and {e.id for e in mine}.isdisjoint({e.id for e in theirs})
     with sessions.begin() as s:
-        assert claim_due_exports(s, str(C), 60) == []  # all held by others
+        assert claim_due_exports(s, str(C), 60) == ([], 0)  # all held by others
         assert release_lost_exports(s, A2) == 2       # node a restarted: its claims are free again
     with sessions.begin() as s:
-        assert sorted(e.id for e in claim_due_exports(s, str(C), 60)) == sorted(e.id for e in mine)
+        assert sorted(e.id for e in claim_due_exports(s, str(C), 60)[0]) == sorted(e.id for e in mine)
     with sessions.begin() as s:
         s.execute(update(Export).values(lease_until=utcnow() - dt.timedelta(seconds=1)))
     with sessions.begin() as s:
-        assert len(claim_due_exports(s, str(A2), 60)) == 3  # expired leases are taken over
+        rows, taken = claim_due_exports(s, str(A2), 60)
+        assert len(rows) == taken == 3  # expired leases are taken over, each with an event
+    with sessions() as s:
+        events = s.scalars(select(Event.detail).where(Event.kind == "lease_takeover",
+                                                      Event.detail.startswith("export "))).all()
+    holders = {**{e.id: C for e in mine}, **{e.id: B for e in theirs}}
+    assert sorted(events) == sorted(f"export {i} from {h} by {A2}: the lease expired (no heartbeat)"
+                                    for i, h in holders.items())
 
 
 def race_for_jobs(sessions, claimers: int = 4, jobs: int = 6) -> None:

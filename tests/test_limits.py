@@ -87,7 +87,7 @@ def test_receive_to_disk_spools_identical_bytes_and_enforces_limits(make_listene
     def spooled(lst):
         with lst.sessions() as s:
             inst = s.scalars(select(Instance)).one()
-        return open(inst.path, "rb").read(), inst.sha256
+        return lst.settings.files.spool_file(inst.path).read_bytes(), inst.sha256
 
     (a, sha_a), (b, sha_b) = spooled(in_memory), spooled(on_disk)
     assert a == b and sha_a == sha_b
@@ -235,7 +235,7 @@ def test_a_300_mb_instance_is_spooled_from_disk_with_flat_memory(make_listener, 
     assert sent.returncode == 0, sent.stdout[-2000:]
     with on_disk.sessions() as s:
         inst = s.scalars(select(Instance)).one()
-    assert data_set_sha256(inst.path) == data_set_sha256(big)
+    assert data_set_sha256(on_disk.settings.files.spool_file(inst.path)) == data_set_sha256(big)
     assert grown < 100, f"listener RSS grew {grown:.0f} MB while receiving a 302 MB instance"
 
     in_memory = make_listener("mem", max_instance_mb=256)

@@ -5,7 +5,6 @@ import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -130,7 +129,7 @@ def test_stow_rs_to_orthanc_dicomweb(tmp_path, phantom_files):
         for instance in orthanc.get("/instances"):
             data = orthanc.instance_file(instance)
             stored[str(dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)] = data
-        ours = {e.sop_instance_uid: Path(e.path) for e in exports}
+        ours = {e.sop_instance_uid: node.settings.files.results_file(e.path) for e in exports}
         assert set(stored) == set(ours)  # exactly the instances sent: no source image, nothing twice
         for uid, path in ours.items():
             sent_ds, stored_ds = dcmread(path), dcmread(io.BytesIO(stored[uid]))
@@ -190,6 +189,6 @@ def test_compressed_study_is_stored_as_sent_and_processed(tmp_path):
     assert {i.transfer_syntax_uid for i in instances} == {JPEG2000Lossless}
     originals = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
     for inst in instances:  # the spool holds the dataset exactly as sent (no decode / re-encode)
-        spooled = dcmread(inst.path)
+        spooled = dcmread(node.settings.files.spool_file(inst.path))
         original = dcmread(originals[inst.sop_instance_uid])
         assert spooled.PixelData == original.PixelData

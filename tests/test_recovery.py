@@ -22,9 +22,9 @@ def test_orphans_are_registered_once(tmp_path):
     (settings.spool_dir / "1.2" / "3.4").mkdir(parents=True)
     (settings.spool_dir / "1.2" / "3.4" / "5.6.dcm").write_bytes(b"not dicom")
     with sessions.begin() as s:
-        assert recover_orphans(s, settings.spool_dir) == 1
+        assert recover_orphans(s, settings.files) == 1
     with sessions.begin() as s:
-        assert recover_orphans(s, settings.spool_dir) == 0  # idempotent
+        assert recover_orphans(s, settings.files) == 0  # idempotent
     with sessions() as s:
         inst = s.scalars(select(Instance)).one()
         assert inst.sop_instance_uid == ds.SOPInstanceUID and s.get(Job, inst.job_id).state == "received"

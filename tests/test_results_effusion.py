@@ -1,6 +1,8 @@
 """The pleural effusion from the analysis to what a reader sees: SEG, SR, the results row and ``results show``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydicom import dcmread
 from sqlalchemy import select
@@ -10,6 +12,7 @@ from node.db.schema import Job, Result
 from node.processing import analyse, write_outputs
 from node.registry import ReceivedInstance, record_instance
 from node.results import result_row
+from node.storage import Storage
 from node.writers.seg import segment_numbers
 from node.writers.sr import read_report_measurements, read_report_segment_references
 
@@ -44,6 +47,7 @@ def test_the_effusion_reaches_seg_sr_and_the_results_row(analysed, tmp_path, mon
     refs = read_report_segment_references(sr)
     assert refs["right_effusion"] == (seg.SOPInstanceUID, numbers["right_effusion"])
 
+    files = Storage(tmp_path / "spool", outputs["seg"].parent.parent)
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     sessions = open_database(url)
     with sessions.begin() as s:
@@ -52,11 +56,12 @@ def test_the_effusion_reaches_seg_sr_and_the_results_row(analysed, tmp_path, mon
             sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1", path="/spool/1.dcm",
             size=10, sha256="a", calling_aet="A"))
         job = s.scalars(select(Job)).one()
-        s.add(result_row(job.id, analysis, outputs))
+        s.add(result_row(job.id, analysis, outputs, files))
         job_id = job.id
     with sessions() as s:
         row = s.scalars(select(Result)).one()
         assert row.right_effusion_ml == pytest.approx(right) and row.left_effusion_ml == pytest.approx(left)
+        assert not Path(row.seg_path).is_absolute() and files.results_file(row.seg_path) == outputs["seg"]
         assert row.right_effusion_cm2 is None and row.left_effusion_cm2 is None   # a volume, not a slice
 
     from node.cli import main

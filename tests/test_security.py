@@ -328,7 +328,7 @@ def test_spool_and_database_permissions(tmp_path):
     finally:
         node.listener.stop()
     with node.sessions() as s:
-        path = Path(s.scalars(select(Instance)).one().path)
+        path = node.settings.files.spool_file(s.scalars(select(Instance)).one().path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     for folder in (path.parent, path.parent.parent):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700

@@ -101,7 +101,8 @@ class Series(Base):
 
 
 class Instance(Base):
-    """One acknowledged instance; ``path`` is the spool file holding the bytes exactly as received."""
+    """One acknowledged instance; ``path`` is the spool file holding the bytes exactly as received, relative to
+    the spool folder (:mod:`node.storage`)."""
 
     __tablename__ = "instances"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -157,7 +158,7 @@ class Result(Base):
     decisions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # series selection and why; notes
     seg_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
-    seg_path: Mapped[str] = mapped_column(Text, default="")
+    seg_path: Mapped[str] = mapped_column(Text, default="")  # result files: relative to the results folder
     sr_path: Mapped[str] = mapped_column(Text, default="")
     # Secondary Capture key images: [{"sop_instance_uid": ..., "path": ...}, ...] (processing.key_images)
     key_images: Mapped[list[Any]] = mapped_column(JSON, default=list, server_default="[]")
@@ -179,7 +180,7 @@ class Export(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
     destination: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)  # the result file, relative to the results folder
     state: Mapped[ExportState] = mapped_column(StateType(ExportState), default=ExportState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -209,7 +210,8 @@ class Event(Base):
 class ReferenceSeg(Base):
     """A Segmentation received as a reference (e.g. a radiologist's correction); it never starts a job.
 
-    ``path`` is the spool file with the bytes exactly as received; ``source_series_uid`` is the series it
+    ``path`` is the spool file with the bytes exactly as received (relative to the spool folder);
+    ``source_series_uid`` is the series it
     segments (its ReferencedSeriesSequence), which is how it is matched to the node's result.
     """
 
