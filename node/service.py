@@ -52,9 +52,23 @@ class _Running:
     started: float
 
 
+class BusyTickFilter(logging.Filter):
+    """Drops APScheduler's warning that a tick was skipped because the previous run of that job still runs
+    (an export waiting on a slow PACS, say): with ``max_instances = 1`` that is by design, and the warning
+    would come every ``check_interval`` for as long as the run lasts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
+SCHEDULER_LOG = logging.getLogger("apscheduler.scheduler")
+
+
 class Node:
     def __init__(self, settings: Settings):
         self.settings = settings
+        if not any(isinstance(f, BusyTickFilter) for f in SCHEDULER_LOG.filters):
+            SCHEDULER_LOG.addFilter(BusyTickFilter())
         for d in (settings.spool_dir, settings.results_dir):
             make_private_dirs(d)  # 0700: patient data (the disk guard watches the spool's filesystem)
         self.sessions = open_database(settings.storage.database_url)

@@ -153,3 +153,26 @@ def test_a_study_still_arriving_at_a_restart_waits_stable_after_again(tmp_path):
         assert mark_stable_studies_ready(s, 30.0) == []
         job = s.scalars(select(Job)).one()
         assert job.state == "received" and utcnow() - job.last_instance_at < dt.timedelta(seconds=30)
+
+
+def test_a_tick_still_running_is_skipped_without_a_warning_each_time(tmp_path, caplog):
+    """A tick whose previous run still runs (an export waiting on a slow PACS) is skipped by design; the
+    scheduler's warning about it, which would come at every tick, is not logged; other warnings are."""
+    import logging
+    import time
+
+    node = Node(make_settings(tmp_path))
+    runs: list[float] = []
+    node.scheduler.add_job(lambda: (runs.append(time.monotonic()), time.sleep(1.0)), "interval", seconds=0.1,
+                           id="slow")
+    with caplog.at_level(logging.WARNING, logger="apscheduler"):
+        node.scheduler.start()
+        try:
+            time.sleep(1.6)
+        finally:
+            node.scheduler.shutdown(wait=True)
+        logging.getLogger("apscheduler.scheduler").warning("another warning")
+    assert 1 <= len(runs) <= 2  # ticks were skipped while the first run slept
+    messages = [r.getMessage() for r in caplog.records]
+    assert "another warning" in messages
+    assert not any("maximum number of running instances" in m for m in messages)
