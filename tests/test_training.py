@@ -331,6 +331,25 @@ def test_schedule_runs_every_row_end_to_end_on_the_tiny_preset(tmp_path):
         assert len(list((tmp_path / "seed0" / f"cv-{key}").glob("fold*/metrics.json"))) == 5
     table = markdown(tmp_path)
     assert table.count("[") >= len(ROWS) and "pretrain-raw" in table
+    assert "selfsup-aug04 - selfsup-raw-aug04" in table  # the coach ablation, paired by seed
+
+
+def test_paired_difference_pairs_seeds_and_slices():
+    """a - b per seed, and a slice-bootstrap interval of the per-slice difference averaged over the seeds."""
+    from training.table import paired_difference
+
+    def rows(values):
+        return [{"mean_dice": v} for v in values]
+
+    a = [rows([0.5, 0.6, 0.7, 0.8]), rows([0.6, 0.6, 0.6, 0.6])]
+    b = [rows([0.4, 0.5, 0.6, 0.7]), rows([0.6, 0.6, 0.6, 0.6])]
+    diff = paired_difference(a, b)
+    assert diff["per_seed"] == pytest.approx([0.1, 0.0])
+    assert diff["value"] == pytest.approx(0.05)
+    assert diff["ci_low"] == pytest.approx(0.05) and diff["ci_high"] == pytest.approx(0.05)  # every slice +0.05
+    uneven = paired_difference([rows([0.9, 0.5])], [rows([0.5, 0.5])])
+    assert uneven["ci_low"] == pytest.approx(0.0) and uneven["ci_high"] == pytest.approx(0.4)
+    assert paired_difference([[]], [rows([0.5])]) is None  # no seed with both rows
 
 
 @needs_data

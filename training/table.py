@@ -8,6 +8,10 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from .evaluation import CI_LEVEL, N_BOOTSTRAP
+
 ROWS = [
     ("sinfnet", "SInfNet (compact Inf-Net, 40 labelled slices)"),
     ("sinfnet-aug04", "SInfNet + aug, cutout 0.4"),
@@ -22,6 +26,13 @@ SINGLE = [("mean_dice", "mean Dice"), ("dice", "Dice@0.5"), ("mean_sen", "Sen"),
 MULTI = [("mean_dice_ggo", "GGO mean Dice"), ("mean_dice_consolidation", "Cons. mean Dice"),
          ("pooled_dice_ggo", "GGO pooled"), ("pooled_dice_consolidation", "Cons. pooled")]
 CV_CANDIDATES = ("sinfnet-aug04", "selfsup-aug04", "selfsup-semi-aug04")
+# (row, row it is compared with, the question): does pretraining help, does the coach's scaling matter
+COMPARISONS = [
+    ("selfsup", "sinfnet", "self-supervised pretraining, no augmentation"),
+    ("selfsup-aug04", "sinfnet-aug04", "self-supervised pretraining, with augmentation"),
+    ("selfsup-aug04", "selfsup-raw-aug04", "coach scores standardised x 8 against raw (ablation)"),
+    ("selfsup-semi-aug04", "selfsup-aug04", "Semi-Inf-Net pseudo-label stage [pseudo labels saw validation]"),
+]
 
 
 def _load(p: Path) -> dict | None:
@@ -54,6 +65,43 @@ def _figures(root: Path, folder: str, section: str, keys) -> list[str] | None:
             for k, _ in keys]
 
 
+def paired_difference(rows_a: list[list[dict]], rows_b: list[list[dict]], key: str = "mean_dice",
+                      n_boot: int = N_BOOTSTRAP, seed: int = 0) -> dict | None:
+    """Test figure ``key`` of row a minus row b, paired by seed (``rows_a[i]``, ``rows_b[i]``: the per-slice
+    rows of one seed's models, the same slices in the same order): the per-seed differences, and the 95 %
+    slice-bootstrap interval of the difference averaged over those seeds (slices resampled, paired)."""
+    pairs = [(a, b) for a, b in zip(rows_a, rows_b) if a and b]
+    if not pairs:
+        return None
+    per_slice = np.mean([[ra[key] - rb[key] for ra, rb in zip(a, b)] for a, b in pairs], axis=0)
+    draws = np.random.default_rng(seed).integers(0, per_slice.size, size=(n_boot, per_slice.size))
+    boot = per_slice[draws].mean(axis=1)
+    lo, hi = (1 - CI_LEVEL) / 2 * 100, (1 + CI_LEVEL) / 2 * 100
+    return {"per_seed": [float(np.mean([ra[key] for ra in a]) - np.mean([rb[key] for rb in b])) for a, b in pairs],
+            "value": float(per_slice.mean()), "ci_low": float(np.percentile(boot, lo)),
+            "ci_high": float(np.percentile(boot, hi))}
+
+
+def _slice_rows(root: Path, folder: str) -> dict[str, list[dict]]:
+    """Per seed folder name: the single-class test rows of ``folder``."""
+    found = {s.name: _load(s / folder / "test_metrics.json") for s in _seeds(root)}
+    return {name: t["single_rows"] for name, t in found.items() if t and "single_rows" in t}
+
+
+def comparisons(root: Path) -> list[str]:
+    lines = ["| comparison (test mean Dice, a - b) | per seed | mean | 95 % interval (paired slices) |",
+             "|---|---|---|---|"]
+    for a, b, question in COMPARISONS:
+        rows_a, rows_b = _slice_rows(root, a), _slice_rows(root, b)
+        seeds = sorted(set(rows_a) & set(rows_b), key=lambda n: int(n[4:]))
+        diff = paired_difference([rows_a[n] for n in seeds], [rows_b[n] for n in seeds])
+        if diff:
+            per_seed = " ".join(f"{d:+.3f}" for d in diff["per_seed"])
+            lines.append(f"| {a} - {b}: {question} | {per_seed} | {diff['value']:+.3f} | "
+                         f"{diff['ci_low']:+.3f} to {diff['ci_high']:+.3f} |")
+    return lines
+
+
 def markdown(root: Path) -> str:
     lines = ["| row | " + " | ".join(h for _, h in SINGLE) + " |", "|---" * (len(SINGLE) + 1) + "|"]
     for key, label in ROWS:
@@ -74,6 +122,7 @@ def markdown(root: Path) -> str:
         if scores:
             mean = f"{statistics.mean(scores):.3f}" + (" (incomplete)" if len(scores) < 5 else "")
             lines.append(f"| {key} | {' '.join(f'{s:.3f}' for s in scores)} | {mean} |")
+    lines += [""] + comparisons(root)
     lines += ["", "| pretraining | epoch: share of mask values < 0.1 / > 0.9 (requested erased 0.25) |", "|---|---|"]
     for stage in ("pretrain", "pretrain-raw"):
         m = _load(root / "stages" / stage / "metrics.json")
