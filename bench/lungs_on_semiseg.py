@@ -25,6 +25,7 @@ torch and the shipped weights; a few minutes on a CPU.
 
     python bench/lungs_on_semiseg.py [--data ../shared/data/covid-semiseg] [--spacing 0.75] [--png DIR]
     python bench/lungs_on_semiseg.py --infection
+    python bench/lungs_on_semiseg.py --why --split train   (where the left-out consolidation goes)
 """
 from __future__ import annotations
 
@@ -188,6 +189,53 @@ def infection_dice(data: Path, spacing: float = 0.75, split: str = "test", metho
              for name, c in counts.items()}, np.array(flagged))
 
 
+MISS_CAUSES = ("the network gives it less than NET_LUNG_PROBABILITY",
+               "network lung, but beyond the chest-wall limit (within_chest_wall)",
+               "network lung, but not a candidate (air, airway, already lung on another step)",
+               "network lung within the wall, dropped later (opening, not touching the lung, side, smoothing)")
+
+
+def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple[int, np.ndarray]:
+    """Expert consolidation that the "net" lung mask leaves out, by cause (``MISS_CAUSES``): the network's
+    probability and the chest-wall limit of step 6n as ``segment_lungs`` computed them (recorded by wrapping
+    the two functions). Returns the expert consolidation pixels and the missed pixels per cause."""
+    from node.pipeline import lungs as lungs_mod
+
+    seen: dict[str, np.ndarray] = {}
+    probability, chest_wall = lungs_mod.lung_probability, lungs_mod.within_chest_wall
+
+    def recorded_probability(hu, device="cpu"):
+        seen["probability"] = probability(hu, device)
+        return seen["probability"]
+
+    def recorded_chest_wall(cand, *args, **kwargs):
+        seen["candidate"], seen["kept"] = cand, chest_wall(cand, *args, **kwargs)
+        return seen["kept"]
+
+    total, causes = 0, np.zeros(len(MISS_CAUSES), np.int64)
+    lungs_mod.lung_probability, lungs_mod.within_chest_wall = recorded_probability, recorded_chest_wall
+    try:
+        for _, image8, _, cons in labelled_slices(data, split):
+            if not cons.any():
+                continue
+            volume, _, pad = ct_slice(image8, spacing)
+            seen.clear()
+            mask = lungs_mod.segment_lungs(volume, method="net").lungs
+            rows, cols = lungs_mod.body_box(lungs_mod.body_mask(volume.hu, volume.pixel_spacing))  # net_refine's box
+            truth = np.zeros(volume.shape, bool)
+            truth[0, pad:-pad, pad:-pad] = cons
+            missed = (truth & ~mask)[:, rows, cols]
+            lung = seen["probability"] >= lungs_mod.NET_LUNG_PROBABILITY
+            candidate = seen.get("candidate", np.zeros_like(lung))
+            beyond = missed & lung & candidate & ~seen.get("kept", np.zeros_like(lung))
+            causes += [(missed & ~lung).sum(), beyond.sum(), (missed & lung & ~candidate).sum(),
+                       (missed & lung & candidate & ~beyond).sum()]
+            total += int(cons.sum())
+    finally:
+        lungs_mod.lung_probability, lungs_mod.within_chest_wall = probability, chest_wall
+    return total, causes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", type=Path, default=data_root() / "covid-semiseg")
@@ -202,8 +250,18 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), help="only these (default: all)")
     ap.add_argument("--infection", action="store_true",
                     help="also the Inf-Net engine's Dice inside the node's lung mask and on the whole crop")
+    ap.add_argument("--why", action="store_true",
+                    help="only: the expert consolidation the net lung mask leaves out, by cause")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
+    if args.why:
+        total, causes = why_missed(args.data, args.spacing, args.split)
+        print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_semiseg.py --why --split {args.split}: "
+              f"expert consolidation {total} pixels, left out by the net lung mask {causes.sum() / total:.3f}")
+        print("| cause | share of the expert consolidation |\n|---|---|")
+        for cause, n in zip(MISS_CAUSES, causes):
+            print(f"| {cause} | {n / total:.3f} |")
+        return
     last = "lung network" if args.method == "net" else "HU: 6 + 6a"
     variants = tuple(v for v in (args.variants or VARIANTS) if v != last) + (last,)
     inside, truth, per_slice = measure(args.data, args.spacing, variants, png=args.png, split=args.split)
