@@ -39,3 +39,16 @@ def test_lung_mask_keeps_expert_consolidation():
     assert on[0] >= 0.83 and on[2] >= 0.58, on            # infection, consolidation
     assert on[2] - off[2] >= 0.2, (off, on)               # the recovery steps bring back real consolidation
     assert np.all(on >= off), (off, on)                   # and lose no expert pixels in any class
+
+
+def test_why_missed_accounts_for_every_left_out_pixel():
+    """``--why``: the causes of the left-out expert consolidation add up to exactly what the net lung mask
+    leaves out (the 10 validation slices: seconds)."""
+    data = SHARED_DATA / "covid-semiseg"
+    if not (data / "TrainingSet" / "MultiClassInfection-Train" / "Imgs").is_dir():
+        skip_or_fail(f"COVID-SemiSeg training slices not found under {data}")
+    bench = load_bench()
+    inside, truth, _ = bench.measure(data, variants=("lung network",), split="val")
+    total, causes = bench.why_missed(data, split="val")
+    assert total == truth[2] > 0 and len(causes) == len(bench.MISS_CAUSES) and (causes >= 0).all()
+    assert causes.sum() == truth[2] - inside["lung network"][2] > 0
