@@ -311,7 +311,9 @@ def claim_due_exports(session: Session, owner: str, lease_s: float, limit: int =
     claimed, taken_over = [], 0
     for export_id, held_by, job_id in due:
         guard = Export.owner.is_(None) if held_by is None else Export.owner == held_by
-        if session.execute(update(Export).where(Export.id == export_id, Export.state == ExportState.PENDING, guard)
+        # still free (a renewal since the select keeps it with its holder) and still held by whom it was seen
+        if session.execute(update(Export).where(Export.id == export_id, Export.state == ExportState.PENDING, free,
+                                                guard)
                            .values(owner=owner, lease_until=until)
                            .execution_options(synchronize_session=False)).rowcount != 1:
             continue

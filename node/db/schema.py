@@ -211,8 +211,8 @@ class ReferenceSeg(Base):
     """A Segmentation received as a reference (e.g. a radiologist's correction); it never starts a job.
 
     ``path`` is the spool file with the bytes exactly as received (relative to the spool folder);
-    ``source_series_uid`` is the series it
-    segments (its ReferencedSeriesSequence), which is how it is matched to the node's result.
+    ``source_series_uid`` is the series it segments (its ReferencedSeriesSequence), which is how it is
+    matched to the node's result.
     """
 
     __tablename__ = "reference_segs"
