@@ -201,3 +201,30 @@ def test_the_lung_network_adds_no_bowel_gas_to_the_hu_method():
     assert net.lungs.sum() <= segment_lungs(volume, method="hu").lungs.sum()
     assert net.lungs.sum() * volume.pixel_spacing[0] * volume.pixel_spacing[1] < 200.0  # under 2 cm2
     assert "only one lung found" in net.notes
+
+
+def test_ribs_let_dependent_consolidation_in_but_not_the_chest_wall(real_slices, monkeypatch):
+    """Method "net" with and without the rib bound of its chest-wall limit (lungs.rib_depths). A046441 (second
+    date): consolidation fills the dependent lungs inside the ribs, with no aerated lung against the posterior
+    wall; the bound lets the network's lung there in (measured +17.5 cm2, bench/lungs_on_real_slices.py and
+    docs/lungs-overlays). A056642 (second date), where the network also marks intercostal muscle between the
+    ribs, and the healthy lungmask slice gain nothing."""
+    import node.pipeline.lungs as lungs_mod
+
+    rib_mask = lungs_mod.rib_mask
+    gains = {}
+    for name in ("ny-sbu/A046441/axial/19010101-23.dcm", "ny-sbu/A056642/axial/19010107-111.dcm",
+                 "lungmask-slices/0.dcm"):
+        volume = assemble_volume([SHARED_DATA / "dicom" / name])
+        with_ribs = segment_lungs(volume, method="net").lungs[0]
+        monkeypatch.setattr(lungs_mod, "rib_mask", lambda hu, *a: np.zeros(hu.shape, bool))
+        without = segment_lungs(volume, method="net").lungs[0]
+        monkeypatch.setattr(lungs_mod, "rib_mask", rib_mask)
+        added = with_ribs & ~without
+        assert not (without & ~with_ribs).any(), name  # the bound only lets more in
+        px_cm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1] / 100.0
+        gains[name] = (added.sum() * px_cm2, float(np.median(volume.hu[0][added])) if added.any() else None)
+    area, median_hu = gains["ny-sbu/A046441/axial/19010101-23.dcm"]
+    assert area >= 10.0 and -320 < median_hu < 45, gains
+    assert gains["ny-sbu/A056642/axial/19010107-111.dcm"][0] < 0.5, gains
+    assert gains["lungmask-slices/0.dcm"][0] < 0.5, gains

@@ -460,3 +460,46 @@ def test_a_field_of_view_that_cuts_the_lungs_skips_the_series(diseased_phantom):
         assert any("edge of the reconstructed field of view" in n for n in lungs.notes), lungs.notes
         reason = check_lung_in_view(cut, lungs)
         assert reason and reason.startswith("lungs cut by the reconstructed field of view"), reason
+
+
+def test_ribs_bound_the_chest_wall_where_consolidation_hides_it():
+    """wall_depth_ok with ribs: on a round trunk (1 mm pixels) with ribs 10-15 mm under the skin, aerated lung
+    meets the wall (18 mm deep) in front but starts 45 mm deep behind, where consolidation fills the
+    periphery. A posterior pixel 25 mm deep (consolidation inside the ribs) passes only with the ribs; a pixel
+    12 mm deep in an intercostal space (muscle between two ribs) passes in neither case."""
+    size, centre, radius = 241, 120, 110
+    rr, cc = np.mgrid[0:size, 0:size]
+    dist = np.hypot(rr - centre, cc - centre)
+    angle = np.degrees(np.arctan2(rr - centre, cc - centre))
+    trunk = dist <= radius
+    depth = radius - dist
+    ribs = (depth >= 10) & (depth <= 15) & (np.floor(angle / 8) % 2 == 0)   # 8-degree ribs, 8-degree gaps
+    posterior = rr > centre
+    aerated = trunk & (dist <= radius - np.where(posterior, 45, 18)) & (np.abs(cc - centre) > 15)
+    skin = lungs_mod.SkinGeometry(trunk, (1.0, 1.0))
+
+    def at(depth_mm: float, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
+        a = np.radians(angle_deg)
+        r = int(round(centre + (radius - depth_mm) * np.sin(a)))
+        c = int(round(centre + (radius - depth_mm) * np.cos(a)))
+        return np.array([r]), np.array([c])
+
+    consolidation = at(25, 60.0)        # posterior (rows grow downwards), inside the ribs
+    intercostal = at(12, 60.0)          # in the gap (56-64 degrees) between the ribs at 48-56 and 64-72
+    assert not ribs[intercostal[0][0], intercostal[1][0]] and ribs[at(12, 68.0)[0][0], at(12, 68.0)[1][0]]
+    for pixel, without, with_ribs in ((consolidation, False, True), (intercostal, False, False)):
+        assert lungs_mod.wall_depth_ok(aerated, skin, *pixel, interpolate=True)[0] == without
+        assert lungs_mod.wall_depth_ok(aerated, skin, *pixel, interpolate=True, ribs=ribs)[0] == with_ribs
+    # in front, where aerated lung meets the wall, the ribs change nothing
+    front = at(14, -90.0)
+    assert not lungs_mod.wall_depth_ok(aerated, skin, *front, interpolate=True, ribs=ribs)[0]
+
+
+def test_rib_mask_leaves_out_sternum_and_spine():
+    hu = np.full((60, 60), 40.0)
+    hu[5:9, 28:32] = 700.0     # sternum, on the midline
+    hu[50:56, 26:34] = 700.0   # vertebra
+    hu[20:24, 5:9] = 700.0     # a rib, 34-37 mm off the midline (1.5 mm pixels)
+    midline_mm = (np.arange(60) - 30.0)[None, :] * 1.5 * np.ones((60, 1))
+    ribs = lungs_mod.rib_mask(hu, np.ones((60, 60), bool), midline_mm)
+    assert ribs[20:24, 5:9].any() and not ribs[:, 20:40].any()

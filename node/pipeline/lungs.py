@@ -113,6 +113,10 @@ FOV_LUNG_MEDIAN_HU = -900.0     # lung_cut_by_fov: air outside the body outline 
 FOV_LUNG_MIN_CM2 = 1.0          # ... in a region of at least this area (specks at the skin are under 0.2 cm2)
 FOV_LUNG_WALLED = 0.65          # ... with at least this share of its outline, beyond the cut, against the body
                                 # (foam pads under the patient on the shared real slices: 0.58 at most)
+RIB_HU = 200.0                  # bone (cortex and marrow of the ribs) after the dense-tissue mean filter
+RIB_MIDLINE_MM = 30.0           # bone nearer the body midline is sternum or spine, not rib
+RIB_WINDOW_BINS = 9             # 18 degrees: an intercostal space takes the depth of the ribs beside it
+RIB_MARGIN_MM = 3.0             # innermost intercostal muscle, endothoracic fascia and pleura under a rib
 MISSED_DENSE_SHARE = 0.05       # missed_dense_note: report from this share of the lung (the first band of the
                                 # zone score: less would not move a zone score by more than one band)
 
@@ -574,7 +578,7 @@ class SkinGeometry:
 
 
 def wall_depth_ok(lungs: np.ndarray, skin: SkinGeometry, rows: np.ndarray, cols: np.ndarray,
-                  interpolate: bool = False) -> np.ndarray:
+                  interpolate: bool = False, ribs: np.ndarray | None = None) -> np.ndarray:
     """For the pixels (rows, cols) of one slice: at least as deep under the skin as the inner chest wall?
 
     The chest wall is as dense as consolidation, so its inner surface is estimated from where aerated lung
@@ -594,7 +598,21 @@ def wall_depth_ok(lungs: np.ndarray, skin: SkinGeometry, rows: np.ndarray, cols:
     known = np.flatnonzero(np.isfinite(wall))
     if interpolate and 0 < known.size < WALL_BINS:
         wall = np.interp(np.arange(WALL_BINS), known, wall[known], period=WALL_BINS)
+    if ribs is not None and ribs.any():
+        wall = np.minimum(wall, rib_depths(ribs, skin) + RIB_MARGIN_MM)
     return skin.depth[rows, cols] >= wall[skin.angle_bins(rows, cols)] - WALL_TOLERANCE_MM
+
+
+def rib_depths(ribs: np.ndarray, skin: SkinGeometry) -> np.ndarray:
+    """Per direction bin of ``skin`` (``WALL_BINS``): the depth under the skin of the deepest rib pixel, the
+    rib's inner surface; a running maximum over ``RIB_WINDOW_BINS`` bridges the gaps between ribs (an
+    intercostal space takes its neighbours' depth). Bins without a rib near them: inf (no estimate)."""
+    rows, cols = np.nonzero(ribs)
+    depth = np.full(WALL_BINS, -np.inf)
+    np.maximum.at(depth, skin.angle_bins(rows, cols), skin.depth[rows, cols])
+    depth = ndi.maximum_filter1d(depth, RIB_WINDOW_BINS, mode="wrap")
+    depth[~np.isfinite(depth)] = np.inf
+    return depth
 
 
 def ray_hits(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray, skin: SkinGeometry,
@@ -1084,15 +1102,27 @@ def lung_probability(hu: np.ndarray, device: str = "cpu") -> np.ndarray:
     return prob.cpu().numpy()
 
 
+def rib_mask(hu: np.ndarray, trunk: np.ndarray, midline_mm: np.ndarray) -> np.ndarray:
+    """Rib pixels of one slice: bone (``RIB_HU`` after the dense-tissue mean filter) of the trunk, at least
+    ``RIB_MIDLINE_MM`` from the body midline (``midline_mm``: signed distance; sternum and spine lie nearer)."""
+    bone = ndi.uniform_filter(hu, DENSE_SMOOTH_PX) >= RIB_HU
+    return bone & trunk & (np.abs(midline_mm) >= RIB_MIDLINE_MM)
+
+
 def within_chest_wall(cand: np.ndarray, aerated: np.ndarray, trunk: np.ndarray,
-                      spacing_rc: tuple[float, float]) -> np.ndarray:
+                      spacing_rc: tuple[float, float], hu: np.ndarray | None = None,
+                      midline: Midline | None = None) -> np.ndarray:
     """``cand`` without the pixels that lie beyond the pleura: per slice, a pixel must be at least as deep under
     the skin as the inner chest wall is where aerated lung meets it (:func:`wall_depth_ok`, the rule of step 6;
-    interpolated around the body where no aerated lung meets the wall). Slices without aerated lung keep
-    nothing."""
+    interpolated around the body where no aerated lung meets the wall). With ``hu`` and ``midline``, the ribs
+    bound that depth (:func:`rib_depths`): where consolidation fills the periphery over a wide arc, aerated
+    lung meets no wall and its depth says the wall is thicker than it is; the ribs' inner surface says where
+    the wall ends. Slices without aerated lung keep nothing."""
     def kept(k: int) -> tuple[np.ndarray, np.ndarray]:
         rows, cols = np.nonzero(cand[k])
-        ok = wall_depth_ok(aerated[k], SkinGeometry(trunk[k], spacing_rc), rows, cols, interpolate=True)
+        ribs = None if hu is None or midline is None else rib_mask(hu[k], trunk[k], midline.signed(k))
+        ok = wall_depth_ok(aerated[k], SkinGeometry(trunk[k], spacing_rc), rows, cols, interpolate=True,
+                           ribs=ribs)
         return rows[ok], cols[ok]
 
     out = np.zeros_like(cand)
@@ -1105,7 +1135,7 @@ def within_chest_wall(cand: np.ndarray, aerated: np.ndarray, trunk: np.ndarray,
 
 def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np.ndarray, airways: np.ndarray,
                right_side: np.ndarray, spacing_rc: tuple[float, float], device: str,
-               trunk: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+               trunk: np.ndarray | None = None, midline: Midline | None = None) -> tuple[np.ndarray, int, int]:
     """Step 6n (method "net"): the lung network's probability corrects the HU method where the HU rules are weak.
 
     Dense tissue that the HU rules recovered (steps 5-6b: not ``aerated``) and the network gives less than
@@ -1113,7 +1143,8 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     a connected piece whose mean probability is under ``NET_COMPONENT_PROBABILITY`` (bowel gas). Dense
     tissue of the body that the network gives at least ``NET_LUNG_PROBABILITY`` joins the lung it touches (3D),
     when at least as deep under the skin as the inner chest wall (:func:`within_chest_wall`: the network,
-    trained without real chest walls, also marks muscle between the ribs), after an opening of ``RIM_MM`` per
+    trained without real chest walls, also marks muscle between the ribs; with ``midline``, the ribs' inner
+    surface bounds that depth where consolidation hides the wall), after an opening of ``RIM_MM`` per
     slice (thin rims at the pleura, the network's blurred edge), on the side of the body midline:
     consolidation and atelectasis that no HU rule reaches. Holes are then filled as in
     step 6, not those open onto an organ on a neighbouring slice (a liver dome ringed by lung stays out).
@@ -1134,8 +1165,8 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     lung = labels > 0
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)
     dense = (prob >= NET_LUNG_PROBABILITY) & body & ~airways & ~lung & (hu >= AIR_HU)
-    dense = ndi.binary_opening(within_chest_wall(dense, aerated, body if trunk is None else trunk, spacing_rc),
-                               structure=rim)
+    dense = ndi.binary_opening(within_chest_wall(dense, aerated, body if trunk is None else trunk, spacing_rc,
+                                                 hu=hu, midline=midline), structure=rim)
     lab, n = ndi.label(dense | lung)
     touching = np.zeros(n + 1, bool)
     touching[np.unique(lab[lung])] = True
@@ -1204,7 +1235,7 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
         labels = smooth_lungs(labels, spacing_rc, 0.0, hu=hu)
         if method is LungMethod.NET:
             labels, taken, vetoed = net_refine(labels, aerated, hu, body, airways, right_side, spacing_rc, device,
-                                               trunk=midline.trunk)
+                                               trunk=midline.trunk, midline=midline)
     labels[airways] = 0
     dropped = one_component_per_lung(labels, volumetric=volume.is_volumetric)
     amount = functools.partial(amount_text, volume=volume)
