@@ -1069,6 +1069,7 @@ class LungMethod(str, enum.Enum):
 DEFAULT_METHOD = LungMethod.NET  # docs/lungs.md, "Default"
 NET_WEIGHTS = "lungnet"         # models/weights/<name>.safetensors
 NET_LUNG_PROBABILITY = 0.5      # a pixel is lung for the net from this probability
+NET_PREFILTER_PROBABILITY = 0.05
 NET_VETO_PROBABILITY = 0.2     # dense tissue the HU rules recovered leaves the lung below this probability
 NET_COMPONENT_PROBABILITY = 0.3  # a connected piece of lung whose mean probability is lower leaves it (bowel gas,
                                  # air in the chest wall)
@@ -1135,7 +1136,8 @@ def within_chest_wall(cand: np.ndarray, aerated: np.ndarray, trunk: np.ndarray,
 
 def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np.ndarray, airways: np.ndarray,
                right_side: np.ndarray, spacing_rc: tuple[float, float], device: str,
-               trunk: np.ndarray | None = None, midline: Midline | None = None) -> tuple[np.ndarray, int, int]:
+               trunk: np.ndarray | None = None, midline: Midline | None = None,
+               prob: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
     """Step 6n (method "net"): the lung network's probability corrects the HU method where the HU rules are weak.
 
     Dense tissue that the HU rules recovered (steps 5-6b: not ``aerated``) and the network gives less than
@@ -1148,10 +1150,10 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     slice (thin rims at the pleura, the network's blurred edge), on the side of the body midline:
     consolidation and atelectasis that no HU rule reaches. Holes are then filled as in
     step 6, not those open onto an organ on a neighbouring slice (a liver dome ringed by lung stays out).
-    Aerated lung is the HU method's. Returns the labels, the voxels
-    taken and the voxels removed.
+    Aerated lung is the HU method's. ``prob``: the network's probability of ``hu``, computed (on ``device``)
+    when not given. Returns the labels, the voxels taken and the voxels removed.
     """
-    prob = lung_probability(hu, device)
+    prob = lung_probability(hu, device) if prob is None else prob
     labels = labels.copy()
     vetoed = (labels > 0) & ~aerated & (prob < NET_VETO_PROBABILITY)
     lab, n = ndi.label(labels > 0)
@@ -1226,6 +1228,12 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
     if method in (LungMethod.HU, LungMethod.NET):
         aerated = labels > 0
         dense = by_slabs(dense_tissue, hu)
+        prob = None
+        if method is LungMethod.NET:
+            # the network first: dense tissue it gives under NET_VETO_PROBABILITY would leave the lung in step
+            # 6n anyway, so steps 6-6b need not trace it (most of their candidates are chest wall and heart)
+            prob = lung_probability(hu, device)
+            dense &= prob >= NET_PREFILTER_PROBABILITY
         labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc, dense=dense,
                                                     trunk=midline.trunk)
         labels, bronchograms = recover_bronchograms(labels, hu, body, airways, midline, spacing_rc, dense=dense)
@@ -1235,7 +1243,7 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
         labels = smooth_lungs(labels, spacing_rc, 0.0, hu=hu)
         if method is LungMethod.NET:
             labels, taken, vetoed = net_refine(labels, aerated, hu, body, airways, right_side, spacing_rc, device,
-                                               trunk=midline.trunk, midline=midline)
+                                               trunk=midline.trunk, midline=midline, prob=prob)
     labels[airways] = 0
     dropped = one_component_per_lung(labels, volumetric=volume.is_volumetric)
     amount = functools.partial(amount_text, volume=volume)
