@@ -3,7 +3,8 @@
 Method "hu" runs every step below; method "aerated" steps 1-5 and 7; method "net" every step and, after 6b,
 step 6n (:func:`net_refine`): the lung probability of the network of models/lungnet.py (all slices of the body
 box in batches, on the device given) adds dense disease that the rules miss and removes dense tissue that the
-rules took but the network does not see as lung (docs/lungs.md).
+rules took but the network does not see as lung (docs/lungs.md). The network runs before step 6, and steps
+6-6b skip the dense tissue it gives under ``NET_PREFILTER_PROBABILITY`` (step 6n would return it).
 
 Steps, all on the source voxel grid (no resampling):
 
