@@ -362,3 +362,23 @@ def test_cli_validate_uses_the_validation_split(tmp_path, capsys):
     assert main(["validate", "--preset", "tiny", "--ckpt", str(rd / "best.pt"), "--tta"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 10 and out["tta"] == "flips" and 0.0 <= out["dice"] <= 1.0
+
+
+def test_schedule_resumes_a_run_stopped_part_way(tmp_path, monkeypatch):
+    """A stage or row whose last.pt exists without metrics.json (the process was stopped mid-run) is started
+    with --resume; a run never started is not, and a finished one is skipped."""
+    import training.schedule as schedule
+
+    calls = []
+    monkeypatch.setattr(schedule, "cli", lambda argv: calls.append(argv))
+    root = tmp_path / "runs"
+    (root / "stages" / "pretrain").mkdir(parents=True)
+    (root / "stages" / "pretrain" / "last.pt").write_bytes(b"")
+    (root / "seed0" / "sinfnet").mkdir(parents=True)
+    (root / "seed0" / "sinfnet" / "metrics.json").write_text("{}")
+    schedule.main(["--preset", "tiny", "--root", str(root), "--seeds", "0",
+                   "--only", "pretrain", "sinfnet", "sinfnet-aug04"])
+    by_dir = {argv[argv.index("--run-dir") + 1]: argv for argv in calls if "--run-dir" in argv}
+    assert "--resume" in by_dir[f"{root}/stages/pretrain"]
+    assert "--resume" not in by_dir[f"{root}/seed0/sinfnet-aug04"]
+    assert f"{root}/seed0/sinfnet" not in by_dir

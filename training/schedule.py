@@ -6,7 +6,8 @@ wall-clock budget; each finished single-class row is evaluated once on the test 
 Layout: ROOT/stages/STAGE/ (pretraining and pseudo-label stages, trained once with seed 0 and shared by every
 seed's rows: the seeds vary the fine-tuning) and ROOT/seedS/ROW/ (metrics.json, best.pt, test_metrics.json).
 Each run is the ``python -m training ...``
-command printed in the log. A run whose metrics.json exists is skipped, so a second call continues the table.
+command printed in the log. A run whose metrics.json exists is skipped, and one stopped part-way (last.pt
+without metrics.json) resumes from its last epoch, so a second call continues the table.
 ``python -m training.table ROOT`` prints the table with seed spread and intervals.
 """
 from __future__ import annotations
@@ -83,6 +84,11 @@ def _done(cmd: list[str]) -> bool:
     return (Path(cmd[cmd.index("--run-dir") + 1]) / "metrics.json").exists()
 
 
+def _interrupted(cmd: list[str]) -> bool:
+    """A training run that stopped before its end (its last.pt exists, its metrics.json not): it resumes."""
+    return cmd[0] != "evaluate" and (Path(cmd[cmd.index("--run-dir") + 1]) / "last.pt").exists()
+
+
 def _ready(cmd: list[str]) -> bool:
     """Whatever the command starts from exists (a stage skipped for lack of time leaves its rows out)."""
     for flag in ("--init", "--prior-ckpt", "--ckpt"):
@@ -117,7 +123,7 @@ def main(argv=None):
                 if a.budget_min is not None and elapsed > a.budget_min:
                     print(f"budget of {a.budget_min} min spent at {elapsed:.1f} min: stopping", flush=True)
                     return 0
-                full = cmd + P + ["--seed", str(seed)]
+                full = cmd + P + ["--seed", str(seed)] + (["--resume"] if _interrupted(cmd) else [])
                 print(f"== [{elapsed * 60:.0f}s] python -m training {' '.join(full)}", flush=True)
                 cli(full)
     print(f"total wall {time.time() - t0:.0f}s ({a.preset})")
