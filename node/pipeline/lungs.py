@@ -1070,7 +1070,8 @@ class LungMethod(str, enum.Enum):
 DEFAULT_METHOD = LungMethod.NET  # docs/lungs.md, "Default"
 NET_WEIGHTS = "lungnet"         # models/weights/<name>.safetensors
 NET_LUNG_PROBABILITY = 0.5      # a pixel is lung for the net from this probability
-NET_PREFILTER_PROBABILITY = 0.05
+NET_PREFILTER_PROBABILITY = 0.05  # steps 6-6b skip dense tissue below this (0.2, the veto, cost 0.01 of
+                                  # phantom consolidation recall: pieces that joined others to the lung)
 NET_VETO_PROBABILITY = 0.2     # dense tissue the HU rules recovered leaves the lung below this probability
 NET_COMPONENT_PROBABILITY = 0.3  # a connected piece of lung whose mean probability is lower leaves it (bowel gas,
                                  # air in the chest wall)
@@ -1231,8 +1232,9 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
         dense = by_slabs(dense_tissue, hu)
         prob = None
         if method is LungMethod.NET:
-            # the network first: dense tissue it gives under NET_VETO_PROBABILITY would leave the lung in step
-            # 6n anyway, so steps 6-6b need not trace it (most of their candidates are chest wall and heart)
+            # the network first: dense tissue it gives under NET_PREFILTER_PROBABILITY (far below the veto of
+            # step 6n) would leave the lung there anyway, so steps 6-6b need not trace it (most of their
+            # candidates are chest wall and heart)
             prob = lung_probability(hu, device)
             dense &= prob >= NET_PREFILTER_PROBABILITY
         labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc, dense=dense,
