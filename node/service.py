@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import multiprocessing as mp
+import signal
 import time
 from dataclasses import dataclass
 
@@ -244,11 +245,25 @@ class Node:
 
     # -- convenience for the CLI, the demo and tests ------------------------------------------------------
     def serve_forever(self) -> None:
+        """Run until SIGTERM (``systemctl stop``, ``kill``) or Ctrl-C, then stop cleanly (:meth:`stop`): no new
+        associations, the export in progress finishes, so nothing a peer confirmed is sent again after a
+        restart; a running job is retried after a restart. A second SIGTERM is ignored (systemd's SIGKILL after
+        ``TimeoutStopSec`` ends a stop that hangs on a stalled peer)."""
         self.start()
+        signal.signal(signal.SIGTERM, _stop_requested)
         try:
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            log.info("stopping")
+        except (KeyboardInterrupt, StopRequested) as exc:
+            log.info("stopping (%s)", "SIGTERM" if isinstance(exc, StopRequested) else "interrupted")
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         finally:
             self.stop()
+
+
+class StopRequested(Exception):
+    """SIGTERM reached the serving process."""
+
+
+def _stop_requested(signum: int, frame: object) -> None:
+    raise StopRequested

@@ -1,6 +1,8 @@
-"""Restart safety: the node killed with SIGKILL mid-study and mid-processing loses nothing and sends once."""
+"""Restart safety: the node killed with SIGKILL mid-study and mid-processing loses nothing and sends once;
+stopped with SIGTERM mid-export it finishes the send first."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -68,3 +70,41 @@ def test_sigkill_mid_study_and_mid_processing(tmp_path, phantom_files):
         referenced = {str(item.ReferencedSOPInstanceUID)
                       for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
         assert referenced == source_sops  # every acknowledged instance went into the one result
+
+
+class SlowPacs(Receiver):
+    """A destination that takes ``delay`` seconds to confirm each object; :attr:`receiving` is set when the
+    first one arrives."""
+
+    def __init__(self, folder, delay: float):
+        super().__init__(folder, ae_title="PACS")
+        self.delay, self.receiving = delay, threading.Event()
+
+    def _on_store(self, event) -> int:
+        self.receiving.set()
+        time.sleep(self.delay)
+        return super()._on_store(event)
+
+
+def test_sigterm_mid_export_finishes_the_send_and_never_resends(tmp_path):
+    from node.phantom import make_phantom, write_phantom_study
+
+    phantom = make_phantom(rows=64, cols=64, slices=12, pixel_spacing=5.0, slice_spacing=12.0, seed=5)
+    files = write_phantom_study(phantom, tmp_path / "study")
+    with SlowPacs(tmp_path / "pacs", delay=2.0) as pacs:
+        port = free_port()
+        node = NodeProcess(write_config(tmp_path, port, pacs.port, stable_after=1.0), port)
+        sessions = open_database(f"sqlite:///{tmp_path / 'ctnode.db'}")
+        node.start()
+        try:
+            assert send_study(files, "127.0.0.1", port, "CTNODE", progress=False) == len(files)
+            assert pacs.receiving.wait(120), "the node never started sending"
+            node.stop()  # SIGTERM (systemctl stop) while the destination is still confirming the first object
+            assert node.proc.returncode == 0  # a clean stop, not death by the signal
+            with sessions() as s:
+                assert sorted(e.state for e in s.scalars(select(Export))) == ["sent", "sent"]  # the send finished
+            node.start()
+            time.sleep(3)  # a resend after the restart would arrive now
+        finally:
+            node.stop()
+    assert sorted(dcmread(p, stop_before_pixels=True).Modality for p in pacs.received) == ["SEG", "SR"]
