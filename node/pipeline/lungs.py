@@ -67,6 +67,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import Delaunay, cKDTree
 
+from . import morphology
 from .slicewise import by_slabs, map_slices
 from .types import LungMasks, Volume
 
@@ -246,7 +247,7 @@ def body_mask(hu: np.ndarray, spacing_rc: tuple[float, float]) -> np.ndarray:
     structure = disk(BODY_OPENING_MM, spacing_rc)
     rows, cols = body_box(m, margin=max(structure.shape) + 1)  # all air beyond: the same result, sooner
     body = np.zeros(hu.shape, bool)
-    opened = by_slabs(functools.partial(ndi.binary_opening, structure=structure), m[:, rows, cols])
+    opened = by_slabs(functools.partial(morphology.binary_opening, structure=structure), m[:, rows, cols])
     body[:, rows, cols] = by_slabs(fill_holes_per_slice, largest_component(opened))
     return body
 
@@ -883,7 +884,7 @@ def opened_in_box(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     box = ndi.find_objects(mask.astype(np.uint8))[0]
     (r0, r1), (c0, c1) = [(max(sl.start - pad, 0), sl.stop + pad) for sl in box]
     out = np.zeros_like(mask)
-    out[r0:r1, c0:c1] = ndi.binary_opening(mask[r0:r1, c0:c1], structure)
+    out[r0:r1, c0:c1] = morphology.binary_opening(mask[r0:r1, c0:c1], structure)
     return out
 
 
@@ -1169,8 +1170,8 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     lung = labels > 0
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)
     dense = (prob >= NET_LUNG_PROBABILITY) & body & ~airways & ~lung & (hu >= AIR_HU)
-    dense = ndi.binary_opening(within_chest_wall(dense, aerated, body if trunk is None else trunk, spacing_rc,
-                                                 hu=hu, midline=midline), structure=rim)
+    dense = morphology.binary_opening(within_chest_wall(dense, aerated, body if trunk is None else trunk,
+                                                        spacing_rc, hu=hu, midline=midline), rim)
     lab, n = ndi.label(dense | lung)
     touching = np.zeros(n + 1, bool)
     touching[np.unique(lab[lung])] = True

@@ -1,0 +1,51 @@
+"""The separable binary morphology (node.pipeline.morphology) equals scipy.ndimage's with the same disks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from node.pipeline import morphology
+from node.pipeline.lungs import disk
+
+pytestmark = pytest.mark.unit
+
+# (radius mm, (row, column) spacing mm): the lung steps' disks on typical grids, anisotropic ones included
+DISKS = [(2.0, (0.7, 0.7)), (2.5, (0.7, 0.7)), (2.0, (0.4, 0.4)), (10.0, (0.7, 0.7)), (5.0, (0.6, 0.9)),
+         (0.7, (0.7, 0.7)), (3.0, (2.0, 0.5))]
+
+
+@pytest.fixture(scope="module")
+def masks() -> np.ndarray:
+    """Blobs of every size, touching the image border too, and a large ellipse with holes, on 5 slices."""
+    rng = np.random.default_rng(0)
+    blobs = ndi.gaussian_filter(rng.random((5, 97, 83)), (0, 2.5, 2.5)) > 0.5
+    r, c = np.ogrid[:97, :83]
+    ellipse = ((r - 50) / 38.0) ** 2 + ((c - 40) / 30.0) ** 2 <= 1
+    holes = ndi.gaussian_filter(rng.random((5, 97, 83)), (0, 1.5, 1.5)) > 0.58
+    return blobs | (ellipse & ~holes)
+
+
+@pytest.mark.parametrize("radius,spacing", DISKS)
+def test_equals_scipy(masks, radius, spacing):
+    structure = disk(radius, spacing)
+    for ours, theirs in ((morphology.binary_erosion, ndi.binary_erosion),
+                         (morphology.binary_dilation, ndi.binary_dilation),
+                         (morphology.binary_opening, ndi.binary_opening)):
+        expected = theirs(masks, structure=structure)
+        assert expected.any() and not np.array_equal(expected, masks)  # a comparison that can fail
+        assert np.array_equal(ours(masks, structure), expected), ours.__name__
+        assert np.array_equal(ours(masks[2], structure[0]), theirs(masks[2], structure=structure[0]))  # 2D
+
+
+def test_rectangles_of_a_disk():
+    # radius 2.5 mm at 0.7 mm: half widths 3, 3, 2, 1 by row offset 0-3 -> rectangles (1, 3), (2, 2), (3, 1)
+    assert morphology.rectangles(disk(2.5, (0.7, 0.7))) == ((1, 3), (2, 2), (3, 1))
+    assert morphology.rectangles(np.ones((1, 5, 5), bool)) == ((2, 2),)
+
+
+@pytest.mark.parametrize("element", [np.eye(3, dtype=bool), np.ones((2, 3), bool),
+                                     np.array([[1, 0, 1], [1, 1, 1], [1, 0, 1]], bool)])
+def test_refuses_elements_it_cannot_decompose(element):
+    with pytest.raises(ValueError):
+        morphology.rectangles(element)
