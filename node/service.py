@@ -20,6 +20,7 @@ import datetime as dt
 import logging
 import multiprocessing as mp
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -80,6 +81,7 @@ class Node:
                          if "listener" in self.roles else None)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.running: dict[int, _Running] = {}
+        self.stopping = threading.Event()  # set by stop(): no more claims; workers that end were stopped
         self.owner = this_process(settings)  # written on every job and export this process claims
         self.http: HealthServer | None = None  # /healthz, /readyz, /metrics once started ([http])
         self._mp = mp.get_context("spawn")  # a clean interpreter: no listener threads or sockets inherited
@@ -118,6 +120,7 @@ class Node:
         log.info("health and metrics on http://%s:%d/ (/healthz, /readyz, /metrics)", h.host, self.http.port)
 
     def stop(self) -> None:
+        self.stopping.set()  # first: a worker ending from the same SIGTERM is not retried here
         if self.http is not None:
             self.http.stop()
         if self.listener is not None:
@@ -161,7 +164,10 @@ class Node:
             mark_stable_studies_ready(session, self.settings.processing.stable_after)
 
     def tick_reap(self) -> None:
+        """Record the end of every worker that has ended (or is overdue: killed, its job failed); a job whose
+        worker ended without committing an outcome is ready again (after :meth:`stop`: the node stopped it)."""
         p = self.settings.processing
+        stopping = self.stopping.is_set()
         for job_id, run in list(self.running.items()):
             overdue = time.monotonic() - run.started > p.job_timeout
             if run.process.is_alive() and not overdue:
@@ -184,7 +190,8 @@ class Node:
                     self.metrics.job_seconds.labels(JobState.FAILED.value).observe(seconds)
                 else:
                     code = run.process.exitcode
-                    why = f"worker died (exit code {code}" + (", killed: out of memory?" if code == -9 else "") + ")"
+                    why = ("the node was stopped while its worker ran" if stopping else
+                           f"worker died (exit code {code}" + (", killed: out of memory?" if code == -9 else "") + ")")
                     release_job(session, job, why, p.max_attempts)
 
     def tick_dispatch(self) -> None:
@@ -193,7 +200,7 @@ class Node:
         with self.sessions.begin() as session:
             taken = release_lost_jobs(session, self.owner, p.max_attempts)  # leases of dead processes
         self.metrics.lease_takeovers.labels("job").inc(len(taken))
-        while len(self.running) < p.workers:
+        while len(self.running) < p.workers and not self.stopping.is_set():
             with self.sessions.begin() as session:
                 job = claim_next_job(session, p.lease_s, owner=str(self.owner))
                 if job is None:
@@ -247,8 +254,9 @@ class Node:
     def serve_forever(self) -> None:
         """Run until SIGTERM (``systemctl stop``, ``kill``) or Ctrl-C, then stop cleanly (:meth:`stop`): no new
         associations, the export in progress finishes, so nothing a peer confirmed is sent again after a
-        restart; a running job is retried after a restart. A second SIGTERM is ignored (systemd's SIGKILL after
-        ``TimeoutStopSec`` ends a stop that hangs on a stalled peer)."""
+        restart; a running job is ready again at once. A second SIGTERM is ignored (systemd's SIGKILL after
+        ``TimeoutStopSec`` ends a stop that hangs on a stalled peer) by a handler, not ``SIG_IGN``: a worker
+        started in the meantime must not inherit an ignored SIGTERM."""
         self.start()
         signal.signal(signal.SIGTERM, _stop_requested)
         try:
@@ -256,7 +264,7 @@ class Node:
                 time.sleep(3600)
         except (KeyboardInterrupt, StopRequested) as exc:
             log.info("stopping (%s)", "SIGTERM" if isinstance(exc, StopRequested) else "interrupted")
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, _ignored)
         finally:
             self.stop()
 
@@ -267,3 +275,7 @@ class StopRequested(Exception):
 
 def _stop_requested(signum: int, frame: object) -> None:
     raise StopRequested
+
+
+def _ignored(signum: int, frame: object) -> None:
+    """SIGTERM while stopping: already under way."""

@@ -108,3 +108,31 @@ def test_sigterm_mid_export_finishes_the_send_and_never_resends(tmp_path):
         finally:
             node.stop()
     assert sorted(dcmread(p, stop_before_pixels=True).Modality for p in pacs.received) == ["SEG", "SR"]
+
+
+def test_sigterm_mid_processing_releases_the_job_and_says_why(tmp_path, phantom_files):
+    with Receiver(tmp_path / "pacs", ae_title="PACS") as pacs:
+        port = free_port()
+        node = NodeProcess(write_config(tmp_path, port, pacs.port, stable_after=1.0), port)
+        sessions = open_database(f"sqlite:///{tmp_path / 'ctnode.db'}")
+        node.start()
+        try:
+            assert send_study(phantom_files, "127.0.0.1", port, "CTNODE", progress=False) == len(phantom_files)
+
+            def processing():
+                with sessions() as s:
+                    return s.scalars(select(Job).where(Job.state == "processing")).first()
+
+            wait_for(processing, 60, "the job to start processing")
+            node.stop()  # SIGTERM mid-processing
+            assert node.proc.returncode == 0
+            with sessions() as s:
+                job = s.scalars(select(Job)).one()
+                assert (job.state, job.owner, job.attempts) == ("ready", None, 1)  # not claimed again while stopping
+                assert job.reason == "retry after: the node was stopped while its worker ran"
+            node.start()
+            wait_for(lambda: len(pacs.received) == 2, 180, "the job done and both objects exported after the restart")
+        finally:
+            node.stop()
+        with sessions() as s:
+            assert s.scalars(select(Job)).one().attempts == 2
