@@ -86,16 +86,23 @@ class SlowPacs(Receiver):
         return super()._on_store(event)
 
 
+def started_node(tmp_path, pacs_port: int):
+    """A running ``ctnode serve`` (studies stable after 1 s) exporting to ``pacs_port``: (process, its DICOM
+    port, its database)."""
+    port = free_port()  # after the destination took its port, so the two cannot collide
+    node = NodeProcess(write_config(tmp_path, port, pacs_port, stable_after=1.0), port)
+    sessions = open_database(f"sqlite:///{tmp_path / 'ctnode.db'}")
+    node.start()
+    return node, port, sessions
+
+
 def test_sigterm_mid_export_finishes_the_send_and_never_resends(tmp_path):
     from node.phantom import make_phantom, write_phantom_study
 
     phantom = make_phantom(rows=64, cols=64, slices=12, pixel_spacing=5.0, slice_spacing=12.0, seed=5)
     files = write_phantom_study(phantom, tmp_path / "study")
     with SlowPacs(tmp_path / "pacs", delay=2.0) as pacs:
-        port = free_port()
-        node = NodeProcess(write_config(tmp_path, port, pacs.port, stable_after=1.0), port)
-        sessions = open_database(f"sqlite:///{tmp_path / 'ctnode.db'}")
-        node.start()
+        node, port, sessions = started_node(tmp_path, pacs.port)
         try:
             assert send_study(files, "127.0.0.1", port, "CTNODE", progress=False) == len(files)
             assert pacs.receiving.wait(120), "the node never started sending"
@@ -112,10 +119,7 @@ def test_sigterm_mid_export_finishes_the_send_and_never_resends(tmp_path):
 
 def test_sigterm_mid_processing_releases_the_job_and_says_why(tmp_path, phantom_files):
     with Receiver(tmp_path / "pacs", ae_title="PACS") as pacs:
-        port = free_port()
-        node = NodeProcess(write_config(tmp_path, port, pacs.port, stable_after=1.0), port)
-        sessions = open_database(f"sqlite:///{tmp_path / 'ctnode.db'}")
-        node.start()
+        node, port, sessions = started_node(tmp_path, pacs.port)
         try:
             assert send_study(phantom_files, "127.0.0.1", port, "CTNODE", progress=False) == len(phantom_files)
 
