@@ -503,3 +503,20 @@ def test_rib_mask_leaves_out_sternum_and_spine():
     midline_mm = (np.arange(60) - 30.0)[None, :] * 1.5 * np.ones((60, 1))
     ribs = lungs_mod.rib_mask(hu, np.ones((60, 60), bool), midline_mm)
     assert ribs[20:24, 5:9].any() and not ribs[:, 20:40].any()
+
+
+def test_main_bronchi_are_followed_past_a_wide_carina():
+    """A branch may be as large as a trachea the tracking accepts (``TRACHEA_AREA_MM2``). At 3.1 mm pixels the
+    phantom's carina (trachea and both main bronchi's origins on one slice) reads 710 mm2 of lumen; a lower cap
+    stopped the tracking there and left both main bronchi in the lungs."""
+    p = ph.make_phantom(rows=112, cols=112, slices=150, pixel_spacing=3.1, slice_spacing=1.5, seed=3, burden=0.3)
+    volume = p.as_volume()
+    body = lungs_mod.body_mask(volume.hu, volume.pixel_spacing)
+    air = lungs_mod.outside_air_removed((volume.hu < lungs_mod.AIR_HU) & body)
+    airways, notes = lungs_mod.find_airways(volume.hu, air, lungs_mod.Midline(volume, body), volume)
+    truth = p.masks["airways"]
+    carina_mm2 = truth.sum(axis=(1, 2)).max() * volume.pixel_spacing[0] * volume.pixel_spacing[1]
+    assert 700 < carina_mm2 <= lungs_mod.TRACHEA_AREA_MM2[1], carina_mm2  # the case this test is about
+    assert not notes
+    assert (airways & truth).sum() >= 0.99 * truth.sum()
+    assert (airways & ~truth).sum() <= 0.01 * truth.sum()  # no leak into the lung

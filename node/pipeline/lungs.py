@@ -87,7 +87,7 @@ MIN_COMPONENT_AREA_MM2 = 100.0  # per slice spanned (drops specks)
 TRACHEA_AREA_MM2 = (60.0, 900.0)
 TRACHEA_MIDLINE_MM = 25.0
 AIRWAY_MAX_EXTENT_MM = 200.0
-AIRWAY_BRANCH_MAX_AREA_MM2 = 700.0
+AIRWAY_BRANCH_MAX_AREA_MM2 = TRACHEA_AREA_MM2[1]  # a branch may be as large as a trachea the tracking starts from
 STRADDLE_FRACTION = 0.15        # a component with this much on each side of the midline is split
 MAX_SPLIT_EROSIONS = 15
 DENSE_HU = (-320.0, 45.0)       # consolidation / effusion after a 3x3 mean; liver (>= 50 HU unenhanced) stays out
