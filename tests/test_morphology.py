@@ -38,6 +38,23 @@ def test_equals_scipy(masks, radius, spacing):
         assert np.array_equal(ours(masks[2], structure[0]), theirs(masks[2], structure=structure[0]))  # 2D
 
 
+@pytest.mark.parametrize("radius,spacing", DISKS[:4])
+def test_sparse_masks_equal_scipy(masks, radius, spacing):
+    """Work is limited to the pixels' bounding box: a few blobs far from each other, near the image edges
+    and on some slices only, and an empty mask, give scipy's result."""
+    structure = disk(radius, spacing)
+    sparse = np.zeros((7, 160, 150), bool)
+    sparse[1, :40, -30:] = masks[0, :40, :30]      # at the top right corner
+    sparse[4, 100:140, 60:100] = masks[3, 50:90, 20:60]
+    sparse[5, 150:, :10] = True                    # a bar along the bottom edge
+    for ours, theirs in ((morphology.binary_erosion, ndi.binary_erosion),
+                         (morphology.binary_dilation, ndi.binary_dilation),
+                         (morphology.binary_opening, ndi.binary_opening)):
+        expected = theirs(sparse, structure=structure)
+        assert np.array_equal(ours(sparse, structure), expected), ours.__name__
+        assert not ours(np.zeros_like(sparse), structure).any()
+
+
 def test_rectangles_of_a_disk():
     # radius 2.5 mm at 0.7 mm: half widths 3, 3, 2, 1 by row offset 0-3 -> rectangles (1, 3), (2, 2), (3, 1)
     assert morphology.rectangles(disk(2.5, (0.7, 0.7))) == ((1, 3), (2, 2), (3, 1))

@@ -45,13 +45,33 @@ def rectangles(structure: np.ndarray) -> tuple[tuple[int, int], ...]:
     return _rectangles(tuple(map(tuple, element.tolist())))
 
 
+def _box(mask: np.ndarray, reach: tuple[int, int]) -> tuple[slice, ...] | None:
+    """The bounding box of ``mask``'s pixels, widened in-plane by ``reach`` (clipped); None when it is empty."""
+    box = []
+    for axis in range(mask.ndim):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if idx.size == 0:
+            return None
+        grow = reach[axis - mask.ndim + 2] if axis >= mask.ndim - 2 else 0
+        box.append(slice(max(int(idx[0]) - grow, 0), int(idx[-1]) + grow + 1))
+    return tuple(box)
+
+
 def _filtered(mask: np.ndarray, structure: np.ndarray, filt, combine) -> np.ndarray:
-    m = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
-    out = None
-    for hh, hw in rectangles(structure):
+    # only the bounding box of the pixels, widened by the element's reach, can hold any of the result
+    rects = rectangles(structure)
+    m = np.ascontiguousarray(mask, dtype=bool)
+    out = np.zeros_like(m)
+    box = _box(m, (max(h for h, _ in rects), max(w for _, w in rects)))
+    if box is None:
+        return out
+    sub = np.ascontiguousarray(m[box]).view(np.uint8)
+    part_out = None
+    for hh, hw in rects:
         size = (1,) * (m.ndim - 2) + (2 * hh + 1, 2 * hw + 1)  # in-plane only: each slice on its own
-        part = filt(m, size=size, mode="constant", cval=0).view(bool)
-        out = part if out is None else combine(out, part, out=out)
+        part = filt(sub, size=size, mode="constant", cval=0).view(bool)
+        part_out = part if part_out is None else combine(part_out, part, out=part_out)
+    out[box] = part_out
     return out
 
 
