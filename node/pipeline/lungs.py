@@ -726,7 +726,7 @@ def _dense_periphery_slice(labels: np.ndarray, dense: np.ndarray, trunk: np.ndar
     # candidates: only those need the tests (the rays are the costly part)
     deep = np.zeros_like(lungs)
     deep[rr[keep], cc[keep]] = True
-    rr, cc = np.nonzero(opened_in_box(deep, rim))
+    rr, cc = np.nonzero(morphology.binary_opening(deep, rim))
     recovered = 0
     for value in (LungMasks.RIGHT, LungMasks.LEFT):
         lung = before == value
@@ -741,7 +741,7 @@ def _dense_periphery_slice(labels: np.ndarray, dense: np.ndarray, trunk: np.ndar
         keep = between_lung_and_wall(lung, r1, c1, skin, spacing_rc)
         taken = np.zeros_like(lung)
         taken[r1[keep], c1[keep]] = True
-        taken = touching_lung(opened_in_box(taken, rim) & (labels == 0), lung)
+        taken = touching_lung(morphology.binary_opening(taken, rim) & (labels == 0), lung)
         labels[taken] = value
         recovered += int(taken.sum())
     return recovered
@@ -852,7 +852,7 @@ def recover_between_slices(labels: np.ndarray, hu: np.ndarray, body: np.ndarray,
                 if not both.any():
                     continue
                 side = right_side[k] == (value == LungMasks.RIGHT)
-                taken = opened_in_box(both & dense[k] & body[k] & side, rim)
+                taken = morphology.binary_opening(both & dense[k] & body[k] & side, rim)
                 out[k][taken] = value
                 taken_now += int(taken.sum())
         taken_total += taken_now
@@ -877,18 +877,6 @@ def within_mm(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, mm: float,
     offset = (edge[nearest[found]] - pixels[found]).astype(np.float64) * sampling
     out = mask[rows, cols]
     out[found] |= np.sqrt((offset * offset).sum(axis=1)) <= mm
-    return out
-
-
-def opened_in_box(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
-    """Binary opening of a 2D mask computed only on its bounding box (padded): same result, less work."""
-    if not mask.any():
-        return mask
-    pad = max(structure.shape) // 2 + 1
-    box = ndi.find_objects(mask.astype(np.uint8))[0]
-    (r0, r1), (c0, c1) = [(max(sl.start - pad, 0), sl.stop + pad) for sl in box]
-    out = np.zeros_like(mask)
-    out[r0:r1, c0:c1] = morphology.binary_opening(mask[r0:r1, c0:c1], structure)
     return out
 
 
@@ -949,7 +937,7 @@ def dense_infection_outside(labels: np.ndarray, hu: np.ndarray, probability: np.
         cand = (probability[k] >= threshold) & ~lung
         if not cand.any():  # most slices: the map marks nothing outside the lung
             continue
-        cand = opened_in_box(cand & dense_tissue(hu[k]), rim)
+        cand = morphology.binary_opening(cand & dense_tissue(hu[k]), rim)
         if not cand.any():
             continue
         out[k] = touching_lung(cand, lung)

@@ -3,7 +3,8 @@ disks of :func:`node.pipeline.lungs.disk`), equal to ``scipy.ndimage.binary_eros
 ``binary_opening`` with that element (outside the image counts as background), computed as separable minimum
 and maximum filters: such an element is the union of a few centred rectangles, erosion by a union is the
 intersection of the erosions by its rectangles, dilation the union of the dilations. The cost grows with the
-number of rectangles (about the radius in pixels), not with the element's area as scipy's does.
+number of rectangles (about the radius in pixels), not with the element's area as scipy's does, and only the
+bounding box of the mask's pixels (widened by the element) is filtered.
 """
 from __future__ import annotations
 
