@@ -1153,8 +1153,9 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     vetoed = (labels > 0) & ~aerated & (prob < NET_VETO_PROBABILITY)
     lab, n = ndi.label(labels > 0)
     if n:  # a whole piece of "lung" the network does not see as lung: bowel gas, air in the chest wall
-        size = np.bincount(lab.ravel(), minlength=n + 1)
-        mean_prob = np.bincount(lab.ravel(), weights=prob.ravel(), minlength=n + 1) / np.maximum(size, 1)
+        inside = lab > 0  # the lung voxels only: sums over the whole box cost 4 times as much, same per piece
+        size = np.bincount(lab[inside], minlength=n + 1)
+        mean_prob = np.bincount(lab[inside], weights=prob[inside], minlength=n + 1) / np.maximum(size, 1)
         unlike = mean_prob < NET_COMPONENT_PROBABILITY
         unlike[0] = False
         vetoed |= unlike[lab]
