@@ -715,15 +715,15 @@ def _dense_periphery_slice(labels: np.ndarray, dense: np.ndarray, trunk: np.ndar
                            rim: np.ndarray, spacing_rc: tuple[float, float]) -> int:
     """Step 6 on one slice: ``labels`` (r, c) updated in place; returns the number of pixels taken."""
     lungs = labels > 0
-    dense = dense & ~lungs
+    # the rim opening below keeps whole disks, and a disk of the pixels that pass every test lies in the opened
+    # candidates: only those need the tests (none on many slices, where no skin distances are needed at all)
+    dense = morphology.binary_opening(dense & ~lungs, rim)
     if not dense.any():
         return 0
     before = labels.copy()
     skin = SkinGeometry(trunk, spacing_rc)
     rr, cc = np.nonzero(dense)
     keep = wall_depth_ok(lungs, skin, rr, cc)
-    # the rim opening below keeps whole disks, and a disk of the pixels that pass every test lies in the opened
-    # candidates: only those need the tests (the rays are the costly part)
     deep = np.zeros_like(lungs)
     deep[rr[keep], cc[keep]] = True
     rr, cc = np.nonzero(morphology.binary_opening(deep, rim))
