@@ -142,8 +142,14 @@ def patient_coordinates(volume: Volume, flat_index: np.ndarray) -> np.ndarray:
     k, r, c = np.unravel_index(flat_index, volume.shape)
     o = np.asarray(volume.orientation, np.float64)
     pos = np.asarray(volume.positions, np.float64)
-    return (pos[k] + (c * float(volume.pixel_spacing[1]))[:, None] * o[:3]
-            + (r * float(volume.pixel_spacing[0]))[:, None] * o[3:])
+    # per axis: slice position + column offset + row offset, the offsets looked up per column and row
+    # (the same products and sums, in the same order, as on every voxel)
+    col_mm = np.arange(volume.shape[2]) * float(volume.pixel_spacing[1])
+    row_mm = np.arange(volume.shape[1]) * float(volume.pixel_spacing[0])
+    xyz = np.empty((flat_index.size, 3))
+    for axis in range(3):
+        xyz[:, axis] = pos[k, axis] + (col_mm * o[axis])[c] + (row_mm * o[3 + axis])[r]
+    return xyz
 
 
 def volume_fraction(values: np.ndarray) -> np.ndarray:

@@ -190,11 +190,10 @@ def severity_category(ctss_total: float | None, po_total: float | None) -> str |
 
 def _region_scores(labels: np.ndarray, inf: np.ndarray, names: tuple[str, ...],
                    label_of: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
-    """Voxels and infected voxels per label."""
+    """Voxels and infected voxels per label, from the labels and infection (bool) of the same voxels (1D)."""
     n_labels = max(label_of.values()) + 1
-    flat = labels.ravel()
-    total = np.bincount(flat, minlength=n_labels)
-    infected = np.bincount(flat[inf.ravel()], minlength=n_labels)
+    total = np.bincount(labels, minlength=n_labels)
+    infected = np.bincount(labels[inf], minlength=n_labels)
     return ({n: int(total[label_of[n]]) for n in names}, {n: int(infected[label_of[n]]) for n in names})
 
 
@@ -265,8 +264,11 @@ def _add_region_scores(s: Scores, volume: Volume, lungs: LungMasks, inf: np.ndar
                        region_map: np.ndarray | None, region_map_kind: str) -> None:
     rmap = partition(volume, lungs, region_map, region_map_kind)
     s.region_method = rmap.method
-    r_total, r_inf = _region_scores(rmap.regions, inf, REGIONS, REGION_LABEL)
-    z_total, z_inf = _region_scores(rmap.zones, inf, ZONES, ZONE_LABEL)
+    # regions and zones label lung voxels only (and ``inf`` lies in the lung): count over those
+    lung = np.flatnonzero(lungs.lungs)
+    inf_lung = inf.ravel()[lung]
+    r_total, r_inf = _region_scores(rmap.regions.ravel()[lung], inf_lung, REGIONS, REGION_LABEL)
+    z_total, z_inf = _region_scores(rmap.zones.ravel()[lung], inf_lung, ZONES, ZONE_LABEL)
     s.regions = {}
     for name in REGIONS:
         pct = _percent(r_inf[name], r_total[name])
