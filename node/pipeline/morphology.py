@@ -49,11 +49,11 @@ def rectangles(structure: np.ndarray) -> tuple[tuple[int, int], ...]:
 def _box(mask: np.ndarray, reach: tuple[int, int]) -> tuple[slice, ...] | None:
     """The bounding box of ``mask``'s pixels, widened in-plane by ``reach`` (clipped); None when it is empty."""
     box = []
-    for axis in range(mask.ndim):
+    grow_by_axis = (0,) * (mask.ndim - 2) + tuple(reach)  # leading axes (slices) are not filtered across
+    for axis, grow in enumerate(grow_by_axis):
         idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         if idx.size == 0:
             return None
-        grow = reach[axis - mask.ndim + 2] if axis >= mask.ndim - 2 else 0
         box.append(slice(max(int(idx[0]) - grow, 0), int(idx[-1]) + grow + 1))
     return tuple(box)
 
