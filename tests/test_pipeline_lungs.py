@@ -501,7 +501,7 @@ def test_rib_mask_leaves_out_sternum_and_spine():
     hu[50:56, 26:34] = 700.0   # vertebra
     hu[20:24, 5:9] = 700.0     # a rib, 34-37 mm off the midline (1.5 mm pixels)
     midline_mm = (np.arange(60) - 30.0)[None, :] * 1.5 * np.ones((60, 1))
-    ribs = lungs_mod.rib_mask(hu, np.ones((60, 60), bool), midline_mm)
+    ribs = lungs_mod.rib_mask(hu, np.ones((60, 60), bool), midline_mm, (1.5, 1.5))
     assert ribs[20:24, 5:9].any() and not ribs[:, 20:40].any()
 
 

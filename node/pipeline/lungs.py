@@ -6,7 +6,9 @@ box in batches, on the device given) adds dense disease that the rules miss and 
 rules took but the network does not see as lung (docs/lungs.md). The network runs before step 6, and steps
 6-6b skip the dense tissue it gives under ``NET_PREFILTER_PROBABILITY`` (step 6n would return it).
 
-Steps, all on the source voxel grid (no resampling):
+Every step runs on the working grid (:mod:`node.pipeline.workgrid`): blocks of source pixels averaged to
+at most ``workgrid.MAX_WORK_PIXEL_MM`` (2 x 2 blocks of 1.4 mm for 0.7 mm pixels; slices are not combined);
+the labels then return to the source grid, where source pixels place the outline of aerated lung. Steps:
 
 1. body: largest connected region above -500 HU after a small per-slice opening (drops the table, cables,
    sheets), holes filled slice by slice;
@@ -67,7 +69,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import Delaunay, cKDTree
 
-from . import morphology
+from . import morphology, workgrid
 from .slicewise import by_slabs, map_slices
 from .types import LungMasks, Volume
 
@@ -78,7 +80,7 @@ AIR_HU = -320.0         # lung parenchyma (with mild disease) vs soft tissue, as
 AIRWAY_LUMEN_HU = -900.0  # airway lumen is near-pure air; aerated lung is mostly above
 GAS_MEDIAN_HU = -900.0  # interior median below this and no vessels inside: bowel/stomach gas or airway
 GAS_MAX_HOLE_FRACTION = 0.002
-INTERIOR_PX = 5         # the interior of an air region (is_gas, slivers): eroded by this square, per slice
+INTERIOR_MM = 3.5       # the interior of an air region (is_gas, slivers): eroded by this square, per slice
 BODY_OPENING_MM = 2.0
 CLOSING_MM = 10.0
 OPEN_HOLE_MAX_MM2 = 150.0   # larger per-slice holes that open onto non-lung tissue are organs, not lesions
@@ -91,7 +93,7 @@ AIRWAY_BRANCH_MAX_AREA_MM2 = TRACHEA_AREA_MM2[1]  # a branch may be as large as 
 STRADDLE_FRACTION = 0.15        # a component with this much on each side of the midline is split
 MAX_SPLIT_EROSIONS = 15
 DENSE_HU = (-320.0, 45.0)       # consolidation / effusion after a 3x3 mean; liver (>= 50 HU unenhanced) stays out
-DENSE_SMOOTH_PX = 3
+DENSE_SMOOTH_MM = 2.2    # side of the in-plane mean filter of dense_tissue and rib_mask (noise down)
 LESION_MEDIAN_HU = (-60.0, 30.0)  # median of a large enclosed hole that is a lesion, not an organ or hilar fat
 WALL_BINS = 180                 # directions (2 degrees) of the chest-wall thickness profile
 WALL_WINDOW_BINS = 15           # 30 degrees: a pleural lesion narrower than this does not thicken the wall
@@ -142,6 +144,12 @@ def ball(radius_mm: float, spacing_krc: tuple[float, float, float]) -> np.ndarra
     k, y, x = np.ogrid[-half[0]:half[0] + 1, -half[1]:half[1] + 1, -half[2]:half[2] + 1]
     d2 = (k * spacing_krc[0]) ** 2 + (y * spacing_krc[1]) ** 2 + (x * spacing_krc[2]) ** 2
     return d2 <= radius_mm ** 2 + 1e-9
+
+
+def odd_pixels(mm: float, spacing_rc: tuple[float, float]) -> int:
+    """The odd number of pixels (at least 1) nearest to ``mm`` along the coarser in-plane axis: the side of a
+    square filter centred on a pixel."""
+    return max(1, 2 * int(round((mm / max(spacing_rc) - 1) / 2)) + 1)
 
 
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
@@ -293,7 +301,7 @@ def find_airways(hu: np.ndarray, air: np.ndarray, midline: Midline, volume: Volu
     lumen = air & (hu < AIRWAY_LUMEN_HU)
     order = list(range(n - 1, -1, -1)) if superior_is_high_k(volume) else list(range(n))
     if n == 1:
-        return _airways_2d(hu, air, midline, area_px), notes
+        return _airways_2d(hu, air, midline, volume.pixel_spacing), notes
     seed = _trachea_seed(lumen, midline, order, area_px)
     if seed is None:
         notes.append("trachea not found on the cranial slices: airways were not removed")
@@ -330,32 +338,32 @@ def find_airways(hu: np.ndarray, air: np.ndarray, midline: Midline, volume: Volu
     return airways, notes
 
 
-def _airways_2d(hu: np.ndarray, air: np.ndarray, midline: Midline, area_px: float) -> np.ndarray:
+def _airways_2d(hu: np.ndarray, air: np.ndarray, midline: Midline, spacing_rc: tuple[float, float]) -> np.ndarray:
     """On one slice: small gas-like regions near the midline (trachea or main bronchi cross-sections)."""
     lab, n = ndi.label(air[0])
     out = np.zeros_like(air, dtype=bool)
-    hi = TRACHEA_AREA_MM2[1] / area_px
+    hi = TRACHEA_AREA_MM2[1] / (spacing_rc[0] * spacing_rc[1])
     dist = np.abs(midline.signed(0))
     for i, sl in enumerate(ndi.find_objects(lab), start=1):
         comp = lab[sl] == i
         size = int(comp.sum())
         if size > hi or float(dist[sl][comp].mean()) >= 2 * TRACHEA_MIDLINE_MM:
             continue
-        if is_gas(hu[0][sl], comp):
+        if is_gas(hu[0][sl], comp, interior(comp[None], odd_pixels(INTERIOR_MM, spacing_rc))):
             out[0][sl] |= comp
     return out
 
 
-def is_gas(hu: np.ndarray, comp: np.ndarray, inner: np.ndarray | None = None) -> bool:
+def is_gas(hu: np.ndarray, comp: np.ndarray, inner: np.ndarray) -> bool:
     """True for a region of near-pure air without vessels: bowel/stomach gas or an airway lumen.
 
     Aerated lung, even emphysematous, contains vessels that show as holes in its air mask; gas pockets
     and airway lumens do not, and their interior is darker than ``GAS_MEDIAN_HU``. ``comp`` is (k, r, c)
-    or (r, c) with ``hu`` the matching crop; ``inner``: its :func:`interior`, when already computed.
+    or (r, c) with ``hu`` the matching crop; ``inner``: its :func:`interior`.
     """
     comp3 = comp if comp.ndim == 3 else comp[None]
     hu3 = hu if hu.ndim == 3 else hu[None]
-    inner = interior(comp3) if inner is None else inner.reshape(comp3.shape)
+    inner = inner.reshape(comp3.shape)
     values = hu3[inner] if inner.any() else hu3[comp3]
     if values.size == 0 or float(np.median(values)) >= GAS_MEDIAN_HU:
         return False
@@ -364,12 +372,12 @@ def is_gas(hu: np.ndarray, comp: np.ndarray, inner: np.ndarray | None = None) ->
     return holes.sum() < GAS_MAX_HOLE_FRACTION * filled.sum()
 
 
-def interior(mask: np.ndarray) -> np.ndarray:
-    """``mask`` (k, r, c) eroded slice by slice with a ``INTERIOR_PX`` square (two 1D minimum filters: the
-    same as a binary erosion with that square, sooner)."""
+def interior(mask: np.ndarray, size: int) -> np.ndarray:
+    """``mask`` (k, r, c) eroded slice by slice with a square of ``size`` pixels (``INTERIOR_MM``; two 1D
+    minimum filters: the same as a binary erosion with that square, sooner)."""
     out = mask.view(np.uint8)
     for axis in (1, 2):
-        out = ndi.minimum_filter1d(out, INTERIOR_PX, axis=axis, mode="constant", cval=0)
+        out = ndi.minimum_filter1d(out, size, axis=axis, mode="constant", cval=0)
     return out.view(bool)
 
 
@@ -422,7 +430,8 @@ def split_straddling(comp: np.ndarray, right_side: np.ndarray) -> tuple[np.ndarr
     return out, False
 
 
-def assign_sides(cand: np.ndarray, hu: np.ndarray, right_side: np.ndarray, area_px: float) -> tuple[np.ndarray, list[str]]:
+def assign_sides(cand: np.ndarray, hu: np.ndarray, right_side: np.ndarray,
+                 spacing_rc: tuple[float, float]) -> tuple[np.ndarray, list[str]]:
     """Label lung components 1 (right) / 2 (left); drop gas pockets and specks."""
     notes: list[str] = []
     labels = np.zeros(cand.shape, dtype=np.uint8)
@@ -431,13 +440,14 @@ def assign_sides(cand: np.ndarray, hu: np.ndarray, right_side: np.ndarray, area_
         return labels, notes
     sizes, frac_right, slices = _component_stats(lab, n, right_side)
     largest = sizes[1:].max()
+    area_px = spacing_rc[0] * spacing_rc[1]
     boxes = ndi.find_objects(lab)
     gas = 0
     for i in range(1, n + 1):
         if sizes[i] < MIN_COMPONENT_FRACTION * largest or sizes[i] / max(slices[i], 1) < MIN_COMPONENT_AREA_MM2 / area_px:
             continue
         sl = boxes[i - 1]
-        inner = interior(lab[sl] == i)
+        inner = interior(lab[sl] == i, odd_pixels(INTERIOR_MM, spacing_rc))
         if not inner.any():
             continue  # a sliver without interior: air trapped in a skin fold or between arm and chest
         if is_gas(hu[sl], lab[sl] == i, inner):
@@ -667,10 +677,11 @@ def between_lung_and_wall(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray, 
     return ok
 
 
-def dense_tissue(hu: np.ndarray) -> np.ndarray:
-    """Pixels of consolidation / effusion density (``DENSE_HU``) after a small in-plane mean filter (noise
-    down), of one slice (r, c) or of every slice of (k, r, c)."""
-    smooth = ndi.uniform_filter(hu, (1,) * (hu.ndim - 2) + (DENSE_SMOOTH_PX, DENSE_SMOOTH_PX))
+def dense_tissue(hu: np.ndarray, spacing_rc: tuple[float, float]) -> np.ndarray:
+    """Pixels of consolidation / effusion density (``DENSE_HU``) after a small in-plane mean filter
+    (``DENSE_SMOOTH_MM``: noise down), of one slice (r, c) or of every slice of (k, r, c)."""
+    size = odd_pixels(DENSE_SMOOTH_MM, spacing_rc)
+    smooth = ndi.uniform_filter(hu, (1,) * (hu.ndim - 2) + (size, size))
     return (smooth > DENSE_HU[0]) & (smooth <= DENSE_HU[1])
 
 
@@ -687,7 +698,7 @@ def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray
     (:func:`dense_tissue` of ``hu``) and ``trunk`` (the largest ``body`` region of each slice) are computed
     when not given. Returns the new labels and the number of voxels taken.
     """
-    dense = by_slabs(dense_tissue, hu) if dense is None else dense
+    dense = by_slabs(functools.partial(dense_tissue, spacing_rc=spacing_rc), hu) if dense is None else dense
     trunk = by_slabs(largest_per_slice, body) if trunk is None else trunk
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)[0]
     return per_lung_slice(labels, lambda k, lab: _dense_periphery_slice(lab, dense[k] & trunk[k], trunk[k],
@@ -786,7 +797,7 @@ def recover_bronchograms(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, a
     ``midline``, whose trunk (largest region of each slice) is used. Returns the new labels and the number of
     voxels taken.
     """
-    dense = by_slabs(dense_tissue, hu) if dense is None else dense
+    dense = by_slabs(functools.partial(dense_tissue, spacing_rc=spacing_rc), hu) if dense is None else dense
     trunk = midline.trunk
     return per_lung_slice(labels, lambda k, lab: _bronchograms_slice(lab, hu[k], dense[k], trunk[k], airways[k],
                                                                      midline.signed(k), spacing_rc))
@@ -841,7 +852,7 @@ def recover_between_slices(labels: np.ndarray, hu: np.ndarray, body: np.ndarray,
     out = labels.copy()
     if out.shape[0] < 3:
         return out, 0
-    dense = by_slabs(dense_tissue, hu) if dense is None else dense
+    dense = by_slabs(functools.partial(dense_tissue, spacing_rc=spacing_rc), hu) if dense is None else dense
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)[0]
     taken_total = 0
     while True:
@@ -937,7 +948,7 @@ def dense_infection_outside(labels: np.ndarray, hu: np.ndarray, probability: np.
         cand = (probability[k] >= threshold) & ~lung
         if not cand.any():  # most slices: the map marks nothing outside the lung
             continue
-        cand = morphology.binary_opening(cand & dense_tissue(hu[k]), rim)
+        cand = morphology.binary_opening(cand & dense_tissue(hu[k], spacing_rc), rim)
         if not cand.any():
             continue
         out[k] = touching_lung(cand, lung)
@@ -1098,10 +1109,11 @@ def lung_probability(hu: np.ndarray, device: str = "cpu") -> np.ndarray:
     return prob.cpu().numpy()
 
 
-def rib_mask(hu: np.ndarray, trunk: np.ndarray, midline_mm: np.ndarray) -> np.ndarray:
+def rib_mask(hu: np.ndarray, trunk: np.ndarray, midline_mm: np.ndarray,
+             spacing_rc: tuple[float, float]) -> np.ndarray:
     """Rib pixels of one slice: bone (``RIB_HU`` after the dense-tissue mean filter) of the trunk, at least
     ``RIB_MIDLINE_MM`` from the body midline (``midline_mm``: signed distance; sternum and spine lie nearer)."""
-    bone = ndi.uniform_filter(hu, DENSE_SMOOTH_PX) >= RIB_HU
+    bone = ndi.uniform_filter(hu, odd_pixels(DENSE_SMOOTH_MM, spacing_rc)) >= RIB_HU
     return bone & trunk & (np.abs(midline_mm) >= RIB_MIDLINE_MM)
 
 
@@ -1116,7 +1128,7 @@ def within_chest_wall(cand: np.ndarray, aerated: np.ndarray, trunk: np.ndarray,
     the wall ends. Slices without aerated lung keep nothing."""
     def kept(k: int) -> tuple[np.ndarray, np.ndarray]:
         rows, cols = np.nonzero(cand[k])
-        ribs = None if hu is None or midline is None else rib_mask(hu[k], trunk[k], midline.signed(k))
+        ribs = None if hu is None or midline is None else rib_mask(hu[k], trunk[k], midline.signed(k), spacing_rc)
         ok = wall_depth_ok(aerated[k], SkinGeometry(trunk[k], spacing_rc), rows, cols, interpolate=True,
                            ribs=ribs)
         return rows[ok], cols[ok]
@@ -1184,11 +1196,31 @@ def segment_lungs(volume: Volume, *, closing_mm: float | None = None,
 
     ``method``: see :class:`LungMethod`; ``device``: where the lung network runs (method "net"; "cuda" or
     "cpu"). ``closing_mm``: radius of the per-slice outline closing of the HU methods (default ``CLOSING_MM``).
-    After the body mask every step runs inside the body's bounding box (:func:`body_box`): the air around
-    the patient holds no lung, and a CT field of view is often half air.
+    Every step runs on the working grid (module docstring; ``labels``, ``airways`` and ``body`` come back on
+    the source grid), and after the body mask inside the body's bounding box (:func:`body_box`): the air
+    around the patient holds no lung, and a CT field of view is often half air.
     """
     method = LungMethod(method)
-    body = body_mask(volume.hu, volume.pixel_spacing)
+    factor = workgrid.working_factor(volume.pixel_spacing)
+    work = workgrid.coarsened(volume, factor)
+    # the body outline from each block's darkest pixel: a channel of outside air one source pixel wide (between
+    # skin folds) stays open, and the air it leads to stays outside the body
+    body = body_mask(workgrid.block_min(volume.hu, factor), work.pixel_spacing) if factor > 1 else None
+    masks = _segment_on_grid(work, closing_mm, method, device, body)
+    if factor == 1:
+        return masks
+    airways = workgrid.upsampled(masks.airways, volume.shape, factor)
+    labels = workgrid.upsampled_labels(masks.labels, volume.hu, work.hu, factor, AIR_HU, keep_out=masks.airways)
+    labels[airways] = 0
+    return dataclasses.replace(masks, labels=labels, airways=airways,
+                               body=workgrid.upsampled(masks.body, volume.shape, factor))
+
+
+def _segment_on_grid(volume: Volume, closing_mm: float | None, method: LungMethod, device: str,
+                     body: np.ndarray | None = None) -> LungMasks:
+    """:func:`segment_lungs` on the grid of ``volume`` (the working grid); ``body``: its body mask, when made
+    otherwise than from ``volume.hu``."""
+    body = body_mask(volume.hu, volume.pixel_spacing) if body is None else body
     rows, cols = body_box(body)
     inner = _segment_in_box(cropped(volume, rows, cols), body[:, rows, cols], closing_mm, method, device)
     labels = np.zeros(volume.shape, np.uint8)
@@ -1221,12 +1253,12 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
     right_side = midline.right_side()
 
     recovered = taken = vetoed = 0
-    labels, side_notes = assign_sides(air & ~airways, hu, right_side, area_px)
+    labels, side_notes = assign_sides(air & ~airways, hu, right_side, spacing_rc)
     notes += side_notes
     labels = smooth_lungs(labels, spacing_rc, CLOSING_MM if closing_mm is None else closing_mm)
     if method in (LungMethod.HU, LungMethod.NET):
         aerated = labels > 0
-        dense = by_slabs(dense_tissue, hu)
+        dense = by_slabs(functools.partial(dense_tissue, spacing_rc=spacing_rc), hu)
         prob = None
         if method is LungMethod.NET:
             # the network first: dense tissue it gives under NET_PREFILTER_PROBABILITY (far below the veto of

@@ -1,0 +1,134 @@
+"""The coarser in-plane grid that lung segmentation works on, and the way back to the source grid.
+
+A CT slice of 512 x 512 pixels of 0.6-0.9 mm holds far finer detail than the lung rules need (their smallest
+lengths are millimetres: a 2.5 mm rim opening, a 10 mm closing), and their cost grows with the pixel count.
+:func:`coarsened` averages blocks of ``factor`` x ``factor`` pixels (the mean HU, as a reconstruction with
+larger pixels would give) into a :class:`Volume` whose geometry places each block at its centre, so patient
+coordinates stay right; slices are not combined. :func:`upsampled_labels` brings a label map back to the
+source grid: each pixel takes its block's label, then, along the lung outline only, the source pixels decide
+where aerated lung ends: an aerated pixel (below ``air_hu``) in a block just outside a lung joins that lung,
+and a denser pixel at the outer edge of a lung block that is aerated on average leaves it. Outlines through
+dense tissue (consolidation against the chest wall, which the HU cannot place) keep the block edge.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .types import Volume
+
+MAX_WORK_PIXEL_MM = 1.8   # the working pixel: the largest whole multiple of the source pixel not above this
+
+
+def working_factor(pixel_spacing: tuple[float, float], max_mm: float = MAX_WORK_PIXEL_MM) -> int:
+    """How many source pixels (per row and per column) one working pixel spans; 1 keeps the source grid."""
+    return max(1, int(np.floor(max_mm / max(pixel_spacing) + 1e-9)))
+
+
+def _padded(hu: np.ndarray, factor: int) -> np.ndarray:
+    """``hu`` with its rows and columns extended (edge values) to multiples of ``factor``."""
+    pad_r, pad_c = -hu.shape[1] % factor, -hu.shape[2] % factor
+    return np.pad(hu, ((0, 0), (0, pad_r), (0, pad_c)), mode="edge") if pad_r or pad_c else hu
+
+
+def block_mean(hu: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of each ``factor`` x ``factor`` block of every slice of ``hu`` (float32)."""
+    a = _padded(hu, factor)
+    k, r, c = a.shape
+    return a.reshape(k, r // factor, factor, c // factor, factor).mean(axis=(2, 4), dtype=np.float32)
+
+
+def block_min(hu: np.ndarray, factor: int) -> np.ndarray:
+    """Minimum of each ``factor`` x ``factor`` block of every slice of ``hu``."""
+    a = _padded(hu, factor)
+    out = a[:, ::factor, ::factor].copy()
+    for i in range(factor):
+        for j in range(factor):
+            if i or j:
+                np.minimum(out, a[:, i::factor, j::factor], out=out)
+    return out
+
+
+def coarsened(volume: Volume, factor: int) -> Volume:
+    """``volume`` on the grid of ``factor`` x ``factor`` blocks (``volume`` itself for factor 1)."""
+    if factor == 1:
+        return volume
+    row_cos, col_cos = volume.orientation[:3], volume.orientation[3:]
+    sr, sc = volume.pixel_spacing
+    # the first block's centre lies (factor - 1) / 2 source pixels down and right of the first pixel
+    shift = (factor - 1) / 2.0 * (sr * col_cos + sc * row_cos)
+    return dataclasses.replace(volume, hu=block_mean(volume.hu, factor), positions=volume.positions + shift,
+                               pixel_spacing=(sr * factor, sc * factor))
+
+
+def upsampled(mask: np.ndarray, shape: tuple[int, int, int], factor: int) -> np.ndarray:
+    """Each source pixel of ``shape`` takes the value of its block in ``mask`` (nearest neighbour)."""
+    if factor == 1:
+        return mask
+    up = np.repeat(np.repeat(mask, factor, axis=1), factor, axis=2)
+    return np.ascontiguousarray(up[:, :shape[1], :shape[2]])
+
+
+def upsampled_labels(labels: np.ndarray, hu: np.ndarray, coarse_hu: np.ndarray, factor: int, air_hu: float,
+                     keep_out: np.ndarray | None = None) -> np.ndarray:
+    """The lung ``labels`` of the coarse grid on the source grid of ``hu`` (module docstring).
+
+    ``coarse_hu``: the block means the labels were made from; ``keep_out``: coarse blocks no lung may grow into
+    (the airways)."""
+    if factor == 1:
+        return labels
+    out = upsampled(labels, hu.shape, factor)
+    rows, cols = np.flatnonzero(labels.any(axis=(0, 2))), np.flatnonzero(labels.any(axis=(0, 1)))
+    if rows.size == 0:
+        return out
+    # the outline lies in the lungs' box widened by one block
+    box = (slice(None), slice(max(int(rows[0]) - 1, 0), int(rows[-1]) + 2),
+           slice(max(int(cols[0]) - 1, 0), int(cols[-1]) + 2))
+    src = (slice(None), slice(box[1].start * factor, min(box[1].stop * factor, hu.shape[1])),
+           slice(box[2].start * factor, min(box[2].stop * factor, hu.shape[2])))
+    out[src] = _refined(labels[box], out[src], hu[src], coarse_hu[box], factor, air_hu,
+                        None if keep_out is None else keep_out[box])
+    return out
+
+
+def _pixels(blocks: np.ndarray, factor: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
+    """Source (k, r, c) indices of the pixels of the ``blocks`` (a coarse mask), inside ``shape``."""
+    k, i, j = np.nonzero(blocks)
+    d = np.arange(factor)
+    r = (i[:, None, None] * factor + d[None, :, None]).repeat(factor, axis=2).ravel()
+    c = (j[:, None, None] * factor + d[None, None, :]).repeat(factor, axis=1).ravel()
+    k = np.repeat(k, factor * factor)
+    inside = (r < shape[1]) & (c < shape[2])
+    return k[inside], r[inside], c[inside]
+
+
+def _refined(labels: np.ndarray, out: np.ndarray, hu: np.ndarray, coarse_hu: np.ndarray, factor: int,
+             air_hu: float, keep_out: np.ndarray | None) -> np.ndarray:
+    """The outline refinement of :func:`upsampled_labels` on one box: ``out`` is ``labels`` upsampled. Only the
+    pixels of the blocks on the outline are looked at."""
+    in_plane = np.zeros((1, 3, 3), bool)
+    in_plane[0] = True
+    lung = labels > 0
+    # blocks just outside exactly one lung (not two: the junction of the lungs keeps its block edge)
+    near_right = ndi.binary_dilation(labels == 1, in_plane)
+    grow = ~lung & (near_right ^ ndi.binary_dilation(labels == 2, in_plane))
+    if keep_out is not None:
+        grow &= ~ndi.binary_dilation(keep_out, in_plane)
+    # lung blocks on the outline that are aerated on average: their outer dense pixels are chest wall
+    shrink = lung & ndi.binary_dilation(~lung, in_plane) & (coarse_hu < air_hu)
+    out = out.copy()
+    k, r, c = _pixels(grow, factor, hu.shape)
+    take = hu[k, r, c] < air_hu
+    k, r, c = k[take], r[take], c[take]
+    out[k, r, c] = np.where(near_right[k, r // factor, c // factor], 1, 2)
+    k, r, c = _pixels(shrink, factor, hu.shape)
+    dense = hu[k, r, c] >= air_hu
+    k, r, c = k[dense], r[dense], c[dense]
+    # a source neighbour (4-connected, in plane; none beyond the image) outside the lung
+    last_r, last_c = hu.shape[1] - 1, hu.shape[2] - 1
+    beside = ((out[k, np.maximum(r - 1, 0), c] == 0) | (out[k, np.minimum(r + 1, last_r), c] == 0)
+              | (out[k, r, np.maximum(c - 1, 0)] == 0) | (out[k, r, np.minimum(c + 1, last_c)] == 0))
+    out[k[beside], r[beside], c[beside]] = 0
+    return out
