@@ -1109,6 +1109,19 @@ def lung_probability(hu: np.ndarray, device: str = "cpu") -> np.ndarray:
     return prob.cpu().numpy()
 
 
+def lung_probability_near(hu: np.ndarray, aerated: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """:func:`lung_probability` on the slices from the first to the last that hold ``aerated`` lung or lie next
+    to one; 0 on the others. Steps 6-6n use the probability only there: a slice gains lung only beside lung
+    on the same slice (6, 6a, 6n) or between two neighbours with lung (6b), and step 6n keeps nothing on a
+    slice without aerated lung (:func:`within_chest_wall`)."""
+    prob = np.zeros(hu.shape, np.float32)
+    ks = np.flatnonzero(aerated.reshape(aerated.shape[0], -1).any(axis=1))
+    if ks.size:
+        first, last = max(int(ks[0]) - 1, 0), min(int(ks[-1]) + 2, hu.shape[0])
+        prob[first:last] = lung_probability(hu[first:last], device)
+    return prob
+
+
 def rib_mask(hu: np.ndarray, trunk: np.ndarray, midline_mm: np.ndarray,
              spacing_rc: tuple[float, float]) -> np.ndarray:
     """Rib pixels of one slice: bone (``RIB_HU`` after the dense-tissue mean filter) of the trunk, at least
@@ -1264,7 +1277,7 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
             # the network first: dense tissue it gives under NET_PREFILTER_PROBABILITY (far below the veto of
             # step 6n) would leave the lung there anyway, so steps 6-6b need not trace it (most of their
             # candidates are chest wall and heart)
-            prob = lung_probability(hu, device)
+            prob = lung_probability_near(hu, aerated, device)
             dense &= prob >= NET_PREFILTER_PROBABILITY
         labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc, dense=dense,
                                                     trunk=midline.trunk)
