@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from models.lungnet import LungNet, lung_input, lung_probability
+from models.lungnet import LungNet, folded, lung_input, lung_probability
 from models.registry import WEIGHTS_DIR, load_shipped
 from node import phantom as ph
 from node.pipeline.lungs import LungMethod, lung_method, segment_lungs
@@ -23,6 +23,17 @@ def test_network_maps_any_crop_to_a_probability_of_its_own_size():
     assert lung_input(hu, 32).shape == (3, 2, 32, 32)
     prob = lung_probability(model, hu, size=32)
     assert prob.shape == (3, 70, 90) and float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
+
+
+def test_folding_batch_normalisation_keeps_the_shipped_network_s_output():
+    model, meta = load_shipped("lungnet")
+    fast = folded(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the loaded model is untouched
+    hu = torch.linspace(-1000.0, 200.0, 2 * 90 * 110).reshape(2, 90, 110)
+    hu[:, 30:60, 20:50] = -850.0
+    size = int(meta["input"]["size"])
+    assert torch.allclose(lung_probability(fast, hu, size), lung_probability(model.eval(), hu, size), atol=1e-5)
 
 
 def test_training_loop_and_export_round_trip(tmp_path):

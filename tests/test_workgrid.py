@@ -76,14 +76,16 @@ def test_the_outline_returns_to_the_source_pixels_where_the_lung_is_aerated():
 
 
 def test_segmentation_on_the_working_grid_matches_the_source_grid(monkeypatch):
+    """The node's method on a phantom with 0.8 mm pixels (2 x 2 blocks): the two grids agree, and the working
+    grid is as close to the truth (bench/lungs_working_grid.py measures more cases, and the HU method)."""
     logging.disable(logging.WARNING)
     try:
         p = ph.make_phantom(rows=448, cols=448, pixel_spacing=0.8, slices=16, slice_spacing=5.0, seed=2,
                             burden={"right_lower": 0.8})
         volume = p.as_volume()
-        work = segment_lungs(volume, method="hu").labels
+        work = segment_lungs(volume).labels
         monkeypatch.setattr(workgrid, "working_factor", lambda spacing, max_mm=None: 1)
-        source = segment_lungs(volume, method="hu").labels
+        source = segment_lungs(volume).labels
     finally:
         logging.disable(logging.NOTSET)
     assert work.shape == source.shape == volume.shape
@@ -91,4 +93,4 @@ def test_segmentation_on_the_working_grid_matches_the_source_grid(monkeypatch):
         a, b = work == value, source == value
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
         dice = [2 * (m & truth).sum() / (m.sum() + truth.sum()) for m in (a, b)]
-        assert dice[0] > dice[1] - 0.005  # measured: 0.0023 and 0.0015 lower (right, left)
+        assert dice[0] > dice[1] - 0.002  # measured: 0.0003 lower and equal (right, left)

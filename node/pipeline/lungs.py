@@ -681,7 +681,7 @@ def dense_tissue(hu: np.ndarray, spacing_rc: tuple[float, float]) -> np.ndarray:
     """Pixels of consolidation / effusion density (``DENSE_HU``) after a small in-plane mean filter
     (``DENSE_SMOOTH_MM``: noise down), of one slice (r, c) or of every slice of (k, r, c)."""
     size = odd_pixels(DENSE_SMOOTH_MM, spacing_rc)
-    smooth = ndi.uniform_filter(hu, (1,) * (hu.ndim - 2) + (size, size))
+    smooth = ndi.uniform_filter(hu, (1,) * (hu.ndim - 2) + (size, size)) if size > 1 else hu
     return (smooth > DENSE_HU[0]) & (smooth <= DENSE_HU[1])
 
 
@@ -698,7 +698,7 @@ def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray
     (:func:`dense_tissue` of ``hu``) and ``trunk`` (the largest ``body`` region of each slice) are computed
     when not given. Returns the new labels and the number of voxels taken.
     """
-    dense = by_slabs(functools.partial(dense_tissue, spacing_rc=spacing_rc), hu) if dense is None else dense
+    dense = dense_tissue(hu, spacing_rc) if dense is None else dense
     trunk = by_slabs(largest_per_slice, body) if trunk is None else trunk
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)[0]
     return per_lung_slice(labels, lambda k, lab: _dense_periphery_slice(lab, dense[k] & trunk[k], trunk[k],
@@ -797,7 +797,7 @@ def recover_bronchograms(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, a
     ``midline``, whose trunk (largest region of each slice) is used. Returns the new labels and the number of
     voxels taken.
     """
-    dense = by_slabs(functools.partial(dense_tissue, spacing_rc=spacing_rc), hu) if dense is None else dense
+    dense = dense_tissue(hu, spacing_rc) if dense is None else dense
     trunk = midline.trunk
     return per_lung_slice(labels, lambda k, lab: _bronchograms_slice(lab, hu[k], dense[k], trunk[k], airways[k],
                                                                      midline.signed(k), spacing_rc))
@@ -852,7 +852,7 @@ def recover_between_slices(labels: np.ndarray, hu: np.ndarray, body: np.ndarray,
     out = labels.copy()
     if out.shape[0] < 3:
         return out, 0
-    dense = by_slabs(functools.partial(dense_tissue, spacing_rc=spacing_rc), hu) if dense is None else dense
+    dense = dense_tissue(hu, spacing_rc) if dense is None else dense
     rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)[0]
     taken_total = 0
     while True:
@@ -1088,11 +1088,13 @@ def lung_method(name: str) -> LungMethod:
 
 @functools.lru_cache(maxsize=2)
 def _lung_net(device: str):
-    """The shipped lung network on ``device`` and its input size (loaded once per process and device)."""
+    """The shipped lung network on ``device``, batch normalisation folded, and its input size (loaded once per
+    process and device)."""
+    from models.lungnet import folded
     from models.registry import load_shipped
 
     model, meta = load_shipped(NET_WEIGHTS, device=device)
-    return model, int(meta["input"]["size"])
+    return folded(model), int(meta["input"]["size"])
 
 
 def lung_probability(hu: np.ndarray, device: str = "cpu") -> np.ndarray:
@@ -1271,7 +1273,7 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
     labels = smooth_lungs(labels, spacing_rc, CLOSING_MM if closing_mm is None else closing_mm)
     if method in (LungMethod.HU, LungMethod.NET):
         aerated = labels > 0
-        dense = by_slabs(functools.partial(dense_tissue, spacing_rc=spacing_rc), hu)
+        dense = dense_tissue(hu, spacing_rc)
         prob = None
         if method is LungMethod.NET:
             # the network first: dense tissue it gives under NET_PREFILTER_PROBABILITY (far below the veto of

@@ -13,13 +13,15 @@ dense tissue (consolidation against the chest wall, which the HU cannot place) k
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
-from scipy import ndimage as ndi
 
+from . import morphology
 from .types import Volume
 
 MAX_WORK_PIXEL_MM = 1.8   # the working pixel: the largest whole multiple of the source pixel not above this
+_SQUARE = np.ones((3, 3), bool)
 
 
 def working_factor(pixel_spacing: tuple[float, float], max_mm: float = MAX_WORK_PIXEL_MM) -> int:
@@ -112,16 +114,15 @@ def _refined(labels: np.ndarray, out: np.ndarray, hu: np.ndarray, coarse_hu: np.
              air_hu: float, keep_out: np.ndarray | None) -> np.ndarray:
     """The outline refinement of :func:`upsampled_labels` on one box: ``out`` is ``labels`` upsampled. Only the
     pixels of the blocks on the outline are looked at."""
-    in_plane = np.zeros((1, 3, 3), bool)
-    in_plane[0] = True
+    near = functools.partial(morphology.binary_dilation, structure=_SQUARE)  # the 8 neighbours, in plane
     lung = labels > 0
     # blocks just outside exactly one lung (not two: the junction of the lungs keeps its block edge)
-    near_right = ndi.binary_dilation(labels == 1, in_plane)
-    grow = ~lung & (near_right ^ ndi.binary_dilation(labels == 2, in_plane))
+    near_right = near(labels == 1)
+    grow = ~lung & (near_right ^ near(labels == 2))
     if keep_out is not None:
-        grow &= ~ndi.binary_dilation(keep_out, in_plane)
+        grow &= ~near(keep_out)
     # lung blocks on the outline that are aerated on average: their outer dense pixels are chest wall
-    shrink = lung & ndi.binary_dilation(~lung, in_plane) & (coarse_hu < air_hu)
+    shrink = lung & near(~lung) & (coarse_hu < air_hu)
     out = out.copy()
     k, r, c = _pixels(grow, factor, hu.shape)
     take = hu[k, r, c] < air_hu
