@@ -192,6 +192,24 @@ def test_air_bronchograms_bring_back_consolidation_over_a_wide_arc():
         assert (segment_lungs(vol, method="hu").right[0] & dense).sum() < 0.2 * dense.sum()
 
 
+def test_bronchograms_one_source_pixel_wide_are_found_on_the_working_grid(monkeypatch):
+    """On 0.75 mm pixels the rules run on 2 x 2 blocks (node/pipeline/workgrid.py), whose mean hides an air
+    bronchogram one pixel wide (-900 in 20 HU: -200 HU); step 6a finds its pockets among the source pixels."""
+    chest = single_slice(synthetic_chest(slices=5, size=320, pixel=0.75, trachea=False, noise=0.0))
+    hu = chest.volume.hu.copy()
+    rr, cc = np.mgrid[0:320, 0:320]
+    dense = chest.right[0] & (rr > 170)
+    hu[0][dense] = 20.0
+    from scipy import ndimage as ndi
+    hu[0][ndi.binary_erosion(dense, iterations=4) & (rr % 12 == 1) & (cc % 12 == 1)] = -900.0
+    vol = dataclasses.replace(chest.volume, hu=hu)
+    assert lungs_mod.workgrid.working_factor(vol.pixel_spacing) == 2
+    assert (segment_lungs(vol, method="hu").right[0] & dense).sum() >= 0.7 * dense.sum()
+    step_6a = lungs_mod.recover_bronchograms
+    monkeypatch.setattr(lungs_mod, "recover_bronchograms", lambda *a, air=None, **k: step_6a(*a, **k))
+    assert (segment_lungs(vol, method="hu").right[0] & dense).sum() < 0.2 * dense.sum()  # pockets of block means
+
+
 def test_air_pockets_that_are_not_bronchograms_take_nothing():
     """Too few pockets (a bronchus or two, not a cluster), pockets near the midline (esophagus), and
     pockets in tissue with aerated lung between it and the skin (a hilum) are not taken."""

@@ -758,14 +758,18 @@ def _dense_periphery_slice(labels: np.ndarray, dense: np.ndarray, trunk: np.ndar
     return recovered
 
 
-def bronchogram_pockets(hu2d: np.ndarray, trunk: np.ndarray, free: np.ndarray, midline_mm: np.ndarray,
-                        skin: Callable[[], SkinGeometry], spacing_rc: tuple[float, float]) -> np.ndarray:
-    """Air bronchograms on one slice: small air pockets (``POCKET_MAX_MM2``) among ``free`` trunk pixels,
-    at least ``POCKET_MIDLINE_MM`` from the midline and ``POCKET_DEPTH_MM`` under the skin, that have at
-    least ``POCKET_CLUSTER`` such pockets (themselves included) within ``POCKET_CLUSTER_MM``. ``skin`` is
-    called only on slices with enough candidates (most slices have none)."""
-    none = np.zeros_like(trunk)
-    lab, n = ndi.label((hu2d < AIR_HU) & trunk & free)
+_NEIGHBOURS = np.ones((3, 3), bool)  # a pixel and its 8 neighbours
+
+
+def bronchogram_pockets(air: np.ndarray, where: np.ndarray, midline_mm: np.ndarray,
+                        depth: Callable[[], np.ndarray], spacing_rc: tuple[float, float]) -> np.ndarray:
+    """Air bronchograms on one slice: small pockets of ``air`` (below ``AIR_HU``; ``POCKET_MAX_MM2``) among the
+    pixels ``where`` (trunk, not lung, airways or next to them), at least ``POCKET_MIDLINE_MM`` from the
+    midline and ``POCKET_DEPTH_MM`` under the skin, that have at least ``POCKET_CLUSTER`` such pockets
+    (themselves included) within ``POCKET_CLUSTER_MM``. ``depth`` (under the skin, mm) is called only on
+    slices with enough candidates (most slices have none)."""
+    none = np.zeros_like(where)
+    lab, n = ndi.label(air & where)
     if n < POCKET_CLUSTER:
         return none
     area = np.bincount(lab.ravel()) * spacing_rc[0] * spacing_rc[1]
@@ -774,7 +778,7 @@ def bronchogram_pockets(hu2d: np.ndarray, trunk: np.ndarray, free: np.ndarray, m
     pocket = small[lab] & (np.abs(midline_mm) >= POCKET_MIDLINE_MM)
     if np.unique(lab[pocket]).size < POCKET_CLUSTER:
         return none
-    pocket &= skin().depth >= POCKET_DEPTH_MM
+    pocket &= depth() >= POCKET_DEPTH_MM
     ids = np.unique(lab[pocket])
     if ids.size < POCKET_CLUSTER:
         return none
@@ -786,7 +790,7 @@ def bronchogram_pockets(hu2d: np.ndarray, trunk: np.ndarray, free: np.ndarray, m
 
 def recover_bronchograms(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, airways: np.ndarray,
                          midline: Midline, spacing_rc: tuple[float, float], *,
-                         dense: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+                         dense: np.ndarray | None = None, air: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Take back consolidated lung marked by air bronchograms (step 6a), per slice.
 
     The pockets of :func:`bronchogram_pockets` and the :func:`dense_tissue` within ``POCKET_REACH_MM`` of
@@ -794,21 +798,42 @@ def recover_bronchograms(labels: np.ndarray, hu: np.ndarray, body: np.ndarray, a
     lung and its pockets), except pixels with lung within ``PERIPHERAL_RAY_MM`` towards their nearest skin
     point: tissue enclosed by aerated lung on its skin side is the hilum or, inside a diaphragm dome, the
     abdomen. ``dense`` (:func:`dense_tissue` of ``hu``) is computed when not given; ``body`` is that of
-    ``midline``, whose trunk (largest region of each slice) is used. Returns the new labels and the number of
-    voxels taken.
+    ``midline``, whose trunk (largest region of each slice) is used. ``air``: the source pixels below
+    ``AIR_HU``, on a grid ``f`` times finer than ``hu`` (the working grid's blocks, :func:`segment_lungs`):
+    bronchograms a pixel or two wide vanish in a block's mean, so the pockets are found on the source grid;
+    ``hu < AIR_HU`` when not given. Returns the new labels and the number of voxels taken.
     """
     dense = dense_tissue(hu, spacing_rc) if dense is None else dense
+    air = hu < AIR_HU if air is None else air
     trunk = midline.trunk
-    return per_lung_slice(labels, lambda k, lab: _bronchograms_slice(lab, hu[k], dense[k], trunk[k], airways[k],
+    return per_lung_slice(labels, lambda k, lab: _bronchograms_slice(lab, air[k], dense[k], trunk[k], airways[k],
                                                                      midline.signed(k), spacing_rc))
 
 
-def _bronchograms_slice(labels: np.ndarray, hu: np.ndarray, dense: np.ndarray, trunk: np.ndarray,
+def _bronchograms_slice(labels: np.ndarray, air: np.ndarray, dense: np.ndarray, trunk: np.ndarray,
                         airways: np.ndarray, signed: np.ndarray, spacing_rc: tuple[float, float]) -> int:
-    """Step 6a on one slice: ``labels`` (r, c) updated in place; returns the number of pixels taken."""
+    """Step 6a on one slice: ``labels`` (r, c) updated in place; returns the number of pixels taken. ``air``:
+    see :func:`recover_bronchograms`."""
     lungs = labels > 0
     skin_of = functools.cache(lambda: SkinGeometry(trunk, spacing_rc))  # made once, and only when needed
-    pockets = bronchogram_pockets(hu, trunk, ~lungs & ~airways, signed, skin_of, spacing_rc)
+    # air touching the lung is its edge; on the working grid, the air of the blocks on its outline
+    where = trunk & ~morphology.binary_dilation(lungs | airways, _NEIGHBOURS)
+    f = air.shape[0] // labels.shape[0]
+    if f == 1:
+        pockets = bronchogram_pockets(air, where, signed, lambda: skin_of().depth, spacing_rc)
+    else:  # found among the source pixels of the blocks that hold air; a block with a pocket pixel is a pocket
+        pockets = np.zeros_like(lungs)
+        rows, cols = np.nonzero(where & air.reshape(lungs.shape[0], f, lungs.shape[1], f).any(axis=(1, 3)))
+        if rows.size:
+            box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+            source = tuple(slice(s.start * f, s.stop * f) for s in box)
+
+            def fine(a: np.ndarray) -> np.ndarray:
+                return np.repeat(np.repeat(a[box], f, axis=0), f, axis=1)
+
+            found = bronchogram_pockets(air[source], fine(where), fine(signed), lambda: fine(skin_of().depth),
+                                        (spacing_rc[0] / f, spacing_rc[1] / f))
+            pockets[box] = found.reshape(found.shape[0] // f, f, found.shape[1] // f, f).any(axis=(1, 3))
     if not pockets.any():
         return 0
     skin = skin_of()
@@ -1221,7 +1246,8 @@ def segment_lungs(volume: Volume, *, closing_mm: float | None = None,
     # the body outline from each block's darkest pixel: a channel of outside air one source pixel wide (between
     # skin folds) stays open, and the air it leads to stays outside the body
     body = body_mask(workgrid.block_min(volume.hu, factor), work.pixel_spacing) if factor > 1 else None
-    masks = _segment_on_grid(work, closing_mm, method, device, body)
+    air = workgrid.padded(volume.hu, factor) < AIR_HU if factor > 1 else None  # step 6a's pockets
+    masks = _segment_on_grid(work, closing_mm, method, device, body, air)
     if factor == 1:
         return masks
     airways = workgrid.upsampled(masks.airways, volume.shape, factor)
@@ -1232,12 +1258,15 @@ def segment_lungs(volume: Volume, *, closing_mm: float | None = None,
 
 
 def _segment_on_grid(volume: Volume, closing_mm: float | None, method: LungMethod, device: str,
-                     body: np.ndarray | None = None) -> LungMasks:
+                     body: np.ndarray | None = None, air: np.ndarray | None = None) -> LungMasks:
     """:func:`segment_lungs` on the grid of ``volume`` (the working grid); ``body``: its body mask, when made
-    otherwise than from ``volume.hu``."""
+    otherwise than from ``volume.hu``; ``air``: the source pixels below ``AIR_HU`` (``f`` times finer,
+    :func:`recover_bronchograms`)."""
     body = body_mask(volume.hu, volume.pixel_spacing) if body is None else body
     rows, cols = body_box(body)
-    inner = _segment_in_box(cropped(volume, rows, cols), body[:, rows, cols], closing_mm, method, device)
+    f = 1 if air is None else air.shape[1] // volume.shape[1]
+    inner = _segment_in_box(cropped(volume, rows, cols), body[:, rows, cols], closing_mm, method, device,
+                            None if air is None else air[:, rows.start * f:rows.stop * f, cols.start * f:cols.stop * f])
     labels = np.zeros(volume.shape, np.uint8)
     labels[:, rows, cols] = inner.labels
     airways = np.zeros(volume.shape, bool)
@@ -1253,7 +1282,8 @@ def _segment_on_grid(volume: Volume, closing_mm: float | None, method: LungMetho
 
 
 def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
-                    method: LungMethod = LungMethod.HU, device: str = "cpu") -> LungMasks:
+                    method: LungMethod = LungMethod.HU, device: str = "cpu",
+                    source_air: np.ndarray | None = None) -> LungMasks:
     """Steps 2-7 of the module docstring on ``volume`` with its ``body`` mask (step 1); see :class:`LungMethod`."""
     hu = volume.hu
     spacing_rc = volume.pixel_spacing
@@ -1283,7 +1313,8 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
             dense &= prob >= NET_PREFILTER_PROBABILITY
         labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc, dense=dense,
                                                     trunk=midline.trunk)
-        labels, bronchograms = recover_bronchograms(labels, hu, body, airways, midline, spacing_rc, dense=dense)
+        labels, bronchograms = recover_bronchograms(labels, hu, body, airways, midline, spacing_rc, dense=dense,
+                                                    air=source_air)
         labels, between = recover_between_slices(labels, hu, body, right_side, spacing_rc, dense=dense)
         recovered += bronchograms + between
         # fill again: the recovered rim may now enclose lesions, which count even when open on the next slice

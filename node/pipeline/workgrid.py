@@ -29,7 +29,7 @@ def working_factor(pixel_spacing: tuple[float, float], max_mm: float = MAX_WORK_
     return max(1, int(np.floor(max_mm / max(pixel_spacing) + 1e-9)))
 
 
-def _padded(hu: np.ndarray, factor: int) -> np.ndarray:
+def padded(hu: np.ndarray, factor: int) -> np.ndarray:
     """``hu`` with its rows and columns extended (edge values) to multiples of ``factor``."""
     pad_r, pad_c = -hu.shape[1] % factor, -hu.shape[2] % factor
     return np.pad(hu, ((0, 0), (0, pad_r), (0, pad_c)), mode="edge") if pad_r or pad_c else hu
@@ -37,7 +37,7 @@ def _padded(hu: np.ndarray, factor: int) -> np.ndarray:
 
 def block_mean(hu: np.ndarray, factor: int) -> np.ndarray:
     """Mean of each ``factor`` x ``factor`` block of every slice of ``hu`` (float32)."""
-    a = _padded(hu, factor)
+    a = padded(hu, factor)
     out = np.zeros((a.shape[0], a.shape[1] // factor, a.shape[2] // factor), np.float32)
     for i in range(factor):  # strided sums: five times faster than a mean over a reshaped view
         for j in range(factor):
@@ -48,7 +48,7 @@ def block_mean(hu: np.ndarray, factor: int) -> np.ndarray:
 
 def block_min(hu: np.ndarray, factor: int) -> np.ndarray:
     """Minimum of each ``factor`` x ``factor`` block of every slice of ``hu``."""
-    a = _padded(hu, factor)
+    a = padded(hu, factor)
     out = a[:, ::factor, ::factor].copy()
     for i in range(factor):
         for j in range(factor):
