@@ -200,6 +200,7 @@ def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple
     probability and the chest-wall limit of step 6n as ``segment_lungs`` computed them (recorded by wrapping
     the two functions). Returns the expert consolidation pixels and the missed pixels per cause."""
     from node.pipeline import lungs as lungs_mod
+    from node.pipeline import workgrid
 
     seen: dict[str, np.ndarray] = {}
     probability, chest_wall = lungs_mod.lung_probability, lungs_mod.within_chest_wall
@@ -221,13 +222,25 @@ def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple
             volume, _, pad = ct_slice(image8, spacing)
             seen.clear()
             mask = lungs_mod.segment_lungs(volume, method="net").lungs
-            rows, cols = lungs_mod.body_box(lungs_mod.body_mask(volume.hu, volume.pixel_spacing))  # net_refine's box
-            truth = np.zeros(volume.shape, bool)
-            truth[0, pad:-pad, pad:-pad] = cons
-            missed = (truth & ~mask)[:, rows, cols]
-            lung = seen["probability"] >= lungs_mod.NET_LUNG_PROBABILITY
-            candidate = seen.get("candidate", np.zeros_like(lung))
-            beyond = missed & lung & candidate & ~seen.get("kept", np.zeros_like(lung))
+            # net_refine's box, on the working grid (node/pipeline/workgrid.py); its maps brought to the source
+            f = workgrid.working_factor(volume.pixel_spacing)
+            work = workgrid.coarsened(volume, f)
+            body = lungs_mod.body_mask(workgrid.block_min(volume.hu, f) if f > 1 else volume.hu, work.pixel_spacing)
+            rows, cols = lungs_mod.body_box(body)
+            rows, cols = slice(rows.start * f, rows.stop * f), slice(cols.start * f, cols.stop * f)
+            truth = np.zeros(workgrid.padded(volume.hu, f).shape, bool)
+            truth[0, pad:pad + cons.shape[0], pad:pad + cons.shape[1]] = cons
+            missed = (truth[:, :mask.shape[1], :mask.shape[2]] & ~mask)[:, rows, cols]
+
+            def source(a: np.ndarray) -> np.ndarray:
+                return workgrid.upsampled(a, (a.shape[0], a.shape[1] * f, a.shape[2] * f), f)[:, :missed.shape[1],
+                                                                                            :missed.shape[2]]
+
+            lung = source(seen["probability"] >= lungs_mod.NET_LUNG_PROBABILITY)
+            candidate = source(seen["candidate"]) if "candidate" in seen else np.zeros_like(lung)
+            kept = source(seen["kept"]) if "kept" in seen else np.zeros_like(lung)
+            missed = missed[:, :lung.shape[1], :lung.shape[2]]
+            beyond = missed & lung & candidate & ~kept
             causes += [(missed & ~lung).sum(), beyond.sum(), (missed & lung & ~candidate).sum(),
                        (missed & lung & candidate & ~beyond).sum()]
             total += int(cons.sum())

@@ -8,9 +8,10 @@ differs between the two (0 for a change meant to keep the masks).
 
     python bench/lungs_speed.py --baseline-rev HEAD~1 --slices 120 --repeat 4 [--method net]
 
-``--one-process`` keeps the per-slice steps in the measuring process (node/pipeline/slicewise.py: no child
-processes), so that the CPU seconds of the two trees compare the work done, which a loaded machine disturbs
-less than the time. ``--method`` (hu | net) is passed to this tree's ``segment_lungs`` only (the baseline runs
+``--one-process`` keeps the per-slice steps on one thread of the measuring process
+(node/pipeline/slicewise.py; a baseline that forked child processes for them forks none), so that the CPU
+seconds of the two trees compare the work done, which a loaded machine disturbs less than the time. Without
+it, CPU seconds count this process's threads (and not a forking baseline's children). ``--method`` (hu | net) is passed to this tree's ``segment_lungs`` only (the baseline runs
 its default), and ``--device`` with it (where the lung network runs).
 """
 from __future__ import annotations
@@ -75,7 +76,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--method", choices=("hu", "net"), help="this tree's lung method (default: its default)")
     ap.add_argument("--device", default="cpu", help="where the lung network runs (cpu | cuda)")
-    ap.add_argument("--one-process", action="store_true", help="no child processes for the per-slice steps")
+    ap.add_argument("--one-process", action="store_true", help="the per-slice steps on one thread (no child processes)")
     args = ap.parse_args()
     if args.child:
         child(args.slices, args.out, args.method, args.device, args.one_process)

@@ -1,4 +1,4 @@
-"""Per-slice work in child processes (node/pipeline/slicewise.py) gives what one loop gives."""
+"""Per-slice work on worker threads (node/pipeline/slicewise.py) gives what one loop gives."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +24,7 @@ def test_map_slices_keeps_the_order_and_sees_the_arrays(three_workers):
     assert got == [(k, volume[k].sum()) for k in ks]
 
 
-def test_an_error_in_a_child_is_raised_in_the_caller(three_workers):
+def test_an_error_in_a_worker_is_raised_in_the_caller(three_workers):
     def fail_on_four(k: int) -> int:
         if k == 4:
             raise ValueError("slice 4")
@@ -41,7 +41,7 @@ def test_by_slabs_equals_the_whole_volume_call(three_workers):
     assert np.array_equal(slicewise.by_slabs(opening, mask), opening(mask))
 
 
-def test_segment_lungs_in_child_processes_equals_one_process(monkeypatch):
+def test_segment_lungs_on_threads_equals_one_thread(monkeypatch):
     p = ph.make_phantom(rows=128, cols=128, slices=40, pixel_spacing=2.75, slice_spacing=7.5, seed=2,
                         burden={"right_lower": 0.8, "left_upper": 0.3})
     volume = p.as_volume()

@@ -54,8 +54,8 @@ with ``fov_cut_cm2`` and a note, when lung reaches the in-plane edge of the imag
 than the chest, :func:`lung_cut_by_fov`): series selection skips such a series.
 
 Speed: the steps that work slice by slice (the body opening and hole filling, the closings of step 5, steps
-6 and 6a) run on all CPUs in forked child processes (:mod:`node.pipeline.slicewise`), with the result of one
-loop; docs/performance.md gives the times.
+6, 6a and 6n's chest-wall limit) run on all CPUs on worker threads (:mod:`node.pipeline.slicewise`), with the
+result of one loop; docs/performance.md gives the times.
 """
 from __future__ import annotations
 
@@ -706,7 +706,7 @@ def recover_dense_periphery(labels: np.ndarray, hu: np.ndarray, body: np.ndarray
 
 
 def per_lung_slice(labels: np.ndarray, step: Callable[[int, np.ndarray], int]) -> tuple[np.ndarray, int]:
-    """``step(k, slice_labels)`` on a copy of every slice of ``labels`` with lung, in worker processes
+    """``step(k, slice_labels)`` on a copy of every slice of ``labels`` with lung, on the worker threads
     (:func:`~node.pipeline.slicewise.map_slices`); ``step`` updates the slice and returns the pixels it took.
     Returns the new labels and the voxels taken in all."""
     def one(k: int) -> tuple[np.ndarray, int]:
