@@ -101,3 +101,14 @@ def test_net_finds_no_lung_below_the_diaphragm(effusion_phantom):
     below = ~truth.reshape(truth.shape[0], -1).any(axis=1)
     labels = segment_lungs(p.as_volume(), method="net").labels
     assert below.any() and not labels[below].any()
+
+
+def test_the_network_runs_on_the_slices_with_aerated_lung_and_their_neighbours():
+    from node.pipeline.lungs import lung_probability, lung_probability_near
+
+    hu = torch.linspace(-1000.0, 100.0, 7 * 60 * 70).reshape(7, 60, 70).numpy()
+    aerated = torch.zeros(7, 60, 70, dtype=torch.bool).numpy()
+    aerated[3:5, 20:40, 20:40] = True
+    prob = lung_probability_near(hu, aerated)
+    assert not prob[:2].any() and not prob[6:].any()
+    assert (prob[2:6] == lung_probability(hu[2:6])).all()
