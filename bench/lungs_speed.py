@@ -11,8 +11,9 @@ differs between the two (0 for a change meant to keep the masks).
 ``--one-process`` keeps the per-slice steps on one thread of the measuring process
 (node/pipeline/slicewise.py; a baseline that forked child processes for them forks none), so that the CPU
 seconds of the two trees compare the work done, which a loaded machine disturbs less than the time. Without
-it, CPU seconds count this process's threads (and not a forking baseline's children). ``--method`` (hu | net) is passed to this tree's ``segment_lungs`` only (the baseline runs
-its default), and ``--device`` with it (where the lung network runs).
+it, CPU seconds count this process's threads (and not a forking baseline's children). ``--method`` (hu | net)
+is passed to this tree's ``segment_lungs`` only (the baseline runs its default), and ``--device`` with it
+(where the lung network runs).
 """
 from __future__ import annotations
 
