@@ -203,11 +203,15 @@ def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple
     from node.pipeline import workgrid
 
     seen: dict[str, np.ndarray] = {}
-    probability, chest_wall = lungs_mod.lung_probability, lungs_mod.within_chest_wall
+    probability, chest_wall, cropped = lungs_mod.lung_probability, lungs_mod.within_chest_wall, lungs_mod.cropped
 
     def recorded_probability(hu, device="cpu"):
         seen["probability"] = probability(hu, device)
         return seen["probability"]
+
+    def recorded_box(volume, rows, cols):
+        seen["box"] = (rows, cols)
+        return cropped(volume, rows, cols)
 
     def recorded_chest_wall(cand, *args, **kwargs):
         seen["candidate"], seen["kept"] = cand, chest_wall(cand, *args, **kwargs)
@@ -215,6 +219,7 @@ def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple
 
     total, causes = 0, np.zeros(len(MISS_CAUSES), np.int64)
     lungs_mod.lung_probability, lungs_mod.within_chest_wall = recorded_probability, recorded_chest_wall
+    lungs_mod.cropped = recorded_box
     try:
         for _, image8, _, cons in labelled_slices(data, split):
             if not cons.any():
@@ -224,10 +229,7 @@ def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple
             mask = lungs_mod.segment_lungs(volume, method="net").lungs
             # net_refine's box, on the working grid (node/pipeline/workgrid.py); its maps brought to the source
             f = workgrid.working_factor(volume.pixel_spacing)
-            work = workgrid.coarsened(volume, f)
-            body = lungs_mod.body_mask(workgrid.block_min(volume.hu, f) if f > 1 else volume.hu, work.pixel_spacing)
-            rows, cols = lungs_mod.body_box(body)
-            rows, cols = slice(rows.start * f, rows.stop * f), slice(cols.start * f, cols.stop * f)
+            rows, cols = (slice(s.start * f, s.stop * f) for s in seen["box"])
             truth = np.zeros(workgrid.padded(volume.hu, f).shape, bool)
             truth[0, pad:pad + cons.shape[0], pad:pad + cons.shape[1]] = cons
             missed = (truth[:, :mask.shape[1], :mask.shape[2]] & ~mask)[:, rows, cols]
@@ -246,6 +248,7 @@ def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple
             total += int(cons.sum())
     finally:
         lungs_mod.lung_probability, lungs_mod.within_chest_wall = probability, chest_wall
+        lungs_mod.cropped = cropped
     return total, causes
 
 

@@ -758,9 +758,6 @@ def _dense_periphery_slice(labels: np.ndarray, dense: np.ndarray, trunk: np.ndar
     return recovered
 
 
-_NEIGHBOURS = np.ones((3, 3), bool)  # a pixel and its 8 neighbours
-
-
 def bronchogram_pockets(air: np.ndarray, where: np.ndarray, midline_mm: np.ndarray,
                         depth: Callable[[], np.ndarray], spacing_rc: tuple[float, float]) -> np.ndarray:
     """Air bronchograms on one slice: small pockets of ``air`` (below ``AIR_HU``; ``POCKET_MAX_MM2``) among the
@@ -817,23 +814,20 @@ def _bronchograms_slice(labels: np.ndarray, air: np.ndarray, dense: np.ndarray, 
     lungs = labels > 0
     skin_of = functools.cache(lambda: SkinGeometry(trunk, spacing_rc))  # made once, and only when needed
     # air touching the lung is its edge; on the working grid, the air of the blocks on its outline
-    where = trunk & ~morphology.binary_dilation(lungs | airways, _NEIGHBOURS)
+    where = trunk & ~morphology.binary_dilation(lungs | airways, morphology.NEIGHBOURS)
     f = air.shape[0] // labels.shape[0]
     if f == 1:
         pockets = bronchogram_pockets(air, where, signed, lambda: skin_of().depth, spacing_rc)
     else:  # found among the source pixels of the blocks that hold air; a block with a pocket pixel is a pocket
         pockets = np.zeros_like(lungs)
-        rows, cols = np.nonzero(where & air.reshape(lungs.shape[0], f, lungs.shape[1], f).any(axis=(1, 3)))
+        rows, cols = np.nonzero(where & workgrid.block_any(air, f))
         if rows.size:
             box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
             source = tuple(slice(s.start * f, s.stop * f) for s in box)
-
-            def fine(a: np.ndarray) -> np.ndarray:
-                return np.repeat(np.repeat(a[box], f, axis=0), f, axis=1)
-
-            found = bronchogram_pockets(air[source], fine(where), fine(signed), lambda: fine(skin_of().depth),
-                                        (spacing_rc[0] / f, spacing_rc[1] / f))
-            pockets[box] = found.reshape(found.shape[0] // f, f, found.shape[1] // f, f).any(axis=(1, 3))
+            fine = functools.partial(workgrid.upsampled, shape=air[source].shape, factor=f)
+            found = bronchogram_pockets(air[source], fine(where[box]), fine(signed[box]),
+                                        lambda: fine(skin_of().depth[box]), (spacing_rc[0] / f, spacing_rc[1] / f))
+            pockets[box] = workgrid.block_any(found, f)
     if not pockets.any():
         return 0
     skin = skin_of()
@@ -931,7 +925,7 @@ def joined_to(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarra
 
 def touching_lung(cand: np.ndarray, lung: np.ndarray) -> np.ndarray:
     """The pieces of the 2D mask ``cand`` that touch ``lung`` (8-connected)."""
-    lab, _ = ndi.label(cand | lung, structure=np.ones((3, 3), bool))
+    lab, _ = ndi.label(cand | lung, structure=morphology.NEIGHBOURS)
     return cand & np.isin(lab, np.unique(lab[lung]))
 
 

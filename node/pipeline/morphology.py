@@ -14,6 +14,9 @@ import numpy as np
 import scipy.ndimage as ndi
 
 
+NEIGHBOURS = np.ones((3, 3), bool)  # a pixel and its 8 neighbours in plane
+
+
 @functools.cache
 def _rectangles(rows: tuple[tuple[bool, ...], ...]) -> tuple[tuple[int, int], ...]:
     element = np.array(rows, bool)

@@ -21,7 +21,6 @@ from . import morphology
 from .types import Volume
 
 MAX_WORK_PIXEL_MM = 1.8   # the working pixel: the largest whole multiple of the source pixel not above this
-_SQUARE = np.ones((3, 3), bool)
 
 
 def working_factor(pixel_spacing: tuple[float, float], max_mm: float = MAX_WORK_PIXEL_MM) -> int:
@@ -69,12 +68,20 @@ def coarsened(volume: Volume, factor: int) -> Volume:
                                pixel_spacing=(sr * factor, sc * factor))
 
 
-def upsampled(mask: np.ndarray, shape: tuple[int, int, int], factor: int) -> np.ndarray:
-    """Each source pixel of ``shape`` takes the value of its block in ``mask`` (nearest neighbour)."""
+def upsampled(mask: np.ndarray, shape: tuple[int, ...], factor: int) -> np.ndarray:
+    """Each source pixel of ``shape`` takes the value of its block in ``mask`` (nearest neighbour; the last two
+    axes are rows and columns: a volume or one slice)."""
     if factor == 1:
         return mask
-    up = np.repeat(np.repeat(mask, factor, axis=1), factor, axis=2)
-    return np.ascontiguousarray(up[:, :shape[1], :shape[2]])
+    up = np.repeat(np.repeat(mask, factor, axis=-2), factor, axis=-1)
+    return np.ascontiguousarray(up[..., :shape[-2], :shape[-1]])
+
+
+def block_any(mask: np.ndarray, factor: int) -> np.ndarray:
+    """Whether each ``factor`` x ``factor`` block of ``mask`` (the last two axes, multiples of ``factor``) holds
+    a pixel."""
+    *lead, r, c = mask.shape
+    return mask.reshape(*lead, r // factor, factor, c // factor, factor).any(axis=(-3, -1))
 
 
 def upsampled_labels(labels: np.ndarray, hu: np.ndarray, coarse_hu: np.ndarray, factor: int, air_hu: float,
@@ -114,7 +121,7 @@ def _refined(labels: np.ndarray, out: np.ndarray, hu: np.ndarray, coarse_hu: np.
              air_hu: float, keep_out: np.ndarray | None) -> np.ndarray:
     """The outline refinement of :func:`upsampled_labels` on one box: ``out`` is ``labels`` upsampled. Only the
     pixels of the blocks on the outline are looked at."""
-    near = functools.partial(morphology.binary_dilation, structure=_SQUARE)  # the 8 neighbours, in plane
+    near = functools.partial(morphology.binary_dilation, structure=morphology.NEIGHBOURS)
     lung = labels > 0
     # blocks just outside exactly one lung (not two: the junction of the lungs keeps its block edge)
     near_right = near(labels == 1)
