@@ -6,7 +6,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from node.pipeline import morphology
-from node.pipeline.lungs import disk
+from node.pipeline.lungs import close_2d, disk
 
 pytestmark = pytest.mark.unit
 
@@ -66,3 +66,18 @@ def test_rectangles_of_a_disk():
 def test_refuses_elements_it_cannot_decompose(element):
     with pytest.raises(ValueError):
         morphology.rectangles(element)
+
+
+@pytest.mark.parametrize("radius,spacing", DISKS)
+def test_closing_by_distance_transforms_equals_scipy(masks, radius, spacing):
+    """``close_2d`` (two distance transforms on the mask's bounding box) is the closing by the same disk,
+    computed on a canvas wide enough that its border plays no part, on blobs that touch the image edge and on
+    an empty slice."""
+    structure = disk(radius, spacing)[0]
+    margin = 2 * max(structure.shape) + 2
+    for mask in (*masks, np.zeros_like(masks[0])):
+        canvas = np.pad(mask, margin)
+        expected = ndi.binary_erosion(ndi.binary_dilation(canvas, structure), structure)[margin:-margin,
+                                                                                            margin:-margin] | mask
+        assert np.array_equal(close_2d(mask, radius, spacing), expected)
+    assert not np.array_equal(close_2d(masks[0], radius, spacing), masks[0])  # a comparison that can fail

@@ -45,6 +45,19 @@ def test_a_block_sits_at_the_centre_of_its_source_pixels():
     assert coarse.hu[0, 0, 3] == pytest.approx(volume.hu[0, 0:3, [9, 9, 9]].mean(), abs=1e-3)
 
 
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_block_min_and_any_reduce_each_block(factor):
+    rng = np.random.default_rng(factor)
+    hu = rng.normal(0, 300, (3, 6 * factor, 4 * factor)).astype(np.float32)
+    mask = rng.random(hu.shape) < 0.05
+    blocks = lambda a: a.reshape(3, 6, factor, 4, factor)  # noqa: E731
+    assert np.array_equal(workgrid.block_min(hu, factor), blocks(hu).min(axis=(2, 4)))
+    expected = blocks(mask).any(axis=(2, 4))
+    assert expected.any() and not expected.all()  # a comparison that can fail
+    assert np.array_equal(workgrid.block_any(mask, factor), expected)
+    assert np.array_equal(workgrid.block_any(mask[1], factor), expected[1])  # one slice
+
 def _slice_with_a_lung() -> tuple[np.ndarray, np.ndarray]:
     """A 0.7 mm slice: aerated lung (an ellipse, -850 HU) in soft tissue, with consolidation (30 HU) against its
     lower edge; and the dense part's mask."""

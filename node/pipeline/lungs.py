@@ -469,12 +469,19 @@ def assign_sides(cand: np.ndarray, hu: np.ndarray, right_side: np.ndarray,
 
 def close_2d(mask: np.ndarray, radius_mm: float, spacing_rc: tuple[float, float]) -> np.ndarray:
     """Morphological closing of a 2D mask with a disk of ``radius_mm``, computed with distance transforms
-    (exact Euclidean, anisotropic pixels, cost independent of the radius)."""
+    (exact Euclidean, anisotropic pixels, cost independent of the radius), on the mask's bounding box: a
+    closing by a disk adds nothing outside it."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return mask.copy()
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     pad = (int(np.ceil(radius_mm / spacing_rc[0])) + 1, int(np.ceil(radius_mm / spacing_rc[1])) + 1)
-    m = np.pad(mask, (pad, pad))
+    m = np.pad(mask[box], ((pad[0], pad[0]), (pad[1], pad[1])))
     dilated = ndi.distance_transform_edt(~m, sampling=spacing_rc) <= radius_mm
     closed = ndi.distance_transform_edt(dilated, sampling=spacing_rc) > radius_mm
-    return closed[pad[0]:-pad[0], pad[1]:-pad[1]] | mask
+    out = mask.copy()
+    out[box] |= closed[pad[0]:-pad[0], pad[1]:-pad[1]]
+    return out
 
 
 def fill_holes_guarded(mask: np.ndarray, max_open_hole_px: float, hu: np.ndarray | None = None) -> np.ndarray:
