@@ -47,7 +47,7 @@ def test_a_block_sits_at_the_centre_of_its_source_pixels():
 
 
 @pytest.mark.parametrize("factor", [2, 3])
-def test_block_min_and_any_reduce_each_block(factor):
+def test_block_min_and_any_reduce_each_block_and_upsampled_returns_it(factor):
     rng = np.random.default_rng(factor)
     hu = rng.normal(0, 300, (3, 6 * factor, 4 * factor)).astype(np.float32)
     mask = rng.random(hu.shape) < 0.05
@@ -57,6 +57,10 @@ def test_block_min_and_any_reduce_each_block(factor):
     assert expected.any() and not expected.all()  # a comparison that can fail
     assert np.array_equal(workgrid.block_any(mask, factor), expected)
     assert np.array_equal(workgrid.block_any(mask[1], factor), expected[1])  # one slice
+    # and back: every source pixel takes its block's value, the last block cut to the source's size
+    up = workgrid.upsampled(expected, (3, 6 * factor - 1, 4 * factor - 1), factor)
+    assert up.shape == (3, 6 * factor - 1, 4 * factor - 1)
+    assert np.array_equal(up, expected.repeat(factor, axis=1).repeat(factor, axis=2)[:, :-1, :-1])
 
 def _slice_with_a_lung() -> tuple[np.ndarray, np.ndarray]:
     """A 0.7 mm slice: aerated lung (an ellipse, -850 HU) in soft tissue, with consolidation (30 HU) against its
