@@ -14,6 +14,11 @@ seconds of the two trees compare the work done, which a loaded machine disturbs 
 it, CPU seconds count this process's threads (and not a forking baseline's children). ``--method`` (hu | net)
 is passed to this tree's ``segment_lungs`` only (the baseline runs its default), and ``--device`` with it
 (where the lung network runs).
+
+``--profile`` runs this tree alone, on one thread (per-slice steps and torch), under cProfile, and prints the
+functions that took the most time themselves:
+
+    python bench/lungs_speed.py --profile --slices 300 --method net
 """
 from __future__ import annotations
 
@@ -60,6 +65,35 @@ def child(slices: int, out: Path, method: str | None = None, device: str = "cpu"
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu}))
 
 
+def profile(slices: int, method: str | None, device: str, top: int = 15) -> None:
+    """This tree's ``segment_lungs`` on one thread under cProfile: its total and the ``top`` functions by the
+    time spent in them."""
+    import cProfile
+    import logging
+    import pstats
+
+    import torch
+
+    from node import phantom as ph
+    from node.pipeline import slicewise
+    from node.pipeline.lungs import _lung_net, segment_lungs
+
+    logging.disable(logging.WARNING)
+    slicewise.workers = lambda: 1
+    torch.set_num_threads(1)
+    volume = ph.make_phantom(rows=512, cols=512, slices=slices, seed=0,
+                             burden={"right_lower": 0.8, "left_upper": 0.3}).as_volume()
+    kwargs = {"method": method, "device": device} if method else {}
+    if method == "net":
+        _lung_net(device)
+    profiler = cProfile.Profile()
+    profiler.runcall(segment_lungs, volume, **kwargs)
+    stats = pstats.Stats(profiler)
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  segment_lungs, 512x512x{slices}, one thread: "
+          f"{stats.total_tt:.2f} s under the profiler")
+    stats.sort_stats("tottime").print_stats(top)
+
+
 def run(tree: Path, slices: int, out: Path, extra: list[str] = ()) -> dict:
     env = dict(os.environ, CTNODE_BENCH_TREE=str(tree))
     done = subprocess.run([sys.executable, __file__, "--child", "--slices", str(slices), "--out", str(out), *extra],
@@ -78,7 +112,11 @@ def main() -> None:
     ap.add_argument("--method", choices=("hu", "net"), help="this tree's lung method (default: its default)")
     ap.add_argument("--device", default="cpu", help="where the lung network runs (cpu | cuda)")
     ap.add_argument("--one-process", action="store_true", help="the per-slice steps on one thread (no child processes)")
+    ap.add_argument("--profile", action="store_true", help="this tree only, one thread, under cProfile")
     args = ap.parse_args()
+    if args.profile:
+        profile(args.slices, args.method, args.device)
+        return
     if args.child:
         child(args.slices, args.out, args.method, args.device, args.one_process)
         return
