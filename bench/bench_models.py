@@ -3,7 +3,7 @@ Res2Net-50 Inf-Net in the same process; prints a markdown table with the speed-u
 
     python bench/bench_models.py [--threads 2] [--batch 4] [--repeats 3] [--device cpu]
 
-Weights are random (speed does not depend on them); shipped weights are used when present.
+Weights are random (speed does not depend on them); the multi-class U-Net has the shipped one's width.
 """
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ def bench(model, x, repeats, device):
     return x.shape[0] / min(times)
 
 
+def _shipped_multiclass_base() -> int:
+    """The base width of the shipped multi-class U-Net (its sidecar), 12 when none is shipped."""
+    import json
+
+    sidecar = Path(__file__).resolve().parents[1] / "models" / "weights" / "infnet-multiclass.json"
+    return int(json.loads(sidecar.read_text())["model_config"]["base"]) if sidecar.is_file() else 12
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -49,9 +57,10 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dev = a.device
+    base = _shipped_multiclass_base()
     cases = [("infnet-res2net50 (reference)", "infnet-res2net50", {}, 1),
              ("infnet-compact (shipped)", "infnet-compact", {}, 1),
-             ("multiclass-unet (shipped, base 12)", "multiclass-unet", {"base": 12}, 2)]
+             (f"multiclass-unet (shipped, base {base})", "multiclass-unet", {"base": base}, 2)]
     rows = []
     for label, arch, cfg, ch in cases:
         m = build_model(arch, cfg).to(dev)
