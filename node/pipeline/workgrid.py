@@ -45,15 +45,20 @@ def block_mean(hu: np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
-def block_min(hu: np.ndarray, factor: int) -> np.ndarray:
-    """Minimum of each ``factor`` x ``factor`` block of every slice of ``hu``."""
-    a = padded(hu, factor)
-    out = a[:, ::factor, ::factor].copy()
+def _strided(a: np.ndarray, factor: int, op: np.ufunc) -> np.ndarray:
+    """``op`` (np.minimum, np.logical_or) over each ``factor`` x ``factor`` block of the last two axes of ``a``
+    (multiples of ``factor``), as strided in-place reductions: five times faster than over reshaped blocks."""
+    out = a[..., ::factor, ::factor].copy()
     for i in range(factor):
         for j in range(factor):
             if i or j:
-                np.minimum(out, a[:, i::factor, j::factor], out=out)
+                op(out, a[..., i::factor, j::factor], out=out)
     return out
+
+
+def block_min(hu: np.ndarray, factor: int) -> np.ndarray:
+    """Minimum of each ``factor`` x ``factor`` block of every slice of ``hu``."""
+    return _strided(padded(hu, factor), factor, np.minimum)
 
 
 def coarsened(volume: Volume, factor: int) -> Volume:
@@ -84,12 +89,7 @@ def upsampled(mask: np.ndarray, shape: tuple[int, ...], factor: int) -> np.ndarr
 def block_any(mask: np.ndarray, factor: int) -> np.ndarray:
     """Whether each ``factor`` x ``factor`` block of ``mask`` (the last two axes, multiples of ``factor``) holds
     a pixel."""
-    out = mask[..., ::factor, ::factor].copy()
-    for i in range(factor):  # strided ORs, as block_min: a reduction over the reshaped blocks takes 5 times longer
-        for j in range(factor):
-            if i or j:
-                np.logical_or(out, mask[..., i::factor, j::factor], out=out)
-    return out
+    return _strided(mask, factor, np.logical_or)
 
 
 def upsampled_labels(labels: np.ndarray, hu: np.ndarray, coarse_hu: np.ndarray, factor: int, air_hu: float,
