@@ -15,9 +15,9 @@ import pytest
 from scipy import ndimage as ndi
 
 from node.pipeline.lungs import Midline, segment_lungs
-from node.pipeline.types import Volume
 from node.pipeline.volume import assemble_volume
 from tests.support import ABDOMEN_AXIAL, SHARED_DATA, skip_or_fail
+from training.real_ct import read_nifti
 
 pytestmark = pytest.mark.unit
 
@@ -142,35 +142,6 @@ def test_under_segmentation_note_on_real_slices(real_slices):
         assert notes(name), name
     for name in ("ny-sbu/A048383/axial/19001231-30.dcm", "ny-sbu/A048383/axial/19010410-30.dcm"):
         assert not notes(name), name
-
-
-def read_nifti(path: Path) -> Volume:
-    """A gzipped NIfTI-1 volume (int16, sform, axial, no rotation) as a :class:`Volume` in the node's
-    convention: NIfTI's RAS world turned into DICOM's LPS (x and y negated), array (k, rows, cols)."""
-    import gzip
-    import struct
-
-    raw = gzip.open(path).read()
-    dims = struct.unpack("<8h", raw[40:56])[1:4]
-    datatype = struct.unpack("<h", raw[70:72])[0]
-    offset, slope, intercept = struct.unpack("<3f", raw[108:120])
-    srow = np.array(struct.unpack("<12f", raw[280:328]), dtype=np.float64).reshape(3, 4)
-    assert datatype == 4 and struct.unpack("<h", raw[254:256])[0] > 0, "int16 with an sform expected"
-    assert np.count_nonzero(srow[:, :3] - np.diag(np.diag(srow[:, :3]))) == 0, "no rotation expected"
-    hu = np.frombuffer(raw, "<i2", count=int(np.prod(dims)), offset=int(offset)).reshape(dims[::-1])
-    hu = hu.astype(np.float32) * (slope or 1.0) + intercept
-    lps = np.diag([-1.0, -1.0, 1.0])
-    axes = lps @ srow[:, :3]  # columns: world step (LPS, mm) of one voxel along i (column), j (row), k (slice)
-    origin = lps @ srow[:, 3]
-    orientation = np.concatenate([axes[:, 0] / np.linalg.norm(axes[:, 0]), axes[:, 1] / np.linalg.norm(axes[:, 1])])
-    if axes[2, 2] < 0:  # slices in ascending order along the normal
-        hu, origin = hu[::-1], origin + (dims[2] - 1) * axes[:, 2]
-    step = float(np.linalg.norm(axes[:, 2]))
-    positions = origin + np.arange(dims[2])[:, None] * np.array([0.0, 0.0, step])
-    return Volume(hu=np.ascontiguousarray(hu), positions=positions, orientation=orientation,
-                  pixel_spacing=(float(np.linalg.norm(axes[:, 1])), float(np.linalg.norm(axes[:, 0]))),
-                  slice_spacing=step, sop_instance_uids=[str(k) for k in range(dims[2])],
-                  series_instance_uid="1", study_instance_uid="1")
 
 
 def test_a_real_chest_crop_whose_field_of_view_cuts_the_lungs_is_skipped_with_that_reason():
