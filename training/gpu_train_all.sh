@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU training of docs/protocol.md in one call, within a wall-clock limit, results packed for return:
-# the lung network's two candidates, then the experiment table (training/gpu_schedule.sh) until the limit.
+# the lung network's candidates, then the experiment table (training/gpu_schedule.sh) until the limit.
 #   training/gpu_train_all.sh OUT_DIR [LIMIT_S]      (CTNODE_DATA: the folder holding covid-semiseg/)
-# OUT_DIR receives: env.log, lungnet.log, lungnet.tgz (metrics and fp16 weights of both candidates),
+# OUT_DIR receives: env.log, lungnet.log, lungnet.tgz (metrics and fp16 weights of the candidates),
 # schedule.log, runs.tgz (every metrics/test/config JSON of runs/gpu), weights-*.tar (fp16 exports of the
 # seed-0 models of the cross-validation candidates and their multi-class nets).
 set -u
@@ -22,7 +22,9 @@ ln_args=(--data "$data" --device $device --size 128 --epochs $ln_epochs --sample
   timeout 200 python3 -m training lungnet --out runs/lungnet-wide --channels 16 32 48 64 96 "${ln_args[@]}"
   mkdir -p runs/lungnet-narrow && cp runs/lungnet-wide/dataset-*.pt runs/lungnet-narrow/ 2>/dev/null
   timeout 120 python3 -m training lungnet --out runs/lungnet-narrow --channels 8 16 32 48 64 "${ln_args[@]}"
-  for c in wide narrow; do
+  # version 2's question from scratch: the wide network with the real-CT examples (training/real_ct.py)
+  timeout 200 python3 -m training lungnet --out runs/lungnet-wide-real --channels 16 32 48 64 96 --real "${ln_args[@]}"
+  for c in wide narrow wide-real; do
     [ -f runs/lungnet-$c/last.pt ] && python3 -m training lungnet-export --ckpt runs/lungnet-$c/last.pt \
       --name lungnet-$c --out-dir runs/lungnet-export
   done

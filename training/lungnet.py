@@ -9,6 +9,10 @@ Labels (no lung masks exist for the data at hand; they are built so):
   definition), holes filled.
 * phantoms (node.phantom.make_phantom, ``PHANTOMS``): their true lungs; consolidation against the wall, the
   heart and the diaphragm; dependent effusion (not lung) in some.
+* with ``--real`` (a candidate, docs/protocol.md "Lung network", not the shipped network): real CT without
+  dense disease (training.real_ct: an abdomen series at the lung bases and a chest crop around the heart, none
+  of the slices the lung step is judged on): the HU method's aerated lung, holes filled; real chest walls,
+  mediastinum and axillae, which are not lung.
 
 Every example is the body box of its slice (volume-wide box for the phantoms, as the node crops), resized to
 the network size. Validation (reported every epoch, no selection: the last epoch is exported): the 10
@@ -40,7 +44,8 @@ log = logging.getLogger(__name__)
 OUTSIDE_AIR_MEDIAN_HU = -950.0  # aerated lung reads about -850; the crops' outside air at the window floor, -1050
 PSEUDO_EVERY = 4           # 400 of the 1600 pseudo-labelled slices
 DOCTOR_REPEAT = 4          # the expert-labelled training slices count this many times per epoch
-SOURCE_DOCTOR, SOURCE_PSEUDO, SOURCE_PHANTOM = 0, 1, 2
+SOURCE_DOCTOR, SOURCE_PSEUDO, SOURCE_PHANTOM, SOURCE_REAL = 0, 1, 2, 3
+REAL_REPEAT = 2            # the real slices count this many times per epoch
 # (seed, burden, effusion); 40 slices of 128 x 128 at 2.6-3.2 mm, 7.5 mm apart
 PHANTOMS: list[tuple[int, float | dict[str, float], float]] = [
     (10, {"right_lower": 0.9, "left_lower": 0.9}, 0.0),
@@ -70,6 +75,8 @@ class LungNetConfig:
     num_threads: int = 2
     max_batches: int | None = None  # per epoch (smoke runs)
     device: str = "cpu"
+    real: bool = False             # also the real-CT source (training.real_ct); not in the shipped network
+    init: str | None = None        # start from these shipped weights (models/weights/<init>), not at random
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -125,9 +132,22 @@ def phantom_examples(seed: int, burden, effusion: float, size: int) -> tuple[tor
     return _box(p.hu, truth, body_mask(p.hu.astype(np.float32), p.pixel_spacing), size)
 
 
+def real_examples(volume, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One real series (training.real_ct): HU and the HU method's aerated lung, holes filled."""
+    from node.pipeline.lungs import LungMethod, fill_holes_per_slice, segment_lungs
+
+    lungs = segment_lungs(volume, method=LungMethod.AERATED)
+    return _box(volume.hu, fill_holes_per_slice(lungs.lungs > 0), lungs.body, size)
+
+
+def dataset_path(cfg: LungNetConfig) -> Path:
+    """Where :func:`build_dataset` caches the examples of ``cfg``."""
+    return Path(cfg.out) / f"dataset-{DATASET_SIZE}{'-real' if cfg.real else ''}.pt"
+
+
 def build_dataset(cfg: LungNetConfig) -> dict[str, torch.Tensor]:
-    """All examples (cached in ``cfg.out``/dataset-<size>.pt): hu, label (n, size, size), source, val (bool)."""
-    cache = Path(cfg.out) / f"dataset-{DATASET_SIZE}.pt"
+    """All examples (cached at :func:`dataset_path`): hu, label (n, size, size), source, val (bool)."""
+    cache = dataset_path(cfg)
     if cache.exists():
         return torch.load(cache)
     from .data import labelled_split, load_split
@@ -153,6 +173,11 @@ def build_dataset(cfg: LungNetConfig) -> dict[str, torch.Tensor]:
                 log.info("semiseg %d / %d (%.0f s)", i, len(paths), time.time() - t0)
     for seed, burden, effusion in PHANTOMS + [VAL_PHANTOM]:
         add(*phantom_examples(seed, burden, effusion, DATASET_SIZE), SOURCE_PHANTOM, seed == VAL_PHANTOM[0])
+    if cfg.real:
+        from .real_ct import real_volumes
+
+        for volume in real_volumes(Path(cfg.data).parent):
+            add(*real_examples(volume, DATASET_SIZE), SOURCE_REAL, False)
     data = {"hu": torch.cat(hus), "label": torch.cat(labels), "source": torch.tensor(source),
             "val": torch.tensor(val)}
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -229,13 +254,23 @@ def train(cfg: LungNetConfig) -> dict:
     data = build_dataset(cfg)
     t_data = time.time() - t_data
     train_idx = torch.nonzero(~data["val"]).flatten()
-    weights = torch.where(data["source"][train_idx] == SOURCE_DOCTOR, float(DOCTOR_REPEAT), 1.0)
+    src = data["source"][train_idx]
+    weights = torch.where(src == SOURCE_DOCTOR, float(DOCTOR_REPEAT), torch.where(src == SOURCE_REAL,
+                                                                                  float(REAL_REPEAT), 1.0))
     per_epoch = cfg.samples_per_epoch
     steps = per_epoch // cfg.batch
     if cfg.max_batches:
         steps = min(steps, cfg.max_batches)
     dev = torch.device(cfg.device)
-    model = LungNet(channels=cfg.channels).to(dev)
+    if cfg.init:
+        from models.registry import load_shipped
+
+        model, meta = load_shipped(cfg.init)
+        if list(meta["model_config"]["channels"]) != list(cfg.channels):
+            raise ValueError(f"--init {cfg.init} has channels {meta['model_config']['channels']}, not {cfg.channels}")
+        model = model.train().to(dev)
+    else:
+        model = LungNet(channels=cfg.channels).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = steps * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
@@ -304,7 +339,12 @@ def export(ckpt_path: str, name: str = "lungnet", out_dir: str = "models/weights
                              "the 48 test slices were not used",
             "phantoms": f"node.phantom.make_phantom, seeds {[p[0] for p in PHANTOMS]} (validation: seed "
                         f"{VAL_PHANTOM[0]}), consolidation and dependent effusion (not lung); true lung labels",
+            **({"real_ct": "training.real_ct: dicom/abdomen-j2k-series (20 slices, lung bases) and "
+                           "nifti/chest-crop-1.5mm.nii.gz (112 slices around the heart, padded as the crops are), "
+                           f"weighted {REAL_REPEAT}x; label = aerated lung of the node's HU steps, holes filled; "
+                           "real chest walls, mediastinum and axillae as not lung"} if cfg.get("real") else {}),
         },
+        **({"initialised_from": cfg["init"]} if cfg.get("init") else {}),
         "selection": "none: the last epoch of a fixed schedule (docs/lungs.md)",
         "run_config": cfg, "history": ckpt["history"],
         "licence": "weights trained on COVID-SemiSeg (Inf-Net): non-commercial use only",
