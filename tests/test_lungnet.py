@@ -36,7 +36,7 @@ def test_folding_batch_normalisation_keeps_the_shipped_network_s_output():
     assert torch.allclose(lung_probability(fast, hu, size), lung_probability(model.eval(), hu, size), atol=1e-5)
 
 
-def test_training_loop_and_export_round_trip(tmp_path):
+def test_training_loop_and_export_round_trip(tmp_path, capsys):
     from training import lungnet
 
     n, size = 6, 32
@@ -55,6 +55,13 @@ def test_training_loop_and_export_round_trip(tmp_path):
     assert loaded["sha256"] == meta["sha256"] and loaded["input"]["size"] == 16
     assert "non-commercial" in loaded["licence"]
     assert isinstance(model, LungNet)
+    from training.cli import main
+
+    capsys.readouterr()
+    assert main(["lungnet-evaluate", "--name", "lungnet-test", "--weights-dir", str(tmp_path / "weights"),
+                 "--out", str(tmp_path)]) == 0
+    figures = json.loads(capsys.readouterr().out)  # the training loop's measures, on the validation examples
+    assert {"semiseg_dense_recall", "phantom_false_positive"} <= set(figures)
 
 
 def test_shipped_weights_are_small_and_documented():

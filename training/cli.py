@@ -1,4 +1,4 @@
-"""``python -m training pretrain|train|train-multi|evaluate|export|lungnet|lungnet-export``.
+"""``python -m training pretrain|train|train-multi|evaluate|export|lungnet|lungnet-export|lungnet-evaluate``.
 
 Examples (reduced CPU configuration)::
 
@@ -10,6 +10,7 @@ Examples (reduced CPU configuration)::
     python -m training export --ckpt runs/sinfnet/best.pt --name infnet-compact
     python -m training lungnet --out runs/lungnet                     # lung network (docs/lungs.md)
     python -m training lungnet-export --ckpt runs/lungnet/last.pt
+    python -m training lungnet-evaluate --name lungnet               # its validation figures
 """
 from __future__ import annotations
 
@@ -128,9 +129,15 @@ def main(argv=None):
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--name", default="lungnet")
     sp.add_argument("--out-dir", dest="out_dir", default="models/weights")
+    sp = sub.add_parser("lungnet-evaluate", help="validation figures of exported lung network weights, the "
+                                                 "training loop's per-epoch measures")
+    sp.add_argument("--name", default="lungnet")
+    sp.add_argument("--weights-dir", dest="weights_dir", help="default: models/weights")
+    sp.add_argument("--data")
+    sp.add_argument("--out", default="runs/lungnet", help="where the examples are cached")
 
     args = p.parse_args(argv)
-    if args.command in ("lungnet", "lungnet-export"):
+    if args.command in ("lungnet", "lungnet-export", "lungnet-evaluate"):
         return _lungnet(args)
     from . import loops
 
@@ -177,6 +184,14 @@ def _lungnet(args) -> int:
     if args.command == "lungnet-export":
         meta = lungnet.export(args.ckpt, args.name, args.out_dir)
         print(json.dumps({k: meta[k] for k in ("name", "arch", "sha256", "file", "parameters")}, indent=2))
+        return 0
+    if args.command == "lungnet-evaluate":
+        from models.registry import load_shipped
+
+        cfg = lungnet.LungNetConfig(out=args.out, **({"data": args.data} if args.data else {}))
+        data = lungnet.build_dataset(cfg)
+        model, meta = load_shipped(args.name, args.weights_dir)
+        print(json.dumps(lungnet.evaluate(model, data, data["val"], int(meta["input"]["size"])), indent=2))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = lungnet.LungNetConfig()
