@@ -8,11 +8,14 @@ great vessels, "effusion": those in the effusion), for: no recovery, step 6 only
 (air bronchograms), 6 + 6a + 6b (between slices; the HU method) and the lung network (method "net"). The
 phantom has no air bronchograms, so step 6a takes nothing here. The phantoms here are not those the network
 was trained or validated on (other seeds, sizes and spacings; training/lungnet.py). See node/pipeline/lungs.py.
+``--dense``: the same phantoms with airless consolidation (node.phantom.DENSE_CONSOLIDATION_HU, about -30..+90
+HU: complete consolidation and atelectasis, up to contrast enhancement) instead of partly aerated consolidation.
 
-    python bench/lungs_on_phantom.py
+    python bench/lungs_on_phantom.py [--dense]
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -54,17 +57,22 @@ def metrics(p: ph.Phantom, lungs: np.ndarray) -> dict[str, float]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dense", action="store_true", help="airless consolidation (DENSE_CONSOLIDATION_HU)")
+    args = ap.parse_args()
+    cons_hu = ph.DENSE_CONSOLIDATION_HU if args.dense else ph.CONSOLIDATION_HU
     off = lambda labels, *a, **k: (labels.copy(), 0)  # noqa: E731
     names = ("recover_dense_periphery", "recover_bronchograms", "recover_between_slices")
     real = tuple(getattr(lungs_mod, n) for n in names)
     steps = {"no recovery": ("hu", (off, off, off)), "step 6": ("hu", (real[0], off, off)),
              "steps 6 + 6a": ("hu", (real[0], real[1], off)), "HU: 6 + 6a + 6b": ("hu", real),
              "lung network": ("net", real)}
-    print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_phantom.py")
+    print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_phantom.py{' --dense' if args.dense else ''} "
+          f"(consolidation {cons_hu[0]:g}..{cons_hu[1]:g} HU)")
     print("| phantom | method | Dice | consolidation recall | false positive % | in the heart % | in the effusion % |")
     print("|---|---|---|---|---|---|---|")
     for name, kw in CASES.items():
-        p = ph.make_phantom(**kw)
+        p = ph.make_phantom(**kw, consolidation_hu=cons_hu)
         volume = p.as_volume()
         for label, (method, fns) in steps.items():
             for n, fn in zip(names, fns):

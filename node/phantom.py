@@ -12,7 +12,8 @@ What it models (patient LPS, standard axial orientation, head-first supine):
 * two lungs (right lung at small column index) that narrow to an apex and sit on diaphragm
   domes (right higher, deep posterior recesses), with a dependent density gradient and
   branching vessel trees that thin out peripherally (partial-volume rendered);
-* ground-glass opacities (about -700..-400 HU) and consolidation (about -90..+30 HU), 70/30
+* ground-glass opacities (about -700..-400 HU) and consolidation (about -90..+30 HU; denser on
+  request: ``consolidation_hu``), 70/30
   by volume, as thresholded smooth random fields with peripheral (subpleural) and posterior
   predominance, placed to an exact per-zone burden; Gaussian image noise.
 
@@ -64,6 +65,7 @@ _BONY = (_T["bone"], _T["marrow"], _T["disc"], _T["cartilage"])
 VESSEL_HU = 40.0
 GGO_HU = (-700.0, -400.0)
 CONSOLIDATION_HU = (-90.0, 30.0)
+DENSE_CONSOLIDATION_HU = (-30.0, 90.0)  # airless consolidation / atelectasis, up to contrast-enhanced
 CONSOLIDATION_FRACTION = 0.3          # of the infected volume, by voxel count
 _SLAB = 16                            # slices per chunk when assembling HU (bounds memory)
 _Z_TOP = -40.0                        # patient z (mm) of the most cranial slice (arbitrary origin)
@@ -511,9 +513,10 @@ class _Lesions:
 
 
 def _place_lesions(regions: np.ndarray, propensity: np.ndarray, idx: np.ndarray,
-                   burden: dict[str, float]) -> _Lesions:
+                   burden: dict[str, float], consolidation_hu: tuple[float, float] = CONSOLIDATION_HU) -> _Lesions:
     """Per zone, the round(burden * zone volume) lung voxels of highest propensity are
-    infected; the top CONSOLIDATION_FRACTION of them are consolidation, the rest GGO."""
+    infected; the top CONSOLIDATION_FRACTION of them are consolidation (``consolidation_hu``, densest
+    where the propensity is highest), the rest GGO."""
     zone = regions.ravel()[idx]
     parts: dict[str, list[np.ndarray]] = {"ggo": [], "ggo_hu": [], "cons": [], "cons_hu": []}
     achieved: dict[str, float] = {}
@@ -535,7 +538,7 @@ def _place_lesions(regions: np.ndarray, propensity: np.ndarray, idx: np.ndarray,
         parts["ggo"].append(sel[ggo])
         parts["ggo_hu"].append(GGO_HU[0] + (GGO_HU[1] - GGO_HU[0]) * u)
         parts["cons"].append(sel[cons])
-        parts["cons_hu"].append(CONSOLIDATION_HU[0] + (CONSOLIDATION_HU[1] - CONSOLIDATION_HU[0]) * v)
+        parts["cons_hu"].append(consolidation_hu[0] + (consolidation_hu[1] - consolidation_hu[0]) * v)
     cat = {k: np.concatenate(v) if v else np.zeros(0, np.float32 if k.endswith("hu") else np.int64)
            for k, v in parts.items()}
     return _Lesions(cat["ggo"], cat["ggo_hu"], cat["cons"], cat["cons_hu"], achieved)
@@ -570,7 +573,8 @@ def _render_hu(labels: np.ndarray, g: _Grid, idx: np.ndarray, occ: np.ndarray, l
 
 def make_phantom(*, rows: int = 512, cols: int = 512, slices: int = 240, slice_spacing: float = 1.25,
                  pixel_spacing: float = 0.7, seed: int = 0, burden: float | dict[str, float] = 0.15,
-                 noise_hu: float = 15.0, effusion: float = 0.0) -> Phantom:
+                 noise_hu: float = 15.0, effusion: float = 0.0,
+                 consolidation_hu: tuple[float, float] = CONSOLIDATION_HU) -> Phantom:
     """Generate a chest CT phantom.
 
     ``burden``: infected fraction of each zone (a float for all five ZONES, or a dict zone ->
@@ -580,7 +584,12 @@ def make_phantom(*, rows: int = 512, cols: int = 512, slices: int = 240, slice_s
     vessels, >= 50 % occupancy).
     ``effusion``: depth of a bilateral dependent pleural effusion (tissue "effusion", 15 HU, not lung) as a
     share of the thoracic cavity's half-width at the back (0: none; 0.15 is a moderate one).
+    ``consolidation_hu``: HU range of the consolidation (default ``CONSOLIDATION_HU``, partly aerated
+    consolidation); ``DENSE_CONSOLIDATION_HU`` models airless consolidation and atelectasis (soft-tissue
+    density, more with contrast enhancement).
     """
+    if consolidation_hu[0] > consolidation_hu[1]:
+        raise ValueError("consolidation_hu must be (low, high)")
     if rows < 32 or cols < 32 or slices < 8:
         raise ValueError("phantom needs at least 32 x 32 pixels and 8 slices")
     if pixel_spacing <= 0 or slice_spacing <= 0:
@@ -604,7 +613,7 @@ def make_phantom(*, rows: int = 512, cols: int = 512, slices: int = 240, slice_s
     occ = _vessel_tree(g, lung, rng)
 
     idx = np.flatnonzero(regions)
-    les = _place_lesions(regions, _lesion_field(g, idx, rng), idx, requested)
+    les = _place_lesions(regions, _lesion_field(g, idx, rng), idx, requested, consolidation_hu)
     hu = _render_hu(labels, g, idx, occ, les, noise_hu, rng)
 
     ggo = np.zeros(g.shape, bool)

@@ -125,6 +125,8 @@ def main(argv=None):
     sp.add_argument("--init", help="start from these shipped weights (name in models/weights), e.g. lungnet")
     sp.add_argument("--real", action="store_true", default=None,
                     help="also the real-CT examples of training.real_ct (a candidate, docs/protocol.md)")
+    sp.add_argument("--dense-phantoms", dest="dense_phantoms", action="store_true", default=None,
+                    help="also the diseased phantoms with airless consolidation (a candidate, docs/protocol.md)")
     sp = sub.add_parser("lungnet-export", help="export a lung network checkpoint to models/weights")
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--name", default="lungnet")

@@ -13,10 +13,14 @@ Labels (no lung masks exist for the data at hand; they are built so):
   dense disease (training.real_ct: an abdomen series at the lung bases and a chest crop around the heart, none
   of the slices the lung step is judged on): the HU method's aerated lung, holes filled; real chest walls,
   mediastinum and axillae, which are not lung.
+* with ``--dense-phantoms`` (a candidate): the diseased training phantoms once more with airless consolidation
+  (node.phantom.DENSE_CONSOLIDATION_HU, soft-tissue density up to contrast enhancement), which the node's
+  network otherwise gives low probability.
 
 Every example is the body box of its slice (volume-wide box for the phantoms, as the node crops), resized to
 the network size. Validation (reported every epoch, no selection: the last epoch is exported): the 10
-doctor-labelled slices of ``training.data.labelled_split`` and the phantom ``VAL_PHANTOM``, never trained on.
+doctor-labelled slices of ``training.data.labelled_split`` and the phantom ``VAL_PHANTOM``, never trained on;
+reported apart, ``VAL_PHANTOM`` with airless consolidation ("phantom_dense").
 """
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ log = logging.getLogger(__name__)
 OUTSIDE_AIR_MEDIAN_HU = -950.0  # aerated lung reads about -850; the crops' outside air at the window floor, -1050
 PSEUDO_EVERY = 4           # 400 of the 1600 pseudo-labelled slices
 DOCTOR_REPEAT = 4          # the expert-labelled training slices count this many times per epoch
-SOURCE_DOCTOR, SOURCE_PSEUDO, SOURCE_PHANTOM, SOURCE_REAL = 0, 1, 2, 3
+SOURCE_DOCTOR, SOURCE_PSEUDO, SOURCE_PHANTOM, SOURCE_REAL, SOURCE_PHANTOM_DENSE = 0, 1, 2, 3, 4
+DATASET_VERSION = 2        # in the cache name: version 2 added the validation phantom with airless consolidation
 REAL_REPEAT = 2            # the real slices count this many times per epoch
 # (seed, burden, effusion); 40 slices of 128 x 128 at 2.6-3.2 mm, 7.5 mm apart
 PHANTOMS: list[tuple[int, float | dict[str, float], float]] = [
@@ -77,6 +82,7 @@ class LungNetConfig:
     device: str = "cpu"
     real: bool = False             # also the real-CT source (training.real_ct); not in the shipped network
     init: str | None = None        # start from these shipped weights (models/weights/<init>), not at random
+    dense_phantoms: bool = False   # also the diseased phantoms with airless consolidation; not in the shipped network
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -121,13 +127,15 @@ def semiseg_example(image8: np.ndarray, infection: np.ndarray, size: int) -> tup
     return _box(hu[None], fill_holes_per_slice(label), lungs.body, size)
 
 
-def phantom_examples(seed: int, burden, effusion: float, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def phantom_examples(seed: int, burden, effusion: float, size: int,
+                     consolidation_hu: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from node import phantom as ph
     from node.pipeline.lungs import body_mask
 
     rng = np.random.default_rng(seed)
     p = ph.make_phantom(rows=128, cols=128, slices=40, pixel_spacing=float(rng.uniform(2.6, 3.2)),
-                        slice_spacing=7.5, seed=seed, burden=burden, effusion=effusion)
+                        slice_spacing=7.5, seed=seed, burden=burden, effusion=effusion,
+                        consolidation_hu=consolidation_hu or ph.CONSOLIDATION_HU)
     truth = p.masks["right_lung"] | p.masks["left_lung"]
     return _box(p.hu, truth, body_mask(p.hu.astype(np.float32), p.pixel_spacing), size)
 
@@ -142,7 +150,8 @@ def real_examples(volume, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dataset_path(cfg: LungNetConfig) -> Path:
     """Where :func:`build_dataset` caches the examples of ``cfg``."""
-    return Path(cfg.out) / f"dataset-{DATASET_SIZE}{'-real' if cfg.real else ''}.pt"
+    extras = ("-real" if cfg.real else "") + ("-dense" if cfg.dense_phantoms else "")
+    return Path(cfg.out) / f"dataset-v{DATASET_VERSION}-{DATASET_SIZE}{extras}.pt"
 
 
 def build_dataset(cfg: LungNetConfig) -> dict[str, torch.Tensor]:
@@ -171,8 +180,16 @@ def build_dataset(cfg: LungNetConfig) -> dict[str, torch.Tensor]:
             add(*example, SOURCE_DOCTOR if is_doctor else SOURCE_PSEUDO, is_doctor and i in val_idx)
             if i % 50 == 0:
                 log.info("semiseg %d / %d (%.0f s)", i, len(paths), time.time() - t0)
+    from node.phantom import DENSE_CONSOLIDATION_HU
+
     for seed, burden, effusion in PHANTOMS + [VAL_PHANTOM]:
         add(*phantom_examples(seed, burden, effusion, DATASET_SIZE), SOURCE_PHANTOM, seed == VAL_PHANTOM[0])
+    add(*phantom_examples(*VAL_PHANTOM, DATASET_SIZE, DENSE_CONSOLIDATION_HU), SOURCE_PHANTOM_DENSE, True)
+    if cfg.dense_phantoms:
+        for seed, burden, effusion in PHANTOMS:
+            if burden:  # a healthy phantom is the same with either consolidation
+                add(*phantom_examples(seed, burden, effusion, DATASET_SIZE, DENSE_CONSOLIDATION_HU),
+                    SOURCE_PHANTOM, False)
     if cfg.real:
         from .real_ct import real_volumes
 
@@ -229,7 +246,8 @@ def evaluate(model: LungNet, data: dict[str, torch.Tensor], pick: torch.Tensor, 
     above -320 HU: consolidation, vessels) per source."""
     model.eval()
     out: dict[str, float] = {}
-    for name, src in (("semiseg", (SOURCE_DOCTOR,)), ("phantom", (SOURCE_PHANTOM,))):
+    for name, src in (("semiseg", (SOURCE_DOCTOR,)), ("phantom", (SOURCE_PHANTOM,)),
+                      ("phantom_dense", (SOURCE_PHANTOM_DENSE,))):
         sel = pick & torch.isin(data["source"], torch.tensor(src))
         if not sel.any():
             continue
@@ -343,6 +361,8 @@ def export(ckpt_path: str, name: str = "lungnet", out_dir: str = "models/weights
                            "nifti/chest-crop-1.5mm.nii.gz (112 slices around the heart, padded as the crops are), "
                            f"weighted {REAL_REPEAT}x; label = aerated lung of the node's HU steps, holes filled; "
                            "real chest walls, mediastinum and axillae as not lung"} if cfg.get("real") else {}),
+            **({"dense_phantoms": "the diseased phantoms once more with airless consolidation "
+                                  "(node.phantom.DENSE_CONSOLIDATION_HU)"} if cfg.get("dense_phantoms") else {}),
         },
         **({"initialised_from": cfg["init"]} if cfg.get("init") else {}),
         "selection": "none: the last epoch of a fixed schedule (docs/lungs.md)",
