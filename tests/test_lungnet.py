@@ -140,3 +140,20 @@ def test_real_ct_examples_label_aerated_lung_and_leave_the_chest_wall_out():
         assert float(hu[lung].median()) < -700.0  # aerated lung
         # above 0 HU only the vessels inside the lung (holes filled; contrast-enhanced in the crop): 2.2 % there
         assert float((lung & (hu > 0.0)).sum()) < 0.05 * float(lung.sum())
+
+
+def test_dense_phantom_examples_keep_the_lung_label_with_denser_consolidation():
+    """--dense-phantoms: a phantom example with airless consolidation has the same lung label as the default
+    one, and its lung is denser (the consolidation at soft-tissue density)."""
+    from node.phantom import DENSE_CONSOLIDATION_HU
+    from training import lungnet
+
+    seed, burden, effusion = lungnet.PHANTOMS[0]
+    hu, label = lungnet.phantom_examples(seed, burden, effusion, 64)
+    hu_dense, label_dense = lungnet.phantom_examples(seed, burden, effusion, 64, DENSE_CONSOLIDATION_HU)
+    assert torch.equal(label, label_dense) and label.sum() > 0
+    lung = label >= 0.5
+    denser = hu_dense - hu  # the same noise: only the consolidation (and pixels resized with it) changes
+    assert float(denser.min()) > -1.0 and float(denser[lung].max()) > 40.0
+    assert float(denser[lung].mean()) > 10 * float(denser[~lung].mean())
+    assert lungnet.dataset_path(lungnet.LungNetConfig(dense_phantoms=True, real=True)).name.endswith("-real-dense.pt")

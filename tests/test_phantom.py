@@ -13,7 +13,7 @@ from pydicom.uid import RLELossless, generate_uid
 from scipy import ndimage
 
 from node.phantom import (
-    CT_IMAGE_STORAGE, TISSUES, ZONES, load_ground_truth, make_phantom, save_ground_truth,
+    CT_IMAGE_STORAGE, DENSE_CONSOLIDATION_HU, TISSUES, ZONES, load_ground_truth, make_phantom, save_ground_truth,
     write_phantom_study,
 )
 
@@ -72,6 +72,22 @@ def test_lesion_hu(ph):
     assert -100 < np.median(cons) < 40
     lo, hi = np.percentile(cons, [5, 95])
     assert lo > -130 and hi < 70
+
+
+def test_airless_consolidation_only_changes_the_consolidation_hu(ph):
+    """``consolidation_hu``: the same anatomy and lesions, consolidation at soft-tissue density (airless
+    consolidation, atelectasis); an inverted range is refused."""
+    dense = make_phantom(**SMALL, seed=7, burden=0.2, consolidation_hu=DENSE_CONSOLIDATION_HU)
+    for name in ("right_lung", "left_lung", "ggo", "consolidation"):
+        assert np.array_equal(dense.masks[name], ph.masks[name])
+    cons = ph.masks["consolidation"]
+    assert np.array_equal(dense.hu[~cons], ph.hu[~cons])
+    # +60 HU on each voxel's nominal value (partial volume with vessels and noise as before)
+    assert np.allclose(np.percentile(dense.hu[cons], [5, 50, 95]) - np.percentile(ph.hu[cons], [5, 50, 95]), 60,
+                       atol=8)
+    assert np.median(dense.hu[cons]) > -20  # soft-tissue density, above the partly aerated default
+    with pytest.raises(ValueError):
+        make_phantom(**SMALL, seed=7, consolidation_hu=(30.0, -30.0))
 
 
 def test_masks_consistent(ph):

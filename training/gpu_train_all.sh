@@ -24,7 +24,10 @@ ln_args=(--data "$data" --device $device --size 128 --epochs $ln_epochs --sample
   timeout 120 python3 -m training lungnet --out runs/lungnet-narrow --channels 8 16 32 48 64 "${ln_args[@]}"
   # version 2's question from scratch: the wide network with the real-CT examples (training/real_ct.py)
   timeout 200 python3 -m training lungnet --out runs/lungnet-wide-real --channels 16 32 48 64 96 --real "${ln_args[@]}"
-  for c in wide narrow wide-real; do
+  # version 3's: also the phantoms with airless consolidation
+  timeout 200 python3 -m training lungnet --out runs/lungnet-wide-real-dense --channels 16 32 48 64 96 --real \
+    --dense-phantoms "${ln_args[@]}"
+  for c in wide narrow wide-real wide-real-dense; do
     [ -f runs/lungnet-$c/last.pt ] && python3 -m training lungnet-export --ckpt runs/lungnet-$c/last.pt \
       --name lungnet-$c --out-dir runs/lungnet-export
   done
