@@ -51,23 +51,23 @@ def read_nifti(path: Path):
                   series_instance_uid="1", study_instance_uid="1")
 
 
-def padded(volume, wall_mm: float, air_mm: float, wall_hu: float):
-    """``volume`` with every slice padded by a soft-tissue wall and outside air (the crop's lungs then lie in a
-    body, as in training.semiseg_ct)."""
+def padded(volume):
+    """``volume`` with every slice padded by a soft-tissue wall and outside air (training.semiseg_ct.with_wall:
+    the crop's lungs then lie in a body, as the COVID-SemiSeg crops do); its first pixel's position moves with
+    the padding."""
     from dataclasses import replace
 
-    wall = int(round(wall_mm / min(volume.pixel_spacing)))
-    air = int(round(air_mm / min(volume.pixel_spacing)))
-    hu = np.pad(volume.hu, ((0, 0), (wall, wall), (wall, wall)), constant_values=wall_hu)
-    hu = np.pad(hu, ((0, 0), (air, air), (air, air)), constant_values=-1000.0)
-    return replace(volume, hu=np.ascontiguousarray(hu, dtype=np.float32))
+    from .semiseg_ct import with_wall
+
+    hu, pad = with_wall(volume.hu, min(volume.pixel_spacing))
+    orientation = np.asarray(volume.orientation, dtype=np.float64)
+    shift = pad * (orientation[:3] * volume.pixel_spacing[1] + orientation[3:] * volume.pixel_spacing[0])
+    return replace(volume, hu=np.ascontiguousarray(hu, dtype=np.float32), positions=volume.positions - shift)
 
 
 def real_volumes(data_root: Path) -> list:
     """The two real series (module docstring) as volumes, the crop padded; those absent are left out."""
     from node.pipeline.volume import assemble_volume
-
-    from .semiseg_ct import AIR_MM, WALL_HU, WALL_MM
 
     volumes = []
     series = data_root / ABDOMEN_SERIES
@@ -75,5 +75,5 @@ def real_volumes(data_root: Path) -> list:
         volumes.append(assemble_volume(sorted(series.iterdir())))
     crop = data_root / CHEST_CROP
     if crop.is_file():
-        volumes.append(padded(read_nifti(crop), WALL_MM, AIR_MM, WALL_HU))
+        volumes.append(padded(read_nifti(crop)))
     return volumes

@@ -20,10 +20,16 @@ ROTATED = [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]   # rows run along patient x (crop rota
 def as_ct(image8: np.ndarray, spacing: float = SPACING_MM) -> tuple[np.ndarray, int]:
     """The 8-bit crop as HU, padded with a soft-tissue wall and air; returns (hu, pad in pixels)."""
     centre, width = WINDOW
-    hu = image8.astype(np.float32) / 255.0 * width + (centre - width / 2)
+    return with_wall(image8.astype(np.float32) / 255.0 * width + (centre - width / 2), spacing)
+
+
+def with_wall(hu: np.ndarray, spacing: float) -> tuple[np.ndarray, int]:
+    """``hu`` (r, c) or (k, r, c) padded in plane with a ``WALL_MM`` soft-tissue wall (``WALL_HU``) and
+    ``AIR_MM`` of air, at ``spacing`` mm per pixel; returns (hu, pad in pixels on each side)."""
     wall, air = int(round(WALL_MM / spacing)), int(round(AIR_MM / spacing))
-    hu = np.pad(np.pad(hu, wall, constant_values=WALL_HU), air, constant_values=-1000.0)
-    return hu, wall + air
+    plane = [(0, 0)] * (hu.ndim - 2)
+    hu = np.pad(hu, plane + [(wall, wall)] * 2, constant_values=WALL_HU)
+    return np.pad(hu, plane + [(air, air)] * 2, constant_values=-1000.0), wall + air
 
 
 def volume_of(hu: np.ndarray, orientation: list[float], spacing: float = SPACING_MM):
