@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -213,7 +214,13 @@ def test_two_nodes_and_a_worker_restart_and_failover(tmp_path, studies, postgres
                 m.process.stop()
 
     arrivals = [sop for _, sop in pacs.arrivals]
-    assert len(arrivals) == len(set(arrivals)) == 2 * len(studies)  # every result exactly once
+    assert len(set(arrivals)) == 2 * len(studies)  # every result arrived
+    # and once, but for the object in flight if the holder SIGKILLed in step 2 is b, which also exports: the
+    # destination stored it, b never read the answer, b resends it (at least once, as tests/test_faults.py
+    # sigkill_mid_export shows for one node). w exports nothing, a's association never got past the gate.
+    resent = {sop for sop, n in Counter(arrivals).items() if n > 1}
+    assert len(arrivals) - len(set(arrivals)) <= (1 if holder is b else 0), (holder.name, pacs.arrivals)
+    assert all(aet == b.export_aet for aet, sop in pacs.arrivals if sop in resent), pacs.arrivals
     assert all(aet != "CT_A" for aet, _ in pacs.arrivals)  # a's stalled association never stored anything
     assert {e.sop_instance_uid for e in held_by_a} <= set(arrivals)
     received = [dcmread(p, stop_before_pixels=True) for p in set(pacs.received)]
