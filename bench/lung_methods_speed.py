@@ -21,7 +21,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     from node import phantom as ph
-    from node.pipeline.lungs import _lung_net, body_box, body_mask, lung_probability, segment_lungs
+    from node.pipeline.lungs import segment_lungs
+    from node.pipeline.lungs.body import body_box, body_mask
+    from node.pipeline.lungs.net import _lung_net, lung_probability
 
     p = ph.make_phantom(rows=512, cols=512, slices=args.slices, seed=0,
                         burden={"right_lower": 0.8, "left_upper": 0.3})

@@ -45,7 +45,8 @@ def overlay(hu: np.ndarray, hu_mask: np.ndarray, net_mask: np.ndarray, path: Pat
 
 def network_dense(volume) -> np.ndarray:
     """The lung network's lung above -320 HU in the body box of a one-slice ``volume`` (source grid)."""
-    from node.pipeline.lungs import NET_LUNG_PROBABILITY, body_box, body_mask, lung_probability
+    from node.pipeline.lungs.body import body_box, body_mask
+    from node.pipeline.lungs.net import NET_LUNG_PROBABILITY, lung_probability
 
     hu = volume.hu.astype(np.float32)
     rows, cols = body_box(body_mask(hu, volume.pixel_spacing))

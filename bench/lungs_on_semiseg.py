@@ -162,7 +162,7 @@ def infection_dice(data: Path, spacing: float = 0.75, split: str = "test", metho
     that :func:`node.pipeline.lungs.dense_infection_outside` finds, share of the lung that the expert
     infection outside the lung mask amounts to), the two sides of the node's under-segmentation note."""
     from node.pipeline.engines.infnet import InfNetEngine
-    from node.pipeline.lungs import dense_infection_outside
+    from node.pipeline.lungs.notes import dense_infection_outside
     from node.pipeline.types import LungMasks
 
     engine = InfNetEngine(device="cpu")
@@ -201,9 +201,10 @@ def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple
     the two functions). Returns the expert consolidation pixels and the missed pixels per cause."""
     from node.pipeline import lungs as lungs_mod
     from node.pipeline import workgrid
+    from node.pipeline.lungs import net as net_step
 
     seen: dict[str, np.ndarray] = {}
-    probability, chest_wall, cropped = lungs_mod.lung_probability, lungs_mod.within_chest_wall, lungs_mod.cropped
+    probability, chest_wall, cropped = net_step.lung_probability, net_step.within_chest_wall, lungs_mod.cropped
 
     def recorded_probability(hu, device="cpu"):
         seen["probability"] = probability(hu, device)
@@ -218,7 +219,7 @@ def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple
         return seen["kept"]
 
     total, causes = 0, np.zeros(len(MISS_CAUSES), np.int64)
-    lungs_mod.lung_probability, lungs_mod.within_chest_wall = recorded_probability, recorded_chest_wall
+    net_step.lung_probability, net_step.within_chest_wall = recorded_probability, recorded_chest_wall
     lungs_mod.cropped = recorded_box
     try:
         for _, image8, _, cons in labelled_slices(data, split):
@@ -238,7 +239,7 @@ def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple
                 return workgrid.upsampled(a, (a.shape[0], a.shape[1] * f, a.shape[2] * f), f)[:, :missed.shape[1],
                                                                                             :missed.shape[2]]
 
-            lung = source(seen["probability"] >= lungs_mod.NET_LUNG_PROBABILITY)
+            lung = source(seen["probability"] >= net_step.NET_LUNG_PROBABILITY)
             candidate = source(seen["candidate"]) if "candidate" in seen else np.zeros_like(lung)
             kept = source(seen["kept"]) if "kept" in seen else np.zeros_like(lung)
             missed = missed[:, :lung.shape[1], :lung.shape[2]]
@@ -247,7 +248,7 @@ def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple
                        (missed & lung & candidate & ~beyond).sum()]
             total += int(cons.sum())
     finally:
-        lungs_mod.lung_probability, lungs_mod.within_chest_wall = probability, chest_wall
+        net_step.lung_probability, net_step.within_chest_wall = probability, chest_wall
         lungs_mod.cropped = cropped
     return total, causes
 
@@ -296,7 +297,7 @@ def main() -> None:
           + ", ".join(f"{r.stem} ({r.share_inside:.2f})" for r in per_slice[:5]))
     # Consolidation that reads denser than DENSE_HU allows through the assumed window (another display
     # window, or contrast) is out of reach of the density range by construction of this bench's HU.
-    from node.pipeline.lungs import DENSE_HU
+    from node.pipeline.lungs.density import DENSE_HU
 
     for label, pick in ((f"<= {DENSE_HU[1]:g} HU", lambda r: r.consolidation_median_hu <= DENSE_HU[1]),
                         (f"> {DENSE_HU[1]:g} HU", lambda r: r.consolidation_median_hu > DENSE_HU[1])):
@@ -311,7 +312,7 @@ def main() -> None:
         dice, flagged = infection_dice(args.data, args.spacing, args.split, args.method)
         for name, (pooled, mean) in dice.items():
             print(f"| {name} | {pooled:.3f} | {mean:.3f} |")
-        from node.pipeline.lungs import MISSED_DENSE_SHARE as share
+        from node.pipeline.lungs.notes import MISSED_DENSE_SHARE as share
 
         noted, missed = flagged[:, 0] >= share, flagged[:, 1] >= share
         print(f"under-segmentation note (>= {100 * share:g} % of the lung): on {noted.sum()} slices, of which "

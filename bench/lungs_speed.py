@@ -55,7 +55,7 @@ def child(slices: int, out: Path, method: str | None = None, device: str = "cpu"
     volume = p.as_volume()
     kwargs = {"method": method, "device": device} if method else {}
     if method == "net":  # load the network before the clock starts: a worker loads it once
-        from node.pipeline.lungs import _lung_net
+        from node.pipeline.lungs.net import _lung_net
 
         _lung_net(device)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -76,7 +76,8 @@ def profile(slices: int, method: str | None, device: str, top: int = 15) -> None
 
     from node import phantom as ph
     from node.pipeline import slicewise
-    from node.pipeline.lungs import _lung_net, segment_lungs
+    from node.pipeline.lungs import segment_lungs
+    from node.pipeline.lungs.net import _lung_net
 
     logging.disable(logging.WARNING)
     slicewise.workers = lambda: 1

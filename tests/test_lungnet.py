@@ -111,7 +111,7 @@ def test_net_finds_no_lung_below_the_diaphragm(effusion_phantom):
 
 
 def test_the_network_runs_on_the_slices_with_aerated_lung_and_their_neighbours():
-    from node.pipeline.lungs import lung_probability, lung_probability_near
+    from node.pipeline.lungs.net import lung_probability, lung_probability_near
 
     hu = torch.linspace(-1000.0, 100.0, 7 * 60 * 70).reshape(7, 60, 70).numpy()
     aerated = torch.zeros(7, 60, 70, dtype=torch.bool).numpy()

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from node.pipeline.lungs import Midline, segment_lungs
+from node.pipeline.lungs import segment_lungs
+from node.pipeline.lungs.body import Midline
 from node.pipeline.volume import assemble_volume
 from tests.support import ABDOMEN_AXIAL, SHARED_DATA, skip_or_fail
 from training.real_ct import read_nifti
@@ -180,17 +181,17 @@ def test_ribs_let_dependent_consolidation_in_but_not_the_chest_wall(real_slices,
     wall; the bound lets the network's lung there in (measured +17.5 cm2, bench/lungs_on_real_slices.py and
     docs/lungs-overlays). A056642 (second date), where the network also marks intercostal muscle between the
     ribs, and the healthy lungmask slice gain nothing."""
-    import node.pipeline.lungs as lungs_mod
+    from node.pipeline.lungs import chestwall
 
-    rib_mask = lungs_mod.rib_mask
+    rib_mask = chestwall.rib_mask
     gains = {}
     for name in ("ny-sbu/A046441/axial/19010101-23.dcm", "ny-sbu/A056642/axial/19010107-111.dcm",
                  "lungmask-slices/0.dcm"):
         volume = assemble_volume([SHARED_DATA / "dicom" / name])
         with_ribs = segment_lungs(volume, method="net").lungs[0]
-        monkeypatch.setattr(lungs_mod, "rib_mask", lambda hu, *a: np.zeros(hu.shape, bool))
+        monkeypatch.setattr(chestwall, "rib_mask", lambda hu, *a: np.zeros(hu.shape, bool))
         without = segment_lungs(volume, method="net").lungs[0]
-        monkeypatch.setattr(lungs_mod, "rib_mask", rib_mask)
+        monkeypatch.setattr(chestwall, "rib_mask", rib_mask)
         added = with_ribs & ~without
         assert not (without & ~with_ribs).any(), name  # the bound only lets more in
         px_cm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1] / 100.0

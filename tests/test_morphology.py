@@ -6,7 +6,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from node.pipeline import morphology
-from node.pipeline.lungs import close_2d, disk
+from node.pipeline.lungs.shapes import close_2d, disk
 
 pytestmark = pytest.mark.unit
 

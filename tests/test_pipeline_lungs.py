@@ -8,6 +8,10 @@ import pytest
 
 from node import phantom as ph
 from node.pipeline import lungs as lungs_mod
+from node.pipeline import workgrid
+from node.pipeline.lungs import aerated, chestwall, density, recovery
+from node.pipeline.lungs import airways as airway_step
+from node.pipeline.lungs import body as body_frame
 from node.pipeline.lungs import segment_lungs
 from node.pipeline.types import LungMasks, Volume
 from tests.builders import dice, single_slice, synthetic_chest
@@ -142,8 +146,8 @@ def test_between_slices_step_takes_nothing_from_a_healthy_chest():
     p = ph.make_phantom(rows=128, cols=128, slices=40, pixel_spacing=2.75, slice_spacing=7.5, seed=1, burden=0.0)
     v = phantom_volume(p)
     labels = segment_lungs(v, method="hu").labels
-    midline = lungs_mod.Midline(v, lungs_mod.body_mask(v.hu, v.pixel_spacing))
-    _, taken = lungs_mod.recover_between_slices(labels, v.hu, lungs_mod.body_mask(v.hu, v.pixel_spacing),
+    midline = body_frame.Midline(v, body_frame.body_mask(v.hu, v.pixel_spacing))
+    _, taken = recovery.recover_between_slices(labels, v.hu, body_frame.body_mask(v.hu, v.pixel_spacing),
                                                 midline.right_side(), v.pixel_spacing)
     assert taken == 0
 
@@ -165,8 +169,8 @@ def _bronchogram_case(pockets_at):
                  slice_spacing=0.0, sop_instance_uids=v.sop_instance_uids,
                  series_instance_uid=v.series_instance_uid, study_instance_uid=v.study_instance_uid)
     labels = np.where(chest.right & ~dense[None], LungMasks.RIGHT, np.where(chest.left, LungMasks.LEFT, 0))
-    body = lungs_mod.body_mask(hu, vol.pixel_spacing)
-    return vol, labels.astype(np.uint8), body, np.zeros_like(body), lungs_mod.Midline(vol, body), dense
+    body = body_frame.body_mask(hu, vol.pixel_spacing)
+    return vol, labels.astype(np.uint8), body, np.zeros_like(body), body_frame.Midline(vol, body), dense
 
 
 def _grid(step):
@@ -180,7 +184,7 @@ def test_air_bronchograms_bring_back_consolidation_over_a_wide_arc():
     the lung up to the outermost bronchograms, and nothing outside the lung does; without it the other
     steps leave it out (no aerated lung against that wall). Measured: 77 % taken with 6a, 1 % without."""
     vol, labels, body, airways, midline, dense = _bronchogram_case(_grid(6))
-    out, taken = lungs_mod.recover_bronchograms(labels, vol.hu, body, airways, midline, vol.pixel_spacing)
+    out, taken = recovery.recover_bronchograms(labels, vol.hu, body, airways, midline, vol.pixel_spacing)
     got = out[0] == LungMasks.RIGHT
     assert taken > 0 and (got & dense).sum() >= 0.7 * dense.sum()
     assert not (got & ~(dense | (labels[0] == LungMasks.RIGHT))).any()  # nothing outside the true lung
@@ -203,7 +207,7 @@ def test_bronchograms_one_source_pixel_wide_are_found_on_the_working_grid(monkey
     from scipy import ndimage as ndi
     hu[0][ndi.binary_erosion(dense, iterations=4) & (rr % 12 == 1) & (cc % 12 == 1)] = -900.0
     vol = dataclasses.replace(chest.volume, hu=hu)
-    assert lungs_mod.workgrid.working_factor(vol.pixel_spacing) == 2
+    assert workgrid.working_factor(vol.pixel_spacing) == 2
     assert (segment_lungs(vol, method="hu").right[0] & dense).sum() >= 0.7 * dense.sum()
     step_6a = lungs_mod.recover_bronchograms
     monkeypatch.setattr(lungs_mod, "recover_bronchograms", lambda *a, air=None, **k: step_6a(*a, **k))
@@ -215,13 +219,13 @@ def test_air_pockets_that_are_not_bronchograms_take_nothing():
     pockets in tissue with aerated lung between it and the skin (a hilum) are not taken."""
     sparse = lambda rr, cc, dense: dense & (rr == 90) & ((cc == 40) | (cc == 56))  # noqa: E731
     vol, labels, body, airways, midline, _ = _bronchogram_case(sparse)
-    assert lungs_mod.recover_bronchograms(labels, vol.hu, body, airways, midline, vol.pixel_spacing)[1] == 0
+    assert recovery.recover_bronchograms(labels, vol.hu, body, airways, midline, vol.pixel_spacing)[1] == 0
 
     def mediastinum(rr, cc, dense):  # a cluster 6-15 mm from the midline, in the mediastinum
         return (np.abs(cc - 79.5) >= 4) & (np.abs(cc - 79.5) <= 10) & (rr % 5 == 0) & (np.abs(rr - 80) < 15)
     vol, labels, body, airways, midline, _ = _bronchogram_case(mediastinum)
     labels[0][(labels[0] == 0) & (vol.hu[0] > -500)] = 0
-    assert lungs_mod.recover_bronchograms(labels, vol.hu, body, airways, midline, vol.pixel_spacing)[1] == 0
+    assert recovery.recover_bronchograms(labels, vol.hu, body, airways, midline, vol.pixel_spacing)[1] == 0
 
     vol, labels, body, airways, midline, _ = _bronchogram_case(lambda rr, cc, dense: np.zeros_like(dense))
     hu = vol.hu.copy()
@@ -231,7 +235,7 @@ def test_air_pockets_that_are_not_bronchograms_take_nothing():
     for r, c in ((66, 46), (66, 53), (73, 46), (73, 53)):
         hu[0, r:r + 2, c:c + 2] = -900.0
     labels[0][hilum] = 0
-    _, taken = lungs_mod.recover_bronchograms(labels, hu, body, airways, midline, vol.pixel_spacing)
+    _, taken = recovery.recover_bronchograms(labels, hu, body, airways, midline, vol.pixel_spacing)
     assert taken == 0
 
 
@@ -246,10 +250,10 @@ def test_a_lesion_chained_to_an_organ_keeps_its_lesion_slices():
     hu = np.full(mask.shape, -850.0, np.float32)
     hu[:2] = 60.0                                # liver
     hu[2, 14:24, 14:24] = -50.0                  # consolidation
-    filled = lungs_mod.fill_holes_guarded(mask, max_open_hole_px=50, hu=hu)
+    filled = aerated.fill_holes_guarded(mask, max_open_hole_px=50, hu=hu)
     assert filled[2, 14:24, 14:24].all()
     assert not filled[1, 12:28, 12:28].any()
-    assert not lungs_mod.fill_holes_guarded(mask, max_open_hole_px=50)[2, 14:24, 14:24].any()  # no HU: organ rule
+    assert not aerated.fill_holes_guarded(mask, max_open_hole_px=50)[2, 14:24, 14:24].any()  # no HU: organ rule
 
 
 def test_a_lesion_chain_is_judged_as_a_whole_first():
@@ -262,9 +266,9 @@ def test_a_lesion_chain_is_judged_as_a_whole_first():
     hu = np.full(mask.shape, -850.0, np.float32)
     hu[1:3, 10:30, 10:30] = 0.0                  # consolidation
     hu[3, 10:30, 10:30] = -100.0                 # its partial-volume edge
-    filled = lungs_mod.fill_holes_guarded(mask, max_open_hole_px=100, hu=hu)
+    filled = aerated.fill_holes_guarded(mask, max_open_hole_px=100, hu=hu)
     assert filled[1:4, 10:30, 10:30].all()
-    assert not lungs_mod.fill_holes_guarded(mask, max_open_hole_px=100)[1:4, 10:30, 10:30].any()  # organ rule
+    assert not aerated.fill_holes_guarded(mask, max_open_hole_px=100)[1:4, 10:30, 10:30].any()  # organ rule
 
 
 def test_lungs_do_not_depend_on_the_in_plane_orientation(diseased_phantom):
@@ -302,7 +306,7 @@ def test_air_around_the_patient_changes_nothing(diseased_phantom):
     assert (b.labels[inner] == a.labels).all() and b.labels.sum() == a.labels.sum()
     assert (b.airways[inner] == a.airways).all() and (b.body[inner] == a.body).all() and b.body.sum() == a.body.sum()
     assert a.notes == b.notes and a.partial_coverage == b.partial_coverage
-    rows, cols = lungs_mod.body_box(b.body)
+    rows, cols = body_frame.body_box(b.body)
     assert rows.start > top - 10 and cols.start > left - 10  # the box does cut the added air away
 
 
@@ -318,7 +322,7 @@ def test_the_body_box_keeps_every_voxel_at_its_patient_position():
                orientation=np.r_[row_cos, col_cos], pixel_spacing=(0.7, 0.9), slice_spacing=2.0,
                sop_instance_uids=["1", "2", "3"], series_instance_uid="1.2.3", study_instance_uid="1.2")
     rows, cols = slice(6, 31), slice(11, 47)
-    box = lungs_mod.cropped(v, rows, cols)
+    box = body_frame.cropped(v, rows, cols)
     assert np.shares_memory(box.hu, v.hu) and box.hu.shape == (3, 25, 36)
     for k in range(3):
         whole = PixelToReferenceTransformer(v.positions[k], v.orientation, v.pixel_spacing)
@@ -409,7 +413,7 @@ def _slice_with_dense_tissue():
 def test_dense_tissue_the_engine_calls_infection_outside_the_lung_mask_is_reported():
     """Only dense tissue that touches the lung and that the engine's map calls infection counts; the lung mask
     itself is not changed; the note comes from MISSED_DENSE_SHARE of the lung up, with the amount."""
-    from node.pipeline.lungs import MISSED_DENSE_SHARE, dense_infection_outside, missed_dense_note
+    from node.pipeline.lungs.notes import MISSED_DENSE_SHARE, dense_infection_outside, missed_dense_note
 
     volume, lungs, prob = _slice_with_dense_tissue()
     before = lungs.labels.copy()
@@ -469,7 +473,7 @@ def test_a_field_of_view_that_cuts_the_lungs_skips_the_series(diseased_phantom):
     padded = dataclasses.replace(wall_cut, hu=wall_cut.hu.copy())
     below = np.maximum.accumulate(lungs.body, axis=1) & ~lungs.body  # under the body, column by column
     padded.hu[below & (padded.hu < -900)] = -880.0
-    assert lungs_mod.lung_cut_by_fov(padded.hu, lungs.body, v.pixel_spacing) == 0
+    assert body_frame.lung_cut_by_fov(padded.hu, lungs.body, v.pixel_spacing) == 0
 
     for c0, c1 in ((lung_cols[0] + 4, v.shape[2]), (lung_cols[0] + 12, lung_cols[-1] - 12)):  # one side, both
         cut = _columns(v, c0, c1)
@@ -494,7 +498,7 @@ def test_ribs_bound_the_chest_wall_where_consolidation_hides_it():
     ribs = (depth >= 10) & (depth <= 15) & (np.floor(angle / 8) % 2 == 0)   # 8-degree ribs, 8-degree gaps
     posterior = rr > centre
     aerated = trunk & (dist <= radius - np.where(posterior, 45, 18)) & (np.abs(cc - centre) > 15)
-    skin = lungs_mod.SkinGeometry(trunk, (1.0, 1.0))
+    skin = chestwall.SkinGeometry(trunk, (1.0, 1.0))
 
     def at(depth_mm: float, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
         a = np.radians(angle_deg)
@@ -506,11 +510,11 @@ def test_ribs_bound_the_chest_wall_where_consolidation_hides_it():
     intercostal = at(12, 60.0)          # in the gap (56-64 degrees) between the ribs at 48-56 and 64-72
     assert not ribs[intercostal[0][0], intercostal[1][0]] and ribs[at(12, 68.0)[0][0], at(12, 68.0)[1][0]]
     for pixel, without, with_ribs in ((consolidation, False, True), (intercostal, False, False)):
-        assert lungs_mod.wall_depth_ok(aerated, skin, *pixel, interpolate=True)[0] == without
-        assert lungs_mod.wall_depth_ok(aerated, skin, *pixel, interpolate=True, ribs=ribs)[0] == with_ribs
+        assert chestwall.wall_depth_ok(aerated, skin, *pixel, interpolate=True)[0] == without
+        assert chestwall.wall_depth_ok(aerated, skin, *pixel, interpolate=True, ribs=ribs)[0] == with_ribs
     # in front, where aerated lung meets the wall, the ribs change nothing
     front = at(14, -90.0)
-    assert not lungs_mod.wall_depth_ok(aerated, skin, *front, interpolate=True, ribs=ribs)[0]
+    assert not chestwall.wall_depth_ok(aerated, skin, *front, interpolate=True, ribs=ribs)[0]
 
 
 def test_rib_mask_leaves_out_sternum_and_spine():
@@ -519,7 +523,7 @@ def test_rib_mask_leaves_out_sternum_and_spine():
     hu[50:56, 26:34] = 700.0   # vertebra
     hu[20:24, 5:9] = 700.0     # a rib, 34-37 mm off the midline (1.5 mm pixels)
     midline_mm = (np.arange(60) - 30.0)[None, :] * 1.5 * np.ones((60, 1))
-    ribs = lungs_mod.rib_mask(hu, np.ones((60, 60), bool), midline_mm, (1.5, 1.5))
+    ribs = chestwall.rib_mask(hu, np.ones((60, 60), bool), midline_mm, (1.5, 1.5))
     assert ribs[20:24, 5:9].any() and not ribs[:, 20:40].any()
 
 
@@ -529,12 +533,12 @@ def test_main_bronchi_are_followed_past_a_wide_carina():
     stopped the tracking there and left both main bronchi in the lungs."""
     p = ph.make_phantom(rows=112, cols=112, slices=150, pixel_spacing=3.1, slice_spacing=1.5, seed=3, burden=0.3)
     volume = p.as_volume()
-    body = lungs_mod.body_mask(volume.hu, volume.pixel_spacing)
-    air = lungs_mod.outside_air_removed((volume.hu < lungs_mod.AIR_HU) & body)
-    airways, notes = lungs_mod.find_airways(volume.hu, air, lungs_mod.Midline(volume, body), volume)
+    body = body_frame.body_mask(volume.hu, volume.pixel_spacing)
+    air = body_frame.outside_air_removed((volume.hu < density.AIR_HU) & body)
+    airways, notes = airway_step.find_airways(volume.hu, air, body_frame.Midline(volume, body), volume)
     truth = p.masks["airways"]
     carina_mm2 = truth.sum(axis=(1, 2)).max() * volume.pixel_spacing[0] * volume.pixel_spacing[1]
-    assert 700 < carina_mm2 <= lungs_mod.TRACHEA_AREA_MM2[1], carina_mm2  # the case this test is about
+    assert 700 < carina_mm2 <= airway_step.TRACHEA_AREA_MM2[1], carina_mm2  # the case this test is about
     assert not notes
     assert (airways & truth).sum() >= 0.99 * truth.sum()
     assert (airways & ~truth).sum() <= 0.01 * truth.sum()  # no leak into the lung

@@ -9,7 +9,8 @@ from scipy import ndimage as ndi
 
 from node import phantom as ph
 from node.pipeline import workgrid
-from node.pipeline.lungs import AIR_HU, segment_lungs
+from node.pipeline.lungs import segment_lungs
+from node.pipeline.lungs.density import AIR_HU
 from node.pipeline.types import Volume
 
 pytestmark = pytest.mark.unit

@@ -90,7 +90,7 @@ class LungNetConfig:
 
 def _box(hu: np.ndarray, label: np.ndarray, body: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(k, r, c) HU and label cut to the body box and resized to size x size as the network input is."""
-    from node.pipeline.lungs import body_box
+    from node.pipeline.lungs.body import body_box
 
     rows, cols = body_box(body)
     x = torch.from_numpy(np.ascontiguousarray(hu[:, rows, cols], dtype=np.float32))[:, None]
@@ -111,7 +111,8 @@ def _semiseg_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def semiseg_example(image8: np.ndarray, infection: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One COVID-SemiSeg crop: (HU, lung label) at the network size; see the module docstring."""
-    from node.pipeline.lungs import LungMethod, fill_holes_per_slice, segment_lungs
+    from node.pipeline.lungs import LungMethod, segment_lungs
+    from node.pipeline.lungs.shapes import fill_holes_per_slice
 
     from .semiseg_ct import AXIAL, as_ct, volume_of
 
@@ -130,7 +131,7 @@ def semiseg_example(image8: np.ndarray, infection: np.ndarray, size: int) -> tup
 def phantom_examples(seed: int, burden, effusion: float, size: int,
                      consolidation_hu: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from node import phantom as ph
-    from node.pipeline.lungs import body_mask
+    from node.pipeline.lungs.body import body_mask
 
     rng = np.random.default_rng(seed)
     p = ph.make_phantom(rows=128, cols=128, slices=40, pixel_spacing=float(rng.uniform(2.6, 3.2)),
@@ -142,7 +143,8 @@ def phantom_examples(seed: int, burden, effusion: float, size: int,
 
 def real_examples(volume, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One real series (training.real_ct): HU and the HU method's aerated lung, holes filled."""
-    from node.pipeline.lungs import LungMethod, fill_holes_per_slice, segment_lungs
+    from node.pipeline.lungs import LungMethod, segment_lungs
+    from node.pipeline.lungs.shapes import fill_holes_per_slice
 
     lungs = segment_lungs(volume, method=LungMethod.AERATED)
     return _box(volume.hu, fill_holes_per_slice(lungs.lungs > 0), lungs.body, size)

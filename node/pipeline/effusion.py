@@ -37,7 +37,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .lungs import DENSE_HU, RIM_MM, amount_text
+from .lungs.density import DENSE_HU, RIM_MM
+from .lungs.notes import amount_text
 from .types import Effusion, LungMasks, Volume
 
 # Fluid density after a 3x3 mean. Pleural fluid on CT: transudates median 5 HU (range 2-15) and exudates median

@@ -15,7 +15,8 @@ from typing import Any
 
 from .effusion import find_effusion
 from .engines import build_engine
-from .lungs import lung_method as resolve_lung_method, missed_dense_note, segment_lungs
+from .lungs import lung_method as resolve_lung_method, segment_lungs
+from .lungs.notes import missed_dense_note
 from .regionmap import find_lobe_map
 from .scores import Scores, compute_scores
 from .select import (SeriesDecision, SeriesKind, check_lung_in_view, mark_chosen, patient_conflict,

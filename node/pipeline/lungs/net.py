@@ -1,0 +1,111 @@
+"""Step 6n (method "net"): the lung network (models/lungnet.py) corrects the HU method where its rules are weak."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .. import morphology
+from ..types import LungMasks
+from .aerated import smooth_lungs
+from .body import Midline
+from .chestwall import within_chest_wall
+from .density import AIR_HU, RIM_MM
+from .shapes import disk
+
+NET_WEIGHTS = "lungnet"         # models/weights/<name>.safetensors
+NET_LUNG_PROBABILITY = 0.5      # a pixel is lung for the net from this probability
+NET_PREFILTER_PROBABILITY = 0.05  # steps 6-6b skip dense tissue below this (0.2, the veto, cost 0.01 of
+                                  # phantom consolidation recall: pieces that joined others to the lung)
+NET_VETO_PROBABILITY = 0.2     # dense tissue the HU rules recovered leaves the lung below this probability
+NET_COMPONENT_PROBABILITY = 0.3  # a connected piece of lung whose mean probability is lower leaves it (bowel gas,
+                                 # air in the chest wall)
+
+
+@functools.lru_cache(maxsize=2)
+def _lung_net(device: str):
+    """The shipped lung network on ``device``, batch normalisation folded, and its input size (loaded once per
+    process and device)."""
+    from models.lungnet import folded
+    from models.registry import load_shipped
+
+    model, meta = load_shipped(NET_WEIGHTS, device=device)
+    return folded(model), int(meta["input"]["size"])
+
+
+def lung_probability(hu: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Lung probability (float32) of every voxel of ``hu`` (k, r, c), from the lung network (models/lungnet.py),
+    all slices in batches on ``device``. ``hu`` should be the body box (:func:`body_box`): the network saw
+    slices cropped so."""
+    import torch
+
+    from models.lungnet import lung_probability as net_probability
+
+    model, size = _lung_net(device)
+    with torch.inference_mode():
+        prob = net_probability(model, torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)), size)
+    return prob.cpu().numpy()
+
+
+def lung_probability_near(hu: np.ndarray, aerated: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """:func:`lung_probability` on the slices from the first to the last that hold ``aerated`` lung or lie next
+    to one; 0 on the others. Steps 6-6n use the probability only there: a slice gains lung only beside lung
+    on the same slice (6, 6a, 6n) or between two neighbours with lung (6b), and step 6n keeps nothing on a
+    slice without aerated lung (:func:`within_chest_wall`)."""
+    prob = np.zeros(hu.shape, np.float32)
+    ks = np.flatnonzero(aerated.reshape(aerated.shape[0], -1).any(axis=1))
+    if ks.size:
+        first, last = max(int(ks[0]) - 1, 0), min(int(ks[-1]) + 2, hu.shape[0])
+        prob[first:last] = lung_probability(hu[first:last], device)
+    return prob
+
+
+def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np.ndarray, airways: np.ndarray,
+               right_side: np.ndarray, spacing_rc: tuple[float, float], device: str,
+               trunk: np.ndarray | None = None, midline: Midline | None = None,
+               prob: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+    """Step 6n (method "net"): the lung network's probability corrects the HU method where the HU rules are weak.
+
+    Dense tissue that the HU rules recovered (steps 5-6b: not ``aerated``) and the network gives less than
+    ``NET_VETO_PROBABILITY`` leaves the lung (a strip of mediastinum or heart border the rays took), and so does
+    a connected piece whose mean probability is under ``NET_COMPONENT_PROBABILITY`` (bowel gas). Dense
+    tissue of the body that the network gives at least ``NET_LUNG_PROBABILITY`` joins the lung it touches (3D),
+    when at least as deep under the skin as the inner chest wall (:func:`within_chest_wall`: the network,
+    trained without real chest walls, also marks muscle between the ribs; with ``midline``, the ribs' inner
+    surface bounds that depth where consolidation hides the wall), after an opening of ``RIM_MM`` per
+    slice (thin rims at the pleura, the network's blurred edge), on the side of the body midline:
+    consolidation and atelectasis that no HU rule reaches. Holes are then filled as in
+    step 6, not those open onto an organ on a neighbouring slice (a liver dome ringed by lung stays out).
+    Aerated lung is the HU method's. ``prob``: the network's probability of ``hu``, computed (on ``device``)
+    when not given. Returns the labels, the voxels taken and the voxels removed.
+    """
+    prob = lung_probability(hu, device) if prob is None else prob
+    labels = labels.copy()
+    vetoed = (labels > 0) & ~aerated & (prob < NET_VETO_PROBABILITY)
+    lab, n = ndi.label(labels > 0)
+    if n:  # a whole piece of "lung" the network does not see as lung: bowel gas, air in the chest wall
+        inside = lab > 0  # the lung voxels only: sums over the whole box cost 4 times as much, same per piece
+        size = np.bincount(lab[inside], minlength=n + 1)
+        mean_prob = np.bincount(lab[inside], weights=prob[inside], minlength=n + 1) / np.maximum(size, 1)
+        unlike = mean_prob < NET_COMPONENT_PROBABILITY
+        unlike[0] = False
+        vetoed |= unlike[lab]
+    labels[vetoed] = 0
+    lung = labels > 0
+    rim = disk(max(RIM_MM, max(spacing_rc)), spacing_rc)
+    dense = (prob >= NET_LUNG_PROBABILITY) & body & ~airways & ~lung & (hu >= AIR_HU)
+    # an opening keeps whole disks, and a disk of what the chest-wall limit keeps lies in the opened candidates:
+    # so the limit is asked only about those (on most slices none: the network's blurred edge is a thin rim)
+    dense = morphology.binary_opening(dense, rim)
+    dense = morphology.binary_opening(within_chest_wall(dense, aerated, body if trunk is None else trunk,
+                                                        spacing_rc, hu=hu, midline=midline), rim)
+    lab, n = ndi.label(dense | lung)
+    touching = np.zeros(n + 1, bool)
+    touching[np.unique(lab[lung])] = True
+    touching[0] = False
+    dense &= touching[lab]
+    labels[dense] = np.where(right_side[dense], LungMasks.RIGHT, LungMasks.LEFT)
+    # holes enclosed now: filled as in step 6, not those open onto an organ on the next slice (a liver dome)
+    return smooth_lungs(labels, spacing_rc, 0.0, hu=hu), int(dense.sum()), int(vetoed.sum())
+
