@@ -36,6 +36,24 @@ def test_folding_batch_normalisation_keeps_the_shipped_network_s_output():
     assert torch.allclose(lung_probability(fast, hu, size), lung_probability(model.eval(), hu, size), atol=1e-5)
 
 
+def test_examples_are_made_and_cached_at_the_dataset_size(tmp_path):
+    """A network with a finer input trains on finer examples: each dataset size has its own cache, and a
+    COVID-SemiSeg slice is made at that size."""
+    from tests.support import SHARED_DATA, skip_or_fail
+    from training import lungnet
+
+    coarse = lungnet.LungNetConfig(out=str(tmp_path))
+    fine = lungnet.LungNetConfig(out=str(tmp_path), dataset_size=192)
+    assert coarse.dataset_size == lungnet.DATASET_SIZE == 128
+    assert lungnet.dataset_path(coarse) != lungnet.dataset_path(fine)
+    image = SHARED_DATA / "covid-semiseg" / "TrainingSet" / "LungInfection-Train" / "Doctor-label" / "Imgs" / "1.jpg"
+    if not image.exists():
+        skip_or_fail(f"COVID-SemiSeg not found at {image}")
+    hu, label = lungnet._semiseg_file(image, size=96)
+    assert hu.shape == label.shape == (1, 96, 96)
+    assert 0.1 < float(label.float().mean()) < 0.9  # lung and not lung
+
+
 def test_training_loop_and_export_round_trip(tmp_path, capsys):
     from training import lungnet
 
@@ -45,8 +63,9 @@ def test_training_loop_and_export_round_trip(tmp_path, capsys):
     data = {"hu": torch.where(label > 0, -850.0, 40.0).half(), "label": label.half(),
             "source": torch.tensor([lungnet.SOURCE_DOCTOR, lungnet.SOURCE_PHANTOM] * 3),
             "val": torch.tensor([False, False, False, False, True, True])}
-    cfg = lungnet.LungNetConfig(out=str(tmp_path), size=16, channels=[4, 8], epochs=2, batch=2, max_batches=2)
-    torch.save(data, lungnet.dataset_path(cfg))  # any example size works
+    cfg = lungnet.LungNetConfig(out=str(tmp_path), size=16, dataset_size=size, channels=[4, 8], epochs=2, batch=2,
+                                max_batches=2)
+    torch.save(data, lungnet.dataset_path(cfg))  # any network input size works with any example size
     summary = lungnet.train(cfg)
     assert summary["final"]["epoch"] == 2 and summary["val_examples"] == 2
     assert {"semiseg_dice", "phantom_dice"} <= set(summary["final"])
@@ -59,7 +78,7 @@ def test_training_loop_and_export_round_trip(tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["lungnet-evaluate", "--name", "lungnet-test", "--weights-dir", str(tmp_path / "weights"),
-                 "--out", str(tmp_path)]) == 0
+                 "--out", str(tmp_path), "--dataset-size", str(size)]) == 0  # the cache of that size, not built
     figures = json.loads(capsys.readouterr().out)  # the training loop's measures, on the validation examples
     assert {"semiseg_dense_recall", "phantom_false_positive"} <= set(figures)
 

@@ -27,10 +27,17 @@ ln_args=(--data "$data" --device $device --size 128 --epochs $ln_epochs --sample
   # version 3's: also the phantoms with airless consolidation
   timeout 200 python3 -m training lungnet --out runs/lungnet-wide-real-dense --channels 16 32 48 64 96 --real \
     --dense-phantoms "${ln_args[@]}"
-  for c in wide narrow wide-real wide-real-dense; do
+  # version 4's: the narrow network at a finer input (192 px) on examples stored at 192 px
+  timeout 200 python3 -m training lungnet --out runs/lungnet-narrow-192 --channels 8 16 32 48 64 "${ln_args[@]}" \
+    --size 192 --dataset-size 192
+  for c in wide narrow wide-real wide-real-dense narrow-192; do
     [ -f runs/lungnet-$c/last.pt ] && python3 -m training lungnet-export --ckpt runs/lungnet-$c/last.pt \
       --name lungnet-$c --out-dir runs/lungnet-export
   done
+  # version 4's rule (a): the shipped network and the candidate on the same 192 px validation examples
+  python3 -m training lungnet-evaluate --name lungnet --out runs/lungnet-narrow-192 --dataset-size 192
+  [ -f runs/lungnet-export/lungnet-narrow-192.json ] && python3 -m training lungnet-evaluate \
+    --name lungnet-narrow-192 --weights-dir runs/lungnet-export --out runs/lungnet-narrow-192 --dataset-size 192
 } > "$out/lungnet.log" 2>&1
 tar czf "$out/lungnet.tgz" runs/lungnet-*/metrics.json runs/lungnet-export 2>/dev/null
 

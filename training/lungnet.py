@@ -24,6 +24,7 @@ reported apart, ``VAL_PHANTOM`` with airless consolidation ("phantom_dense").
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -40,8 +41,9 @@ from scipy import ndimage as ndi
 
 from models.lungnet import DEFAULT_SIZE, LUNG_WINDOW, SOFT_WINDOW, LungNet, lung_input
 
-DATASET_SIZE = 128         # examples are stored at this size; the network input (``size``) may be smaller: its
-                           # logits are resized to the example for the loss, as the node resizes them to the slice
+DATASET_SIZE = 128         # examples are stored at this size (``dataset_size``); the network input (``size``) may
+                           # differ: its logits are resized to the example for the loss, as the node resizes them
+                           # to the slice. A network with a finer input needs examples at least as fine.
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class LungNetConfig:
     data: str = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-semiseg")
     out: str = "runs/lungnet"
     size: int = DEFAULT_SIZE        # network input
+    dataset_size: int = DATASET_SIZE  # size of the stored examples (and of the validation measures)
     channels: list[int] = field(default_factory=lambda: [8, 16, 32, 48, 64])
     epochs: int = 6
     samples_per_epoch: int = 480  # drawn with replacement, doctor-labelled slices weighted DOCTOR_REPEAT
@@ -99,14 +102,14 @@ def _box(hu: np.ndarray, label: np.ndarray, body: np.ndarray, size: int) -> tupl
     return F.interpolate(x, **resize)[:, 0], F.interpolate(y, **resize)[:, 0]
 
 
-def _semiseg_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`semiseg_example` of one image file and its GT (``../GT/<stem>.png``)."""
+def _semiseg_file(path: Path, size: int = DATASET_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`semiseg_example` of one image file and its GT (``../GT/<stem>.png``) at ``size``."""
     from PIL import Image
 
     torch.set_num_threads(1)
     image8 = np.asarray(Image.open(path).convert("L"))
     infection = np.asarray(Image.open(path.parent.parent / "GT" / f"{path.stem}.png").convert("L")) > 127
-    return semiseg_example(image8, infection, DATASET_SIZE)
+    return semiseg_example(image8, infection, size)
 
 
 def semiseg_example(image8: np.ndarray, infection: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +156,7 @@ def real_examples(volume, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def dataset_path(cfg: LungNetConfig) -> Path:
     """Where :func:`build_dataset` caches the examples of ``cfg``."""
     extras = ("-real" if cfg.real else "") + ("-dense" if cfg.dense_phantoms else "")
-    return Path(cfg.out) / f"dataset-v{DATASET_VERSION}-{DATASET_SIZE}{extras}.pt"
+    return Path(cfg.out) / f"dataset-v{DATASET_VERSION}-{cfg.dataset_size}{extras}.pt"
 
 
 def build_dataset(cfg: LungNetConfig) -> dict[str, torch.Tensor]:
@@ -176,7 +179,7 @@ def build_dataset(cfg: LungNetConfig) -> dict[str, torch.Tensor]:
     t0 = time.time()
     paths = doctor + pseudo
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # one slice per task: independent
-        examples = pool.map(_semiseg_file, paths, chunksize=4)
+        examples = pool.map(functools.partial(_semiseg_file, size=cfg.dataset_size), paths, chunksize=4)
         for i, example in enumerate(examples):
             is_doctor = i < len(doctor)
             add(*example, SOURCE_DOCTOR if is_doctor else SOURCE_PSEUDO, is_doctor and i in val_idx)
@@ -185,18 +188,18 @@ def build_dataset(cfg: LungNetConfig) -> dict[str, torch.Tensor]:
     from node.phantom import DENSE_CONSOLIDATION_HU
 
     for seed, burden, effusion in PHANTOMS + [VAL_PHANTOM]:
-        add(*phantom_examples(seed, burden, effusion, DATASET_SIZE), SOURCE_PHANTOM, seed == VAL_PHANTOM[0])
-    add(*phantom_examples(*VAL_PHANTOM, DATASET_SIZE, DENSE_CONSOLIDATION_HU), SOURCE_PHANTOM_DENSE, True)
+        add(*phantom_examples(seed, burden, effusion, cfg.dataset_size), SOURCE_PHANTOM, seed == VAL_PHANTOM[0])
+    add(*phantom_examples(*VAL_PHANTOM, cfg.dataset_size, DENSE_CONSOLIDATION_HU), SOURCE_PHANTOM_DENSE, True)
     if cfg.dense_phantoms:
         for seed, burden, effusion in PHANTOMS:
             if burden:  # a healthy phantom is the same with either consolidation
-                add(*phantom_examples(seed, burden, effusion, DATASET_SIZE, DENSE_CONSOLIDATION_HU),
+                add(*phantom_examples(seed, burden, effusion, cfg.dataset_size, DENSE_CONSOLIDATION_HU),
                     SOURCE_PHANTOM, False)
     if cfg.real:
         from .real_ct import real_volumes
 
         for volume in real_volumes(Path(cfg.data).parent):
-            add(*real_examples(volume, DATASET_SIZE), SOURCE_REAL, False)
+            add(*real_examples(volume, cfg.dataset_size), SOURCE_REAL, False)
     data = {"hu": torch.cat(hus), "label": torch.cat(labels), "source": torch.tensor(source),
             "val": torch.tensor(val)}
     cache.parent.mkdir(parents=True, exist_ok=True)
