@@ -1,4 +1,5 @@
-"""The densities the lung steps tell apart: aerated lung and dense tissue (consolidation, effusion)."""
+"""The densities the lung steps tell apart, aerated lung and dense tissue (consolidation, effusion), and the
+opening that drops thin rims of dense tissue (extrapleural fat, partial volume) before dense tissue is taken."""
 from __future__ import annotations
 
 import numpy as np
