@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU training of docs/protocol.md in one call, within a wall-clock limit, results packed for return:
-# the lung network's candidates, then the experiment table (training/gpu_schedule.sh) until the limit.
+# the open lung network candidates, then the experiment table (training/gpu_schedule.sh) until the limit.
 #   training/gpu_train_all.sh OUT_DIR [LIMIT_S]      (CTNODE_DATA: the folder holding covid-semiseg/)
 # OUT_DIR receives: env.log, lungnet.log, lungnet.tgz (metrics and fp16 weights of the candidates),
 # schedule.log, runs.tgz (every metrics/test/config JSON of runs/gpu), weights-*.tar (fp16 exports of the
@@ -16,21 +16,20 @@ data=${CTNODE_DATA:?set CTNODE_DATA}/covid-semiseg
 mkdir -p "$out" runs
 { date -u; nvidia-smi -L; nproc; python3 -c "import torch; print(torch.__version__, torch.cuda.is_available())"; } > "$out/env.log" 2>&1
 
-# lung network candidates (docs/protocol.md, "Lung network"); the data set is built once and shared
+# the open lung network questions (docs/protocol.md, "Lung network", versions 4, 2 and 3; version 1's two
+# candidates were trained and decided on 2026-12-04: python3 -m training lungnet --channels 16 32 48 64 96 or
+# 8 16 32 48 64 with the arguments below), the newest first
 ln_args=(--data "$data" --device $device --size 128 --epochs $ln_epochs --samples-per-epoch 960 --batch 32 --num-threads 8)
 {
-  timeout 200 python3 -m training lungnet --out runs/lungnet-wide --channels 16 32 48 64 96 "${ln_args[@]}"
-  mkdir -p runs/lungnet-narrow && cp runs/lungnet-wide/dataset-*.pt runs/lungnet-narrow/ 2>/dev/null
-  timeout 120 python3 -m training lungnet --out runs/lungnet-narrow --channels 8 16 32 48 64 "${ln_args[@]}"
-  # version 2's question from scratch: the wide network with the real-CT examples (training/real_ct.py)
-  timeout 200 python3 -m training lungnet --out runs/lungnet-wide-real --channels 16 32 48 64 96 --real "${ln_args[@]}"
-  # version 3's: also the phantoms with airless consolidation
-  timeout 200 python3 -m training lungnet --out runs/lungnet-wide-real-dense --channels 16 32 48 64 96 --real \
-    --dense-phantoms "${ln_args[@]}"
-  # version 4's: the narrow network at a finer input (192 px) on examples stored at 192 px
+  # version 4: the narrow network at a finer input (192 px) on examples stored at 192 px
   timeout 200 python3 -m training lungnet --out runs/lungnet-narrow-192 --channels 8 16 32 48 64 "${ln_args[@]}" \
     --size 192 --dataset-size 192
-  for c in wide narrow wide-real wide-real-dense narrow-192; do
+  # version 2 from scratch: the wide network with the real-CT examples (training/real_ct.py)
+  timeout 200 python3 -m training lungnet --out runs/lungnet-wide-real --channels 16 32 48 64 96 --real "${ln_args[@]}"
+  # version 3: also the phantoms with airless consolidation
+  timeout 200 python3 -m training lungnet --out runs/lungnet-wide-real-dense --channels 16 32 48 64 96 --real \
+    --dense-phantoms "${ln_args[@]}"
+  for c in narrow-192 wide-real wide-real-dense; do
     [ -f runs/lungnet-$c/last.pt ] && python3 -m training lungnet-export --ckpt runs/lungnet-$c/last.pt \
       --name lungnet-$c --out-dir runs/lungnet-export
   done
