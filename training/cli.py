@@ -139,8 +139,8 @@ def main(argv=None):
     sp.add_argument("--weights-dir", dest="weights_dir", help="default: models/weights")
     sp.add_argument("--data")
     sp.add_argument("--out", default="runs/lungnet", help="where the examples are cached")
-    sp.add_argument("--dataset-size", dest="dataset_size", type=int, default=128,
-                    help="measure on examples of this size (compare networks on the same)")
+    sp.add_argument("--dataset-size", dest="dataset_size", type=int,
+                    help="measure on examples of this size (default 128; compare networks on the same)")
 
     args = p.parse_args(argv)
     if args.command in ("lungnet", "lungnet-export", "lungnet-evaluate"):
@@ -194,8 +194,8 @@ def _lungnet(args) -> int:
     if args.command == "lungnet-evaluate":
         from models.registry import load_shipped
 
-        cfg = lungnet.LungNetConfig(out=args.out, dataset_size=args.dataset_size,
-                                    **({"data": args.data} if args.data else {}))
+        given = {k: getattr(args, k) for k in ("data", "dataset_size") if getattr(args, k)}
+        cfg = lungnet.LungNetConfig(out=args.out, **given)
         data = lungnet.build_dataset(cfg)
         model, meta = load_shipped(args.name, args.weights_dir)
         print(json.dumps(lungnet.evaluate(model, data, data["val"], int(meta["input"]["size"])), indent=2))

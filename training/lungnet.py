@@ -102,7 +102,7 @@ def _box(hu: np.ndarray, label: np.ndarray, body: np.ndarray, size: int) -> tupl
     return F.interpolate(x, **resize)[:, 0], F.interpolate(y, **resize)[:, 0]
 
 
-def _semiseg_file(path: Path, size: int = DATASET_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def _semiseg_file(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`semiseg_example` of one image file and its GT (``../GT/<stem>.png``) at ``size``."""
     from PIL import Image
 
