@@ -7,11 +7,13 @@ the lung mask, and false-positive lung voxels (share of the true lung volume; "h
 great vessels, "effusion": those in the effusion), for: no recovery, step 6 only (chest wall rays), 6 + 6a
 (air bronchograms), 6 + 6a + 6b (between slices; the HU method) and the lung network (method "net"). The
 phantom has no air bronchograms, so step 6a takes nothing here. The phantoms here are not those the network
-was trained or validated on (other seeds, sizes and spacings; training/lungnet.py). See node/pipeline/lungs.py.
+was trained or validated on (other seeds, sizes and spacings; training/lungnet.py). See node/pipeline/lungs/.
 ``--dense``: the same phantoms with airless consolidation (node.phantom.DENSE_CONSOLIDATION_HU, about -30..+90
 HU: complete consolidation and atelectasis, up to contrast enhancement) instead of partly aerated consolidation.
+``--no-chest-wall-limit``: also the lung network without step 6n's chest-wall limit (a candidate,
+docs/protocol.md).
 
-    python bench/lungs_on_phantom.py [--dense]
+    python bench/lungs_on_phantom.py [--dense] [--no-chest-wall-limit]
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node import phantom as ph  # noqa: E402
-from node.pipeline import lungs as lungs_mod  # noqa: E402
+from bench.lung_variants import steps_off  # noqa: E402
+from node.pipeline.lungs import segment_lungs  # noqa: E402
 
 CASES = {
     "right lower lobe 80 %, 5 mm": dict(rows=160, cols=160, slices=60, pixel_spacing=2.2, slice_spacing=5.0,
@@ -59,30 +62,28 @@ def metrics(p: ph.Phantom, lungs: np.ndarray) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dense", action="store_true", help="airless consolidation (DENSE_CONSOLIDATION_HU)")
+    ap.add_argument("--no-chest-wall-limit", action="store_true",
+                    help="also the lung network without step 6n's chest-wall limit (within_chest_wall)")
     args = ap.parse_args()
     cons_hu = ph.DENSE_CONSOLIDATION_HU if args.dense else ph.CONSOLIDATION_HU
-    off = lambda labels, *a, **k: (labels.copy(), 0)  # noqa: E731
-    names = ("recover_dense_periphery", "recover_bronchograms", "recover_between_slices")
-    real = tuple(getattr(lungs_mod, n) for n in names)
-    steps = {"no recovery": ("hu", (off, off, off)), "step 6": ("hu", (real[0], off, off)),
-             "steps 6 + 6a": ("hu", (real[0], real[1], off)), "HU: 6 + 6a + 6b": ("hu", real),
-             "lung network": ("net", real)}
-    print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_phantom.py{' --dense' if args.dense else ''} "
+    steps = {"no recovery": ("hu", ("6", "6a", "6b")), "step 6": ("hu", ("6a", "6b")),
+             "steps 6 + 6a": ("hu", ("6b",)), "HU: 6 + 6a + 6b": ("hu", ()), "lung network": ("net", ())}
+    if args.no_chest_wall_limit:
+        steps["network, no chest-wall limit"] = ("net", ("wall",))
+    flags = "".join(f" --{f}" for f, on in (("dense", args.dense), ("no-chest-wall-limit", args.no_chest_wall_limit))
+                    if on)
+    print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_phantom.py{flags} "
           f"(consolidation {cons_hu[0]:g}..{cons_hu[1]:g} HU)")
     print("| phantom | method | Dice | consolidation recall | false positive % | in the heart % | in the effusion % |")
     print("|---|---|---|---|---|---|---|")
     for name, kw in CASES.items():
         p = ph.make_phantom(**kw, consolidation_hu=cons_hu)
         volume = p.as_volume()
-        for label, (method, fns) in steps.items():
-            for n, fn in zip(names, fns):
-                setattr(lungs_mod, n, fn)
-            m = metrics(p, lungs_mod.segment_lungs(volume, method=method).lungs)
+        for label, (method, off) in steps.items():
+            with steps_off(*off):
+                m = metrics(p, segment_lungs(volume, method=method).lungs)
             print(f"| {name} | {label} | {m['dice']:.4f} | {m['recall']:.3f} | {m['fp %']:.2f} | {m['heart %']:.3f} "
                   f"| {m['effusion %']:.3f} |")
-        for n, fn in zip(names, real):
-            setattr(lungs_mod, n, fn)
-
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ consolidation and atelectasis where there is disease, and anything else is tissu
 (magenta, with the aerated lung's outline in green).
 
     python bench/lungs_on_real_slices.py [--data ../shared/data/dicom] [--png docs/lungs-overlays] [--net-png DIR]
+                                         [--no-chest-wall-limit]
 """
 from __future__ import annotations
 
@@ -60,12 +61,16 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=SHARED_DATA / "dicom")
     ap.add_argument("--png", type=Path, help="write one overlay PNG per slice here")
     ap.add_argument("--net-png", type=Path, help="write one PNG per slice of the network's dense lung here")
+    ap.add_argument("--no-chest-wall-limit", action="store_true",
+                    help="the net method without step 6n's chest-wall limit (a candidate, docs/protocol.md)")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
+    from bench.lung_variants import steps_off
     from node.pipeline.lungs import segment_lungs
     from node.pipeline.volume import assemble_volume
 
-    print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_real_slices.py")
+    flag = " --no-chest-wall-limit" if args.no_chest_wall_limit else ""
+    print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_real_slices.py{flag}")
     print("| slice | lung cm2, HU method | lung network | added % | mean HU added | left out % | mean HU left out "
           "| network alone: dense lung outside the aerated lung, cm2 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -73,7 +78,8 @@ def main() -> None:
     for path in paths:
         volume = assemble_volume([path])
         hu_mask = segment_lungs(volume, method="hu").lungs[0]
-        net_mask = segment_lungs(volume, method="net").lungs[0]
+        with steps_off(*(("wall",) if args.no_chest_wall_limit else ())):
+            net_mask = segment_lungs(volume, method="net").lungs[0]
         px_cm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1] / 100.0
         added, left_out = net_mask & ~hu_mask, hu_mask & ~net_mask
         mean = lambda m: f"{volume.hu[0][m].mean():.0f}" if m.any() else "-"  # noqa: E731

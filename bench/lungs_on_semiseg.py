@@ -108,8 +108,7 @@ class SliceResult(NamedTuple):
 
 # method of node.pipeline.lungs.segment_lungs and the HU steps switched off
 VARIANTS = {"no recovery": ("aerated", ()), "step 6": ("hu", ("6a",)), "HU: 6 + 6a": ("hu", ()),
-            "lung network": ("net", ())}
-STEPS = {"6": "recover_dense_periphery", "6a": "recover_bronchograms"}
+            "network, no chest-wall limit": ("net", ("wall",)), "lung network": ("net", ())}
 
 
 def measure(data: Path, spacing: float = 0.75, variants: tuple[str, ...] = tuple(VARIANTS),
@@ -121,10 +120,9 @@ def measure(data: Path, spacing: float = 0.75, variants: tuple[str, ...] = tuple
     all; and a :class:`SliceResult` per slice with infection for the last variant;
     ``png``: overlays of the last variant.
     """
-    from node.pipeline import lungs as lungs_mod
+    from bench.lung_variants import steps_off
+    from node.pipeline.lungs import segment_lungs
 
-    saved = {step: getattr(lungs_mod, fn) for step, fn in STEPS.items()}
-    off = lambda labels, *a, **k: (labels.copy(), 0)  # noqa: E731
     inside = {v: np.zeros(5) for v in variants}
     truth = np.zeros(3)
     per_slice: list[SliceResult] = []
@@ -134,14 +132,9 @@ def measure(data: Path, spacing: float = 0.75, variants: tuple[str, ...] = tuple
         volume, _, pad = ct_slice(image8, spacing)
         first = None
         for name in variants:
-            method, steps_off = VARIANTS[name]
-            for step in steps_off:
-                setattr(lungs_mod, STEPS[step], off)
-            try:
-                mask = lungs_mod.segment_lungs(volume, method=method).lungs[0]
-            finally:
-                for step, fn in saved.items():
-                    setattr(lungs_mod, STEPS[step], fn)
+            method, off = VARIANTS[name]
+            with steps_off(*off):
+                mask = segment_lungs(volume, method=method).lungs[0]
             mask = mask[pad:-pad, pad:-pad]
             first = mask if first is None else first
             added = mask & ~first
