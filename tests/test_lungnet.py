@@ -54,6 +54,17 @@ def test_examples_are_made_and_cached_at_the_dataset_size(tmp_path):
     assert 0.1 < float(label.float().mean()) < 0.9  # lung and not lung
 
 
+def test_examples_are_read_from_the_data_folder_the_environment_names(tmp_path, monkeypatch):
+    """``CTNODE_DATA`` moves the default data folder of every training command, the lung network's too (the GPU
+    script's checkout has no ../shared beside it)."""
+    from training import lungnet
+
+    monkeypatch.setenv("CTNODE_DATA", str(tmp_path))
+    assert lungnet.LungNetConfig().data == str(tmp_path / "covid-semiseg")
+    monkeypatch.delenv("CTNODE_DATA")
+    assert lungnet.LungNetConfig().data.endswith("shared/data/covid-semiseg")
+
+
 def test_training_loop_and_export_round_trip(tmp_path, capsys):
     from training import lungnet
 

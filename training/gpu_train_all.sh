@@ -34,10 +34,11 @@ ln_args=(--data "$data" --device $device --size 128 --epochs $ln_epochs --sample
       --name lungnet-$c --out-dir runs/lungnet-export
   done
   # version 5's rule (a): the shipped network and the candidate on the same 192 px validation examples
-  python3 -m training lungnet-evaluate --name lungnet --out runs/lungnet-narrow-192-real --dataset-size 192
-  [ -f runs/lungnet-export/lungnet-narrow-192-real.json ] && python3 -m training lungnet-evaluate \
-    --name lungnet-narrow-192-real --weights-dir runs/lungnet-export --out runs/lungnet-narrow-192-real \
+  python3 -m training lungnet-evaluate --name lungnet --data "$data" --out runs/lungnet-narrow-192-real \
     --dataset-size 192
+  [ -f runs/lungnet-export/lungnet-narrow-192-real.json ] && python3 -m training lungnet-evaluate \
+    --name lungnet-narrow-192-real --weights-dir runs/lungnet-export --data "$data" \
+    --out runs/lungnet-narrow-192-real --dataset-size 192
 } > "$out/lungnet.log" 2>&1
 tar czf "$out/lungnet.tgz" runs/lungnet-*/metrics.json runs/lungnet-export 2>/dev/null
 

@@ -41,6 +41,8 @@ from scipy import ndimage as ndi
 
 from models.lungnet import DEFAULT_SIZE, LUNG_WINDOW, SOFT_WINDOW, LungNet, lung_input
 
+from .paths import semiseg_root
+
 DATASET_SIZE = 128         # examples are stored at this size (``dataset_size``); the network input (``size``) may
                            # differ: its logits are resized to the example for the loss, as the node resizes them
                            # to the slice. A network with a finer input needs examples at least as fine.
@@ -69,7 +71,7 @@ VAL_PHANTOM = (18, {"right_lower": 0.9, "left_lower": 0.6}, 0.15)
 
 @dataclass
 class LungNetConfig:
-    data: str = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "covid-semiseg")
+    data: str = field(default_factory=lambda: str(semiseg_root()))  # $CTNODE_DATA, else ../shared/data
     out: str = "runs/lungnet"
     size: int = DEFAULT_SIZE        # network input
     dataset_size: int = DATASET_SIZE  # size of the stored examples (and of the validation measures)
