@@ -3,6 +3,7 @@ for the duration of a ``with`` block, the node's code otherwise."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 
 
@@ -24,8 +25,6 @@ STEPS = {"6": ("node.pipeline.lungs", "recover_dense_periphery", _no_recovery),
 @contextlib.contextmanager
 def steps_off(*steps: str) -> Iterator[None]:
     """The lung steps ``steps`` (keys of ``STEPS``) switched off inside the block."""
-    import importlib
-
     saved = []
     try:
         for step in steps:

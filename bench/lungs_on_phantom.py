@@ -70,8 +70,7 @@ def main() -> None:
              "steps 6 + 6a": ("hu", ("6b",)), "HU: 6 + 6a + 6b": ("hu", ()), "lung network": ("net", ())}
     if args.no_chest_wall_limit:
         steps["network, no chest-wall limit"] = ("net", ("wall",))
-    flags = "".join(f" --{f}" for f, on in (("dense", args.dense), ("no-chest-wall-limit", args.no_chest_wall_limit))
-                    if on)
+    flags = (" --dense" if args.dense else "") + (" --no-chest-wall-limit" if args.no_chest_wall_limit else "")
     print(f"{time.strftime('%Y-%m-%d')}  python bench/lungs_on_phantom.py{flags} "
           f"(consolidation {cons_hu[0]:g}..{cons_hu[1]:g} HU)")
     print("| phantom | method | Dice | consolidation recall | false positive % | in the heart % | in the effusion % |")
@@ -84,6 +83,7 @@ def main() -> None:
                 m = metrics(p, segment_lungs(volume, method=method).lungs)
             print(f"| {name} | {label} | {m['dice']:.4f} | {m['recall']:.3f} | {m['fp %']:.2f} | {m['heart %']:.3f} "
                   f"| {m['effusion %']:.3f} |")
+
 
 if __name__ == "__main__":
     main()
