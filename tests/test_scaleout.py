@@ -34,6 +34,9 @@ LEASE_S = 4.0
 CHECK_S = 0.25
 STUDIES = 20
 TAKEOVER_SLACK_S = 3.0  # process scheduling on a busy 2-core machine, beyond lease + poll
+# Each listener takes about half the burst at once; the association limit itself is tested in test_limits. At
+# the default (10) a burst of 10 leaves no headroom, and a busy machine has refused some of its senders.
+MAX_ASSOCIATIONS = STUDIES
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,9 @@ class Member:
         self.name, self.port, self.http_port = name, free_port(), free_port()
         self.export_aet = f"CT_{name.upper()}"
         cfg = write_config(tmp_path / name, self.port, pacs_port, stable_after=1.0, storage=storage,
-                           database_url=db_url, export_timeout=300.0, node={"name": name, "roles": list(roles)},
+                           database_url=db_url, export_timeout=300.0,
+                           node={"name": name, "roles": list(roles), "max_associations": MAX_ASSOCIATIONS,
+                                 "max_associations_per_peer": MAX_ASSOCIATIONS},
                            processing={"check_interval": CHECK_S, "lease_s": LEASE_S, "max_attempts": 3},
                            export={"calling_ae_title": self.export_aet}, http={"port": self.http_port})
         self.process = NodeProcess(cfg, self.port if "listener" in roles else self.http_port)
