@@ -16,29 +16,25 @@ data=${CTNODE_DATA:?set CTNODE_DATA}/covid-semiseg
 mkdir -p "$out" runs
 { date -u; nvidia-smi -L; nproc; python3 -c "import torch; print(torch.__version__, torch.cuda.is_available())"; } > "$out/env.log" 2>&1
 
-# the open lung network questions (docs/protocol.md, "Lung network", version 5, then versions 2 and 3 from
-# scratch; version 1's two candidates were trained and decided on 2026-12-04: python3 -m training lungnet
-# --channels 16 32 48 64 96 or 8 16 32 48 64 with the arguments below; version 4 on 2026-12-06 on the CPU)
+# the open lung network questions (docs/protocol.md, "Lung network", versions 2 and 3 from scratch; version 1's
+# two candidates were decided on 2026-12-04, versions 4 and 5 on 2026-12-06 on the CPU)
 ln_args=(--data "$data" --device $device --size 128 --epochs $ln_epochs --samples-per-epoch 960 --batch 32 --num-threads 8)
 {
-  # version 5: version 4 (the narrow network at 192 px on examples stored at 192 px) with the real-CT examples
-  timeout 200 python3 -m training lungnet --out runs/lungnet-narrow-192-real --channels 8 16 32 48 64 --real \
-    "${ln_args[@]}" --size 192 --dataset-size 192
   # version 2 from scratch: the wide network with the real-CT examples (training/real_ct.py)
   timeout 200 python3 -m training lungnet --out runs/lungnet-wide-real --channels 16 32 48 64 96 --real "${ln_args[@]}"
   # version 3: also the phantoms with airless consolidation
   timeout 200 python3 -m training lungnet --out runs/lungnet-wide-real-dense --channels 16 32 48 64 96 --real \
     --dense-phantoms "${ln_args[@]}"
-  for c in narrow-192-real wide-real wide-real-dense; do
+  for c in wide-real wide-real-dense; do
     [ -f runs/lungnet-$c/last.pt ] && python3 -m training lungnet-export --ckpt runs/lungnet-$c/last.pt \
       --name lungnet-$c --out-dir runs/lungnet-export
   done
-  # version 5's rule (a): the shipped network and the candidate on the same 192 px validation examples
-  python3 -m training lungnet-evaluate --name lungnet --data "$data" --out runs/lungnet-narrow-192-real \
-    --dataset-size 192
-  [ -f runs/lungnet-export/lungnet-narrow-192-real.json ] && python3 -m training lungnet-evaluate \
-    --name lungnet-narrow-192-real --weights-dir runs/lungnet-export --data "$data" \
-    --out runs/lungnet-narrow-192-real --dataset-size 192
+  # rule (a) of versions 2 and 3: the shipped network and each candidate on the same validation examples
+  python3 -m training lungnet-evaluate --name lungnet --data "$data" --out runs/lungnet-wide-real
+  for c in wide-real wide-real-dense; do
+    [ -f runs/lungnet-export/lungnet-$c.json ] && python3 -m training lungnet-evaluate --name lungnet-$c \
+      --weights-dir runs/lungnet-export --data "$data" --out runs/lungnet-wide-real
+  done
 } > "$out/lungnet.log" 2>&1
 tar czf "$out/lungnet.tgz" runs/lungnet-*/metrics.json runs/lungnet-export 2>/dev/null
 
