@@ -200,3 +200,29 @@ def test_ribs_let_dependent_consolidation_in_but_not_the_chest_wall(real_slices,
     assert area >= 10.0 and -320 < median_hu < 45, gains
     assert gains["ny-sbu/A056642/axial/19010107-111.dcm"][0] < 0.5, gains
     assert gains["lungmask-slices/0.dcm"][0] < 0.5, gains
+
+
+def test_fat_beside_the_heart_does_not_join_the_lung(real_slices, monkeypatch):
+    """Method "net" with and without its fat-piece rule (lungs.net.fat_pieces). A002304 (second date): the lung
+    network takes a strip of fat at the right heart border and a blob at the left one for lung (judged at full
+    size in a soft-tissue window; measured 5.1 cm2, bench/lungs_on_real_slices.py); the rule leaves them out and
+    takes nothing else away. A046441 (second date), whose dependent consolidation is soft tissue, keeps it."""
+    from node.pipeline.lungs import net
+
+    fat_pieces = net.fat_pieces
+    removed = {}
+    for name in ("ny-sbu/A002304/axial/19010112-135.dcm", "ny-sbu/A046441/axial/19010101-23.dcm"):
+        volume = assemble_volume([SHARED_DATA / "dicom" / name])
+        with_rule = segment_lungs(volume, method="net").lungs[0]
+        monkeypatch.setattr(net, "fat_pieces", lambda mask, hu: np.zeros_like(mask))
+        without = segment_lungs(volume, method="net").lungs[0]
+        monkeypatch.setattr(net, "fat_pieces", fat_pieces)
+        assert not (with_rule & ~without).any(), name  # the rule only takes away
+        gone = without & ~with_rule
+        px_cm2 = volume.pixel_spacing[0] * volume.pixel_spacing[1] / 100.0
+        removed[name] = (gone.sum() * px_cm2, volume.hu[0][gone], with_rule.sum() * px_cm2)
+    area, hu, _ = removed["ny-sbu/A002304/axial/19010112-135.dcm"]
+    assert area >= 3.0 and -150 < np.median(hu) < -90, (area, np.median(hu))
+    assert ((hu >= -190) & (hu <= -30)).mean() >= 0.8
+    area, _, lung = removed["ny-sbu/A046441/axial/19010101-23.dcm"]
+    assert area < 0.02 * lung

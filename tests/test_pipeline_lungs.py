@@ -542,3 +542,24 @@ def test_main_bronchi_are_followed_past_a_wide_carina():
     assert not notes
     assert (airways & truth).sum() >= 0.99 * truth.sum()
     assert (airways & ~truth).sum() <= 0.01 * truth.sum()  # no leak into the lung
+
+
+def test_fat_pieces_are_fat_and_not_consolidation_or_ground_glass():
+    """lungs.net.fat_pieces: a homogeneous piece near -100 HU is fat; consolidation (soft tissue), its partly
+    aerated edge (-90 to -30 HU, as the phantom draws it) and dense ground glass (with air) are not."""
+    from node.pipeline.lungs.net import fat_pieces
+
+    rng = np.random.default_rng(0)
+    hu = np.full((1, 40, 200), -850.0)
+    mask = np.zeros(hu.shape, bool)
+    pieces = {"fat": (-105.0, 20.0), "consolidation": (30.0, 20.0), "ground glass": (-300.0, 150.0)}
+    for i, (mean, sd) in enumerate(pieces.values()):
+        cols = slice(10 + 40 * i, 40 + 40 * i)
+        mask[0, 10:30, cols] = True
+        hu[0, 10:30, cols] = rng.normal(mean, sd, (20, 30))
+    edge = slice(130, 190)  # the partly aerated edge of consolidation: -90 HU outside, -30 HU inside
+    mask[0, 10:30, edge] = True
+    hu[0, 10:30, edge] = np.linspace(-90.0, -30.0, 60)[None, :] + rng.normal(0.0, 10.0, (20, 60))
+    fat = fat_pieces(mask, hu)
+    assert fat[0, 10:30, 10:40].all()
+    assert not fat[0, :, 50:].any()

@@ -19,6 +19,9 @@ NET_LUNG_PROBABILITY = 0.5      # a pixel is lung for the net from this probabil
 NET_PREFILTER_PROBABILITY = 0.05  # steps 6-6b skip dense tissue below this (0.2, the veto, cost 0.01 of
                                   # phantom consolidation recall: pieces that joined others to the lung)
 NET_VETO_PROBABILITY = 0.2     # dense tissue the HU rules recovered leaves the lung below this probability
+FAT_HU = (-190.0, -30.0)        # adipose tissue (the usual CT body-composition range)
+FAT_SHARE = 0.8                 # a piece of dense tissue at least this much in FAT_HU ...
+FAT_MEDIAN_HU = -90.0           # ... with its median at most this is fat, not the partly aerated edge of consolidation
 NET_COMPONENT_PROBABILITY = 0.3  # a connected piece of lung whose mean probability is lower leaves it (bowel gas,
                                  # air in the chest wall)
 
@@ -74,9 +77,10 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     when at least as deep under the skin as the inner chest wall (:func:`within_chest_wall`: the network,
     trained without real chest walls, also marks muscle between the ribs; with ``midline``, the ribs' inner
     surface bounds that depth where consolidation hides the wall), after an opening of ``RIM_MM`` per
-    slice (thin rims at the pleura, the network's blurred edge), on the side of the body midline:
-    consolidation and atelectasis that no HU rule reaches. Holes are then filled as in
-    step 6, not those open onto an organ on a neighbouring slice (a liver dome ringed by lung stays out).
+    slice (thin rims at the pleura, the network's blurred edge), on the side of the body midline, unless the
+    piece is fat (:func:`fat_pieces`): consolidation and atelectasis that no HU rule reaches. Holes are then
+    filled as in step 6, not those open onto an organ on a neighbouring slice (a liver dome ringed by lung
+    stays out).
     Aerated lung is the HU method's. ``prob``: the network's probability of ``hu``, computed (on ``device``)
     when not given. Returns the labels, the voxels taken and the voxels removed.
     """
@@ -105,7 +109,26 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     touching[np.unique(lab[lung])] = True
     touching[0] = False
     dense &= touching[lab]
+    dense &= ~fat_pieces(dense, hu)
     labels[dense] = np.where(right_side[dense], LungMasks.RIGHT, LungMasks.LEFT)
     # holes enclosed now: filled as in step 6, not those open onto an organ on the next slice (a liver dome)
     return smooth_lungs(labels, spacing_rc, 0.0, hu=hu), int(dense.sum()), int(vetoed.sum())
 
+
+def fat_pieces(mask: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """The connected pieces of ``mask`` (3D) that are fat: at least ``FAT_SHARE`` of the piece in ``FAT_HU`` and
+    its median at most ``FAT_MEDIAN_HU``. The lung network takes pericardial, mediastinal and extrapleural fat
+    for lung; consolidation is soft tissue (its partly aerated edge lies above -90 HU) and dense ground glass
+    holds air (below the range), so neither is fat by this rule."""
+    lab, n = ndi.label(mask)
+    if not n:
+        return np.zeros_like(mask)
+    inside = lab > 0
+    size = np.bincount(lab[inside], minlength=n + 1)
+    in_fat = (hu[inside] >= FAT_HU[0]) & (hu[inside] <= FAT_HU[1])
+    fat = np.bincount(lab[inside], weights=in_fat, minlength=n + 1) >= FAT_SHARE * np.maximum(size, 1)
+    fat[0] = False
+    pieces = np.flatnonzero(fat)
+    if pieces.size:
+        fat[pieces] = np.asarray(ndi.median(hu, lab, pieces)) <= FAT_MEDIAN_HU
+    return fat[lab]
