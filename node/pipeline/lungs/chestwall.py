@@ -19,6 +19,8 @@ RIB_HU = 200.0                  # bone (cortex and marrow of the ribs) after the
 RIB_MIDLINE_MM = 30.0           # bone nearer the body midline is sternum or spine, not rib
 RIB_WINDOW_BINS = 9             # 18 degrees: an intercostal space takes the depth of the ribs beside it
 RIB_MARGIN_MM = 3.0             # innermost intercostal muscle, endothoracic fascia and pleura under a rib
+RIB_LUNG_PROBABILITY = 0.5      # a piece of bone the lung network gives this on average lies in the lung (the
+                                # network's lung threshold): contrast in lung vessels, a bright speck in consolidation
 
 
 class SkinGeometry:
@@ -144,25 +146,37 @@ def between_lung_and_wall(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray, 
 
 
 def rib_mask(hu: np.ndarray, trunk: np.ndarray, midline_mm: np.ndarray,
-             spacing_rc: tuple[float, float]) -> np.ndarray:
+             spacing_rc: tuple[float, float], prob: np.ndarray | None = None) -> np.ndarray:
     """Rib pixels of one slice: bone (``RIB_HU`` after the dense-tissue mean filter) of the trunk, at least
-    ``RIB_MIDLINE_MM`` from the body midline (``midline_mm``: signed distance; sternum and spine lie nearer)."""
+    ``RIB_MIDLINE_MM`` from the body midline (``midline_mm``: signed distance; sternum and spine lie nearer).
+    With ``prob`` (the lung network's probability of the slice), a connected piece of bone whose mean
+    probability is at least ``RIB_LUNG_PROBABILITY`` is not a rib: it lies in the lung (contrast in a lung
+    vessel, a calcification or a bright speck in consolidation) and would put the bound deep inside it."""
     bone = ndi.uniform_filter(hu, odd_pixels(DENSE_SMOOTH_MM, spacing_rc)) >= RIB_HU
-    return bone & trunk & (np.abs(midline_mm) >= RIB_MIDLINE_MM)
+    ribs = bone & trunk & (np.abs(midline_mm) >= RIB_MIDLINE_MM)
+    if prob is not None and ribs.any():
+        lab, n = ndi.label(ribs)
+        in_lung = np.bincount(lab[ribs], weights=prob[ribs], minlength=n + 1) >= \
+            RIB_LUNG_PROBABILITY * np.bincount(lab[ribs], minlength=n + 1)
+        in_lung[0] = False
+        ribs &= ~in_lung[lab]
+    return ribs
 
 
 def within_chest_wall(cand: np.ndarray, aerated: np.ndarray, trunk: np.ndarray,
                       spacing_rc: tuple[float, float], hu: np.ndarray | None = None,
-                      midline: Midline | None = None) -> np.ndarray:
+                      midline: Midline | None = None, prob: np.ndarray | None = None) -> np.ndarray:
     """``cand`` without the pixels that lie beyond the pleura: per slice, a pixel must be at least as deep under
     the skin as the inner chest wall is where aerated lung meets it (:func:`wall_depth_ok`, the rule of step 6;
     interpolated around the body where no aerated lung meets the wall). With ``hu`` and ``midline``, the ribs
     bound that depth (:func:`rib_depths`): where consolidation fills the periphery over a wide arc, aerated
     lung meets no wall and its depth says the wall is thicker than it is; the ribs' inner surface says where
-    the wall ends. Slices without aerated lung keep nothing."""
+    the wall ends; ``prob``, the lung network's probability, tells bone inside the lung from ribs
+    (:func:`rib_mask`). Slices without aerated lung keep nothing."""
     def kept(k: int) -> tuple[np.ndarray, np.ndarray]:
         rows, cols = np.nonzero(cand[k])
-        ribs = None if hu is None or midline is None else rib_mask(hu[k], trunk[k], midline.signed(k), spacing_rc)
+        ribs = None if hu is None or midline is None else rib_mask(hu[k], trunk[k], midline.signed(k), spacing_rc,
+                                                                  None if prob is None else prob[k])
         ok = wall_depth_ok(aerated[k], SkinGeometry(trunk[k], spacing_rc), rows, cols, interpolate=True,
                            ribs=ribs)
         return rows[ok], cols[ok]

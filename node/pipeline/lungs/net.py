@@ -103,7 +103,7 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     # so the limit is asked only about those (on most slices none: the network's blurred edge is a thin rim)
     dense = morphology.binary_opening(dense, rim)
     dense = morphology.binary_opening(within_chest_wall(dense, aerated, body if trunk is None else trunk,
-                                                        spacing_rc, hu=hu, midline=midline), rim)
+                                                        spacing_rc, hu=hu, midline=midline, prob=prob), rim)
     lab, n = ndi.label(dense | lung)
     touching = np.zeros(n + 1, bool)
     touching[np.unique(lab[lung])] = True
