@@ -527,6 +527,24 @@ def test_rib_mask_leaves_out_sternum_and_spine():
     assert ribs[20:24, 5:9].any() and not ribs[:, 20:40].any()
 
 
+def test_rib_mask_leaves_out_bone_the_lung_network_sees_as_lung():
+    """With the network's probability, a piece of bone it gives lung on average (a contrast-filled vessel, a
+    bright speck in consolidation) is not a rib; a rib stays one even where the network's blurred edge gives
+    its inner surface a high probability."""
+    hu = np.full((60, 60), 40.0)
+    hu[20:24, 5:9] = 700.0     # a rib, 34-37 mm off the midline (1.5 mm pixels)
+    hu[30:33, 50:53] = 400.0   # contrast in a lung vessel, 30-34 mm off the midline
+    prob = np.zeros((60, 60))
+    prob[20:24, 8:9] = 0.9     # the network's edge reaches the rib's inner surface
+    prob[26:40, 44:58] = 0.95  # lung around the vessel
+    midline_mm = (np.arange(60) - 30.0)[None, :] * 1.5 * np.ones((60, 1))
+    trunk = np.ones((60, 60), bool)
+    without = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5))
+    ribs = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5), prob)
+    assert without[30:33, 50:53].any() and not ribs[30:33, 50:53].any()
+    assert np.array_equal(ribs[:, :30], without[:, :30]) and ribs[20:24, 5:9].any()
+
+
 def test_main_bronchi_are_followed_past_a_wide_carina():
     """A branch may be as large as a trachea the tracking accepts (``TRACHEA_AREA_MM2``). At 3.1 mm pixels the
     phantom's carina (trachea and both main bronchi's origins on one slice) reads 710 mm2 of lumen; a lower cap
