@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh /tmp/gpu-logs speed    # only the analysis benchmark (lung step and whole analysis)
 # The analysis benchmark runs side by side with a baseline when one is given: BASELINE_TREE=DIR (a checkout of
 # it) or BASELINE_REV=REV (a git worktree of it; needs git). About 3 minutes on a 16-core H200 machine without
-# a baseline (every command's timeout together: 5 minutes); a baseline adds its runs (43d6f02: about 2 minutes).
+# a baseline (every command's timeout together: 6 minutes); a baseline adds its runs (43d6f02: about 2 minutes).
 set -u
 out=${1:?usage: bench/gpu_check.sh LOG_DIR [speed]}
 part=${2:-all}
@@ -21,6 +21,10 @@ timeout $bench_s python3 bench/bench_pipeline.py --slices 300 --size 512 --runs 
     > "$out/bench_pipeline.log" 2>&1
 echo "bench_pipeline exit status $?"
 grep -E '"(lungs|analyse_total)"' "$out/bench_pipeline.log" | tail -12
+# the lung network alone: GFLOP per slice, and its rate on the GPU and on the CPUs
+{ timeout 30 python3 bench/lungs_speed.py --network --device cuda; timeout 30 python3 bench/lungs_speed.py --network; } \
+    > "$out/lung_network.log" 2>&1
+grep -E 'gflop' "$out/lung_network.log"
 [ "$part" = speed ] && exit 0
 timeout 30 python3 bench/cuda_under_rlimit.py > "$out/cuda_under_rlimit.log" 2>&1
 timeout 75 python3 -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py > "$out/test_gpu.log" 2>&1

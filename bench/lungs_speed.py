@@ -15,6 +15,9 @@ it, CPU seconds count this process's threads (and not a forking baseline's child
 is passed to this tree's ``segment_lungs`` only (the baseline runs its default), and ``--device`` with it
 (where the lung network runs).
 
+``--network`` measures the lung network alone: its arithmetic per slice and the rate it runs at, on one thread
+and on all (``python bench/lungs_speed.py --network``).
+
 ``--profile`` runs this tree alone, on one thread (per-slice steps and torch), under cProfile, and prints the
 functions that took the most time themselves:
 
@@ -95,6 +98,40 @@ def profile(slices: int, method: str | None, device: str, top: int = 15) -> None
     stats.sort_stats("tottime").print_stats(top)
 
 
+def network_throughput(device: str, batch: int = 32, repeat: int = 3) -> None:
+    """The shipped lung network alone: arithmetic per slice (torch's FLOP counter) and the rate it runs at on
+    ``device``, on one thread and on all, for a batch of ``batch`` random inputs of its size."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from node.pipeline.lungs.net import _lung_net
+
+    model, size = _lung_net(device)
+    x = torch.randn(batch, 2, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        per_slice = counter.get_total_flops() / batch
+        rates = {}
+        for threads in sorted({1, torch.get_num_threads()}):
+            torch.set_num_threads(threads)
+            model(x)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                model(x)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - t0) / repeat / batch
+            rates[f"{threads} thread(s)"] = {"s_per_slice": round(seconds, 4),
+                                             "gflop_per_s": round(per_slice / seconds / 1e9, 1)}
+    print(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {cpu_capability()}",
+                      "device": device, "input": f"{size}x{size}", "gflop_per_slice": round(per_slice / 1e9, 3),
+                      "rates": rates}, indent=2))
+
+
 def run(tree: Path, slices: int, out: Path, extra: list[str] = ()) -> dict:
     env = dict(os.environ, CTNODE_BENCH_TREE=str(tree))
     done = subprocess.run([sys.executable, __file__, "--child", "--slices", str(slices), "--out", str(out), *extra],
@@ -114,7 +151,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the lung network runs (cpu | cuda)")
     ap.add_argument("--one-process", action="store_true", help="the per-slice steps on one thread (no child processes)")
     ap.add_argument("--profile", action="store_true", help="this tree only, one thread, under cProfile")
+    ap.add_argument("--network", action="store_true", help="the lung network alone: GFLOP per slice and its rate")
     args = ap.parse_args()
+    if args.network:
+        network_throughput(args.device)
+        return
     if args.profile:
         profile(args.slices, args.method, args.device)
         return
@@ -146,7 +187,7 @@ def main() -> None:
     cpu = {k: statistics.median(r["cpu_seconds"] for r in v) for k, v in runs.items()}
     print(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {cpu_capability()}",
         "phantom": f"512x512x{args.slices}", "baseline": args.baseline_rev or str(args.baseline_tree),
         "method": args.method or "default", "device": args.device, "one_process": args.one_process,
         "median_s": {k: round(v, 2) for k, v in medians.items()},
@@ -156,6 +197,17 @@ def main() -> None:
         "voxels_with_another_label": differing,
         "runs_s": {k: [round(r["seconds"], 2) for r in v] for k, v in runs.items()},
     }, indent=2))
+
+def cpu_capability() -> str:
+    """The widest vector instructions torch's CPU kernels use here ("AVX2", "AVX512", ...): the lung network's
+    convolutions are bound by arithmetic (about 1.1 GFLOP a slice), so absolute times compare only between
+    hosts of the same capability."""
+    try:
+        import torch
+    except ImportError:
+        return "torch not installed"
+    return torch.backends.cpu.get_cpu_capability()
+
 
 if __name__ == "__main__":
     main()
