@@ -76,11 +76,11 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     tissue of the body that the network gives at least ``NET_LUNG_PROBABILITY`` joins the lung it touches (3D),
     when at least as deep under the skin as the inner chest wall (:func:`within_chest_wall`: the network,
     trained without real chest walls, also marks muscle between the ribs; with ``midline``, the ribs' inner
-    surface bounds that depth where consolidation hides the wall), after an opening of ``RIM_MM`` per
-    slice (thin rims at the pleura, the network's blurred edge), on the side of the body midline, unless the
-    piece is fat (:func:`fat_pieces`): consolidation and atelectasis that no HU rule reaches. Holes are then
-    filled as in step 6, not those open onto an organ on a neighbouring slice (a liver dome ringed by lung
-    stays out).
+    surface bounds that depth where consolidation hides the wall, and bone the network gives lung is no rib),
+    after an opening of ``RIM_MM`` per slice (thin rims at the pleura, the network's blurred edge), on the side
+    of the body midline, unless the piece is fat (:func:`fat_pieces`): consolidation and atelectasis that no HU
+    rule reaches. Holes are then filled as in step 6, not those open onto an organ on a neighbouring slice (a
+    liver dome ringed by lung stays out).
     Aerated lung is the HU method's. ``prob``: the network's probability of ``hu``, computed (on ``device``)
     when not given. Returns the labels, the voxels taken and the voxels removed.
     """
