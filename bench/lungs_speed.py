@@ -98,6 +98,17 @@ def profile(slices: int, method: str | None, device: str, top: int = 15) -> None
     stats.sort_stats("tottime").print_stats(top)
 
 
+def cpu_capability() -> str:
+    """The widest vector instructions torch's CPU kernels use here ("AVX2", "AVX512", ...): the lung network's
+    convolutions are bound by arithmetic (about 1.1 GFLOP a slice), so absolute times compare only between
+    hosts of the same capability."""
+    try:
+        import torch
+    except ImportError:
+        return "torch not installed"
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def network_throughput(device: str, batch: int = 32, repeat: int = 3) -> None:
     """The shipped lung network alone: arithmetic per slice (torch's FLOP counter) and the rate it runs at on
     ``device``, on one thread and on all, for a batch of ``batch`` random inputs of its size."""
@@ -107,6 +118,7 @@ def network_throughput(device: str, batch: int = 32, repeat: int = 3) -> None:
     from node.pipeline.lungs.net import _lung_net
 
     model, size = _lung_net(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)  # time the work, not its launch
     x = torch.randn(batch, 2, size, size, device=device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:
@@ -116,13 +128,11 @@ def network_throughput(device: str, batch: int = 32, repeat: int = 3) -> None:
         for threads in sorted({1, torch.get_num_threads()}):
             torch.set_num_threads(threads)
             model(x)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             for _ in range(repeat):
                 model(x)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync()
             seconds = (time.perf_counter() - t0) / repeat / batch
             rates[f"{threads} thread(s)"] = {"s_per_slice": round(seconds, 4),
                                              "gflop_per_s": round(per_slice / seconds / 1e9, 1)}
@@ -197,16 +207,6 @@ def main() -> None:
         "voxels_with_another_label": differing,
         "runs_s": {k: [round(r["seconds"], 2) for r in v] for k, v in runs.items()},
     }, indent=2))
-
-def cpu_capability() -> str:
-    """The widest vector instructions torch's CPU kernels use here ("AVX2", "AVX512", ...): the lung network's
-    convolutions are bound by arithmetic (about 1.1 GFLOP a slice), so absolute times compare only between
-    hosts of the same capability."""
-    try:
-        import torch
-    except ImportError:
-        return "torch not installed"
-    return torch.backends.cpu.get_cpu_capability()
 
 
 if __name__ == "__main__":

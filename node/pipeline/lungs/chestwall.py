@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 from ..slicewise import map_slices
 from .body import Midline
 from .density import DENSE_SMOOTH_MM
-from .shapes import odd_pixels
+from .shapes import odd_pixels, piece_means
 
 WALL_BINS = 180                 # directions (2 degrees) of the chest-wall thickness profile
 WALL_WINDOW_BINS = 15           # 30 degrees: a pleural lesion narrower than this does not thicken the wall
@@ -156,9 +156,7 @@ def rib_mask(hu: np.ndarray, trunk: np.ndarray, midline_mm: np.ndarray,
     ribs = bone & trunk & (np.abs(midline_mm) >= RIB_MIDLINE_MM)
     if prob is not None and ribs.any():
         lab, n = ndi.label(ribs)
-        in_lung = np.bincount(lab[ribs], weights=prob[ribs], minlength=n + 1) >= \
-            RIB_LUNG_PROBABILITY * np.bincount(lab[ribs], minlength=n + 1)
-        in_lung[0] = False
+        in_lung = piece_means(lab, n, prob) >= RIB_LUNG_PROBABILITY  # background (0) is not
         ribs &= ~in_lung[lab]
     return ribs
 

@@ -12,7 +12,7 @@ from .aerated import smooth_lungs
 from .body import Midline
 from .chestwall import within_chest_wall
 from .density import AIR_HU, RIM_MM
-from .shapes import disk
+from .shapes import disk, piece_means
 
 NET_WEIGHTS = "lungnet"         # models/weights/<name>.safetensors
 NET_LUNG_PROBABILITY = 0.5      # a pixel is lung for the net from this probability
@@ -89,10 +89,7 @@ def net_refine(labels: np.ndarray, aerated: np.ndarray, hu: np.ndarray, body: np
     vetoed = (labels > 0) & ~aerated & (prob < NET_VETO_PROBABILITY)
     lab, n = ndi.label(labels > 0)
     if n:  # a whole piece of "lung" the network does not see as lung: bowel gas, air in the chest wall
-        inside = lab > 0  # the lung voxels only: sums over the whole box cost 4 times as much, same per piece
-        size = np.bincount(lab[inside], minlength=n + 1)
-        mean_prob = np.bincount(lab[inside], weights=prob[inside], minlength=n + 1) / np.maximum(size, 1)
-        unlike = mean_prob < NET_COMPONENT_PROBABILITY
+        unlike = piece_means(lab, n, prob) < NET_COMPONENT_PROBABILITY
         unlike[0] = False
         vetoed |= unlike[lab]
     labels[vetoed] = 0
@@ -123,11 +120,7 @@ def fat_pieces(mask: np.ndarray, hu: np.ndarray) -> np.ndarray:
     lab, n = ndi.label(mask)
     if not n:
         return np.zeros_like(mask)
-    inside = lab > 0
-    size = np.bincount(lab[inside], minlength=n + 1)
-    in_fat = (hu[inside] >= FAT_HU[0]) & (hu[inside] <= FAT_HU[1])
-    fat = np.bincount(lab[inside], weights=in_fat, minlength=n + 1) >= FAT_SHARE * np.maximum(size, 1)
-    fat[0] = False
+    fat = piece_means(lab, n, (hu >= FAT_HU[0]) & (hu <= FAT_HU[1])) >= FAT_SHARE  # background (0) is not
     pieces = np.flatnonzero(fat)
     if pieces.size:  # the median over the voxels of those pieces only (over the whole box it costs seconds)
         sel = fat[lab]
