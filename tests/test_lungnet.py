@@ -94,6 +94,18 @@ def test_training_loop_and_export_round_trip(tmp_path, capsys):
     assert {"semiseg_dense_recall", "phantom_false_positive"} <= set(figures)
 
 
+def test_dense_lung_weight_weighs_only_label_lung_above_the_dense_threshold():
+    from training import lungnet
+
+    hu = torch.tensor([[-850.0, -200.0], [-200.0, 40.0]])[None]
+    label = torch.tensor([[1.0, 1.0], [0.0, 0.0]])[None]  # aerated lung, dense lung, dense not-lung, soft tissue
+    assert lungnet.dense_lung_weight(hu, label, 1.0) is None
+    assert lungnet.dense_lung_weight(hu, label, 4.0).tolist() == [[[1.0, 4.0], [1.0, 1.0]]]
+    logits = torch.zeros(1, 1, 2, 2)
+    weighted = lungnet.loss_fn(logits, label[:, None], lungnet.dense_lung_weight(hu, label, 4.0)[:, None])
+    assert weighted > lungnet.loss_fn(logits, label[:, None])  # the uncertain dense-lung pixel counts 4 times
+
+
 def test_shipped_weights_are_small_and_documented():
     meta = json.loads((WEIGHTS_DIR / "lungnet.json").read_text())
     assert (WEIGHTS_DIR / "lungnet.safetensors").stat().st_size < MAX_WEIGHTS_BYTES

@@ -129,6 +129,8 @@ def main(argv=None):
                     help="also the real-CT examples of training.real_ct (a candidate, docs/protocol.md)")
     sp.add_argument("--dense-phantoms", dest="dense_phantoms", action="store_true", default=None,
                     help="also the diseased phantoms with airless consolidation (a candidate, docs/protocol.md)")
+    sp.add_argument("--dense-weight", dest="dense_weight", type=float,
+                    help="cross-entropy weight of dense lung (label lung above -320 HU; default 1)")
     sp = sub.add_parser("lungnet-export", help="export a lung network checkpoint to models/weights")
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--name", default="lungnet")

@@ -55,6 +55,7 @@ DOCTOR_REPEAT = 4          # the expert-labelled training slices count this many
 SOURCE_DOCTOR, SOURCE_PSEUDO, SOURCE_PHANTOM, SOURCE_REAL, SOURCE_PHANTOM_DENSE = 0, 1, 2, 3, 4
 DATASET_VERSION = 2        # in the cache name: version 2 added the validation phantom with airless consolidation
 REAL_REPEAT = 2            # the real slices count this many times per epoch
+DENSE_LUNG_HU = -320.0     # lung above this is dense lung (consolidation, vessels): the validation's dense recall
 # (seed, burden, effusion); 40 slices of 128 x 128 at 2.6-3.2 mm, 7.5 mm apart
 PHANTOMS: list[tuple[int, float | dict[str, float], float]] = [
     (10, {"right_lower": 0.9, "left_lower": 0.9}, 0.0),
@@ -88,6 +89,7 @@ class LungNetConfig:
     real: bool = False             # also the real-CT source (training.real_ct); not in the shipped network
     init: str | None = None        # start from these shipped weights (models/weights/<init>), not at random
     dense_phantoms: bool = False   # also the diseased phantoms with airless consolidation; not in the shipped network
+    dense_weight: float = 1.0      # weight of dense lung (label lung above DENSE_LUNG_HU) in the cross-entropy
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -240,11 +242,20 @@ def forward(model: LungNet, hu: torch.Tensor, size: int) -> torch.Tensor:
     return logits
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE + soft Dice."""
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE (per-pixel ``weight`` if given) + soft Dice."""
     prob = torch.sigmoid(logits)
     dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + dice
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight) + dice
+
+
+def dense_lung_weight(hu: torch.Tensor, label: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """Per-pixel cross-entropy weight: ``weight`` on label lung above ``DENSE_LUNG_HU``, 1 elsewhere (None when
+    ``weight`` is 1). Dense lung is a few per cent of the lung's pixels; consolidation is what the node needs."""
+    if weight == 1.0:
+        return None
+    dense = (label >= 0.5) & (hu > DENSE_LUNG_HU)
+    return 1.0 + (weight - 1.0) * dense.float()
 
 
 @torch.no_grad()
@@ -262,7 +273,7 @@ def evaluate(model: LungNet, data: dict[str, torch.Tensor], pick: torch.Tensor, 
         dev = next(model.parameters()).device
         pred = torch.cat([forward(model, hu[i:i + 64].to(dev), size)[:, 0].cpu() >= 0
                           for i in range(0, len(hu), 64)])
-        dense = label & (hu > -320)
+        dense = label & (hu > DENSE_LUNG_HU)
         out[f"{name}_dice"] = float(2 * (pred & label).sum() / (pred.sum() + label.sum()))
         out[f"{name}_dense_recall"] = float((pred & dense).sum() / max(int(dense.sum()), 1))
         out[f"{name}_false_positive"] = float((pred & ~label).sum() / label.sum())
@@ -308,7 +319,9 @@ def train(cfg: LungNetConfig) -> dict:
         for b in range(steps):
             idx = order[b * cfg.batch:(b + 1) * cfg.batch]
             hu, label = augment(data["hu"][idx], data["label"][idx], gen)
-            loss = loss_fn(forward(model, hu.to(dev), cfg.size), label[:, None].to(dev))
+            weight = dense_lung_weight(hu, label, cfg.dense_weight)
+            loss = loss_fn(forward(model, hu.to(dev), cfg.size), label[:, None].to(dev),
+                           None if weight is None else weight[:, None].to(dev))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -372,6 +385,8 @@ def export(ckpt_path: str, name: str = "lungnet", out_dir: str = "models/weights
                                   "(node.phantom.DENSE_CONSOLIDATION_HU)"} if cfg.get("dense_phantoms") else {}),
         },
         **({"initialised_from": cfg["init"]} if cfg.get("init") else {}),
+        **({"loss": f"cross-entropy of label lung above {DENSE_LUNG_HU:g} HU weighted {cfg['dense_weight']:g}, "
+                    "plus soft Dice"} if cfg.get("dense_weight", 1.0) != 1.0 else {}),
         "selection": "none: the last epoch of a fixed schedule (docs/lungs.md)",
         "run_config": cfg, "history": ckpt["history"],
         "licence": "weights trained on COVID-SemiSeg (Inf-Net): non-commercial use only",
