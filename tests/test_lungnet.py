@@ -104,6 +104,11 @@ def test_dense_lung_weight_weighs_only_label_lung_above_the_dense_threshold():
     logits = torch.zeros(1, 1, 2, 2)
     weighted = lungnet.loss_fn(logits, label[:, None], lungnet.dense_lung_weight(hu, label, 4.0)[:, None])
     assert weighted > lungnet.loss_fn(logits, label[:, None])  # the uncertain dense-lung pixel counts 4 times
+    # with a border of one pixel, the dense not-lung beside the lung counts too; the soft tissue beyond it does not
+    wide = torch.full((1, 1, 4), 40.0)
+    wide[0, 0, 0] = -200.0
+    border = lungnet.dense_lung_weight(wide, torch.tensor([[[1.0, 0.0, 0.0, 0.0]]]), 4.0, border=1)
+    assert border.tolist() == [[[4.0, 4.0, 1.0, 1.0]]]
 
 
 def test_shipped_weights_are_small_and_documented():

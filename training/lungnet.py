@@ -90,6 +90,7 @@ class LungNetConfig:
     init: str | None = None        # start from these shipped weights (models/weights/<init>), not at random
     dense_phantoms: bool = False   # also the diseased phantoms with airless consolidation; not in the shipped network
     dense_weight: float = 1.0      # weight of dense lung (label lung above DENSE_LUNG_HU) in the cross-entropy
+    dense_border: int = 0          # ... and of dense not-lung within this many pixels of the lung label (0: none)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -249,12 +250,17 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight) + dice
 
 
-def dense_lung_weight(hu: torch.Tensor, label: torch.Tensor, weight: float) -> torch.Tensor | None:
-    """Per-pixel cross-entropy weight: ``weight`` on label lung above ``DENSE_LUNG_HU``, 1 elsewhere (None when
-    ``weight`` is 1). Dense lung is a few per cent of the lung's pixels; consolidation is what the node needs."""
+def dense_lung_weight(hu: torch.Tensor, label: torch.Tensor, weight: float, border: int = 0) -> torch.Tensor | None:
+    """Per-pixel cross-entropy weight of (n, s, s) examples: ``weight`` on label lung above ``DENSE_LUNG_HU`` and,
+    with ``border`` > 0, on tissue above it within ``border`` pixels of the lung label (chest wall, effusion, heart
+    border: the other side of where dense lung ends); 1 elsewhere (None when ``weight`` is 1). Dense lung is a few
+    per cent of the lung's pixels; consolidation, and where it stops, is what the node needs."""
     if weight == 1.0:
         return None
-    dense = (label >= 0.5) & (hu > DENSE_LUNG_HU)
+    lung = label >= 0.5
+    if border > 0:
+        lung = F.max_pool2d(lung[:, None].float(), 2 * border + 1, stride=1, padding=border)[:, 0] > 0
+    dense = lung & (hu > DENSE_LUNG_HU)
     return 1.0 + (weight - 1.0) * dense.float()
 
 
@@ -319,7 +325,7 @@ def train(cfg: LungNetConfig) -> dict:
         for b in range(steps):
             idx = order[b * cfg.batch:(b + 1) * cfg.batch]
             hu, label = augment(data["hu"][idx], data["label"][idx], gen)
-            weight = dense_lung_weight(hu, label, cfg.dense_weight)
+            weight = dense_lung_weight(hu, label, cfg.dense_weight, cfg.dense_border)
             loss = loss_fn(forward(model, hu.to(dev), cfg.size), label[:, None].to(dev),
                            None if weight is None else weight[:, None].to(dev))
             opt.zero_grad()
@@ -385,8 +391,10 @@ def export(ckpt_path: str, name: str = "lungnet", out_dir: str = "models/weights
                                   "(node.phantom.DENSE_CONSOLIDATION_HU)"} if cfg.get("dense_phantoms") else {}),
         },
         **({"initialised_from": cfg["init"]} if cfg.get("init") else {}),
-        **({"loss": f"cross-entropy of label lung above {DENSE_LUNG_HU:g} HU weighted {cfg['dense_weight']:g}, "
-                    "plus soft Dice"} if cfg.get("dense_weight", 1.0) != 1.0 else {}),
+        **({"loss": f"cross-entropy of label lung above {DENSE_LUNG_HU:g} HU"
+                    + (f" and of tissue above it within {cfg['dense_border']} pixels of the lung label"
+                       if cfg.get("dense_border") else "")
+                    + f" weighted {cfg['dense_weight']:g}, plus soft Dice"} if cfg.get("dense_weight", 1.0) != 1.0 else {}),
         "selection": "none: the last epoch of a fixed schedule (docs/lungs.md)",
         "run_config": cfg, "history": ckpt["history"],
         "licence": "weights trained on COVID-SemiSeg (Inf-Net): non-commercial use only",
