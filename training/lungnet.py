@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from models.lungnet import DEFAULT_SIZE, LUNG_WINDOW, SOFT_WINDOW, LungNet, lung_input
+from node.pipeline.lungs.density import AIR_HU  # lung above it is dense lung (consolidation, vessels)
 
 from .paths import semiseg_root
 
@@ -55,7 +56,6 @@ DOCTOR_REPEAT = 4          # the expert-labelled training slices count this many
 SOURCE_DOCTOR, SOURCE_PSEUDO, SOURCE_PHANTOM, SOURCE_REAL, SOURCE_PHANTOM_DENSE = 0, 1, 2, 3, 4
 DATASET_VERSION = 2        # in the cache name: version 2 added the validation phantom with airless consolidation
 REAL_REPEAT = 2            # the real slices count this many times per epoch
-DENSE_LUNG_HU = -320.0     # lung above this is dense lung (consolidation, vessels): the validation's dense recall
 # (seed, burden, effusion); 40 slices of 128 x 128 at 2.6-3.2 mm, 7.5 mm apart
 PHANTOMS: list[tuple[int, float | dict[str, float], float]] = [
     (10, {"right_lower": 0.9, "left_lower": 0.9}, 0.0),
@@ -89,7 +89,7 @@ class LungNetConfig:
     real: bool = False             # also the real-CT source (training.real_ct); not in the shipped network
     init: str | None = None        # start from these shipped weights (models/weights/<init>), not at random
     dense_phantoms: bool = False   # also the diseased phantoms with airless consolidation; not in the shipped network
-    dense_weight: float = 1.0      # weight of dense lung (label lung above DENSE_LUNG_HU) in the cross-entropy
+    dense_weight: float = 1.0      # weight of dense lung (label lung above AIR_HU) in the cross-entropy
     dense_border: int = 0          # ... and of dense not-lung within this many pixels of the lung label (0: none)
 
 
@@ -250,8 +250,18 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight) + dice
 
 
+def _loss_text(cfg: dict) -> str:
+    """The loss of a run, in words (the exported sidecar's "loss")."""
+    if cfg.get("dense_weight", 1.0) == 1.0:
+        return "cross-entropy plus soft Dice"
+    where = f"label lung above {AIR_HU:g} HU"
+    if cfg.get("dense_border"):
+        where += f" and tissue above it within {cfg['dense_border']} pixels of the lung label"
+    return f"cross-entropy, {where} weighted {cfg['dense_weight']:g}, plus soft Dice"
+
+
 def dense_lung_weight(hu: torch.Tensor, label: torch.Tensor, weight: float, border: int = 0) -> torch.Tensor | None:
-    """Per-pixel cross-entropy weight of (n, s, s) examples: ``weight`` on label lung above ``DENSE_LUNG_HU`` and,
+    """Per-pixel cross-entropy weight of (n, s, s) examples: ``weight`` on label lung above ``AIR_HU`` and,
     with ``border`` > 0, on tissue above it within ``border`` pixels of the lung label (chest wall, effusion, heart
     border: the other side of where dense lung ends); 1 elsewhere (None when ``weight`` is 1). Dense lung is a few
     per cent of the lung's pixels; consolidation, and where it stops, is what the node needs."""
@@ -260,7 +270,7 @@ def dense_lung_weight(hu: torch.Tensor, label: torch.Tensor, weight: float, bord
     lung = label >= 0.5
     if border > 0:
         lung = F.max_pool2d(lung[:, None].float(), 2 * border + 1, stride=1, padding=border)[:, 0] > 0
-    dense = lung & (hu > DENSE_LUNG_HU)
+    dense = lung & (hu > AIR_HU)
     return 1.0 + (weight - 1.0) * dense.float()
 
 
@@ -279,7 +289,7 @@ def evaluate(model: LungNet, data: dict[str, torch.Tensor], pick: torch.Tensor, 
         dev = next(model.parameters()).device
         pred = torch.cat([forward(model, hu[i:i + 64].to(dev), size)[:, 0].cpu() >= 0
                           for i in range(0, len(hu), 64)])
-        dense = label & (hu > DENSE_LUNG_HU)
+        dense = label & (hu > AIR_HU)
         out[f"{name}_dice"] = float(2 * (pred & label).sum() / (pred.sum() + label.sum()))
         out[f"{name}_dense_recall"] = float((pred & dense).sum() / max(int(dense.sum()), 1))
         out[f"{name}_false_positive"] = float((pred & ~label).sum() / label.sum())
@@ -391,10 +401,7 @@ def export(ckpt_path: str, name: str = "lungnet", out_dir: str = "models/weights
                                   "(node.phantom.DENSE_CONSOLIDATION_HU)"} if cfg.get("dense_phantoms") else {}),
         },
         **({"initialised_from": cfg["init"]} if cfg.get("init") else {}),
-        **({"loss": f"cross-entropy of label lung above {DENSE_LUNG_HU:g} HU"
-                    + (f" and of tissue above it within {cfg['dense_border']} pixels of the lung label"
-                       if cfg.get("dense_border") else "")
-                    + f" weighted {cfg['dense_weight']:g}, plus soft Dice"} if cfg.get("dense_weight", 1.0) != 1.0 else {}),
+        "loss": _loss_text(cfg),
         "selection": "none: the last epoch of a fixed schedule (docs/lungs.md)",
         "run_config": cfg, "history": ckpt["history"],
         "licence": "weights trained on COVID-SemiSeg (Inf-Net): non-commercial use only",
