@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,42 @@ def test_training_loop_and_export_round_trip(tmp_path, capsys):
                  "--out", str(tmp_path), "--dataset-size", str(size)]) == 0  # the cache of that size, not built
     figures = json.loads(capsys.readouterr().out)  # the training loop's measures, on the validation examples
     assert {"semiseg_dense_recall", "phantom_false_positive"} <= set(figures)
+
+
+def test_a_distilled_network_trains_against_its_teacher_s_probability_and_names_it(tmp_path, monkeypatch):
+    from training import lungnet
+
+    n, size = 4, 32
+    label = torch.zeros(n, size, size)
+    label[:, 8:24, 4:14] = 1
+    data = {"hu": torch.where(label > 0, -850.0, 40.0).half(), "label": label.half(),
+            "source": torch.tensor([lungnet.SOURCE_DOCTOR] * n), "val": torch.tensor([False, False, False, True])}
+    weights = tmp_path / "weights"
+    teacher = lungnet.LungNetConfig(out=str(tmp_path / "teacher"), size=16, dataset_size=size, channels=[4, 8],
+                                    epochs=1, batch=2, max_batches=1)
+    Path(teacher.out).mkdir()
+    torch.save(data, lungnet.dataset_path(teacher))
+    lungnet.train(teacher)
+    lungnet.export(str(Path(teacher.out) / "last.pt"), "lungnet-teacher", str(weights))
+    monkeypatch.setattr("models.registry.WEIGHTS_DIR", weights)
+    expected = lungnet.teacher_probability("lungnet-teacher", data["hu"])
+    assert expected.shape == label.shape and not torch.equal(expected, label)  # an untrained teacher's guess
+
+    seen = []
+    augment = lungnet.augment
+    monkeypatch.setattr(lungnet, "augment", lambda hu, target, gen: seen.append(target) or augment(hu, target, gen))
+    student = lungnet.LungNetConfig(out=str(tmp_path / "student"), size=16, dataset_size=size, channels=[2, 4],
+                                    epochs=1, batch=2, max_batches=2, teacher="lungnet-teacher")
+    Path(student.out).mkdir()
+    torch.save(data, lungnet.dataset_path(student))
+    lungnet.train(student)
+    train_rows = torch.tensor([0, 1, 2])
+    for target in seen:  # each batch's targets are rows of the teacher's probability of the training examples
+        assert any(torch.allclose(target[0].float(), expected[i]) for i in train_rows)
+    meta = lungnet.export(str(Path(student.out) / "last.pt"), "lungnet-student", str(weights))
+    assert meta["distilled_from"] == {"name": "lungnet-teacher", "sha256": load_shipped("lungnet-teacher",
+                                                                                      weights)[1]["sha256"]}
+    assert "'lungnet-teacher'" in meta["loss"]
 
 
 def test_dense_lung_weight_weighs_only_label_lung_above_the_dense_threshold():

@@ -133,6 +133,8 @@ def main(argv=None):
                     help="cross-entropy weight of dense lung (label lung above -320 HU; default 1)")
     sp.add_argument("--dense-border", dest="dense_border", type=int,
                     help="with --dense-weight: also on dense not-lung within this many pixels of the lung label")
+    sp.add_argument("--teacher", help="train against the probability of these shipped weights (distillation), "
+                                      "e.g. lungnet; validation stays against the labels")
     sp = sub.add_parser("lungnet-export", help="export a lung network checkpoint to models/weights")
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--name", default="lungnet")

@@ -91,6 +91,7 @@ class LungNetConfig:
     dense_phantoms: bool = False   # also the diseased phantoms with airless consolidation; not in the shipped network
     dense_weight: float = 1.0      # weight of dense lung (label lung above AIR_HU) in the cross-entropy
     dense_border: int = 0          # ... and of dense not-lung within this many pixels of the lung label (0: none)
+    teacher: str | None = None     # train against this shipped network's probability (distillation), not the labels
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -250,8 +251,21 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight) + dice
 
 
+@torch.no_grad()
+def teacher_probability(name: str, hu: torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """The probability (n, s, s) that the shipped network ``name`` gives the stored examples ``hu``: the target
+    of a network distilled from it (``LungNetConfig.teacher``), augmented with each example as a label is."""
+    from models.lungnet import folded, lung_probability
+    from models.registry import load_shipped
+
+    model, meta = load_shipped(name, device=device)
+    return lung_probability(folded(model), hu.float(), int(meta["input"]["size"])).cpu()
+
+
 def _loss_text(cfg: dict) -> str:
     """The loss of a run, in words (the exported sidecar's "loss")."""
+    if cfg.get("teacher"):
+        return f"cross-entropy plus soft Dice against the probability of the shipped network '{cfg['teacher']}'"
     if cfg.get("dense_weight", 1.0) == 1.0:
         return "cross-entropy plus soft Dice"
     where = f"label lung above {AIR_HU:g} HU"
@@ -306,6 +320,8 @@ def train(cfg: LungNetConfig) -> dict:
     data = build_dataset(cfg)
     t_data = time.time() - t_data
     train_idx = torch.nonzero(~data["val"]).flatten()
+    # validation is always measured against the labels; a distilled network trains on its teacher's probability
+    target = data["label"] if cfg.teacher is None else teacher_probability(cfg.teacher, data["hu"], cfg.device)
     src = data["source"][train_idx]
     weights = torch.where(src == SOURCE_DOCTOR, float(DOCTOR_REPEAT), torch.where(src == SOURCE_REAL,
                                                                                   float(REAL_REPEAT), 1.0))
@@ -334,7 +350,7 @@ def train(cfg: LungNetConfig) -> dict:
         running = 0.0
         for b in range(steps):
             idx = order[b * cfg.batch:(b + 1) * cfg.batch]
-            hu, label = augment(data["hu"][idx], data["label"][idx], gen)
+            hu, label = augment(data["hu"][idx], target[idx], gen)
             weight = dense_lung_weight(hu, label, cfg.dense_weight, cfg.dense_border)
             loss = loss_fn(forward(model, hu.to(dev), cfg.size), label[:, None].to(dev),
                            None if weight is None else weight[:, None].to(dev))
@@ -354,6 +370,10 @@ def train(cfg: LungNetConfig) -> dict:
     ckpt = {"arch": "lungnet", "model_config": model.config,
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "run_config": asdict(cfg), "history": history}
+    if cfg.teacher:  # the teacher's weights may later be replaced by these: say which ones taught them
+        from models.registry import read_meta
+
+        ckpt["teacher"] = {"name": cfg.teacher, "sha256": read_meta(cfg.teacher)["sha256"]}
     torch.save(ckpt, out / "last.pt")
     summary = {"final": history[-1], "train_examples": int(len(train_idx)),
                "val_examples": int(data["val"].sum()), "dataset_s": round(t_data, 1),
@@ -401,6 +421,7 @@ def export(ckpt_path: str, name: str = "lungnet", out_dir: str = "models/weights
                                   "(node.phantom.DENSE_CONSOLIDATION_HU)"} if cfg.get("dense_phantoms") else {}),
         },
         **({"initialised_from": cfg["init"]} if cfg.get("init") else {}),
+        **({"distilled_from": ckpt["teacher"]} if ckpt.get("teacher") else {}),
         "loss": _loss_text(cfg),
         "selection": "none: the last epoch of a fixed schedule (docs/lungs.md)",
         "run_config": cfg, "history": ckpt["history"],
