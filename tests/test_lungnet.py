@@ -205,6 +205,24 @@ def test_the_network_runs_on_the_slices_with_aerated_lung_and_their_neighbours()
     assert (prob[2:6] == lung_probability(hu[2:6])).all()
 
 
+def test_the_network_started_before_the_aerated_lung_is_known_gives_the_same_probability():
+    from node.pipeline.lungs.net import lung_probability_near, start_lung_probability
+
+    hu = torch.linspace(-1000.0, 100.0, 8 * 60 * 70).reshape(8, 60, 70).numpy()
+    air = torch.zeros(8, 60, 70, dtype=torch.bool).numpy()
+    air[2:6, 10:50, 10:50] = True  # the body's air: lung, and bowel gas two slices lower
+    aerated = torch.zeros_like(torch.from_numpy(air)).numpy()
+    aerated[3:5, 20:40, 20:40] = True
+    early = lung_probability_near(hu, aerated, started=start_lung_probability(hu, air))
+    assert not early[:2].any() and not early[6:].any()  # the started slices beyond the aerated lung's are not used
+    assert torch.allclose(torch.from_numpy(early), torch.from_numpy(lung_probability_near(hu, aerated)), atol=1e-6)
+    lower = torch.zeros_like(torch.from_numpy(air)).numpy()
+    lower[6, 20:40, 20:40] = True  # aerated lung beyond the started slices: computed for them
+    late = lung_probability_near(hu, lower, started=start_lung_probability(hu, air))
+    assert late[7].any() and torch.allclose(torch.from_numpy(late), torch.from_numpy(lung_probability_near(hu, lower)),
+                                            atol=1e-6)
+
+
 def test_real_ct_examples_label_aerated_lung_and_leave_the_chest_wall_out():
     """training.real_ct: the two real series without dense disease give examples whose lung label covers the
     aerated lung and none of the bone, muscle or fat around it (what the first network took for lung)."""

@@ -1,10 +1,11 @@
 """Lung segmentation: HU thresholds and rules, optionally with a learned lung network (:class:`LungMethod`).
 
 Method "hu" runs every step below; method "aerated" steps 1-5 and 7; method "net" every step and, after 6b,
-step 6n (:func:`net_refine`): the lung probability of the network of models/lungnet.py (all slices of the body
-box in batches, on the device given) adds dense disease that the rules miss and removes dense tissue that the
-rules took but the network does not see as lung (docs/lungs.md). The network runs before step 6, and steps
-6-6b skip the dense tissue it gives under ``NET_PREFILTER_PROBABILITY`` (step 6n would return it).
+step 6n (:func:`net_refine`): the lung probability of the network of models/lungnet.py (the body box of the
+slices with lung, in batches, on the device given) adds dense disease that the rules miss and removes dense
+tissue that the rules took but the network does not see as lung (docs/lungs.md). The network starts after
+step 2, on a thread of its own while steps 2-5 run, and steps 6-6b skip the dense tissue it gives under
+``NET_PREFILTER_PROBABILITY`` (step 6n would return it).
 
 Every step runs on the working grid (:mod:`node.pipeline.workgrid`): blocks of source pixels averaged to
 at most ``workgrid.MAX_WORK_PIXEL_MM`` (2 x 2 blocks of 1.4 mm for 0.7 mm pixels; slices are not combined);
@@ -76,7 +77,7 @@ from .aerated import CLOSING_MM, assign_sides, one_component_per_lung, smooth_lu
 from .airways import find_airways
 from .body import Midline, body_box, body_mask, cropped, lung_cut_by_fov, outside_air_removed
 from .density import AIR_HU, dense_tissue
-from .net import NET_PREFILTER_PROBABILITY, lung_probability_near, net_refine
+from .net import NET_PREFILTER_PROBABILITY, lung_probability_near, net_refine, start_lung_probability
 from .notes import amount_text, coverage_note
 from .recovery import recover_between_slices, recover_bronchograms, recover_dense_periphery
 
@@ -159,9 +160,10 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
     area_px = spacing_rc[0] * spacing_rc[1]
     notes: list[str] = []
 
-    midline = Midline(volume, body)
-
     air = outside_air_removed((hu < AIR_HU) & body)
+    # step 6n's network needs only the image: it starts now and runs while steps 2-5 find the aerated lung
+    started = start_lung_probability(hu, air, device) if method is LungMethod.NET else None
+    midline = Midline(volume, body)
     airways, airway_notes = find_airways(hu, air, midline, volume)
     notes += airway_notes
     right_side = midline.right_side()
@@ -178,7 +180,7 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
             # the network first: dense tissue it gives under NET_PREFILTER_PROBABILITY (far below the veto of
             # step 6n) would leave the lung there anyway, so steps 6-6b need not trace it (most of their
             # candidates are chest wall and heart)
-            prob = lung_probability_near(hu, aerated, device)
+            prob = lung_probability_near(hu, aerated, device, started)
             dense &= prob >= NET_PREFILTER_PROBABILITY
         labels, recovered = recover_dense_periphery(labels, hu, body, right_side, spacing_rc, dense=dense,
                                                     trunk=midline.trunk)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -51,16 +52,43 @@ def lung_probability(hu: np.ndarray, device: str = "cpu") -> np.ndarray:
     return prob.cpu().numpy()
 
 
-def lung_probability_near(hu: np.ndarray, aerated: np.ndarray, device: str = "cpu") -> np.ndarray:
+def slices_near(mask: np.ndarray) -> slice | None:
+    """The slices from the one before the first that holds ``mask`` to the one after the last (None: none)."""
+    ks = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    if not ks.size:
+        return None
+    return slice(max(int(ks[0]) - 1, 0), min(int(ks[-1]) + 2, mask.shape[0]))
+
+
+def start_lung_probability(hu: np.ndarray, air: np.ndarray, device: str = "cpu") -> Future:
+    """:func:`lung_probability` of the slices near those that hold ``air`` (the body's air, of which the aerated
+    lung is a part), started on a thread of its own: the network needs only ``hu``, so it runs while the HU
+    steps find the aerated lung (on a CPU torch's threads fill the cores those steps leave idle). The future
+    gives the slices and their probability, for :func:`lung_probability_near`."""
+    near = slices_near(air)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lungnet")
+    future = pool.submit(lambda: (near, None if near is None else lung_probability(hu[near], device)))
+    pool.shutdown(wait=False)  # the thread ends with its one task
+    return future
+
+
+def lung_probability_near(hu: np.ndarray, aerated: np.ndarray, device: str = "cpu",
+                          started: Future | None = None) -> np.ndarray:
     """:func:`lung_probability` on the slices from the first to the last that hold ``aerated`` lung or lie next
     to one; 0 on the others. Steps 6-6n use the probability only there: a slice gains lung only beside lung
     on the same slice (6, 6a, 6n) or between two neighbours with lung (6b), and step 6n keeps nothing on a
-    slice without aerated lung (:func:`within_chest_wall`)."""
+    slice without aerated lung (:func:`within_chest_wall`). ``started``: that of :func:`start_lung_probability`
+    (a network's probability of a slice does not depend on the other slices of its batch), used where it
+    covers those slices."""
     prob = np.zeros(hu.shape, np.float32)
-    ks = np.flatnonzero(aerated.reshape(aerated.shape[0], -1).any(axis=1))
-    if ks.size:
-        first, last = max(int(ks[0]) - 1, 0), min(int(ks[-1]) + 2, hu.shape[0])
-        prob[first:last] = lung_probability(hu[first:last], device)
+    near = slices_near(aerated)
+    if near is None:
+        return prob
+    done, done_prob = started.result() if started is not None else (None, None)
+    if done is not None and done.start <= near.start and near.stop <= done.stop:
+        prob[near] = done_prob[near.start - done.start:near.stop - done.start]
+    else:
+        prob[near] = lung_probability(hu[near], device)
     return prob
 
 
