@@ -131,6 +131,16 @@ def test_a_distilled_network_trains_against_its_teacher_s_probability_and_names_
     assert "'lungnet-teacher'" in meta["loss"]
 
 
+def test_without_soft_dice_the_loss_is_least_where_the_probability_equals_the_teacher_s():
+    from training import lungnet
+
+    teacher = torch.tensor([0.1, 0.3, 0.6, 0.9]).reshape(1, 1, 2, 2)
+    for soft_dice, stationary in ((False, True), (True, False)):
+        logits = torch.logit(teacher).requires_grad_()
+        lungnet.loss_fn(logits, teacher, soft_dice=soft_dice).backward()
+        assert (logits.grad.abs().max() < 1e-6) == stationary  # the soft Dice pulls a soft map towards 0 or 1
+
+
 def test_dense_lung_weight_weighs_only_label_lung_above_the_dense_threshold():
     from training import lungnet
 

@@ -135,6 +135,8 @@ def main(argv=None):
                     help="with --dense-weight: also on dense not-lung within this many pixels of the lung label")
     sp.add_argument("--teacher", help="train against the probability of these shipped weights (distillation), "
                                       "e.g. lungnet; validation stays against the labels")
+    sp.add_argument("--no-soft-dice", dest="soft_dice", action="store_false", default=None,
+                    help="the cross-entropy alone, without the soft Dice term")
     sp = sub.add_parser("lungnet-export", help="export a lung network checkpoint to models/weights")
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--name", default="lungnet")

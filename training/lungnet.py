@@ -92,6 +92,7 @@ class LungNetConfig:
     dense_weight: float = 1.0      # weight of dense lung (label lung above AIR_HU) in the cross-entropy
     dense_border: int = 0          # ... and of dense not-lung within this many pixels of the lung label (0: none)
     teacher: str | None = None     # train against this shipped network's probability (distillation), not the labels
+    soft_dice: bool = True         # the soft Dice term of the loss (the cross-entropy alone without it)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -244,11 +245,15 @@ def forward(model: LungNet, hu: torch.Tensor, size: int) -> torch.Tensor:
     return logits
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """BCE (per-pixel ``weight`` if given) + soft Dice."""
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+            soft_dice: bool = True) -> torch.Tensor:
+    """BCE (per-pixel ``weight`` if given) + soft Dice (unless ``soft_dice`` is False: against a teacher's
+    probability the cross-entropy alone is least where the two probabilities are equal)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
+    if not soft_dice:
+        return bce
     prob = torch.sigmoid(logits)
-    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
-    return F.binary_cross_entropy_with_logits(logits, target, weight=weight) + dice
+    return bce + 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
 
 
 @torch.no_grad()
@@ -264,14 +269,15 @@ def teacher_probability(name: str, hu: torch.Tensor, device: str = "cpu") -> tor
 
 def _loss_text(cfg: dict) -> str:
     """The loss of a run, in words (the exported sidecar's "loss")."""
+    dice = " plus soft Dice" if cfg.get("soft_dice", True) else ""
     if cfg.get("teacher"):
-        return f"cross-entropy plus soft Dice against the probability of the shipped network '{cfg['teacher']}'"
+        return f"cross-entropy{dice} against the probability of the shipped network '{cfg['teacher']}'"
     if cfg.get("dense_weight", 1.0) == 1.0:
-        return "cross-entropy plus soft Dice"
+        return f"cross-entropy{dice}"
     where = f"label lung above {AIR_HU:g} HU"
     if cfg.get("dense_border"):
         where += f" and tissue above it within {cfg['dense_border']} pixels of the lung label"
-    return f"cross-entropy, {where} weighted {cfg['dense_weight']:g}, plus soft Dice"
+    return f"cross-entropy, {where} weighted {cfg['dense_weight']:g}" + ("," + dice if dice else "")
 
 
 def dense_lung_weight(hu: torch.Tensor, label: torch.Tensor, weight: float, border: int = 0) -> torch.Tensor | None:
@@ -353,7 +359,7 @@ def train(cfg: LungNetConfig) -> dict:
             hu, label = augment(data["hu"][idx], target[idx], gen)
             weight = dense_lung_weight(hu, label, cfg.dense_weight, cfg.dense_border)
             loss = loss_fn(forward(model, hu.to(dev), cfg.size), label[:, None].to(dev),
-                           None if weight is None else weight[:, None].to(dev))
+                           None if weight is None else weight[:, None].to(dev), cfg.soft_dice)
             opt.zero_grad()
             loss.backward()
             opt.step()
