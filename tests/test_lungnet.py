@@ -216,21 +216,54 @@ def test_the_network_runs_on_the_slices_with_aerated_lung_and_their_neighbours()
 
 
 def test_the_network_started_before_the_aerated_lung_is_known_gives_the_same_probability():
-    from node.pipeline.lungs.net import lung_probability_near, start_lung_probability
+    from node.pipeline.lungs.net import EarlyProbability, lung_probability_near
 
     hu = torch.linspace(-1000.0, 100.0, 8 * 60 * 70).reshape(8, 60, 70).numpy()
     air = torch.zeros(8, 60, 70, dtype=torch.bool).numpy()
     air[2:6, 10:50, 10:50] = True  # the body's air: lung, and bowel gas two slices lower
     aerated = torch.zeros_like(torch.from_numpy(air)).numpy()
     aerated[3:5, 20:40, 20:40] = True
-    early = lung_probability_near(hu, aerated, started=start_lung_probability(hu, air))
+    early = lung_probability_near(hu, aerated, started=EarlyProbability(hu, air))
     assert not early[:2].any() and not early[6:].any()  # the started slices beyond the aerated lung's are not used
     assert torch.allclose(torch.from_numpy(early), torch.from_numpy(lung_probability_near(hu, aerated)), atol=1e-6)
     lower = torch.zeros_like(torch.from_numpy(air)).numpy()
     lower[6, 20:40, 20:40] = True  # aerated lung beyond the started slices: computed for them
-    late = lung_probability_near(hu, lower, started=start_lung_probability(hu, air))
+    late = lung_probability_near(hu, lower, started=EarlyProbability(hu, air))
     assert late[7].any() and torch.allclose(torch.from_numpy(late), torch.from_numpy(lung_probability_near(hu, lower)),
                                             atol=1e-6)
+
+
+def test_the_early_network_skips_the_slices_below_the_lungs_once_they_are_known(monkeypatch):
+    """A chest-abdomen series holds bowel gas far below the lungs: the early network stops at the lungs."""
+    import threading
+
+    import numpy as np
+
+    from node.pipeline.lungs import net
+
+    step = net.NET_THREAD_SLICES
+    hu = np.repeat(np.arange(6 * step, dtype=np.float32)[:, None, None], 4, axis=1).repeat(4, axis=2)  # value = slice
+    air = np.ones(hu.shape, bool)
+    gate, computed = threading.Event(), []
+
+    def fake(part, device="cpu"):
+        gate.wait(5)  # the first batch waits until the lungs are known
+        computed.extend(int(k) for k in part[:, 0, 0])
+        return part / 100.0
+
+    monkeypatch.setattr(net, "lung_probability", fake)
+    early = net.EarlyProbability(hu, air)
+    lungs = slice(step // 2, 2 * step + 3)  # the first three batches
+    threading.Timer(0.2, gate.set).start()
+    prob = early.probability(lungs)
+    assert np.array_equal(prob, hu[lungs] / 100.0)
+    assert max(computed) < 3 * step and len(computed) == len(set(computed))  # nothing below, nothing twice
+    gate.clear()
+    stopped = net.EarlyProbability(hu, air)
+    stopped.stop()  # no aerated lung at all: nothing after the batch under way
+    gate.set()
+    stopped._future.result()
+    assert stopped._done.sum() <= step
 
 
 def test_real_ct_examples_label_aerated_lung_and_leave_the_chest_wall_out():

@@ -77,7 +77,7 @@ from .aerated import CLOSING_MM, assign_sides, one_component_per_lung, smooth_lu
 from .airways import find_airways
 from .body import Midline, body_box, body_mask, cropped, lung_cut_by_fov, outside_air_removed
 from .density import AIR_HU, dense_tissue
-from .net import NET_PREFILTER_PROBABILITY, lung_probability_near, net_refine, start_lung_probability
+from .net import NET_PREFILTER_PROBABILITY, EarlyProbability, lung_probability_near, net_refine
 from .notes import amount_text, coverage_note
 from .recovery import recover_between_slices, recover_bronchograms, recover_dense_periphery
 
@@ -162,7 +162,7 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
 
     air = outside_air_removed((hu < AIR_HU) & body)
     # step 6n's network needs only the image: it starts now and runs while steps 2-5 find the aerated lung
-    started = start_lung_probability(hu, air, device) if method is LungMethod.NET else None
+    started = EarlyProbability(hu, air, device) if method is LungMethod.NET else None
     midline = Midline(volume, body)
     airways, airway_notes = find_airways(hu, air, midline, volume)
     notes += airway_notes

@@ -25,6 +25,8 @@ FAT_SHARE = 0.8                 # a piece of dense tissue at least this much in 
 FAT_MEDIAN_HU = -90.0           # ... with its median at most this is fat, not the partly aerated edge of consolidation
 NET_COMPONENT_PROBABILITY = 0.3  # a connected piece of lung whose mean probability is lower leaves it (bowel gas,
                                  # air in the chest wall)
+NET_THREAD_SLICES = 16          # the early network's slices per step (one batch of models.lungnet.INFERENCE_BATCH);
+                                # between steps it reads which slices are still needed
 
 
 @functools.lru_cache(maxsize=2)
@@ -60,35 +62,65 @@ def slices_near(mask: np.ndarray) -> slice | None:
     return slice(max(int(ks[0]) - 1, 0), min(int(ks[-1]) + 2, mask.shape[0]))
 
 
-def start_lung_probability(hu: np.ndarray, air: np.ndarray, device: str = "cpu") -> Future:
-    """:func:`lung_probability` of the slices near those that hold ``air`` (the body's air, of which the aerated
-    lung is a part), started on a thread of its own: the network needs only ``hu``, so it runs while the HU
-    steps find the aerated lung (on a CPU torch's threads fill the cores those steps leave idle). The future
-    gives the slices and their probability, for :func:`lung_probability_near`."""
-    near = slices_near(air)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="lungnet")
-    future = pool.submit(lambda: (near, None if near is None else lung_probability(hu[near], device)))
-    pool.shutdown(wait=False)  # the thread ends with its one task
-    return future
+class EarlyProbability:
+    """:func:`lung_probability`, started on a thread of its own before the aerated lung is known: the network
+    needs only ``hu``, so it runs while the HU steps find the aerated lung (on a CPU torch's threads fill the
+    cores those steps leave idle). The thread works through the slices near those that hold ``air`` (the
+    body's air, of which the aerated lung is a part), ``NET_THREAD_SLICES`` at a time from the first; once the
+    caller says which slices it needs (:meth:`probability`, :meth:`stop`), it skips the others (an abdomen
+    below the lungs). A network's probability of a slice does not depend on the other slices of its batch."""
+
+    def __init__(self, hu: np.ndarray, air: np.ndarray, device: str = "cpu"):
+        self._hu, self._device = hu, device
+        self._prob = np.zeros(hu.shape, np.float32)
+        self._done = np.zeros(hu.shape[0], bool)
+        self._wanted: slice | None = None  # set once by the caller; the thread reads it before each batch
+        pool = ThreadPoolExecutor(1, thread_name_prefix="lungnet")
+        self._future = pool.submit(self._run, slices_near(air))
+        pool.shutdown(wait=False)  # the thread ends with its one task
+
+    def _run(self, near: slice | None) -> None:
+        if near is None:
+            return
+        for k0 in range(near.start, near.stop, NET_THREAD_SLICES):
+            k1 = min(k0 + NET_THREAD_SLICES, near.stop)
+            wanted = self._wanted
+            if wanted is not None and (k1 <= wanted.start or k0 >= wanted.stop):
+                continue
+            self._prob[k0:k1] = lung_probability(self._hu[k0:k1], self._device)
+            self._done[k0:k1] = True
+
+    def probability(self, near: slice) -> np.ndarray:
+        """The probability of the slices ``near``: the thread's, once it has ended, and the slices it did not
+        compute (beyond the body's air, or skipped) computed here."""
+        self._wanted = near
+        self._future.result()
+        out = self._prob[near].copy()
+        todo = np.flatnonzero(~self._done[near]) + near.start
+        for run in np.split(todo, np.flatnonzero(np.diff(todo) > 1) + 1) if todo.size else ():
+            k0, k1 = int(run[0]), int(run[-1]) + 1
+            out[k0 - near.start:k1 - near.start] = lung_probability(self._hu[k0:k1], self._device)
+        return out
+
+    def stop(self) -> None:
+        """No slice is needed: the thread skips the rest."""
+        self._wanted = slice(0, 0)
 
 
 def lung_probability_near(hu: np.ndarray, aerated: np.ndarray, device: str = "cpu",
-                          started: Future | None = None) -> np.ndarray:
+                          started: EarlyProbability | None = None) -> np.ndarray:
     """:func:`lung_probability` on the slices from the first to the last that hold ``aerated`` lung or lie next
     to one; 0 on the others. Steps 6-6n use the probability only there: a slice gains lung only beside lung
     on the same slice (6, 6a, 6n) or between two neighbours with lung (6b), and step 6n keeps nothing on a
-    slice without aerated lung (:func:`within_chest_wall`). ``started``: that of :func:`start_lung_probability`
-    (a network's probability of a slice does not depend on the other slices of its batch), used where it
-    covers those slices."""
+    slice without aerated lung (:func:`within_chest_wall`). ``started``: the network started early, which
+    gives those slices."""
     prob = np.zeros(hu.shape, np.float32)
     near = slices_near(aerated)
     if near is None:
+        if started is not None:
+            started.stop()
         return prob
-    done, done_prob = started.result() if started is not None else (None, None)
-    if done is not None and done.start <= near.start and near.stop <= done.stop:
-        prob[near] = done_prob[near.start - done.start:near.stop - done.start]
-    else:
-        prob[near] = lung_probability(hu[near], device)
+    prob[near] = lung_probability(hu[near], device) if started is None else started.probability(near)
     return prob
 
 
