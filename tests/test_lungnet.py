@@ -256,7 +256,8 @@ def test_the_early_network_skips_the_slices_below_the_lungs_once_they_are_known(
     lungs = slice(step // 2, 2 * step + 3)  # the first three batches
     threading.Timer(0.2, gate.set).start()
     prob = early.probability(lungs)
-    assert np.array_equal(prob, hu[lungs] / 100.0)
+    assert np.array_equal(prob[lungs], hu[lungs] / 100.0)
+    assert not prob[:lungs.start].any() and not prob[lungs.stop:].any()  # slices computed beyond: 0
     assert max(computed) < 3 * step and len(computed) == len(set(computed))  # nothing below, nothing twice
     gate.clear()
     stopped = net.EarlyProbability(hu, air)

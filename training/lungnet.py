@@ -327,7 +327,12 @@ def train(cfg: LungNetConfig) -> dict:
     t_data = time.time() - t_data
     train_idx = torch.nonzero(~data["val"]).flatten()
     # validation is always measured against the labels; a distilled network trains on its teacher's probability
-    target = data["label"] if cfg.teacher is None else teacher_probability(cfg.teacher, data["hu"], cfg.device)
+    target, teacher = data["label"], None
+    if cfg.teacher:  # its weights may later be replaced by the student's: say which ones taught it
+        from models.registry import read_meta
+
+        teacher = {"name": cfg.teacher, "sha256": read_meta(cfg.teacher)["sha256"]}
+        target = teacher_probability(cfg.teacher, data["hu"], cfg.device)
     src = data["source"][train_idx]
     weights = torch.where(src == SOURCE_DOCTOR, float(DOCTOR_REPEAT), torch.where(src == SOURCE_REAL,
                                                                                   float(REAL_REPEAT), 1.0))
@@ -376,10 +381,8 @@ def train(cfg: LungNetConfig) -> dict:
     ckpt = {"arch": "lungnet", "model_config": model.config,
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "run_config": asdict(cfg), "history": history}
-    if cfg.teacher:  # the teacher's weights may later be replaced by these: say which ones taught them
-        from models.registry import read_meta
-
-        ckpt["teacher"] = {"name": cfg.teacher, "sha256": read_meta(cfg.teacher)["sha256"]}
+    if teacher:
+        ckpt["teacher"] = teacher
     torch.save(ckpt, out / "last.pt")
     summary = {"final": history[-1], "train_examples": int(len(train_idx)),
                "val_examples": int(data["val"].sum()), "dataset_s": round(t_data, 1),

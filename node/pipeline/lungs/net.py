@@ -91,16 +91,17 @@ class EarlyProbability:
             self._done[k0:k1] = True
 
     def probability(self, near: slice) -> np.ndarray:
-        """The probability of the slices ``near``: the thread's, once it has ended, and the slices it did not
-        compute (beyond the body's air, or skipped) computed here."""
+        """The probability of the slices ``near``, 0 on the others (the whole volume's array): the thread's,
+        once it has ended, and the slices it did not compute (beyond the body's air, or skipped) computed here."""
         self._wanted = near
         self._future.result()
-        out = self._prob[near].copy()
+        prob = self._prob
+        prob[:near.start], prob[near.stop:] = 0.0, 0.0
         todo = np.flatnonzero(~self._done[near]) + near.start
         for run in np.split(todo, np.flatnonzero(np.diff(todo) > 1) + 1) if todo.size else ():
             k0, k1 = int(run[0]), int(run[-1]) + 1
-            out[k0 - near.start:k1 - near.start] = lung_probability(self._hu[k0:k1], self._device)
-        return out
+            prob[k0:k1] = lung_probability(self._hu[k0:k1], self._device)
+        return prob
 
     def stop(self) -> None:
         """No slice is needed: the thread skips the rest."""
@@ -114,13 +115,14 @@ def lung_probability_near(hu: np.ndarray, aerated: np.ndarray, device: str = "cp
     on the same slice (6, 6a, 6n) or between two neighbours with lung (6b), and step 6n keeps nothing on a
     slice without aerated lung (:func:`within_chest_wall`). ``started``: the network started early, which
     gives those slices."""
-    prob = np.zeros(hu.shape, np.float32)
     near = slices_near(aerated)
-    if near is None:
-        if started is not None:
-            started.stop()
-        return prob
-    prob[near] = lung_probability(hu[near], device) if started is None else started.probability(near)
+    if near is not None and started is not None:
+        return started.probability(near)
+    if started is not None:
+        started.stop()
+    prob = np.zeros(hu.shape, np.float32)
+    if near is not None:
+        prob[near] = lung_probability(hu[near], device)
     return prob
 
 
