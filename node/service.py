@@ -17,6 +17,7 @@ Scheduler jobs, each small and idempotent (the database holds all state):
 from __future__ import annotations
 
 import datetime as dt
+import faulthandler
 import logging
 import multiprocessing as mp
 import signal
@@ -45,6 +46,8 @@ from node.spool import make_private_dirs
 from node.worker import worker_main
 
 log = logging.getLogger(__name__)
+
+STOP_REPORT_AFTER_S = 15.0  # a stop still under way then writes every thread's stack to stderr (what it waits for)
 
 
 @dataclass
@@ -120,17 +123,26 @@ class Node:
         log.info("health and metrics on http://%s:%d/ (/healthz, /readyz, /metrics)", h.host, self.http.port)
 
     def stop(self) -> None:
+        """Stop accepting associations and claiming work, let the tick under way end (an export in progress
+        finishes), end the workers and record what they leave behind. A stop that takes longer than
+        ``STOP_REPORT_AFTER_S`` (a stalled peer, a database lock) writes every thread's stack to stderr."""
         self.stopping.set()  # first: a worker ending from the same SIGTERM is not retried here
-        if self.http is not None:
-            self.http.stop()
-        if self.listener is not None:
-            self.listener.stop()
-        if self.scheduler.running:
-            self.scheduler.shutdown(wait=True)
-        for job_id, run in list(self.running.items()):
-            run.process.terminate()
-            run.process.join(10)
-        self.tick_reap()  # record what the stopped workers leave behind
+        began = time.monotonic()
+        faulthandler.dump_traceback_later(STOP_REPORT_AFTER_S)
+        try:
+            if self.http is not None:
+                self.http.stop()
+            if self.listener is not None:
+                self.listener.stop()
+            if self.scheduler.running:
+                self.scheduler.shutdown(wait=True)
+            for job_id, run in list(self.running.items()):
+                run.process.terminate()
+                run.process.join(10)
+            self.tick_reap()  # record what the stopped workers leave behind
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        log.info("stopped in %.1f s", time.monotonic() - began)
 
     def recover(self) -> None:
         """After a restart: spool files without a row are registered (:mod:`node.recovery`), jobs still

@@ -25,6 +25,7 @@ from tests.builders import ct_slice, write
 
 HOST = "127.0.0.1"
 NODE_START_TIMEOUT = 60.0  # seconds for a node process to accept connections
+NODE_STOP_TIMEOUT = 30.0  # seconds for a node process to end after SIGTERM
 
 
 def make_settings(folder: Path, *, env: Mapping[str, str] | None = None, **sections) -> Settings:
@@ -91,12 +92,15 @@ class NodeProcess:
 
     def __init__(self, cfg: Path, port: int):
         self.cfg, self.port = cfg, port
+        self.log = cfg.parent / "node.log"  # every run's output, appended: printed when the node ends
+        self._printed = 0  # how much of the log has been printed
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Start the node and wait until it accepts connections on ``port``."""
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(self.cfg), "serve"],
-                                     start_new_session=True)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "--config", str(self.cfg), "serve"],
+                                         start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         end = time.monotonic() + NODE_START_TIMEOUT
         while time.monotonic() < end:
             with socket.socket() as s:
@@ -111,18 +115,39 @@ class NodeProcess:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)  # only the node: its worker must notice and end by itself
         self.proc.wait(10)
+        self.print_output()
 
     def kill_all(self) -> None:
         """SIGKILL the node and its workers at once, as the loss of its host would."""
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        self.print_output()
 
     def stop(self) -> None:
-        """SIGTERM the node's process group, if it is still running."""
+        """SIGTERM the node's process group, if it is still running; its output goes to this test's captured
+        output. A node still stopping after ``NODE_STOP_TIMEOUT`` fails the test with its last lines (by then the
+        node has logged where each of its threads is: ``node.service.STOP_REPORT_AFTER_S``)."""
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(20)
+            try:
+                self.proc.wait(NODE_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                tail = self.log.read_text(errors="replace").splitlines()[-120:]
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+                raise AssertionError(f"{self.cfg.parent.name}: the node did not stop within {NODE_STOP_TIMEOUT} s "
+                                     "of SIGTERM; its last lines:\n" + "\n".join(tail)) from None
+        self.print_output()
+
+    def print_output(self) -> None:
+        """Print what the node wrote since the last call (pytest shows it when a test fails)."""
+        if self.log.is_file():
+            with self.log.open("rb") as f:
+                f.seek(self._printed)
+                new = f.read()
+            self._printed += len(new)
+            print(new.decode(errors="replace"), end="")
 
 
 def c_store(port: int, *datasets: Dataset) -> list[int]:

@@ -267,6 +267,41 @@ def test_the_early_network_skips_the_slices_below_the_lungs_once_they_are_known(
     assert stopped._done.sum() <= step
 
 
+def test_a_lung_step_that_fails_leaves_no_network_running(monkeypatch, effusion_phantom):
+    """The worker process ends when its job fails; a network thread still working through the volume would keep
+    it alive (the interpreter waits for the thread) until every slice was done."""
+    import threading
+
+    import node.pipeline.lungs as lungs_pkg
+    from node.pipeline.lungs import net
+
+    started, calls, gate = [], [], threading.Event()
+
+    class Recorded(net.EarlyProbability):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    def fake(part, device="cpu"):
+        gate.wait(5)  # the first batch is under way when the step fails
+        calls.append(len(part))
+        return part * 0.0
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("a later step failed")
+
+    monkeypatch.setattr(net, "lung_probability", fake)
+    monkeypatch.setattr(lungs_pkg, "EarlyProbability", Recorded)
+    monkeypatch.setattr(lungs_pkg, "find_airways", fails)
+    threading.Timer(0.2, gate.set).start()
+    with pytest.raises(RuntimeError, match="a later step failed"):
+        segment_lungs(effusion_phantom.as_volume(), method="net")
+    (early,) = started
+    early._future.result(5)
+    assert early._done.any() and not early._done.all()  # its shape has more slices than one batch
+    assert len(calls) == 1
+
+
 def test_real_ct_examples_label_aerated_lung_and_leave_the_chest_wall_out():
     """training.real_ct: the two real series without dense disease give examples whose lung label covers the
     aerated lung and none of the bone, muscle or fat around it (what the first network took for lung)."""

@@ -176,3 +176,33 @@ def test_a_tick_still_running_is_skipped_without_a_warning_each_time(tmp_path, c
     messages = [r.getMessage() for r in caplog.records]
     assert "another warning" in messages
     assert not any("maximum number of running instances" in m for m in messages)
+
+
+def test_a_stop_that_hangs_writes_where_each_thread_waits(tmp_path, monkeypatch, capfd):
+    """An export stalled at a peer keeps a stop waiting (by design: the send in progress finishes); after
+    STOP_REPORT_AFTER_S the node writes every thread's stack to stderr, so an administrator sees what it waits
+    for; a stop that ends in time writes nothing."""
+    import threading
+    import time
+
+    import node.service as service
+
+    monkeypatch.setattr(service, "STOP_REPORT_AFTER_S", 0.3)
+    node = Node(make_settings(tmp_path))
+    node.scheduler.start()
+    node.stop()
+    assert "Thread" not in capfd.readouterr().err
+
+    node = Node(make_settings(tmp_path))
+    stalled = threading.Event()
+
+    def export_stalled_at_the_peer() -> None:
+        stalled.set()
+        time.sleep(1.0)
+
+    node.scheduler.add_job(export_stalled_at_the_peer, id="stalled")  # runs once, at once
+    node.scheduler.start()
+    assert stalled.wait(5)
+    node.stop()
+    err = capfd.readouterr().err
+    assert "export_stalled_at_the_peer" in err and "stop" in err

@@ -156,13 +156,24 @@ def _segment_in_box(volume: Volume, body: np.ndarray, closing_mm: float | None,
                     source_air: np.ndarray | None = None) -> LungMasks:
     """Steps 2-7 of the module docstring on ``volume`` with its ``body`` mask (step 1); see :class:`LungMethod`."""
     hu = volume.hu
-    spacing_rc = volume.pixel_spacing
-    area_px = spacing_rc[0] * spacing_rc[1]
-    notes: list[str] = []
-
     air = outside_air_removed((hu < AIR_HU) & body)
     # step 6n's network needs only the image: it starts now and runs while steps 2-5 find the aerated lung
     started = EarlyProbability(hu, air, device) if method is LungMethod.NET else None
+    try:
+        return _segment_from_air(volume, body, air, method, device, closing_mm, source_air, started)
+    finally:
+        if started is not None:
+            started.stop()  # a step that raised leaves no network running on (the worker would wait for it)
+
+
+def _segment_from_air(volume: Volume, body: np.ndarray, air: np.ndarray, method: LungMethod, device: str,
+                      closing_mm: float | None, source_air: np.ndarray | None,
+                      started: EarlyProbability | None) -> LungMasks:
+    """Steps 2-7 once the body's ``air`` is known; ``started``: step 6n's network, already running."""
+    hu = volume.hu
+    spacing_rc = volume.pixel_spacing
+    area_px = spacing_rc[0] * spacing_rc[1]
+    notes: list[str] = []
     midline = Midline(volume, body)
     airways, airway_notes = find_airways(hu, air, midline, volume)
     notes += airway_notes
