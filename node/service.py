@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import datetime as dt
 import faulthandler
+import io
 import logging
 import multiprocessing as mp
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -128,7 +130,7 @@ class Node:
         ``STOP_REPORT_AFTER_S`` (a stalled peer, a database lock) writes every thread's stack to stderr."""
         self.stopping.set()  # first: a worker ending from the same SIGTERM is not retried here
         began = time.monotonic()
-        faulthandler.dump_traceback_later(STOP_REPORT_AFTER_S)
+        _report_stacks_after(STOP_REPORT_AFTER_S)
         try:
             if self.http is not None:
                 self.http.stop()
@@ -279,6 +281,18 @@ class Node:
             signal.signal(signal.SIGTERM, _ignored)
         finally:
             self.stop()
+
+
+def _report_stacks_after(seconds: float) -> None:
+    """Have faulthandler write every thread's stack to the process's standard error after ``seconds`` (until
+    cancelled); it needs a file descriptor, which a replaced ``sys.stderr`` (an embedding host, a test's
+    capture) may lack: then the original one, and without either no report."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            faulthandler.dump_traceback_later(seconds, file=stream)
+            return
+        except (AttributeError, ValueError, RuntimeError, io.UnsupportedOperation):
+            continue
 
 
 class StopRequested(Exception):

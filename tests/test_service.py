@@ -206,3 +206,16 @@ def test_a_stop_that_hangs_writes_where_each_thread_waits(tmp_path, monkeypatch,
     node.stop()
     err = capfd.readouterr().err
     assert "export_stalled_at_the_peer" in err and "stop" in err
+
+
+def test_a_node_stops_where_stderr_has_no_file_descriptor(tmp_path, capsys):
+    """An embedding host or a test's capture may replace sys.stderr with a stream without a file descriptor:
+    the stop report then goes to the original standard error, and the stop itself never fails for it."""
+    import sys
+
+    with pytest.raises(Exception):
+        sys.stderr.fileno()  # capsys: a stream in memory
+    node = Node(make_settings(tmp_path))
+    node.scheduler.start()
+    node.stop()
+    assert not node.scheduler.running
