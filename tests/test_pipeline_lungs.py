@@ -527,22 +527,43 @@ def test_rib_mask_leaves_out_sternum_and_spine():
     assert ribs[20:24, 5:9].any() and not ribs[:, 20:40].any()
 
 
-def test_rib_mask_leaves_out_bone_the_lung_network_sees_as_lung():
-    """With the network's probability, a piece of bone it gives lung on average (a contrast-filled vessel, a
-    bright speck in consolidation) is not a rib; a rib stays one even where the network's blurred edge gives
-    its inner surface a high probability."""
+def _rib_and_vessel_slice():
+    """One 60 x 60 slice at 1.5 mm: chest wall with a rib, aerated lung with a contrast-filled vessel in it."""
     hu = np.full((60, 60), 40.0)
-    hu[20:24, 5:9] = 700.0     # a rib, 34-37 mm off the midline (1.5 mm pixels)
+    aerated = np.zeros((60, 60), bool)
+    aerated[12:48, 10:54] = True
+    hu[aerated] = -850.0
+    hu[20:24, 4:8] = 700.0     # a rib in the wall, 33-39 mm off the midline (1.5 mm pixels)
     hu[30:33, 50:53] = 400.0   # contrast in a lung vessel, 30-34 mm off the midline
-    prob = np.zeros((60, 60))
-    prob[20:24, 8:9] = 0.9     # the network's edge reaches the rib's inner surface
-    prob[26:40, 44:58] = 0.95  # lung around the vessel
     midline_mm = (np.arange(60) - 30.0)[None, :] * 1.5 * np.ones((60, 1))
-    trunk = np.ones((60, 60), bool)
+    trunk = np.zeros((60, 60), bool)
+    trunk[2:58, 2:58] = True
+    return hu, aerated, midline_mm, trunk
+
+
+def test_rib_mask_leaves_out_bone_in_the_lung():
+    """With the network's probability, a piece of bone it gives lung on average whose rays towards the skin meet
+    aerated lung (a contrast-filled vessel, a calcification) is not a rib; a rib stays one even where the
+    network's blurred edge gives its inner surface a high probability."""
+    hu, aerated, midline_mm, trunk = _rib_and_vessel_slice()
+    prob = np.zeros((60, 60))
+    prob[20:24, 7:8] = 0.9     # the network's edge reaches the rib's inner surface
+    prob[26:40, 44:58] = 0.95  # lung around the vessel
+    skin = chestwall.SkinGeometry(trunk, (1.5, 1.5))
     without = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5))
-    ribs = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5), prob)
+    ribs = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5), (prob, aerated, skin))
     assert without[30:33, 50:53].any() and not ribs[30:33, 50:53].any()
-    assert np.array_equal(ribs[:, :30], without[:, :30]) and ribs[20:24, 5:9].any()
+    assert np.array_equal(ribs[:, :30], without[:, :30]) and ribs[20:24, 4:8].any()
+
+
+def test_a_rib_the_network_gives_lung_stays_a_rib():
+    """A network may give a rib beside consolidation a lung probability (two small networks did on a real
+    slice); the rib still bounds the chest wall, because only chest wall lies between it and the skin."""
+    hu, aerated, midline_mm, trunk = _rib_and_vessel_slice()
+    prob = np.ones((60, 60))
+    skin = chestwall.SkinGeometry(trunk, (1.5, 1.5))
+    ribs = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5), (prob, aerated, skin))
+    assert ribs[20:24, 4:8].any() and not ribs[30:33, 50:53].any()
 
 
 def test_main_bronchi_are_followed_past_a_wide_carina():

@@ -19,8 +19,9 @@ RIB_HU = 200.0                  # bone (cortex and marrow of the ribs) after the
 RIB_MIDLINE_MM = 30.0           # bone nearer the body midline is sternum or spine, not rib
 RIB_WINDOW_BINS = 9             # 18 degrees: an intercostal space takes the depth of the ribs beside it
 RIB_MARGIN_MM = 3.0             # innermost intercostal muscle, endothoracic fascia and pleura under a rib
-RIB_LUNG_PROBABILITY = 0.5      # a piece of bone the lung network gives this on average lies in the lung (the
+RIB_LUNG_PROBABILITY = 0.5      # a piece of bone the lung network gives this on average may lie in the lung (the
                                 # network's lung threshold): contrast in lung vessels, a bright speck in consolidation
+RIB_LUNG_RAY_SHARE = 0.5        # ... and does when the rays towards the skin of this share of it meet aerated lung
 
 
 class SkinGeometry:
@@ -145,18 +146,29 @@ def between_lung_and_wall(lung: np.ndarray, rows: np.ndarray, cols: np.ndarray, 
     return ok
 
 
-def rib_mask(hu: np.ndarray, trunk: np.ndarray, midline_mm: np.ndarray,
-             spacing_rc: tuple[float, float], prob: np.ndarray | None = None) -> np.ndarray:
+def rib_mask(hu: np.ndarray, trunk: np.ndarray, midline_mm: np.ndarray, spacing_rc: tuple[float, float],
+             lung: tuple[np.ndarray, np.ndarray, SkinGeometry] | None = None) -> np.ndarray:
     """Rib pixels of one slice: bone (``RIB_HU`` after the dense-tissue mean filter) of the trunk, at least
     ``RIB_MIDLINE_MM`` from the body midline (``midline_mm``: signed distance; sternum and spine lie nearer).
-    With ``prob`` (the lung network's probability of the slice), a connected piece of bone whose mean
-    probability is at least ``RIB_LUNG_PROBABILITY`` is not a rib: it lies in the lung (contrast in a lung
-    vessel, a calcification or a bright speck in consolidation) and would put the bound deep inside it."""
+
+    With ``lung`` = (the lung network's probability of the slice, its aerated lung, its :class:`SkinGeometry`),
+    a connected piece of bone that lies in the lung is not a rib (contrast in a lung vessel, a calcification, a
+    bright speck in consolidation would put the bound deep inside the lung): the network gives it at least
+    ``RIB_LUNG_PROBABILITY`` on average, and the rays towards the skin from at least ``RIB_LUNG_RAY_SHARE`` of it
+    meet aerated lung within ``WALL_RAY_MM``. A rib lies outside the lung, only chest wall between it and the
+    skin; the network alone may give a rib beside consolidation a lung probability."""
     bone = ndi.uniform_filter(hu, odd_pixels(DENSE_SMOOTH_MM, spacing_rc)) >= RIB_HU
     ribs = bone & trunk & (np.abs(midline_mm) >= RIB_MIDLINE_MM)
-    if prob is not None and ribs.any():
-        lab, n = ndi.label(ribs)
-        in_lung = piece_means(lab, n, prob) >= RIB_LUNG_PROBABILITY  # background (0) is not
+    if lung is None or not ribs.any():
+        return ribs
+    prob, aerated, skin = lung
+    lab, n = ndi.label(ribs)
+    likely = piece_means(lab, n, prob) >= RIB_LUNG_PROBABILITY  # background (0) is not
+    if likely.any():
+        rows, cols = np.nonzero(likely[lab])
+        meets = np.zeros(hu.shape)
+        meets[rows, cols] = ray_hits(aerated, rows, cols, skin, spacing_rc, True, WALL_RAY_MM)
+        in_lung = likely & (piece_means(lab, n, meets) >= RIB_LUNG_RAY_SHARE)
         ribs &= ~in_lung[lab]
     return ribs
 
@@ -169,14 +181,14 @@ def within_chest_wall(cand: np.ndarray, aerated: np.ndarray, trunk: np.ndarray,
     interpolated around the body where no aerated lung meets the wall). With ``hu`` and ``midline``, the ribs
     bound that depth (:func:`rib_depths`): where consolidation fills the periphery over a wide arc, aerated
     lung meets no wall and its depth says the wall is thicker than it is; the ribs' inner surface says where
-    the wall ends; ``prob``, the lung network's probability, tells bone inside the lung from ribs
+    the wall ends; with ``prob``, the lung network's probability, bone inside the lung is told from ribs
     (:func:`rib_mask`). Slices without aerated lung keep nothing."""
     def kept(k: int) -> tuple[np.ndarray, np.ndarray]:
         rows, cols = np.nonzero(cand[k])
-        ribs = None if hu is None or midline is None else rib_mask(hu[k], trunk[k], midline.signed(k), spacing_rc,
-                                                                  None if prob is None else prob[k])
-        ok = wall_depth_ok(aerated[k], SkinGeometry(trunk[k], spacing_rc), rows, cols, interpolate=True,
-                           ribs=ribs)
+        skin = SkinGeometry(trunk[k], spacing_rc)
+        ribs = None if hu is None or midline is None else rib_mask(
+            hu[k], trunk[k], midline.signed(k), spacing_rc, None if prob is None else (prob[k], aerated[k], skin))
+        ok = wall_depth_ok(aerated[k], skin, rows, cols, interpolate=True, ribs=ribs)
         return rows[ok], cols[ok]
 
     out = np.zeros_like(cand)
