@@ -208,8 +208,9 @@ def test_contrast_in_lung_vessels_is_not_a_rib(real_slices, monkeypatch):
     lungmask slice and A056642 (second date), pieces of bone density lie in the lung (contrast in its vessels);
     those and only those leave the rib mask: every pixel it drops lies in the aerated lung. With a network that
     gave every pixel lung probability 1 the ribs stay, because the rays from them towards the skin meet no
-    aerated lung: what it drops lies in the lung or deeper than the inner chest wall (contrast at the heart's
-    border and in the aorta, whose rays to the skin cross the lung; no rib, so dropping it is right too)."""
+    aerated lung: what it drops lies in the lung, deeper than the inner chest wall (contrast at the heart's
+    border and in the aorta, whose rays to the skin cross the lung; no rib, so dropping it is right too) or in
+    pieces under ``RIB_MIN_MM2`` (their directions take the depth of the ribs beside them)."""
     from node.pipeline.lungs import chestwall, net
 
     within_chest_wall = net.within_chest_wall
@@ -221,7 +222,9 @@ def test_contrast_in_lung_vessels_is_not_a_rib(real_slices, monkeypatch):
             ribs = chestwall.rib_mask(hu[k], trunk[k], midline.signed(k), spacing_rc)
             for p in (prob[k], np.ones_like(prob[k])):
                 kept = chestwall.rib_mask(hu[k], trunk[k], midline.signed(k), spacing_rc, (p, aerated[k], skin))
-                rows, cols = np.nonzero(ribs & ~kept & ~aerated[k])
+                lab, n = ndi.label(ribs)
+                large = np.bincount(lab.ravel(), minlength=n + 1) * np.prod(spacing_rc) >= chestwall.RIB_MIN_MM2
+                rows, cols = np.nonzero(ribs & ~kept & ~aerated[k] & large[lab] & (lab > 0))
                 in_wall = ~chestwall.wall_depth_ok(aerated[k], skin, rows, cols, interpolate=True)
                 seen.append((ribs.sum(), (ribs & ~kept).sum(), (ribs & ~kept & ~aerated[k]).sum(), in_wall.sum()))
         return within_chest_wall(cand, aerated, trunk, spacing_rc, hu=hu, midline=midline, prob=prob)

@@ -566,6 +566,21 @@ def test_a_rib_the_network_gives_lung_stays_a_rib():
     assert ribs[20:24, 4:8].any() and not ribs[30:33, 50:53].any()
 
 
+def test_a_speck_of_bone_in_consolidation_is_no_rib():
+    """A vessel with contrast or a calcification in dependent consolidation has no aerated lung between it and the
+    skin, as a rib has; it is small where a rib is large, so the network's lung probability decides it (read as a
+    rib deep inside the lung, it would leave the consolidation between it and the wall out of the lung)."""
+    hu, aerated, midline_mm, trunk = _rib_and_vessel_slice()
+    hu[51:53, 50:52] = 700.0   # 2 x 2 pixels (9 mm2) below the aerated lung, 30-33 mm off the midline
+    prob = np.zeros((60, 60))
+    prob[48:56, 46:56] = 0.9   # consolidation around it
+    skin = chestwall.SkinGeometry(trunk, (1.5, 1.5))
+    without = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5))
+    ribs = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5), (prob, aerated, skin))
+    assert without[51:53, 50:52].any() and not ribs[51:53, 50:52].any()
+    assert np.array_equal(ribs[:, :30], without[:, :30]) and ribs[20:24, 4:8].any()
+
+
 def test_main_bronchi_are_followed_past_a_wide_carina():
     """A branch may be as large as a trachea the tracking accepts (``TRACHEA_AREA_MM2``). At 3.1 mm pixels the
     phantom's carina (trachea and both main bronchi's origins on one slice) reads 710 mm2 of lumen; a lower cap

@@ -21,7 +21,9 @@ RIB_WINDOW_BINS = 9             # 18 degrees: an intercostal space takes the dep
 RIB_MARGIN_MM = 3.0             # innermost intercostal muscle, endothoracic fascia and pleura under a rib
 RIB_LUNG_PROBABILITY = 0.5      # a piece of bone the lung network gives this on average may lie in the lung (the
                                 # network's lung threshold): contrast in lung vessels, a bright speck in consolidation
-RIB_LUNG_RAY_SHARE = 0.5        # ... and does when the rays towards the skin of this share of it meet aerated lung
+RIB_LUNG_RAY_SHARE = 0.5        # ... and does when the rays towards the skin of this share of it meet aerated lung,
+RIB_MIN_MM2 = 20.0              # or when it is smaller than this (a rib's cross-section is tens of mm2; a speck of
+                                # contrast or calcium in consolidation, with no aerated lung outside it, a few)
 
 
 class SkinGeometry:
@@ -154,9 +156,10 @@ def rib_mask(hu: np.ndarray, trunk: np.ndarray, midline_mm: np.ndarray, spacing_
     With ``lung`` = (the lung network's probability of the slice, its aerated lung, its :class:`SkinGeometry`),
     a connected piece of bone that lies in the lung is not a rib (contrast in a lung vessel, a calcification, a
     bright speck in consolidation would put the bound deep inside the lung): the network gives it at least
-    ``RIB_LUNG_PROBABILITY`` on average, and the rays towards the skin from at least ``RIB_LUNG_RAY_SHARE`` of it
-    meet aerated lung within ``WALL_RAY_MM``. A rib lies outside the lung, only chest wall between it and the
-    skin; the network alone may give a rib beside consolidation a lung probability."""
+    ``RIB_LUNG_PROBABILITY`` on average, and either the rays towards the skin from at least
+    ``RIB_LUNG_RAY_SHARE`` of it meet aerated lung within ``WALL_RAY_MM`` or it covers less than
+    ``RIB_MIN_MM2``. A rib lies outside the lung, only chest wall between it and the skin, and is large; the
+    network alone may give a rib beside consolidation a lung probability."""
     bone = ndi.uniform_filter(hu, odd_pixels(DENSE_SMOOTH_MM, spacing_rc)) >= RIB_HU
     ribs = bone & trunk & (np.abs(midline_mm) >= RIB_MIDLINE_MM)
     if lung is None or not ribs.any():
@@ -168,7 +171,8 @@ def rib_mask(hu: np.ndarray, trunk: np.ndarray, midline_mm: np.ndarray, spacing_
         rows, cols = np.nonzero(likely[lab])
         meets = np.zeros(hu.shape)
         meets[rows, cols] = ray_hits(aerated, rows, cols, skin, spacing_rc, True, WALL_RAY_MM)
-        in_lung = likely & (piece_means(lab, n, meets) >= RIB_LUNG_RAY_SHARE)
+        small = np.bincount(lab.ravel(), minlength=n + 1) * spacing_rc[0] * spacing_rc[1] < RIB_MIN_MM2
+        in_lung = likely & ((piece_means(lab, n, meets) >= RIB_LUNG_RAY_SHARE) | small)
         ribs &= ~in_lung[lab]
     return ribs
 
