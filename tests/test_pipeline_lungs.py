@@ -581,6 +581,30 @@ def test_a_speck_of_bone_in_consolidation_is_no_rib():
     assert np.array_equal(ribs[:, :30], without[:, :30]) and ribs[20:24, 4:8].any()
 
 
+def test_a_rib_is_never_lung():
+    """Where a rib runs obliquely, aerated lung beside it lies shallower under the skin than the rib's inner
+    cortex, and the wall depth is read from that lung; a network that gives the cortex lung probability (as a
+    small one did on A056642 19001229-053) must still not add it to the lung."""
+    class Midline:
+        def signed(self, k):
+            return (np.arange(60) - 30.0)[None, :] * 2.0 * np.ones((60, 1))
+
+    hu = np.full((1, 60, 60), 40.0)
+    trunk = np.zeros(hu.shape, bool)
+    trunk[0, 2:58, 2:58] = True
+    aerated = np.zeros(hu.shape, bool)
+    aerated[0, 12:48, 10:54] = True
+    hu[aerated] = -850.0
+    rib = np.zeros(hu.shape, bool)
+    rib[0, 30:34, 10:14] = True  # 32-40 mm off the midline (2 mm pixels), as deep as the lung's edge and deeper
+    hu[rib] = 700.0
+    aerated &= ~rib
+    kept = chestwall.within_chest_wall(rib, aerated, trunk, (2.0, 2.0), hu=hu, midline=Midline(),
+                                       prob=np.ones(hu.shape))
+    assert chestwall.rib_mask(hu[0], trunk[0], Midline().signed(0), (2.0, 2.0))[rib[0]].all()
+    assert not kept.any()
+
+
 def test_main_bronchi_are_followed_past_a_wide_carina():
     """A branch may be as large as a trachea the tracking accepts (``TRACHEA_AREA_MM2``). At 3.1 mm pixels the
     phantom's carina (trachea and both main bronchi's origins on one slice) reads 710 mm2 of lumen; a lower cap

@@ -193,6 +193,8 @@ def within_chest_wall(cand: np.ndarray, aerated: np.ndarray, trunk: np.ndarray,
         ribs = None if hu is None or midline is None else rib_mask(
             hu[k], trunk[k], midline.signed(k), spacing_rc, None if prob is None else (prob[k], aerated[k], skin))
         ok = wall_depth_ok(aerated[k], skin, rows, cols, interpolate=True, ribs=ribs)
+        if ribs is not None:  # a rib is never lung (its cortex can lie deeper than aerated lung beside it)
+            ok &= ~ribs[rows, cols]
         return rows[ok], cols[ok]
 
     out = np.zeros_like(cand)
