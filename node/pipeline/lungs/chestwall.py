@@ -186,14 +186,15 @@ def within_chest_wall(cand: np.ndarray, aerated: np.ndarray, trunk: np.ndarray,
     bound that depth (:func:`rib_depths`): where consolidation fills the periphery over a wide arc, aerated
     lung meets no wall and its depth says the wall is thicker than it is; the ribs' inner surface says where
     the wall ends; with ``prob``, the lung network's probability, bone inside the lung is told from ribs
-    (:func:`rib_mask`). Slices without aerated lung keep nothing."""
+    (:func:`rib_mask`), and no rib pixel is kept (where a rib runs obliquely, its inner cortex lies deeper than
+    aerated lung beside it). Slices without aerated lung keep nothing."""
     def kept(k: int) -> tuple[np.ndarray, np.ndarray]:
         rows, cols = np.nonzero(cand[k])
         skin = SkinGeometry(trunk[k], spacing_rc)
         ribs = None if hu is None or midline is None else rib_mask(
             hu[k], trunk[k], midline.signed(k), spacing_rc, None if prob is None else (prob[k], aerated[k], skin))
         ok = wall_depth_ok(aerated[k], skin, rows, cols, interpolate=True, ribs=ribs)
-        if ribs is not None:  # a rib is never lung (its cortex can lie deeper than aerated lung beside it)
+        if ribs is not None:  # a rib is never lung
             ok &= ~ribs[rows, cols]
         return rows[ok], cols[ok]
 
