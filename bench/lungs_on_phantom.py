@@ -11,9 +11,10 @@ was trained or validated on (other seeds, sizes and spacings; training/lungnet.p
 ``--dense``: the same phantoms with airless consolidation (node.phantom.DENSE_CONSOLIDATION_HU, about -30..+90
 HU: complete consolidation and atelectasis, up to contrast enhancement) instead of partly aerated consolidation.
 ``--no-chest-wall-limit``: also the lung network without step 6n's chest-wall limit (a candidate,
-docs/protocol.md).
+docs/protocol.md). ``--notes``: then, for the lung network, how much of the consolidation it leaves out lies where
+the dense-tissue note looks (node/pipeline/effusion.py: the dependent pocket) and which notes the result carries.
 
-    python bench/lungs_on_phantom.py [--dense] [--no-chest-wall-limit]
+    python bench/lungs_on_phantom.py [--dense] [--no-chest-wall-limit] [--notes]
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="airless consolidation (DENSE_CONSOLIDATION_HU)")
     ap.add_argument("--no-chest-wall-limit", action="store_true",
                     help="also the lung network without step 6n's chest-wall limit (within_chest_wall)")
+    ap.add_argument("--notes", action="store_true",
+                    help="also where the consolidation the lung network leaves out lies against the dense-tissue note")
     args = ap.parse_args()
     cons_hu = ph.DENSE_CONSOLIDATION_HU if args.dense else ph.CONSOLIDATION_HU
     steps = {"no recovery": ("hu", ("6", "6a", "6b")), "step 6": ("hu", ("6a", "6b")),
@@ -83,6 +86,30 @@ def main() -> None:
                 m = metrics(p, segment_lungs(volume, method=method).lungs)
             print(f"| {name} | {label} | {m['dice']:.4f} | {m['recall']:.3f} | {m['fp %']:.2f} | {m['heart %']:.3f} "
                   f"| {m['effusion %']:.3f} |")
+    if args.notes:
+        print_notes(cons_hu)
+
+
+def print_notes(cons_hu: tuple[float, float]) -> None:
+    """For the lung network on each phantom: the share of the consolidation it leaves out, the share of that in
+    the dense-tissue note's mask (``Effusion.dense_unexplained``), and the sides the note names."""
+    from node.pipeline.effusion import find_effusion
+
+    print()
+    print("| phantom | consolidation left out | of it where the dense-tissue note looks | notes |")
+    print("|---|---|---|---|")
+    for name, kw in CASES.items():
+        p = ph.make_phantom(**kw, consolidation_hu=cons_hu)
+        volume = p.as_volume()
+        lungs = segment_lungs(volume, method="net")
+        effusion = find_effusion(volume, lungs)
+        cons = p.masks["consolidation"]
+        missed = cons & (lungs.labels == 0)
+        noted = missed & (effusion.dense_unexplained > 0)
+        sides = ", ".join(n.split(" hemithorax")[0].split(" in the ")[-1] for n in effusion.notes) or "none"
+        left_out = f"{missed.sum() / cons.sum():.3f}" if cons.any() else "-"
+        share = f"{noted.sum() / missed.sum():.2f}" if missed.any() else "-"
+        print(f"| {name} | {left_out} | {share} | {sides} |")
 
 
 if __name__ == "__main__":
