@@ -541,6 +541,13 @@ def _rib_and_vessel_slice():
     return hu, aerated, midline_mm, trunk
 
 
+def _ribs_without_and_with(hu, aerated, midline_mm, trunk, prob):
+    """The rib mask of a ``_rib_and_vessel_slice`` without the network and with its probability ``prob``."""
+    skin = chestwall.SkinGeometry(trunk, (1.5, 1.5))
+    return (chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5)),
+            chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5), (prob, aerated, skin)))
+
+
 def test_rib_mask_leaves_out_bone_in_the_lung():
     """With the network's probability, a piece of bone it gives lung on average whose rays towards the skin meet
     aerated lung (a contrast-filled vessel, a calcification) is not a rib; a rib stays one even where the
@@ -549,9 +556,7 @@ def test_rib_mask_leaves_out_bone_in_the_lung():
     prob = np.zeros((60, 60))
     prob[20:24, 7:8] = 0.9     # the network's edge reaches the rib's inner surface
     prob[26:40, 44:58] = 0.95  # lung around the vessel
-    skin = chestwall.SkinGeometry(trunk, (1.5, 1.5))
-    without = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5))
-    ribs = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5), (prob, aerated, skin))
+    without, ribs = _ribs_without_and_with(hu, aerated, midline_mm, trunk, prob)
     assert without[30:33, 50:53].any() and not ribs[30:33, 50:53].any()
     assert np.array_equal(ribs[:, :30], without[:, :30]) and ribs[20:24, 4:8].any()
 
@@ -560,9 +565,7 @@ def test_a_rib_the_network_gives_lung_stays_a_rib():
     """A network may give a rib beside consolidation a lung probability (two small networks did on a real
     slice); the rib still bounds the chest wall, because only chest wall lies between it and the skin."""
     hu, aerated, midline_mm, trunk = _rib_and_vessel_slice()
-    prob = np.ones((60, 60))
-    skin = chestwall.SkinGeometry(trunk, (1.5, 1.5))
-    ribs = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5), (prob, aerated, skin))
+    _, ribs = _ribs_without_and_with(hu, aerated, midline_mm, trunk, np.ones((60, 60)))
     assert ribs[20:24, 4:8].any() and not ribs[30:33, 50:53].any()
 
 
@@ -574,9 +577,7 @@ def test_a_speck_of_bone_in_consolidation_is_no_rib():
     hu[51:53, 50:52] = 700.0   # 2 x 2 pixels (9 mm2) below the aerated lung, 30-33 mm off the midline
     prob = np.zeros((60, 60))
     prob[48:56, 46:56] = 0.9   # consolidation around it
-    skin = chestwall.SkinGeometry(trunk, (1.5, 1.5))
-    without = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5))
-    ribs = chestwall.rib_mask(hu, trunk, midline_mm, (1.5, 1.5), (prob, aerated, skin))
+    without, ribs = _ribs_without_and_with(hu, aerated, midline_mm, trunk, prob)
     assert without[51:53, 50:52].any() and not ribs[51:53, 50:52].any()
     assert np.array_equal(ribs[:, :30], without[:, :30]) and ribs[20:24, 4:8].any()
 

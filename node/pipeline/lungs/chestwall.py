@@ -167,14 +167,15 @@ def rib_mask(hu: np.ndarray, trunk: np.ndarray, midline_mm: np.ndarray, spacing_
     prob, aerated, skin = lung
     lab, n = ndi.label(ribs)
     likely = piece_means(lab, n, prob) >= RIB_LUNG_PROBABILITY  # background (0) is not
-    if likely.any():
-        rows, cols = np.nonzero(likely[lab])
+    small = np.bincount(lab.ravel(), minlength=n + 1) * spacing_rc[0] * spacing_rc[1] < RIB_MIN_MM2
+    in_lung = likely & small
+    asked = likely & ~small  # the rays decide the larger pieces
+    if asked.any():
+        rows, cols = np.nonzero(asked[lab])
         meets = np.zeros(hu.shape)
         meets[rows, cols] = ray_hits(aerated, rows, cols, skin, spacing_rc, True, WALL_RAY_MM)
-        small = np.bincount(lab.ravel(), minlength=n + 1) * spacing_rc[0] * spacing_rc[1] < RIB_MIN_MM2
-        in_lung = likely & ((piece_means(lab, n, meets) >= RIB_LUNG_RAY_SHARE) | small)
-        ribs &= ~in_lung[lab]
-    return ribs
+        in_lung |= asked & (piece_means(lab, n, meets) >= RIB_LUNG_RAY_SHARE)
+    return ribs & ~in_lung[lab]
 
 
 def within_chest_wall(cand: np.ndarray, aerated: np.ndarray, trunk: np.ndarray,
