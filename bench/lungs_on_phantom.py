@@ -93,7 +93,7 @@ def main() -> None:
 def print_notes(cons_hu: tuple[float, float]) -> None:
     """For the lung network on each phantom: the share of the consolidation it leaves out, the share of that in
     the dense-tissue note's mask (``Effusion.dense_unexplained``), and the sides the note names."""
-    from node.pipeline.effusion import find_effusion
+    from node.pipeline.effusion import SIDE_NAMES, find_effusion
 
     print()
     print("| phantom | consolidation left out | of it where the dense-tissue note looks | notes |")
@@ -106,7 +106,8 @@ def print_notes(cons_hu: tuple[float, float]) -> None:
         cons = p.masks["consolidation"]
         missed = cons & (lungs.labels == 0)
         noted = missed & (effusion.dense_unexplained > 0)
-        sides = ", ".join(n.split(" hemithorax")[0].split(" in the ")[-1] for n in effusion.notes) or "none"
+        sides = ", ".join(name for name in SIDE_NAMES.values()
+                          if any(f"the {name} hemithorax" in note for note in effusion.notes)) or "none"
         left_out = f"{missed.sum() / cons.sum():.3f}" if cons.any() else "-"
         share = f"{noted.sum() / missed.sum():.2f}" if missed.any() else "-"
         print(f"| {name} | {left_out} | {share} | {sides} |")
