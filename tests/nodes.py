@@ -118,9 +118,13 @@ class NodeProcess:
         self.print_output()
 
     def kill_all(self) -> None:
-        """SIGKILL the node and its workers at once, as the loss of its host would."""
+        """SIGKILL the node and its workers at once, as the loss of its host would (nothing when none of them
+        is left)."""
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait(10)
         self.print_output()
 

@@ -214,6 +214,12 @@ def test_two_nodes_and_a_worker_restart_and_failover(tmp_path, studies, postgres
             time.sleep(2)  # a duplicate send would show up now
             alive = [m for m in members.values() if m is not a]
             scraped = {m.name: m.metrics() for m in alive}
+        except BaseException:
+            # a step failed: SIGTERM would leave node a waiting out its stalled export, and that failed stop
+            # would hide this error
+            for m in members.values():
+                m.process.kill_all()
+            raise
         finally:
             for m in members.values():
                 m.process.stop()
