@@ -116,6 +116,19 @@ def test_dense_tissue_the_lung_mask_leaves_out_is_never_silent(healthy_case, met
     assert not effusion.labels.any()               # consolidation density is not fluid
 
 
+def test_a_rim_thinner_than_the_opening_goes_whether_alone_or_beside_more():
+    """The rim opening drops a strip two pixels thick (partial volume at the pleura) also when nothing else is
+    in the mask: the filters run in the mask's bounding box, and a border that mirrored the strip kept it."""
+    from node.pipeline.effusion import _opened
+
+    strip = np.zeros((1, 40, 40), bool)
+    strip[0, 10:12, 5:35] = True
+    assert not _opened(strip, (1.0, 1.0)).any()
+    with_block = strip.copy()
+    with_block[0, 20:35, 5:35] = True               # a piece wider than the opening stays whole
+    assert (_opened(with_block, (1.0, 1.0)) == (with_block & ~strip)).all()
+
+
 def test_single_slice_gives_areas_in_cm2(effusion_case):
     p, volume, lungs, _ = effusion_case
     k = int(np.argmax((p.labels == ph.TISSUES["effusion"]).sum(axis=(1, 2))))

@@ -174,13 +174,16 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 def _opened(mask: np.ndarray, spacing_rc: tuple[float, float]) -> np.ndarray:
     """In-plane opening with a square of half-width ``RIM_MM`` (at least one pixel): drops rims thinner than
-    about twice that (partial volume at the pleura). Separable minimum and maximum filters: fast on big boxes."""
+    about twice that (partial volume at the pleura). Separable minimum and maximum filters in the mask's
+    bounding box: fast on big boxes. Beyond the box is background (``mode="constant"``), so a piece that fills its
+    box is opened like any other."""
     size = (1, *(2 * max(int(RIM_MM / s), 1) + 1 for s in spacing_rc))
     out = np.zeros_like(mask)
     box = _bounding_box(mask)
     if box is not None:
         sub = mask[box]
-        out[box] = ndi.maximum_filter(ndi.minimum_filter(sub.view(np.uint8), size=size), size=size).view(bool) & sub
+        eroded = ndi.minimum_filter(sub.view(np.uint8), size=size, mode="constant", cval=0)
+        out[box] = ndi.maximum_filter(eroded, size=size, mode="constant", cval=0).view(bool) & sub
     return out
 
 
