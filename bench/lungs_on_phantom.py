@@ -11,8 +11,9 @@ was trained or validated on (other seeds, sizes and spacings; training/lungnet.p
 ``--dense``: the same phantoms with airless consolidation (node.phantom.DENSE_CONSOLIDATION_HU, about -30..+90
 HU: complete consolidation and atelectasis, up to contrast enhancement) instead of partly aerated consolidation.
 ``--no-chest-wall-limit``: also the lung network without step 6n's chest-wall limit (a candidate,
-docs/protocol.md). ``--notes``: then, for the lung network, how much of the consolidation it leaves out lies where
-the dense-tissue note looks (node/pipeline/effusion.py: the dependent pocket) and which notes the result carries.
+docs/protocol.md). ``--notes``: then, for the lung network, how much of the consolidation it leaves out lies within
+twice the rim opening's radius of the lung mask (a rim the dense-tissue note's opening drops by design), how much
+lies where that note looks (node/pipeline/effusion.py: the dependent pocket) and which notes the result carries.
 
     python bench/lungs_on_phantom.py [--dense] [--no-chest-wall-limit] [--notes]
 """
@@ -93,11 +94,15 @@ def main() -> None:
 def print_notes(cons_hu: tuple[float, float]) -> None:
     """For the lung network on each phantom: the share of the consolidation it leaves out, the share of that in
     the dense-tissue note's mask (``Effusion.dense_unexplained``), and the sides the note names."""
+    from scipy import ndimage as ndi
+
     from node.pipeline.effusion import SIDE_NAMES, find_effusion
+    from node.pipeline.lungs.density import RIM_MM
 
     print()
-    print("| phantom | consolidation left out | of it where the dense-tissue note looks | notes |")
-    print("|---|---|---|---|")
+    print("| phantom | consolidation left out | of it within RIM of the lung mask | of it where the dense-tissue note "
+          "looks | notes |".replace("RIM", f"{2 * RIM_MM:g} mm"))
+    print("|---|---|---|---|---|")
     for name, kw in CASES.items():
         p = ph.make_phantom(**kw, consolidation_hu=cons_hu)
         volume = p.as_volume()
@@ -108,9 +113,11 @@ def print_notes(cons_hu: tuple[float, float]) -> None:
         noted = missed & (effusion.dense_unexplained > 0)
         sides = ", ".join(name for name in SIDE_NAMES.values()
                           if any(f"the {name} hemithorax" in note for note in effusion.notes)) or "none"
+        to_lung = np.stack([ndi.distance_transform_edt(~lung, sampling=volume.pixel_spacing)
+                            for lung in lungs.labels > 0])
         left_out = f"{missed.sum() / cons.sum():.3f}" if cons.any() else "-"
-        share = f"{noted.sum() / missed.sum():.2f}" if missed.any() else "-"
-        print(f"| {name} | {left_out} | {share} | {sides} |")
+        share = (lambda m: f"{m.sum() / missed.sum():.2f}" if missed.any() else "-")  # noqa: E731
+        print(f"| {name} | {left_out} | {share(missed & (to_lung <= 2 * RIM_MM))} | {share(noted)} | {sides} |")
 
 
 if __name__ == "__main__":
