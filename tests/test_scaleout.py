@@ -120,6 +120,15 @@ def send_all(studies: list[Path], a: Member, b: Member) -> None:
     assert results == [0] * len(studies)
 
 
+def signal_worker(pid: int, sig: int) -> bool:
+    """Send ``sig`` to the worker process ``pid``; False when it has ended."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def takeover_event(sessions, prefix: str) -> Event | None:
     with sessions() as s:
         return s.scalars(select(Event).where(Event.kind == "lease_takeover", Event.detail.startswith(prefix))).first()
@@ -142,14 +151,23 @@ def test_two_nodes_and_a_worker_restart_and_failover(tmp_path, studies, postgres
             send_all(early, a, b)
 
             # 1. a job's worker on b or w is paused mid-job (its process keeps renewing the lease); a restarts
-            def held_elsewhere() -> Job | None:
+            def paused_elsewhere() -> Job | None:
+                """A job processing on b or w whose worker is now stopped (SIGSTOP), as it stands then; a job
+                that ended between the query and the signal is let go (its worker continued)."""
                 with sessions() as s:
-                    return s.scalars(select(Job).where(Job.state == "processing", Job.worker_pid.is_not(None),
-                                                       ~Job.owner.startswith("a/"))).first()
+                    found = s.scalars(select(Job).where(Job.state == "processing", Job.worker_pid.is_not(None),
+                                                        ~Job.owner.startswith("a/"))).first()
+                if found is None or not signal_worker(found.worker_pid, signal.SIGSTOP):
+                    return None
+                with sessions() as s:
+                    now = s.get(Job, found.id)
+                if (now.state, now.owner, now.worker_pid) == ("processing", found.owner, found.worker_pid):
+                    return now
+                signal_worker(found.worker_pid, signal.SIGCONT)
+                return None
 
-            job = wait_for(held_elsewhere, 120, "a job processing on b or w")
+            job = wait_for(paused_elsewhere, 120, "a job processing on b or w, its worker stopped")
             holder = members[job.owner.split("/")[0]]
-            os.kill(job.worker_pid, signal.SIGSTOP)
             try:
                 a.process.kill_all()
                 a.process.start()
