@@ -92,16 +92,17 @@ def main() -> None:
 
 
 def print_notes(cons_hu: tuple[float, float]) -> None:
-    """For the lung network on each phantom: the share of the consolidation it leaves out, the share of that in
-    the dense-tissue note's mask (``Effusion.dense_unexplained``), and the sides the note names."""
+    """For the lung network on each phantom: the share of the consolidation it leaves out, the shares of that
+    within twice ``RIM_MM`` of the lung mask (in-plane) and in the dense-tissue note's mask
+    (``Effusion.dense_unexplained``), and the sides the note names."""
     from scipy import ndimage as ndi
 
     from node.pipeline.effusion import SIDE_NAMES, find_effusion
     from node.pipeline.lungs.density import RIM_MM
 
     print()
-    print("| phantom | consolidation left out | of it within RIM of the lung mask | of it where the dense-tissue note "
-          "looks | notes |".replace("RIM", f"{2 * RIM_MM:g} mm"))
+    print(f"| phantom | consolidation left out | of it within {2 * RIM_MM:g} mm of the lung mask | of it where the "
+          "dense-tissue note looks | notes |")
     print("|---|---|---|---|---|")
     for name, kw in CASES.items():
         p = ph.make_phantom(**kw, consolidation_hu=cons_hu)
