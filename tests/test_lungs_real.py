@@ -220,10 +220,10 @@ def test_contrast_in_lung_vessels_is_not_a_rib(real_slices, monkeypatch):
         for k in range(hu.shape[0]):
             skin = chestwall.SkinGeometry(trunk[k], spacing_rc)
             ribs = chestwall.rib_mask(hu[k], trunk[k], midline.signed(k), spacing_rc)
+            lab, n = ndi.label(ribs)
+            large = np.bincount(lab.ravel(), minlength=n + 1) * np.prod(spacing_rc) >= chestwall.RIB_MIN_MM2
             for p in (prob[k], np.ones_like(prob[k])):
                 kept = chestwall.rib_mask(hu[k], trunk[k], midline.signed(k), spacing_rc, (p, aerated[k], skin))
-                lab, n = ndi.label(ribs)
-                large = np.bincount(lab.ravel(), minlength=n + 1) * np.prod(spacing_rc) >= chestwall.RIB_MIN_MM2
                 rows, cols = np.nonzero(ribs & ~kept & ~aerated[k] & large[lab] & (lab > 0))
                 in_wall = ~chestwall.wall_depth_ok(aerated[k], skin, rows, cols, interpolate=True)
                 seen.append((ribs.sum(), (ribs & ~kept).sum(), (ribs & ~kept & ~aerated[k]).sum(), in_wall.sum()))

@@ -181,7 +181,7 @@ def test_two_nodes_and_a_worker_restart_and_failover(tmp_path, studies, postgres
                 lost_at = time.monotonic()
             finally:
                 if holder.process.proc.poll() is None:
-                    os.kill(job.worker_pid, signal.SIGCONT)
+                    signal_worker(job.worker_pid, signal.SIGCONT)
             event = wait_for(lambda: takeover_event(sessions, f"job {job.id} "), LEASE_S + 30,
                              "another process to take the job over")
             job_took = time.monotonic() - lost_at
