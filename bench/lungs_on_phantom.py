@@ -94,11 +94,12 @@ def main() -> None:
 def print_notes(cons_hu: tuple[float, float]) -> None:
     """For the lung network on each phantom: the share of the consolidation it leaves out, the shares of that
     within twice ``RIM_MM`` of the lung mask (in-plane) and in the dense-tissue note's mask
-    (``Effusion.dense_unexplained``), and the sides the note names."""
+    (``Effusion.dense_unexplained``), and the sides the note names with its amount and share of that lung."""
     from scipy import ndimage as ndi
 
     from node.pipeline.effusion import SIDE_NAMES, find_effusion
     from node.pipeline.lungs.density import RIM_MM
+    from node.pipeline.lungs.notes import amount_text
 
     print()
     print(f"| phantom | consolidation left out | of it within {2 * RIM_MM:g} mm of the lung mask | of it where the "
@@ -112,7 +113,10 @@ def print_notes(cons_hu: tuple[float, float]) -> None:
         cons = p.masks["consolidation"]
         missed = cons & (lungs.labels == 0)
         noted = missed & (effusion.dense_unexplained > 0)
-        sides = ", ".join(name for name in SIDE_NAMES.values()
+        counts = np.bincount(effusion.dense_unexplained.ravel(), minlength=3)
+        lung = np.bincount(lungs.labels.ravel(), minlength=3)
+        sides = ", ".join(f"{name} ({amount_text(int(counts[side]), volume)}, {100 * counts[side] / lung[side]:.0f} %)"
+                          for side, name in SIDE_NAMES.items()
                           if any(f"the {name} hemithorax" in note for note in effusion.notes)) or "none"
         to_lung = np.stack([ndi.distance_transform_edt(~lung, sampling=volume.pixel_spacing)
                             for lung in lungs.labels > 0])
