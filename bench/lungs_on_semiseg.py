@@ -187,23 +187,25 @@ def infection_dice(data: Path, spacing: float = 0.75, split: str = "test", metho
 
 MISS_CAUSES = ("the network gives it less than NET_LUNG_PROBABILITY",
                "network lung, but beyond the chest-wall limit (within_chest_wall)",
-               "network lung, but not a candidate (air, airway, already lung on another step)",
+               "network lung, but air (below AIR_HU: an air pocket the HU steps did not take)",
+               "network lung of soft-tissue density, in a rim thinner than step 6n's opening (RIM_MM)",
                "network lung within the wall, dropped later (opening, not touching the lung, side, smoothing)")
 
 
 def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple[int, np.ndarray]:
     """Expert consolidation that the "net" lung mask leaves out, by cause (``MISS_CAUSES``): the network's
-    probability and the chest-wall limit of step 6n as ``segment_lungs`` computed them (recorded by wrapping
-    the two functions). Returns the expert consolidation pixels and the missed pixels per cause."""
+    probability, the HU it saw and the chest-wall limit of step 6n as ``segment_lungs`` computed them (recorded by
+    wrapping the two functions). Returns the expert consolidation pixels and the missed pixels per cause."""
     from node.pipeline import lungs as lungs_mod
     from node.pipeline import workgrid
     from node.pipeline.lungs import net as net_step
+    from node.pipeline.lungs.density import AIR_HU
 
     seen: dict[str, np.ndarray] = {}
     probability, chest_wall, cropped = net_step.lung_probability, net_step.within_chest_wall, lungs_mod.cropped
 
     def recorded_probability(hu, device="cpu"):
-        seen["probability"] = probability(hu, device)
+        seen["probability"], seen["hu"] = probability(hu, device), hu
         return seen["probability"]
 
     def recorded_box(volume, rows, cols):
@@ -240,7 +242,9 @@ def why_missed(data: Path, spacing: float = 0.75, split: str = "train") -> tuple
             kept = source(seen["kept"]) if "kept" in seen else np.zeros_like(lung)
             missed = missed[:, :lung.shape[1], :lung.shape[2]]
             beyond = missed & lung & candidate & ~kept
-            causes += [(missed & ~lung).sum(), beyond.sum(), (missed & lung & ~candidate).sum(),
+            not_candidate = missed & lung & ~candidate
+            air = source(seen["hu"] < AIR_HU)[:, :lung.shape[1], :lung.shape[2]]
+            causes += [(missed & ~lung).sum(), beyond.sum(), (not_candidate & air).sum(), (not_candidate & ~air).sum(),
                        (missed & lung & candidate & ~beyond).sum()]
             total += int(cons.sum())
     finally:
