@@ -105,6 +105,26 @@ class SliceResult(NamedTuple):
     consolidation: int             # expert consolidation pixels
     consolidation_inside: int
     consolidation_median_hu: float  # through the assumed window; nan without consolidation
+    infection: int = 0             # expert infection pixels (GGO or consolidation)
+    infection_inside: int = 0
+
+
+INTERVAL_DRAWS = 2000  # bootstrap draws of slices for the 95 % intervals (seeded: the same interval each run)
+
+
+def slice_intervals(per_slice: list[SliceResult], draws: int = INTERVAL_DRAWS,
+                    seed: int = 0) -> tuple[tuple[float, float], tuple[float, float]]:
+    """95 % percentile-bootstrap intervals of the pooled share of expert infection and of consolidation inside
+    the lung mask, slices drawn with replacement (the slice is the unit: pixels of one slice are not
+    independent). Returns ((low, high) for infection, (low, high) for consolidation)."""
+    counts = np.array([(r.infection_inside, r.infection, r.consolidation_inside, r.consolidation)
+                       for r in per_slice], float)
+    rng = np.random.default_rng(seed)
+    drawn = counts[rng.integers(0, len(counts), size=(draws, len(counts)))].sum(axis=1)
+    infection = drawn[:, 0] / np.maximum(drawn[:, 1], 1)
+    consolidation = drawn[:, 2] / np.maximum(drawn[:, 3], 1)
+    return (tuple(np.percentile(infection, [2.5, 97.5])),       # type: ignore[return-value]
+            tuple(np.percentile(consolidation, [2.5, 97.5])))
 
 
 # method of node.pipeline.lungs.segment_lungs and the HU steps switched off
@@ -146,7 +166,8 @@ def measure(data: Path, spacing: float = 0.75, variants: tuple[str, ...] = DEFAU
             hu = volume.hu[0][pad:-pad, pad:-pad]
             per_slice.append(SliceResult((classes[0] & mask).sum() / classes[0].sum(), stem, int(cons.sum()),
                                          int((cons & mask).sum()),
-                                         float(np.median(hu[cons])) if cons.any() else float("nan")))
+                                         float(np.median(hu[cons])) if cons.any() else float("nan"),
+                                         int(classes[0].sum()), int((classes[0] & mask).sum())))
         if png:
             overlay(image8, mask, first, classes[0], png / f"{stem}.png")
     return inside, truth, per_slice
@@ -295,6 +316,9 @@ def main() -> None:
         share = pixels[:3] / np.maximum(truth, 1)
         added = f"{int(pixels[3])} | {pixels[4] / pixels[3]:.2f}" if pixels[3] else "- | -"
         print(f"| {name} | {share[0]:.3f} | {share[1]:.3f} | {share[2]:.3f} | {added} |")
+    (inf_lo, inf_hi), (cons_lo, cons_hi) = slice_intervals(per_slice)
+    print(f"95 % interval, slices resampled ({INTERVAL_DRAWS} draws; {last}): infection {inf_lo:.3f}-{inf_hi:.3f}, "
+          f"consolidation {cons_lo:.3f}-{cons_hi:.3f}")
     per_slice.sort()
     print(f"slices with the least infection inside ({last}): "
           + ", ".join(f"{r.stem} ({r.share_inside:.2f})" for r in per_slice[:5]))

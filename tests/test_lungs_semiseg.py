@@ -52,3 +52,21 @@ def test_why_missed_accounts_for_every_left_out_pixel():
     total, causes = bench.why_missed(data, split="val")
     assert total == truth[2] > 0 and len(causes) == len(bench.MISS_CAUSES) and (causes >= 0).all()
     assert causes.sum() == truth[2] - inside["lung network"][2] > 0
+
+
+def test_slice_intervals_resample_whole_slices():
+    """The bench's 95 % intervals: slices, not pixels, are drawn (one bad slice widens the interval whatever its
+    pixel count), the pooled share lies inside, and identical slices give no spread."""
+    bench = load_bench()
+
+    def row(inside: int, total: int):
+        return bench.SliceResult(inside / total, "s", total, inside, 0.0, total, inside)
+
+    same = [row(80, 100)] * 12
+    assert bench.slice_intervals(same) == ((0.8, 0.8), (0.8, 0.8))
+    mixed = [row(95, 100)] * 11 + [row(10, 100)]
+    (lo, hi), (c_lo, c_hi) = bench.slice_intervals(mixed)
+    pooled = (11 * 95 + 10) / 1200
+    assert lo < pooled < hi and (lo, hi) == (c_lo, c_hi)
+    assert hi == pytest.approx(0.95) and lo < 0.85        # the draws without the bad slice reach 0.95
+    assert bench.slice_intervals(mixed) == bench.slice_intervals(mixed)  # seeded
