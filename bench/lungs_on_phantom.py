@@ -13,7 +13,9 @@ HU: complete consolidation and atelectasis, up to contrast enhancement) instead 
 ``--no-chest-wall-limit``: also the lung network without step 6n's chest-wall limit (a candidate,
 docs/protocol.md). ``--notes``: then, for the lung network, how much of the consolidation it leaves out lies within
 twice the rim opening's radius of the lung mask (a rim the dense-tissue note's opening drops by design), how much
-lies where that note looks (node/pipeline/effusion.py: the dependent pocket) and which notes the result carries.
+lies where that note looks (node/pipeline/effusion.py: the dependent pocket) and which notes the result carries;
+and per side, that rim's volume and share of the lung mask against protocol version 16's bound (a candidate note,
+not shipped: ``edge_bound_candidate``).
 
     python bench/lungs_on_phantom.py [--dense] [--no-chest-wall-limit] [--notes]
 """
@@ -91,6 +93,39 @@ def main() -> None:
         print_notes(cons_hu)
 
 
+LUNG_MASKS = {1: "right_lung", 2: "left_lung"}  # the phantom's lung of each side label
+EDGE_BOUND_MM = 5.0       # protocol version 16's candidate (not shipped): twice node.pipeline.lungs.density.RIM_MM
+EDGE_MIDLINE_MM = 50.0    # ... not within this of the body midline
+
+
+def edge_bound_candidate(volume, lungs) -> np.ndarray:
+    """Protocol version 16's candidate (docs/protocol.md; not shipped: it does not bound what it should): side
+    labels of the tissue outside the lung mask within ``EDGE_BOUND_MM`` of where the mask's edge runs through
+    dense lung. Per slice: dense lung is the mask's pixels of ``dense_tissue`` density opened by the rim disk;
+    its pixels with a 4-neighbour outside the mask start the bound, which holds the tissue within
+    ``EDGE_BOUND_MM`` of them outside the mask, in the body, of ``dense_tissue`` density, at least
+    ``EDGE_MIDLINE_MM`` from the body midline, labelled by the side of the midline it lies on."""
+    from node.pipeline import morphology
+    from node.pipeline.lungs.body import midline_offset
+    from node.pipeline.lungs.density import RIM_MM, dense_tissue
+    from node.pipeline.lungs.shapes import disk
+
+    labels, spacing = lungs.labels, volume.pixel_spacing
+    out = np.zeros(labels.shape, np.uint8)
+    lung = labels > 0
+    dense = dense_tissue(volume.hu, spacing)
+    dense_lung = morphology.binary_opening(lung & dense, disk(max(RIM_MM, max(spacing)), spacing))
+    cross = np.array([[[False, True, False], [True, True, True], [False, True, False]]])
+    start = dense_lung & lung & ~morphology.binary_erosion(lung, cross)
+    body = lungs.body if lungs.body is not None else np.ones(lung.shape, bool)
+    near = morphology.binary_dilation(start, disk(EDGE_BOUND_MM, spacing)) & ~lung & body & dense
+    offset = midline_offset(volume, body)
+    near &= np.abs(offset) >= EDGE_MIDLINE_MM
+    out[near & (offset < 0)] = 1
+    out[near & (offset >= 0)] = 2
+    return out
+
+
 def print_notes(cons_hu: tuple[float, float]) -> None:
     """For the lung network on each phantom: the share of the consolidation it leaves out, the shares of that
     within twice ``RIM_MM`` of the lung mask (in-plane) and in the dense-tissue note's mask
@@ -105,6 +140,7 @@ def print_notes(cons_hu: tuple[float, float]) -> None:
     print(f"| phantom | consolidation left out | of it within {2 * RIM_MM:g} mm of the lung mask | of it where the "
           "dense-tissue note looks | notes |")
     print("|---|---|---|---|---|")
+    bounds = []
     for name, kw in CASES.items():
         p = ph.make_phantom(**kw, consolidation_hu=cons_hu)
         volume = p.as_volume()
@@ -123,6 +159,22 @@ def print_notes(cons_hu: tuple[float, float]) -> None:
         left_out = f"{missed.sum() / cons.sum():.3f}" if cons.any() else "-"
         share = (lambda m: f"{m.sum() / missed.sum():.2f}" if missed.any() else "-")  # noqa: E731
         print(f"| {name} | {left_out} | {share(missed & (to_lung <= 2 * RIM_MM))} | {share(noted)} | {sides} |")
+        bound = edge_bound_candidate(volume, lungs)
+        rim = missed & (to_lung <= EDGE_BOUND_MM)
+        row = [name]
+        for side in SIDE_NAMES:
+            left_out = (rim & p.masks[LUNG_MASKS[side]]).sum()
+            row.append(f"{amount_text(int(left_out), volume)} ({100 * left_out / max(lung[side], 1):.1f} %) / "
+                       f"{amount_text(int((bound == side).sum()), volume)}")
+        row.append(", ".join(n for side, n in SIDE_NAMES.items() if (bound == side).sum() >= 0.05 * lung[side])
+                   or "none")
+        bounds.append(row)
+    print()
+    print(f"| phantom | right: consolidation left out within {EDGE_BOUND_MM:g} mm of the mask (% of that lung's "
+          "mask) / version 16's bound | left: the same | sides whose bound reaches 5 % of the lung |")
+    print("|---|---|---|---|")
+    for row in bounds:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

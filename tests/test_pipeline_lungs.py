@@ -642,3 +642,21 @@ def test_fat_pieces_are_fat_and_not_consolidation_or_ground_glass():
     fat = fat_pieces(mask, hu)
     assert fat[0, 10:30, 10:40].all()
     assert not fat[0, :, 50:].any()
+
+
+def test_midline_offset_is_positive_on_the_patients_left_whichever_way_the_columns_run():
+    """``midline_offset`` (the effusion module's band about the midline): + on the patient's left, the same as
+    :class:`body.Midline` where the body is one piece, and unchanged in patient terms when the columns run
+    towards the patient's right instead of the left."""
+    p = ph.make_phantom(rows=96, cols=96, slices=8, pixel_spacing=3.5, slice_spacing=5.0, seed=1, burden=0.0)
+    v = phantom_volume(p)
+    body = body_frame.body_mask(v.hu, v.pixel_spacing)
+    offset = np.broadcast_to(body_frame.midline_offset(v, body), body.shape)
+    midline = body_frame.Midline(v, body)
+    for k in range(v.shape[0]):
+        assert np.allclose(offset[k][body[k]], midline.signed(k)[body[k]], atol=1e-3)
+    assert (offset[:, :, -1] > 0).all() and (offset[:, :, 0] < 0).all()  # columns run towards the left (+x)
+    flipped = dataclasses.replace(v, hu=v.hu[:, :, ::-1].copy(), orientation=np.array([-1.0, 0, 0, 0, 1.0, 0]),
+                                  positions=v.positions + np.array([(v.shape[2] - 1) * v.pixel_spacing[1], 0, 0]))
+    flipped_offset = np.broadcast_to(body_frame.midline_offset(flipped, body[:, :, ::-1]), body.shape)
+    assert np.allclose(flipped_offset[:, :, ::-1][body], offset[body], atol=1e-3)

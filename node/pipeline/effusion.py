@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from .lungs.body import midline_offset
 from .lungs.density import DENSE_HU, RIM_MM
 from .lungs.notes import amount_text
 from .types import Effusion, LungMasks, Volume
@@ -137,22 +138,6 @@ def dependent_pocket(lung_labels: np.ndarray, bone: np.ndarray, midline_mm: np.n
     side = np.zeros(deepest.shape, np.uint8)            # the side of the deepest lung voxel of the column
     side[k_idx, w_idx] = lung_labels[k_idx, deepest[k_idx, w_idx], w_idx]
     return np.where(pocket, side[:, None, :], np.uint8(0)), (rib_line - d).astype(np.int16)
-
-
-def _midline_distance(volume: Volume, body: np.ndarray, f: int = 1) -> np.ndarray:
-    """|patient-x distance| (mm, float32) of the voxels of ``body`` (a box of the volume) to their slice's body
-    midline, the x-centroid of the body in the box; ``f``: the box's pixels are blocks of f x f. Where patient x
-    follows the columns only (or the rows only), the array has one row (one column) and broadcasts."""
-    n, rows, cols = body.shape
-    x_per_row = f * volume.pixel_spacing[0] * volume.orientation[3]   # patient x per row, per column
-    x_per_col = f * volume.pixel_spacing[1] * volume.orientation[0]
-    count = body.sum(axis=(1, 2))
-    x_sum = (body.sum(axis=2, dtype=np.int64) @ np.arange(rows) * x_per_row
-             + body.sum(axis=1, dtype=np.int64) @ np.arange(cols) * x_per_col)
-    mid = (x_sum / np.maximum(count, 1)).astype(np.float32)[:, None, None]
-    x_r = (np.arange(rows if abs(x_per_row) > 1e-6 else 1) * x_per_row).astype(np.float32)[None, :, None]
-    x_c = (np.arange(cols if abs(x_per_col) > 1e-6 else 1) * x_per_col).astype(np.float32)[None, None, :]
-    return np.abs(x_r + x_c - mid)
 
 
 def _box(labels: np.ndarray, spacing_rc: tuple[float, float]) -> tuple[slice, slice, slice] | None:
@@ -284,7 +269,7 @@ def find_effusion(volume: Volume, lungs: LungMasks) -> Effusion:
     across = spacing[2 - axis]                                  # spacing along the other in-plane axis
     width_px, gap_px = int(round(RIB_WINDOW_MM / across)), int(round(RIB_GAP_MM / across))
     view = lambda a: _oriented(a, axis, reverse)  # noqa: E731
-    pocket, to_ribs = dependent_pocket(view(lung_labels), view(bone), view(_midline_distance(volume, in_body, f)),
+    pocket, to_ribs = dependent_pocket(view(lung_labels), view(bone), view(np.abs(midline_offset(volume, in_body, f))),
                                        width_px, gap_px)
     pocket, to_ribs = _oriented(pocket, axis, reverse, back=True), _oriented(to_ribs, axis, reverse, back=True)
 

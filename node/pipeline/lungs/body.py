@@ -71,6 +71,24 @@ class Midline:
         return out
 
 
+def midline_offset(volume: Volume, body: np.ndarray, f: int = 1) -> np.ndarray:
+    """Signed patient-x distance (mm, float32; + is the patient's left) of the voxels of ``body`` (a box of the
+    volume) to their slice's body midline, the x-centroid of the body in the box: a cheap reading for steps that
+    need only a band about the midline (:class:`Midline` excludes the arms). ``f``: the box's pixels are blocks
+    of f x f. Where patient x follows the columns only (or the rows only), the array has one row (one column) and
+    broadcasts."""
+    n, rows, cols = body.shape
+    x_per_row = f * volume.pixel_spacing[0] * volume.orientation[3]   # patient x per row, per column
+    x_per_col = f * volume.pixel_spacing[1] * volume.orientation[0]
+    count = body.sum(axis=(1, 2))
+    x_sum = (body.sum(axis=2, dtype=np.int64) @ np.arange(rows) * x_per_row
+             + body.sum(axis=1, dtype=np.int64) @ np.arange(cols) * x_per_col)
+    mid = (x_sum / np.maximum(count, 1)).astype(np.float32)[:, None, None]
+    x_r = (np.arange(rows if abs(x_per_row) > 1e-6 else 1) * x_per_row).astype(np.float32)[None, :, None]
+    x_c = (np.arange(cols if abs(x_per_col) > 1e-6 else 1) * x_per_col).astype(np.float32)[None, None, :]
+    return x_r + x_c - mid
+
+
 def superior_is_high_k(volume: Volume) -> bool:
     """True when the slice index grows towards the head (normal has a positive patient-z component)."""
     return bool(volume.normal[2] >= 0)
