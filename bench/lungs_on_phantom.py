@@ -137,9 +137,9 @@ def print_notes(cons_hu: tuple[float, float]) -> None:
     from node.pipeline.lungs.notes import amount_text
 
     print()
-    print(f"| phantom | consolidation left out | of it within {2 * RIM_MM:g} mm of the lung mask | of it where the "
-          "dense-tissue note looks | notes |")
-    print("|---|---|---|---|---|")
+    print(f"| phantom | consolidation left out | as % of that side's lung mask, right / left | of it within "
+          f"{2 * RIM_MM:g} mm of the lung mask | of it where the dense-tissue note looks | notes |")
+    print("|---|---|---|---|---|---|")
     bounds = []
     for name, kw in CASES.items():
         p = ph.make_phantom(**kw, consolidation_hu=cons_hu)
@@ -158,7 +158,10 @@ def print_notes(cons_hu: tuple[float, float]) -> None:
                             for lung in lungs.labels > 0])
         left_out = f"{missed.sum() / cons.sum():.3f}" if cons.any() else "-"
         share = (lambda m: f"{m.sum() / missed.sum():.2f}" if missed.any() else "-")  # noqa: E731
-        print(f"| {name} | {left_out} | {share(missed & (to_lung <= 2 * RIM_MM))} | {share(noted)} | {sides} |")
+        of_lung = " / ".join(f"{100 * (missed & p.masks[LUNG_MASKS[side]]).sum() / max(lung[side], 1):.1f}"
+                             for side in SIDE_NAMES)
+        print(f"| {name} | {left_out} | {of_lung} | {share(missed & (to_lung <= 2 * RIM_MM))} | {share(noted)} "
+              f"| {sides} |")
         bound = edge_bound_candidate(volume, lungs)
         rim = missed & (to_lung <= EDGE_BOUND_MM)
         row = [name]
