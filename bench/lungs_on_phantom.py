@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node import phantom as ph  # noqa: E402
 from bench.lung_variants import steps_off  # noqa: E402
 from node.pipeline.lungs import segment_lungs  # noqa: E402
+from node.pipeline.lungs.density import RIM_MM  # noqa: E402
 
 CASES = {
     "right lower lobe 80 %, 5 mm": dict(rows=160, cols=160, slices=60, pixel_spacing=2.2, slice_spacing=5.0,
@@ -94,7 +95,8 @@ def main() -> None:
 
 
 LUNG_MASKS = {1: "right_lung", 2: "left_lung"}  # the phantom's lung of each side label
-EDGE_BOUND_MM = 5.0       # protocol version 16's candidate (not shipped): twice node.pipeline.lungs.density.RIM_MM
+RIM_OUT_MM = 2 * RIM_MM   # the rim along the lung mask that the rim opening drops (opening radius RIM_MM)
+EDGE_BOUND_MM = RIM_OUT_MM  # protocol version 16's candidate (not shipped): its reach outside the mask
 EDGE_MIDLINE_MM = 50.0    # ... not within this of the body midline
 
 
@@ -105,9 +107,11 @@ def edge_bound_candidate(volume, lungs) -> np.ndarray:
     its pixels with a 4-neighbour outside the mask start the bound, which holds the tissue within
     ``EDGE_BOUND_MM`` of them outside the mask, in the body, of ``dense_tissue`` density, at least
     ``EDGE_MIDLINE_MM`` from the body midline, labelled by the side of the midline it lies on."""
+    from scipy import ndimage as ndi
+
     from node.pipeline import morphology
     from node.pipeline.lungs.body import midline_offset
-    from node.pipeline.lungs.density import RIM_MM, dense_tissue
+    from node.pipeline.lungs.density import dense_tissue
     from node.pipeline.lungs.shapes import disk
 
     labels, spacing = lungs.labels, volume.pixel_spacing
@@ -115,8 +119,7 @@ def edge_bound_candidate(volume, lungs) -> np.ndarray:
     lung = labels > 0
     dense = dense_tissue(volume.hu, spacing)
     dense_lung = morphology.binary_opening(lung & dense, disk(max(RIM_MM, max(spacing)), spacing))
-    cross = np.array([[[False, True, False], [True, True, True], [False, True, False]]])
-    start = dense_lung & lung & ~morphology.binary_erosion(lung, cross)
+    start = dense_lung & lung & ~morphology.binary_erosion(lung, ndi.generate_binary_structure(2, 1)[None])
     body = lungs.body if lungs.body is not None else np.ones(lung.shape, bool)
     near = morphology.binary_dilation(start, disk(EDGE_BOUND_MM, spacing)) & ~lung & body & dense
     offset = midline_offset(volume, body)
@@ -128,17 +131,16 @@ def edge_bound_candidate(volume, lungs) -> np.ndarray:
 
 def print_notes(cons_hu: tuple[float, float]) -> None:
     """For the lung network on each phantom: the share of the consolidation it leaves out, the shares of that
-    within twice ``RIM_MM`` of the lung mask (in-plane) and in the dense-tissue note's mask
+    within ``RIM_OUT_MM`` of the lung mask (in-plane) and in the dense-tissue note's mask
     (``Effusion.dense_unexplained``), and the sides the note names with its amount and share of that lung."""
     from scipy import ndimage as ndi
 
     from node.pipeline.effusion import SIDE_NAMES, find_effusion
-    from node.pipeline.lungs.density import RIM_MM
-    from node.pipeline.lungs.notes import amount_text
+    from node.pipeline.lungs.notes import MISSED_DENSE_SHARE, amount_text
 
     print()
     print(f"| phantom | consolidation left out | as % of that side's lung mask, right / left | of it within "
-          f"{2 * RIM_MM:g} mm of the lung mask | of it where the dense-tissue note looks | notes |")
+          f"{RIM_OUT_MM:g} mm of the lung mask | of it where the dense-tissue note looks | notes |")
     print("|---|---|---|---|---|---|")
     bounds = []
     for name, kw in CASES.items():
@@ -151,26 +153,26 @@ def print_notes(cons_hu: tuple[float, float]) -> None:
         noted = missed & (effusion.dense_unexplained > 0)
         counts = np.bincount(effusion.dense_unexplained.ravel(), minlength=3)
         lung = np.bincount(lungs.labels.ravel(), minlength=3)
-        sides = ", ".join(f"{name} ({amount_text(int(counts[side]), volume)}, {100 * counts[side] / lung[side]:.0f} %)"
-                          for side, name in SIDE_NAMES.items()
-                          if any(f"the {name} hemithorax" in note for note in effusion.notes)) or "none"
-        to_lung = np.stack([ndi.distance_transform_edt(~lung, sampling=volume.pixel_spacing)
-                            for lung in lungs.labels > 0])
-        left_out = f"{missed.sum() / cons.sum():.3f}" if cons.any() else "-"
+        sides = ", ".join(f"{side_name} ({amount_text(int(counts[side]), volume)}, "
+                          f"{100 * counts[side] / lung[side]:.0f} %)"
+                          for side, side_name in SIDE_NAMES.items()
+                          if any(f"the {side_name} hemithorax" in note for note in effusion.notes)) or "none"
+        to_lung = np.stack([ndi.distance_transform_edt(~lung_k, sampling=volume.pixel_spacing)
+                            for lung_k in lungs.labels > 0])
+        rim = missed & (to_lung <= RIM_OUT_MM)
+        missed_of = {side: missed & p.masks[LUNG_MASKS[side]] for side in SIDE_NAMES}
         share = (lambda m: f"{m.sum() / missed.sum():.2f}" if missed.any() else "-")  # noqa: E731
-        of_lung = " / ".join(f"{100 * (missed & p.masks[LUNG_MASKS[side]]).sum() / max(lung[side], 1):.1f}"
-                             for side in SIDE_NAMES)
-        print(f"| {name} | {left_out} | {of_lung} | {share(missed & (to_lung <= 2 * RIM_MM))} | {share(noted)} "
-              f"| {sides} |")
+        of_lung = " / ".join(f"{100 * missed_of[side].sum() / max(lung[side], 1):.1f}" for side in SIDE_NAMES)
+        left_out = f"{missed.sum() / cons.sum():.3f}" if cons.any() else "-"
+        print(f"| {name} | {left_out} | {of_lung} | {share(rim)} | {share(noted)} | {sides} |")
         bound = edge_bound_candidate(volume, lungs)
-        rim = missed & (to_lung <= EDGE_BOUND_MM)
         row = [name]
         for side in SIDE_NAMES:
-            left_out = (rim & p.masks[LUNG_MASKS[side]]).sum()
-            row.append(f"{amount_text(int(left_out), volume)} ({100 * left_out / max(lung[side], 1):.1f} %) / "
+            rim_side = int((rim & missed_of[side]).sum())
+            row.append(f"{amount_text(rim_side, volume)} ({100 * rim_side / max(lung[side], 1):.1f} %) / "
                        f"{amount_text(int((bound == side).sum()), volume)}")
-        row.append(", ".join(n for side, n in SIDE_NAMES.items() if (bound == side).sum() >= 0.05 * lung[side])
-                   or "none")
+        row.append(", ".join(side_name for side, side_name in SIDE_NAMES.items()
+                             if (bound == side).sum() >= MISSED_DENSE_SHARE * lung[side]) or "none")
         bounds.append(row)
     print()
     print(f"| phantom | right: consolidation left out within {EDGE_BOUND_MM:g} mm of the mask (% of that lung's "
